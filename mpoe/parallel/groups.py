@@ -1,0 +1,96 @@
+"""Process groups: the world, and DeepSpeed's expert-parallel / expert-data-parallel groups.
+
+DeepSpeed owns the groups (`deepspeed.utils.groups`), so the engine reduces expert
+gradients over exactly the group we dispatch over. Its layout for ep_size P on a
+world of W ranks: expert-parallel groups are runs of P consecutive ranks
+([0..P-1], [P..2P-1], ...), and the expert-data-parallel group of a rank holds the
+ranks with the same position in every run. Expert e lives on ep rank
+e // (E / P) of every expert-parallel group.
+
+`ExpertGroups` with ep_size 1 and no process group is what single-process code
+(unit tests, benchmarks) uses: dispatch then never communicates.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def configure_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import: make it the CPU when there is no CUDA device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) -> None:
+    """Start the world process group through DeepSpeed (also for a single process)."""
+    configure_accelerator()
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python -m mpoe.train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ExpertGroups:
+    """Where this rank sits in expert parallelism."""
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    name: str = "ep_size_1"                 # DeepSpeed's group name: param.group_name of expert params
+    ep_group: Optional[object] = None       # the all-to-all group (None: single process)
+    edp_group: Optional[object] = None      # expert-data-parallel group (reduces expert grads)
+
+    def local_experts(self, num_experts: int) -> range:
+        per_rank = num_experts // self.ep_size
+        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+
+
+def expert_groups(ep_size: int) -> ExpertGroups:
+    """DeepSpeed's expert groups for `ep_size`, created once; a bare ExpertGroups without a world."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if ep_size != 1:
+            raise RuntimeError(f"parallel.ep_size={ep_size} needs a process group: launch with torchrun or deepspeed")
+        return ExpertGroups()
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return ExpertGroups(
+        ep_size=ep_size,
+        ep_rank=groups._get_expert_parallel_rank(name),
+        name=name,
+        ep_group=groups._get_expert_parallel_group(name),
+        edp_group=groups._get_expert_data_parallel_group(name),
+    )
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
