@@ -1,0 +1,262 @@
+"""Expert banks: the E feed-forward experts of an MoE layer behind one interface.
+
+Routing and dispatch see only `ExpertBank.forward(tokens, tokens_per_expert)`:
+tokens arrive sorted by local expert and leave in the same order, so a Switch
+bank (independent dense experts) and an MPOE bank (experts sharing one MPO
+central tensor per weight matrix) are interchangeable.
+
+Choices, and why:
+- Weights are in the ``x @ W`` layout (GPT-2 Conv1D's), per-expert weights are
+  stacked along a leading local-expert axis, and each forward `unbind`s them
+  once, so backward writes every expert's gradient into one stacked buffer.
+- An expert is ``act(x @ W_in + b_in) @ W_out + b_out``; gated (T5 v1.1) it is
+  ``(act(x @ W_gate) * (x @ W_in)) @ W_out``. 'gated-gelu' means HF's gelu_new,
+  as in T5's config.
+- Random initialisation (no dense FFN given) draws from generators seeded by
+  one number taken from the global torch RNG and the *global* expert id, so an
+  expert's initial weights do not depend on how experts are spread over ranks.
+- MPOE: per weight matrix one central tensor (the middle MPO tensor, a plain
+  parameter reduced over the whole data-parallel world) and per local expert
+  the auxiliary tensors (expert parameters, DeepSpeed convention). Upcycled
+  from a dense FFN, every expert starts as that FFN (exactly, at full bonds).
+  `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
+  seeded per global expert, to break the experts' symmetry if wanted.
+- MPOE computes ``x @ W_e`` by `mpo.mpo_matmul`: per expert it contracts the
+  small auxiliary chains first and the shared central tensor last, then one
+  GEMM; or, when that costs fewer FLOPs (few tokens), pushes the tokens
+  through the chain. An expert with no tokens then costs nothing yet still
+  gives (zero) gradients to all its parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from mpoe.models import mpo
+
+TokenCounts = Union[Sequence[int], Tensor]
+
+
+def activation_fn(activation: str) -> nn.Module:
+    from transformers.activations import ACT2FN
+
+    name = activation.removeprefix("gated-")
+    if activation.startswith("gated-") and name == "gelu":
+        name = "gelu_new"
+    if name not in ACT2FN:
+        raise ValueError(f"activation={activation!r} is unknown: use one of {', '.join(ACT2FN)} (optionally 'gated-' + name)")
+    return ACT2FN[name]
+
+
+@dataclass
+class DenseFFN:
+    """The weights of one dense FFN, x @ W layout; w_gate set for gated (T5 v1.1) FFNs."""
+
+    w_in: Tensor                    # [d_model, d_ff]
+    b_in: Optional[Tensor]          # [d_ff]
+    w_out: Tensor                   # [d_ff, d_model]
+    b_out: Optional[Tensor]         # [d_model]
+    w_gate: Optional[Tensor] = None  # [d_model, d_ff]; act(x @ w_gate) * (x @ w_in)
+
+    @property
+    def d_model(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def d_ff(self) -> int:
+        return self.w_in.shape[1]
+
+    @classmethod
+    def from_gpt2_mlp(cls, mlp: nn.Module) -> "DenseFFN":
+        """HF GPT2MLP: Conv1D c_fc / c_proj already store (in, out)."""
+        d = lambda t: t.detach().clone()
+        return cls(d(mlp.c_fc.weight), d(mlp.c_fc.bias), d(mlp.c_proj.weight), d(mlp.c_proj.bias))
+
+    @classmethod
+    def from_t5_ff(cls, ff: nn.Module) -> "DenseFFN":
+        """HF T5DenseActDense (wi, wo) or T5DenseGatedActDense (wi_0 gated, wi_1, wo); Linear is (out, in)."""
+        t = lambda lin: lin.weight.detach().t().contiguous()
+        b = lambda lin: None if lin.bias is None else lin.bias.detach().clone()
+        if hasattr(ff, "wi_0"):
+            return cls(t(ff.wi_1), b(ff.wi_1), t(ff.wo), b(ff.wo), w_gate=t(ff.wi_0))
+        return cls(t(ff.wi), b(ff.wi), t(ff.wo), b(ff.wo))
+
+    @classmethod
+    def random(cls, d_model: int, d_ff: int, gated: bool = False, bias: bool = True, std: float = 0.02,
+               generator: Optional[torch.Generator] = None) -> "DenseFFN":
+        """GPT-2 style: normal(0, std) weights, zero biases."""
+        w = lambda *shape: torch.randn(*shape, generator=generator) * std
+        return cls(w(d_model, d_ff), torch.zeros(d_ff) if bias else None, w(d_ff, d_model),
+                   torch.zeros(d_model) if bias else None, w(d_model, d_ff) if gated else None)
+
+    def __call__(self, x: Tensor, activation: str) -> Tensor:
+        """The dense FFN's output: the reference an upcycled expert must match."""
+        h = x @ self.w_in + (0 if self.b_in is None else self.b_in)
+        h = activation_fn(activation)(x @ self.w_gate) * h if self.w_gate is not None else activation_fn(activation)(h)
+        return h @ self.w_out + (0 if self.b_out is None else self.b_out)
+
+
+class ExpertBank(nn.Module):
+    """The local experts of one MoE layer; subclasses say how an expert applies its weights."""
+
+    def __init__(self, num_experts: int, local_experts: range, d_model: int, activation: str, gated: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_local_experts = len(local_experts)
+        self.first_expert = local_experts.start
+        self.d_model = d_model
+        self.activation, self.gated = activation, gated
+        self.act = activation_fn(activation)
+
+    def _ffn(self, x: Tensor, matmul, b_in, b_out) -> Tensor:
+        """act(x W_in + b_in) W_out + b_out (gated: act(x W_gate) * (x W_in)); matmul(x, name) applies a weight."""
+        h = matmul(x, "w_in")
+        if b_in is not None:
+            h = h + b_in
+        h = self.act(matmul(x, "w_gate")) * h if self.gated else self.act(h)
+        y = matmul(h, "w_out")
+        return y if b_out is None else y + b_out
+
+    def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
+        if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
+            raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
+        outputs = self.experts_forward(tokens.split(counts))
+        return torch.cat(outputs) if outputs else tokens.new_zeros(0, self.d_model)
+
+    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        raise NotImplementedError
+
+    def mark_expert_params(self, group_name: str) -> None:
+        """DeepSpeed: expert params are reduced over the expert-data-parallel group `group_name`."""
+        roles = self.param_roles()
+        for p in roles["auxiliary"] + roles["expert"]:
+            p.allreduce = False
+            p.group_name = group_name
+
+
+def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
+    """Deterministic across processes (Python's str hash is not)."""
+    index = ("w_in", "w_out", "w_gate").index(name)
+    return (base + 1_000_003 * global_expert + 1_009 * position + index) % (2**62)
+
+
+def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
+    return None if tensors[0] is None else nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
+
+
+class SwitchExperts(ExpertBank):
+    """Independent dense experts, weights stacked [L, ...]."""
+
+    def __init__(self, num_experts: int, local_experts: range, denses: Sequence[DenseFFN], activation: str):
+        super().__init__(num_experts, local_experts, denses[0].d_model, activation, denses[0].w_gate is not None)
+        assert len(denses) == self.num_local_experts
+        self.w_in = _stack([d.w_in for d in denses])
+        self.b_in = _stack([d.b_in for d in denses])
+        self.w_out = _stack([d.w_out for d in denses])
+        self.b_out = _stack([d.b_out for d in denses])
+        self.w_gate = _stack([d.w_gate for d in denses])
+
+    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
+        unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
+        weights = {name: unbind(getattr(self, name)) for name in ("w_in", "w_out", "w_gate")}
+        b_in, b_out = unbind(self.b_in), unbind(self.b_out)
+        return [self._ffn(x, lambda h, name, e=e: h @ weights[name][e], b_in[e], b_out[e]) for e, x in enumerate(chunks)]
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        expert = [p for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_gate) if p is not None]
+        return {"central": [], "auxiliary": [], "expert": expert}
+
+
+class MPOEExperts(ExpertBank):
+    """Experts whose weight matrices share one MPO central tensor each and own their auxiliary tensors."""
+
+    def __init__(self, num_experts: int, local_experts: range, dense: DenseFFN, activation: str,
+                 bond_dim: Optional[int] = None, num_factors: int = 5, aux_init_noise: float = 0.0,
+                 noise_seed: int = 0, method: str = "auto"):
+        super().__init__(num_experts, local_experts, dense.d_model, activation, dense.w_gate is not None)
+        self.bond_dim, self.method = bond_dim, method
+        model_f, ff_f = mpo.factorize(dense.d_model, num_factors), mpo.factorize(dense.d_ff, num_factors)
+        self.factors = {"w_in": (model_f, ff_f), "w_out": (ff_f, model_f), "w_gate": (model_f, ff_f)}
+        self.central_index = mpo.central_index(num_factors)
+        self.central = nn.ParameterDict()
+        self.auxiliary = nn.ModuleDict()
+        L, c = self.num_local_experts, self.central_index
+        names = ["w_in", "w_out"] + (["w_gate"] if self.gated else [])
+        for name in names:
+            tensors = mpo.decompose(getattr(dense, name), *self.factors[name], bond_dim=bond_dim)
+            self.central[name] = nn.Parameter(tensors[c])
+            aux = []
+            for k, t in enumerate(tensors):
+                if k == c:
+                    continue
+                stacked = t.unsqueeze(0).repeat(L, *([1] * t.dim()))
+                if aux_init_noise > 0:
+                    rms = t.pow(2).mean().sqrt()
+                    for e, g in enumerate(local_experts):
+                        gen = torch.Generator().manual_seed(_noise_seed(noise_seed, name, k, g))
+                        stacked[e] += aux_init_noise * rms * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                aux.append(nn.Parameter(stacked))
+            self.auxiliary[name] = nn.ParameterList(aux)
+        self.b_in = _stack([dense.b_in] * L)
+        self.b_out = _stack([dense.b_out] * L)
+
+    def expert_chains(self, name: str) -> list[list[Tensor]]:
+        """Per local expert, its n local tensors for weight `name` (auxiliaries around the shared central)."""
+        per_position = [a.unbind(0) for a in self.auxiliary[name]]
+        c = self.central_index
+        return [[p[e] for p in per_position[:c]] + [self.central[name]] + [p[e] for p in per_position[c:]]
+                for e in range(self.num_local_experts)]
+
+    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
+        chains = {name: self.expert_chains(name) for name in self.central}
+        unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
+        b_in, b_out = unbind(self.b_in), unbind(self.b_out)
+        matmul = lambda e: (lambda h, name: mpo.mpo_matmul(h, chains[name][e], self.method))
+        return [self._ffn(x, matmul(e), b_in[e], b_out[e]) for e, x in enumerate(chunks)]
+
+    def expert_weight(self, name: str, local_expert: int) -> Tensor:
+        """Expert `local_expert`'s dense weight `name` (x @ W layout)."""
+        return mpo.contract(self.expert_chains(name)[local_expert])
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "central": list(self.central.values()),
+            "auxiliary": [p for plist in self.auxiliary.values() for p in plist],
+            "expert": [p for p in (self.b_in, self.b_out) if p is not None],
+        }
+
+
+def build_expert_bank(cfg, d_model: int, d_ff: int, activation: str, groups, dense: Optional[DenseFFN] = None,
+                      bias: bool = True) -> ExpertBank:
+    """cfg: MoEConfig (kind 'switch' | 'mpoe'); groups: ExpertGroups; dense: upcycle from this FFN if given.
+
+    `bias` only matters when initialising from scratch (T5 FFNs have none).
+    """
+    gated = dense.w_gate is not None if dense is not None else activation.startswith("gated-")
+    if dense is not None and (dense.d_model, dense.d_ff) != (d_model, d_ff):
+        raise ValueError(f"dense FFN is {dense.d_model}x{dense.d_ff}, expected d_model={d_model}, d_ff={d_ff}")
+    local = groups.local_experts(cfg.num_experts)
+    base_seed = int(torch.randint(0, 2**62, (1,)).item())     # same on every rank: the global RNG is
+    if cfg.kind == "switch":
+        if dense is not None:
+            denses = [dense] * len(local)
+        else:
+            denses = [DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed + e))
+                      for e in local]
+        bank: ExpertBank = SwitchExperts(cfg.num_experts, local, denses, activation)
+    elif cfg.kind == "mpoe":
+        if dense is None:
+            dense = DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed))
+        bank = MPOEExperts(cfg.num_experts, local, dense, activation, bond_dim=cfg.bond_dim,
+                           num_factors=cfg.num_mpo_factors, aux_init_noise=cfg.aux_init_noise, noise_seed=base_seed)
+    else:
+        raise ValueError(f"moe.kind={cfg.kind!r} has no expert bank: use 'switch' or 'mpoe'")
+    bank.mark_expert_params(groups.name)
+    return bank

@@ -1,0 +1,259 @@
+"""Matrix product operators (MPO): decompose a weight matrix, contract it back, count it.
+
+Choices (the paper leaves them to us; see /work/shared/papers/mpoe.md):
+
+- Layout. A weight is stored in the ``x @ W`` layout, shape (I, J) with
+  I = prod(in_factors), J = prod(out_factors); row index = (i_1, ..., i_n)
+  and column index = (j_1, ..., j_n) in row-major order (i_1 slowest). The
+  2n-way tensor's axes are permuted to (i_1, j_1, i_2, j_2, ..., i_n, j_n)
+  and local tensor k has shape (d_{k-1}, i_k, j_k, d_k), d_0 = d_n = 1.
+- Splitting. Sequential SVD left to right (TT-SVD): at split k the current
+  matrix (d_{k-1} * i_k * j_k, rest) is factored, U becomes T_k and
+  S @ Vh carries on to the right, so T_1..T_{n-1} are left-orthonormal and
+  the last tensor carries the norm. The SVD runs in float64 and the result is
+  cast back to the weight's dtype.
+- Truncation. ``bond_dim`` caps *every* bond at the same value, keeping the
+  largest singular values at each split; bonds are d_k = min(full_k, bond_dim)
+  with full_k = min(prod_{m<=k} i_m j_m, prod_{m>k} i_m j_m), so shapes never
+  depend on the data (a rank-deficient matrix keeps its zero singular values).
+  The squared Frobenius error is bounded by the sum of the discarded squared
+  singular values over all splits (Oseledets 2011), with equality when only one
+  bond is truncated.
+- Central tensor. The middle one, index n // 2: with n = 5 it holds the two
+  largest bonds and so most parameters (92.7% for 768 x 3072 at full bonds).
+- Applying. ``x @ W`` is computed either by contracting W (outer tensors first,
+  the central one last, so the expensive step is one GEMM of size I*J*bond)
+  then one GEMM with the tokens, or by pushing the tokens through the chain one
+  tensor at a time. ``mpo_matmul`` picks whichever costs fewer FLOPs for the
+  actual number of tokens (zero tokens -> the chain, which costs nothing).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# The released code's factorisations (n = 5), plus T5-small's sizes.
+PAPER_FACTORS = {
+    512: [2, 4, 4, 4, 4],
+    768: [3, 4, 4, 4, 4],
+    1024: [4, 4, 4, 4, 4],
+    2048: [4, 4, 8, 4, 4],
+    3072: [4, 4, 8, 6, 4],
+    4096: [4, 4, 8, 8, 4],
+}
+
+
+def central_index(n: int) -> int:
+    return n // 2
+
+
+def _check_factors(shape: Sequence[int], in_factors: Sequence[int], out_factors: Sequence[int]) -> None:
+    if len(in_factors) != len(out_factors) or len(in_factors) < 1:
+        raise ValueError(f"in_factors {list(in_factors)} and out_factors {list(out_factors)} must be non-empty and of equal length")
+    if tuple(shape) != (math.prod(in_factors), math.prod(out_factors)):
+        raise ValueError(
+            f"weight shape {tuple(shape)} does not match factors: prod({list(in_factors)}) = {math.prod(in_factors)}, "
+            f"prod({list(out_factors)}) = {math.prod(out_factors)}"
+        )
+
+
+def full_bond_dims(in_factors: Sequence[int], out_factors: Sequence[int], bond_dim: Optional[int] = None) -> list[int]:
+    """d_0..d_n: d_k = min(prod_{m<=k} i_m j_m, prod_{m>k} i_m j_m), capped by bond_dim."""
+    _check_factors((math.prod(in_factors), math.prod(out_factors)), in_factors, out_factors)
+    sizes = [i * j for i, j in zip(in_factors, out_factors)]
+    n, dims = len(sizes), [1]
+    for k in range(1, n):
+        d = min(math.prod(sizes[:k]), math.prod(sizes[k:]))
+        dims.append(d if bond_dim is None else min(d, bond_dim))
+    return dims + [1]
+
+
+def tensor_shapes(in_factors, out_factors, bond_dim=None) -> list[tuple[int, int, int, int]]:
+    d = full_bond_dims(in_factors, out_factors, bond_dim)
+    return [(d[k], i, j, d[k + 1]) for k, (i, j) in enumerate(zip(in_factors, out_factors))]
+
+
+def mpo_num_params(in_factors, out_factors, bond_dim=None) -> int:
+    return sum(math.prod(s) for s in tensor_shapes(in_factors, out_factors, bond_dim))
+
+
+def central_num_params(in_factors, out_factors, bond_dim=None) -> int:
+    return math.prod(tensor_shapes(in_factors, out_factors, bond_dim)[central_index(len(in_factors))])
+
+
+def _tt_svd(weight: Tensor, in_factors, out_factors, bond_dim) -> tuple[list[Tensor], list[float]]:
+    """The local tensors and, per split, the sum of discarded squared singular values."""
+    _check_factors(weight.shape, in_factors, out_factors)
+    if bond_dim is not None and bond_dim < 1:
+        raise ValueError(f"bond_dim={bond_dim} must be >= 1 or None (full rank)")
+    n = len(in_factors)
+    w = weight.detach().to(torch.float64).reshape(*in_factors, *out_factors)
+    w = w.permute(*[a for k in range(n) for a in (k, n + k)])
+    dims = full_bond_dims(in_factors, out_factors, bond_dim)
+    tensors, discarded, rest = [], [], w.reshape(-1)
+    for k in range(n - 1):
+        rows = dims[k] * in_factors[k] * out_factors[k]
+        u, s, vh = torch.linalg.svd(rest.reshape(rows, -1), full_matrices=False)
+        r = dims[k + 1]
+        discarded.append(float((s[r:] ** 2).sum()))
+        tensors.append(u[:, :r].reshape(dims[k], in_factors[k], out_factors[k], r))
+        rest = s[:r, None] * vh[:r]
+    tensors.append(rest.reshape(dims[n - 1], in_factors[-1], out_factors[-1], 1))
+    return [t.to(weight.dtype).contiguous() for t in tensors], discarded
+
+
+def decompose(weight: Tensor, in_factors: Sequence[int], out_factors: Sequence[int], bond_dim: Optional[int] = None) -> list[Tensor]:
+    """Split `weight` (I, J) into n local tensors (d_{k-1}, i_k, j_k, d_k) by sequential truncated SVD."""
+    return _tt_svd(weight, list(in_factors), list(out_factors), bond_dim)[0]
+
+
+class TruncationError(NamedTuple):
+    actual: float   # ||W - contract(decompose(W, bond_dim))||_F^2
+    bound: float    # sum of the discarded squared singular values over all splits
+
+
+def truncation_error(weight: Tensor, in_factors, out_factors, bond_dim) -> TruncationError:
+    tensors, discarded = _tt_svd(weight, list(in_factors), list(out_factors), bond_dim)
+    w = weight.detach().to(torch.float64)
+    approx = contract([t.to(torch.float64) for t in tensors])
+    return TruncationError(float(((w - approx) ** 2).sum()), sum(discarded))
+
+
+def _contract_interleaved(tensors: Sequence[Tensor]) -> Tensor:
+    """The chain as a matrix with rows (i_1 j_1 ... i_c j_c) and columns (i_{c+1} j_{c+1} ... i_n j_n).
+
+    Outer tensors are merged first (they are small), the central one last, so the
+    only large product is (rows, d_c) @ (d_c, columns).
+    """
+    n, c = len(tensors), central_index(len(tensors))
+    middle = tensors[0].reshape(-1, tensors[0].shape[-1])                # (i1 j1, d1)
+    for t in tensors[1:c + 1]:                                           # left chain, central last
+        middle = (middle @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
+    if c == n - 1:
+        return middle
+    right = tensors[n - 1].reshape(tensors[n - 1].shape[0], -1)          # (d_{n-1}, i_n j_n)
+    for t in reversed(tensors[c + 1:n - 1]):
+        right = (t.reshape(-1, t.shape[-1]) @ right).reshape(t.shape[0], -1)
+    return middle @ right
+
+
+def contract(tensors: Sequence[Tensor]) -> Tensor:
+    """The matrix back: shape (prod i_k, prod j_k)."""
+    n = len(tensors)
+    ins = [t.shape[1] for t in tensors]
+    outs = [t.shape[2] for t in tensors]
+    w = _contract_interleaved(tensors).reshape(*[a for i, j in zip(ins, outs) for a in (i, j)])
+    w = w.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
+    return w.reshape(math.prod(ins), math.prod(outs))
+
+
+def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """x @ W without forming W: push x (N, I) through the chain one local tensor at a time."""
+    n_tokens, i_left, j_done = x.shape[0], x.shape[1], 1
+    state = x.reshape(n_tokens, 1, 1, i_left)                 # (N, J done, bond, I left)
+    for t in tensors:
+        r, a, j, e = t.shape
+        i_left //= a
+        state = state.reshape(n_tokens, j_done, r, a, i_left)
+        state = torch.einsum("npraB,raje->npjeB", state, t)
+        j_done *= j
+        state = state.reshape(n_tokens, j_done, e, i_left)
+    return state.reshape(n_tokens, j_done)
+
+
+def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(contract W then GEMM, push tokens through the chain) multiply-add FLOPs, forward."""
+    n, c = len(shapes), central_index(len(shapes))
+    ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
+    d = [s[0] for s in shapes] + [1]
+    rows = 1
+    merge = 0
+    for k in range(c):                                   # left chain, then the central tensor
+        merge += rows * d[k] * ins[k] * outs[k] * d[k + 1]
+        rows *= ins[k] * outs[k]
+    merge += rows * d[c] * ins[c] * outs[c] * d[c + 1]
+    rows *= ins[c] * outs[c]
+    cols = 1
+    for k in range(n - 1, c, -1):                        # right chain, then the final product
+        merge += d[k] * ins[k] * outs[k] * cols * d[k + 1]
+        cols *= ins[k] * outs[k]
+    if c < n - 1:
+        merge += rows * d[c + 1] * cols
+    dense = merge + n_tokens * math.prod(ins) * math.prod(outs)
+    chain = sum(
+        n_tokens * math.prod(outs[:k]) * math.prod(ins[k + 1:]) * d[k] * ins[k] * outs[k] * d[k + 1] for k in range(n)
+    )
+    return 2 * dense, 2 * chain
+
+
+def mpo_matmul(x: Tensor, tensors: Sequence[Tensor], method: str = "auto") -> Tensor:
+    """x (N, I) @ W (I, J), W given by its local tensors; method 'auto' | 'dense' | 'chain'."""
+    if method == "auto":
+        dense, chain = matmul_flops(x.shape[0], [t.shape for t in tensors])
+        method = "chain" if chain < dense else "dense"
+    if method == "dense":
+        return x @ contract(tensors)
+    if method == "chain":
+        return apply_chain(x, tensors)
+    raise ValueError(f"method={method!r}: use 'auto', 'dense' or 'chain'")
+
+
+def factorize(dim: int, n: int = 5) -> list[int]:
+    """n factors of dim: the paper's for its sizes, else balanced with the largest in the middle."""
+    if dim < 1 or n < 1:
+        raise ValueError(f"factorize(dim={dim}, n={n}): both must be >= 1")
+    if n == 5 and dim in PAPER_FACTORS:
+        return list(PAPER_FACTORS[dim])
+    primes, rest, p = [], dim, 2
+    while p * p <= rest:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        primes.append(rest)
+    bins = [1] * n
+    for q in sorted(primes, reverse=True):               # largest prime into the smallest bin
+        bins[bins.index(min(bins))] *= q
+    ordered = sorted(bins, reverse=True)
+    out = [0] * n
+    c, step = central_index(n), 0
+    positions = [c]
+    while len(positions) < n:                            # centre, then outwards right/left
+        step += 1
+        for pos in (c + step, c - step):
+            if 0 <= pos < n and len(positions) < n:
+                positions.append(pos)
+    for pos, f in zip(positions, ordered):
+        out[pos] = f
+    return out
+
+
+class MPOLinear(nn.Module):
+    """y = x @ W (+ bias) with W held only as its MPO local tensors."""
+
+    def __init__(self, weight: Tensor, in_factors=None, out_factors=None, bond_dim=None, bias: Optional[Tensor] = None, n: int = 5):
+        super().__init__()
+        in_factors = list(in_factors or factorize(weight.shape[0], n))
+        out_factors = list(out_factors or factorize(weight.shape[1], len(in_factors)))
+        self.in_factors, self.out_factors = in_factors, out_factors
+        self.tensors = nn.ParameterList([nn.Parameter(t) for t in decompose(weight, in_factors, out_factors, bond_dim)])
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def central(self) -> nn.Parameter:
+        return self.tensors[central_index(len(self.tensors))]
+
+    def forward(self, x: Tensor, method: str = "auto") -> Tensor:
+        lead = x.shape[:-1]
+        y = mpo_matmul(x.reshape(-1, x.shape[-1]), list(self.tensors), method)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, y.shape[-1])
+
+    def merge(self) -> Tensor:
+        """The dense W (I, J) that this layer applies."""
+        return contract(list(self.tensors))
