@@ -1,0 +1,104 @@
+"""Top-k router: which experts each token goes to, with what gate weight, and the router losses.
+
+The arithmetic is Megatron-Core's (`moe_utils`), which runs on CPU tensors, so our
+routing matches a reference implementation the field trusts. Two places deviate,
+each because Megatron's CPU path would be wrong or degenerate for us:
+
+- drop_policy='position' keeps the *first* `capacity` tokens of each expert by a
+  cumulative count. Megatron picks them with `torch.topk` over a 0/1 map, whose
+  choice among ties is not positional on CPU (measured: it keeps other tokens).
+- drop_policy='probs' ranks an expert's tokens by the router's full-softmax score
+  for that expert, not by the gate weight: with top-1 and softmax after top-k the
+  gate weight is 1 for every token, and ranking ties would be arbitrary.
+
+Load-balancing statistics are computed over this rank's local tokens (Megatron's
+default): the aux loss and the capacity of a rank depend only on its own tokens, so
+a rank's routing is the same whatever the expert-parallel size, which is what makes
+ep_size=P reproduce ep_size=1 exactly. Each rank's aux loss is its own micro-batch's
+Switch loss; data parallelism averages them like the LM loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from megatron.core.transformer.moe import moe_utils
+
+from mpoe.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    probs: Tensor              # [N, E] gate weight of each kept (token, expert) pair, 0 elsewhere
+    routing_map: Tensor        # [N, E] bool, the kept (token, expert) pairs
+    aux_loss: Tensor           # scalar, Switch load-balancing loss times aux_loss_coef
+    z_loss: Tensor             # scalar, router z-loss times z_loss_coef
+    tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
+    tokens_dropped: int        # (token, expert) pairs removed by the capacity limit
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=cfg.router_init_std)
+
+    def capacity_factor(self) -> Optional[float]:
+        return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+
+    def forward(self, tokens: Tensor) -> RouterOutput:
+        """tokens [N, d_model] -> RouterOutput; routing runs in float32 whatever the input dtype."""
+        cfg = self.cfg
+        if self.training and cfg.jitter_eps > 0:
+            # Switch Transformer's multiplicative jitter: explore routings near the current one.
+            noise = torch.empty_like(tokens).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+            tokens = tokens * noise
+        logits = self.gate(tokens).float()
+
+        probs, routing_map = moe_utils.topk_routing_with_score_function(
+            logits, self.top_k, use_pre_softmax=cfg.pre_softmax, score_function=cfg.score_function)
+        probs = self._normalize(logits, probs, routing_map)
+
+        # Full-distribution scores: what the aux loss balances and what 'probs' dropping ranks by.
+        _, scores = moe_utils.compute_routing_scores_for_aux_loss(logits, self.top_k, cfg.score_function)
+        tokens_per_expert = routing_map.sum(dim=0)
+        aux_loss = moe_utils.switch_load_balancing_loss_func(
+            scores, tokens_per_expert, total_num_tokens=logits.shape[0], topk=self.top_k,
+            num_experts=self.num_experts, moe_aux_loss_coeff=cfg.aux_loss_coef)
+        z_loss = moe_utils.z_loss_func(logits, cfg.z_loss_coef)
+
+        kept = self._apply_capacity(routing_map, scores)
+        tokens_dropped = int(routing_map.sum() - kept.sum())
+        return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped)
+
+    def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:
+        """Make the top-k gate weights sum to 1 exactly when cfg.topk_normalized().
+
+        Softmax after top-k is a distribution over the chosen experts by construction;
+        Megatron always normalises sigmoid scores for k > 1, so undo that when asked not to.
+        """
+        normalize = self.cfg.topk_normalized()
+        if self.cfg.score_function == "softmax" and self.cfg.pre_softmax and normalize:
+            return probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.cfg.score_function == "sigmoid":
+            raw = torch.sigmoid(logits) * routing_map
+            return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-20) if normalize else raw
+        return probs
+
+    def _apply_capacity(self, routing_map: Tensor, scores: Tensor) -> Tensor:
+        """The routing map with each expert's tokens beyond its capacity removed (dropless: unchanged)."""
+        capacity_factor = self.capacity_factor()
+        if capacity_factor is None:
+            return routing_map
+        if self.cfg.drop_policy == "position":
+            capacity = moe_utils.get_capacity(routing_map.shape[0] * self.top_k, self.num_experts, capacity_factor)
+            return routing_map & (routing_map.long().cumsum(dim=0) <= capacity)
+        _, kept = moe_utils.apply_router_token_dropping(
+            scores.detach() * routing_map, routing_map, self.top_k, capacity_factor, drop_policy="probs")
+        return kept
