@@ -133,6 +133,12 @@ class ExpertBank(nn.Module):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         raise NotImplementedError
 
+    def _tag_stacked(self) -> None:
+        """Per-expert params are stacked on a leading local-expert axis; record whose slice 0 is."""
+        roles = self.param_roles()
+        for p in roles["auxiliary"] + roles["expert"]:
+            p.first_expert = self.first_expert
+
     def mark_expert_params(self, group_name: str) -> None:
         """DeepSpeed: expert params are reduced over the expert-data-parallel group `group_name`."""
         roles = self.param_roles()
@@ -162,6 +168,7 @@ class SwitchExperts(ExpertBank):
         self.w_out = _stack([d.w_out for d in denses])
         self.b_out = _stack([d.b_out for d in denses])
         self.w_gate = _stack([d.w_gate for d in denses])
+        self._tag_stacked()
 
     def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
         unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
@@ -206,6 +213,7 @@ class MPOEExperts(ExpertBank):
             self.auxiliary[name] = nn.ParameterList(aux)
         self.b_in = _stack([dense.b_in] * L)
         self.b_out = _stack([dense.b_out] * L)
+        self._tag_stacked()
 
     def expert_chains(self, name: str) -> list[list[Tensor]]:
         """Per local expert, its n local tensors for weight `name` (auxiliaries around the shared central)."""

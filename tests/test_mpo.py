@@ -1,0 +1,133 @@
+"""MPO decomposition against independent truths: exact reconstruction, SVD error, the paper's counts."""
+import math
+
+import pytest
+import torch
+
+from mpoe.models import mpo
+
+PAPER_IN, PAPER_OUT = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
+
+
+def _interleaved(weight, ins, outs):
+    """The 2n-way tensor with axes (i1, j1, ..., in, jn), built independently of mpo.py."""
+    n = len(ins)
+    order = [a for k in range(n) for a in (k, n + k)]
+    return weight.reshape(*ins, *outs).permute(*order)
+
+
+@pytest.mark.parametrize("ins,outs", [([3, 4], [5, 2]), ([2, 3, 2], [2, 2, 3]), ([2, 2, 3, 2], [3, 2, 2, 1]),
+                                      ([2, 1, 3, 2, 2], [1, 2, 2, 3, 2])])
+def test_full_bond_reconstructs_exactly(ins, outs):
+    w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
+    tensors = mpo.decompose(w, ins, outs)
+    assert [tuple(t.shape) for t in tensors] == mpo.tensor_shapes(ins, outs)
+    assert tensors[0].shape[0] == 1 and tensors[-1].shape[-1] == 1
+    torch.testing.assert_close(mpo.contract(tensors), w, rtol=0, atol=1e-10)
+
+
+def test_paper_shape_768x3072():
+    torch.manual_seed(0)
+    w = torch.randn(768, 3072) * 0.02
+    tensors = mpo.decompose(w, PAPER_IN, PAPER_OUT)
+    assert mpo.full_bond_dims(PAPER_IN, PAPER_OUT) == [1, 12, 192, 384, 16, 1]
+    assert [t.numel() for t in tensors] == [144, 36864, 2359296, 147456, 256]
+    assert sum(t.numel() for t in tensors) == 2_544_016 == mpo.mpo_num_params(PAPER_IN, PAPER_OUT)
+    central = tensors[mpo.central_index(5)].numel()
+    assert central == mpo.central_num_params(PAPER_IN, PAPER_OUT)
+    assert round(100 * central / 2_544_016, 1) == 92.7
+    torch.testing.assert_close(mpo.contract(tensors), w, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("bond", [None, 1, 3, 8])
+def test_param_counts_match_formulas(bond):
+    ins, outs = [2, 3, 4, 2], [3, 2, 2, 4]
+    tensors = mpo.decompose(torch.randn(48, 48), ins, outs, bond_dim=bond)
+    d = mpo.full_bond_dims(ins, outs, bond)
+    assert [t.shape[0] for t in tensors] + [1] == d
+    assert sum(t.numel() for t in tensors) == mpo.mpo_num_params(ins, outs, bond)
+    assert tensors[2].numel() == mpo.central_num_params(ins, outs, bond) == d[2] * 4 * 2 * d[3]
+    if bond is not None:
+        assert max(d) <= bond
+
+
+def test_single_truncated_bond_error_equals_discarded_singular_values():
+    """n = 2: one bond; Eckart-Young says the error is the tail of the singular values."""
+    ins, outs = [4, 6], [5, 3]
+    w = torch.randn(24, 15, dtype=torch.float64)
+    s = torch.linalg.svdvals(_interleaved(w, ins, outs).reshape(20, 18))
+    for bond in (1, 5, 12):
+        err = mpo.truncation_error(w, ins, outs, bond)
+        expected = float((s[bond:] ** 2).sum())
+        assert err.actual == pytest.approx(expected, rel=1e-9)
+        assert err.bound == pytest.approx(expected, rel=1e-9)
+
+
+def test_one_of_several_bonds_truncated_gives_equality():
+    ins, outs = [2, 3, 4], [2, 4, 3]          # full bonds (4, 12): cap 6 truncates only the second
+    assert mpo.full_bond_dims(ins, outs) == [1, 4, 12, 1]
+    w = torch.randn(24, 24, dtype=torch.float64)
+    err = mpo.truncation_error(w, ins, outs, 6)
+    assert err.actual > 1e-3
+    assert err.actual == pytest.approx(err.bound, rel=1e-9)
+
+
+def test_several_truncated_bonds_stay_within_bound():
+    ins, outs = [2, 3, 2, 2], [3, 2, 2, 2]
+    w = torch.randn(24, 24, dtype=torch.float64)
+    err = mpo.truncation_error(w, ins, outs, 3)
+    assert 0 < err.actual <= err.bound * (1 + 1e-9)
+    assert mpo.truncation_error(w, ins, outs, None).actual < 1e-20
+
+
+@pytest.mark.parametrize("ins,outs", [([2, 3], [4, 2]), ([2, 3], [2, 3, 2]), ([2, 2], [3, 3])])
+def test_bad_factors_raise(ins, outs):
+    with pytest.raises(ValueError, match="factors"):
+        mpo.decompose(torch.randn(6, 12), ins, outs)
+
+
+def test_factorize():
+    assert mpo.factorize(768) == [3, 4, 4, 4, 4]
+    assert mpo.factorize(3072) == [4, 4, 8, 6, 4]
+    assert mpo.factorize(1024) == [4, 4, 4, 4, 4]
+    assert mpo.factorize(4096) == [4, 4, 8, 8, 4]
+    for dim, n in [(512, 5), (2048, 5), (100, 5), (7, 5), (96, 3), (360, 4), (64, 5)]:
+        f = mpo.factorize(dim, n)
+        assert len(f) == n and math.prod(f) == dim
+        assert f[mpo.central_index(n)] == max(f)
+    assert mpo.factorize(7) == [1, 1, 7, 1, 1]
+
+
+def test_layer_paths_agree_and_merge():
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 36, dtype=torch.float64), torch.randn(36, dtype=torch.float64)
+    layer = mpo.MPOLinear(w, [2, 3, 4], [3, 4, 3], bias=b)
+    torch.testing.assert_close(layer.merge(), w)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    dense, chain = layer(x, method="dense"), layer(x, method="chain")
+    torch.testing.assert_close(dense, chain)
+    torch.testing.assert_close(dense, x @ w + b)
+    torch.testing.assert_close(layer(x), dense)
+    assert layer(x[:0, :0]).shape == (0, 0, 36)
+
+
+def test_paths_give_equal_gradients():
+    torch.manual_seed(1)
+    tensors = [t.requires_grad_() for t in mpo.decompose(torch.randn(24, 20, dtype=torch.float64), [2, 3, 4], [2, 5, 2], 4)]
+    x = torch.randn(7, 24, dtype=torch.float64)
+    grads = []
+    for method in ("dense", "chain"):
+        g = torch.autograd.grad(mpo.mpo_matmul(x, tensors, method).pow(2).sum(), tensors)
+        grads.append(g)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_the_cheaper_path():
+    shapes = mpo.tensor_shapes(PAPER_IN, PAPER_OUT, 16)
+    dense0, chain0 = mpo.matmul_flops(0, shapes)
+    assert chain0 == 0 < dense0
+    dense, chain = mpo.matmul_flops(4096, mpo.tensor_shapes(PAPER_IN, PAPER_OUT))
+    assert dense < chain
+    # n = 1: both are one GEMM of N*I*J multiply-adds
+    assert mpo.matmul_flops(3, [(1, 4, 5, 1)]) == (2 * (20 + 3 * 20), 2 * 3 * 20)
