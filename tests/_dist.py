@@ -1,0 +1,42 @@
+"""Spawn a real gloo world of processes on 127.0.0.1 for multi-process tests.
+
+Each worker gets the usual launcher environment (RANK, WORLD_SIZE, MASTER_*),
+initialises through `mpoe.parallel.groups.init_distributed` as training does, runs
+`fn(rank, *args)` and tears the group down. Workers report results by writing files
+(torch.save) into a directory the test passes them; a failing worker makes
+`spawn_world` raise with its traceback. Spawning costs seconds per process (imports),
+so tests reuse one world for several checks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from mpoe.parallel.groups import init_distributed
+
+    init_distributed(backend="gloo", timeout_s=120)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_world(fn: Callable, world_size: int, *args) -> None:
+    """Run fn(rank, *args) on `world_size` processes of one gloo world; fn must be importable (module level)."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
