@@ -1,0 +1,66 @@
+"""The DeepSpeed engine for our model: its JSON config from ours, and `deepspeed.initialize`.
+
+DeepSpeed builds the optimizer (torch AdamW: `torch_adam` keeps it off the
+CUDA-only fused kernels, and is what runs on CPU), the warmup + cosine schedule,
+gradient clipping and accumulation, ZeRO, and precision. Because our MoE layers
+are `deepspeed.moe.layer.MoE` instances, the engine also splits expert
+parameters into their own optimizer groups and reduces their gradients over the
+expert-data-parallel group only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mpoe.config import TrainConfig, grad_accum_steps
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    t, o = cfg.trainer, cfg.optim
+    total = max(t.max_steps, 1)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": max(1, min(o.warmup_steps, total)),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
+        "gradient_clipping": o.grad_clip,
+        # overlap_comm overlaps nothing on CPU and aborted at exit in 2 of 6 runs here (DESIGN.md).
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not biases, norms or 1-d tensors (the usual GPT recipe)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    return engine
+
+
+def global_grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)

@@ -1,0 +1,3 @@
+from mpoe.train.main import cli
+
+cli()

@@ -1,0 +1,158 @@
+"""Checkpoints written atomically, one file per rank, and read back exactly.
+
+Layout: `RUN_DIR/checkpoints/step_00000100/{meta.json, rank_00000.pt, ...}`.
+Every rank writes its own state (its module state: shared parameters plus its
+local experts; its optimizer state, a ZeRO partition at stage 1/2; the LR
+scheduler; its RNG states) into a hidden temporary directory; after a barrier
+rank 0 writes `meta.json` last and renames the directory into place, so a
+`step_*` directory either is complete or does not exist: a crash mid-save
+leaves the previous checkpoint as it was.
+
+Why not `engine.save_checkpoint`: it writes in place (a crash mid-save corrupts
+the newest checkpoint), it does not save the RNG states that exact resume
+needs, and its MoE layout assumes DeepSpeed's own expert naming
+(`deepspeed_moe.experts.deepspeed_experts.N`), which has no place for an MPOE
+central tensor shared by all experts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; one-line message with the path and the fix."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a directory without meta.json is not one)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    rank, world = _rank_world()
+    final = ckpt_dir / f"{STEP_PREFIX}{step:08d}"
+    if (final / "meta.json").is_file():  # already saved (e.g. a resumed run that was finished): never overwrite
+        return final
+    tmp = ckpt_dir / f".tmp-{final.name}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+        tmp.mkdir()
+    _barrier()
+    state = {
+        "module": engine.module.state_dict(),
+        "optimizer": engine.optimizer.state_dict(),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "global_steps": engine.global_steps,
+        "rng": rng_state(),
+    }
+    part = tmp / f"rank_{rank:05d}.pt.partial"
+    torch.save(state, part)
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, tmp / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        _fsync_write(tmp / "meta.json", json.dumps({**meta, "step": step, "world_size": world}, indent=1).encode())
+        os.replace(tmp, final)
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def resolve(resume: Optional[str], ckpt_dir: Path) -> Optional[Path]:
+    """`auto`: the newest complete checkpoint in this run (None if there is none); a path: that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if path.is_dir() and not (path / "meta.json").is_file():  # a run dir or its checkpoints/ dir
+        found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
+        if found:
+            return found[-1]
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"trainer.resume={resume!r} is not a complete checkpoint (no meta.json): "
+                              f"give a {STEP_PREFIX}N directory, a run directory, 'auto' or null")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}): pick another checkpoint") from None
+
+
+def load(engine, path: Path, expect: dict) -> dict:
+    """Collective: restore this rank's state; returns the checkpoint's meta."""
+    rank, world = _rank_world()
+    meta = read_meta(path)
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise CheckpointError(f"checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
+                                  f"{key}={value!r}: resume with the same setting")
+    file = path / f"rank_{rank:05d}.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds on a truncated or foreign file
+        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint") from None
+    engine.module.load_state_dict(state["module"])
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "partition_gradients") or type(optimizer).__name__.startswith("DeepSpeedZero"):
+        # ZeRO 1/2: a list indexed by data-parallel rank; with the same world only our own entry is read.
+        parts = [None] * world
+        parts[dist.get_rank(group=optimizer.dp_process_group) if world > 1 else 0] = state["optimizer"]
+        optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = state["global_steps"]
+    set_rng_state(state["rng"])
+    return meta

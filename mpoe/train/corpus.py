@@ -1,0 +1,68 @@
+"""The embedded corpus: English text that ships inside CPython itself.
+
+Two sources, both present on every Python install, so the default job needs no
+download: the `pydoc_data` help topics, and the docstrings of the standard
+library's modules, read with `ast` from the source files (never imported:
+importing every stdlib module has side effects, `antigravity` opens a browser).
+Documents come in a fixed order (sorted file paths), so the corpus, and the
+train/validation split made from it, are the same on every machine running
+the same Python version.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+# Folders of the standard library that hold tests, tools or vendored code rather than prose.
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip", "venv"}
+_MIN_DOC_CHARS = 200
+
+
+def pydoc_topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key].strip() for key in sorted(topics)]
+
+
+def stdlib_docstrings(root: str | None = None) -> list[str]:
+    """Module, class and function docstrings of at least _MIN_DOC_CHARS characters, per file in path order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for filename in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                tree = ast.parse((Path(dirpath) / filename).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            for node in nodes:
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= _MIN_DOC_CHARS:
+                    docs.append(doc.strip())
+    return docs
+
+
+def embedded_documents() -> list[str]:
+    return pydoc_topics() + stdlib_docstrings()
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic split by a hash of each document: stable under reordering and across runs."""
+    train, val = [], []
+    threshold = int(val_fraction * 10_000)
+    for doc in docs:
+        bucket = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "little") % 10_000
+        (val if bucket < threshold else train).append(doc)
+    return train, val
+
+
+def fingerprint(docs: list[str]) -> str:
+    h = hashlib.sha1()
+    for doc in docs:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]

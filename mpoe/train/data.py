@@ -1,0 +1,166 @@
+"""Text -> token ids -> fixed-length training sequences, the same on every process.
+
+Sources (`data=`): the embedded CPython corpus (`embedded`), local text/json/parquet
+files read through `datasets` (`text`), or a dataset on the hub when online (`hub`).
+The tokenizer is a byte-level BPE trained with `tokenizers` on the training split
+and cached under `data.cache_dir` keyed by the corpus fingerprint, or a given
+`tokenizer.json`. The token stream is cached too, so later runs start at once.
+
+Batches are drawn by `SequenceSampler`: an epoch is a seeded permutation of the
+packed sequences, cut into global batches; rank r takes its slice. The position
+is a pure function of the optimizer step, which is what makes resume exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mpoe.config import ConfigError, DataConfig
+from mpoe.train import corpus
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+_DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = Path(cfg.cache_dir or os.environ.get("MPOE_CACHE", Path.home() / ".cache" / "mpoe")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, validation) documents for the configured source."""
+    if cfg.name == "embedded":
+        return corpus.split_documents(corpus.embedded_documents(), cfg.val_fraction)
+    import datasets
+
+    if cfg.name == "text":
+        paths = [Path(p).expanduser() for p in cfg.paths]
+        for p in paths:
+            if not p.is_file():
+                raise ConfigError(f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files")
+        kinds = {_DATA_EXTENSIONS.get(p.suffix.lower()) for p in paths}
+        if None in kinds or len(kinds) != 1:
+            raise ConfigError(f"data.paths={cfg.paths!r} mixes or uses unknown file types: give only one of .txt, .json/.jsonl or .parquet")
+        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+    else:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
+    if cfg.text_field not in ds.column_names:
+        raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}")
+    docs = [t for t in ds[cfg.text_field] if t and t.strip()]
+    return corpus.split_documents(docs, cfg.val_fraction)
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    return tok
+
+
+def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
+    """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the corpus and cached."""
+    from tokenizers import Tokenizer
+
+    if cfg.tokenizer:
+        if not Path(cfg.tokenizer).is_file():
+            raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not a file: give a tokenizer.json or null to train one")
+        return Tokenizer.from_file(cfg.tokenizer)
+    path = cache_root(cfg) / f"bpe-{corpus.fingerprint(train_docs)}-{cfg.vocab_size}.json"
+    if not path.exists():
+        tok = train_tokenizer(train_docs, cfg.vocab_size)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tok.save(str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent ranks never read half a file
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer, docs: list[str]) -> np.ndarray:
+    """One flat stream of token ids with an end-of-text token after every document."""
+    eot = tokenizer.token_to_id(SPECIAL_TOKENS[0])
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(docs):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.int32)
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    tokenizer: object
+    eot_id: int
+    pad_id: int
+
+
+def prepare(cfg: DataConfig) -> TokenData:
+    """Load, tokenize and cache; every rank calls it and gets the same arrays."""
+    train_docs, val_docs = load_documents(cfg)
+    if not train_docs or not val_docs:
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} leaves an empty split of {len(train_docs) + len(val_docs)} documents: give more text")
+    tokenizer = get_tokenizer(cfg, train_docs)
+    key = hashlib.sha1(json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()).hexdigest()[:16]
+    path = cache_root(cfg) / f"tokens-{key}.npz"
+    if path.exists():
+        arrays = np.load(path)
+        train, val = arrays["train"], arrays["val"]
+    else:
+        train, val = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, train=train, val=val)
+        os.replace(tmp, path)
+    return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer,
+                     tokenizer.token_to_id(SPECIAL_TOKENS[0]), tokenizer.token_to_id(SPECIAL_TOKENS[1]))
+
+
+def pack(stream: np.ndarray, length: int) -> torch.Tensor:
+    """Non-overlapping windows of `length` tokens (the tail that does not fill one is dropped)."""
+    n = len(stream) // length
+    if n == 0:
+        raise ConfigError(f"trainer.seq_len={length - 1} is longer than the {len(stream)} tokens of a data split: lower it or add data")
+    return torch.from_numpy(stream[: n * length].astype(np.int64)).view(n, length)
+
+
+class SequenceSampler:
+    """Micro-batches for (step, micro_step, rank): a seeded permutation per epoch, sliced per rank."""
+
+    def __init__(self, sequences: torch.Tensor, micro_batch: int, accum: int, world: int, rank: int, seed: int):
+        self.sequences, self.micro_batch, self.accum = sequences, micro_batch, accum
+        self.world, self.rank, self.seed = world, rank, seed
+        self.global_batch = micro_batch * accum * world
+        if len(sequences) < self.global_batch:
+            raise ConfigError(f"trainer.global_batch_size={self.global_batch} exceeds the {len(sequences)} training sequences: lower it")
+        self.steps_per_epoch = len(sequences) // self.global_batch
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.sequences), generator=g))
+        return self._perm[1]
+
+    def batch(self, step: int, micro_step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch + (micro_step * self.world + self.rank) * self.micro_batch
+        return self.sequences[self._permutation(epoch)[start : start + self.micro_batch]]
+
+
+def eval_batches(sequences: torch.Tensor, micro_batch: int, num_batches: int, world: int, rank: int) -> list[torch.Tensor]:
+    """The same validation batches every time: the first num_batches*world micro-batches, round-robin over ranks."""
+    out = []
+    for b in range(num_batches):
+        start = (b * world + rank) * micro_batch
+        if start + micro_batch > len(sequences):
+            break
+        out.append(sequences[start : start + micro_batch])
+    return out

@@ -1,0 +1,207 @@
+"""The training run: data, model, DeepSpeed engine, the step loop, evaluation, checkpoints.
+
+Every rank runs this function in lockstep (expert-parallel all-to-alls and
+DeepSpeed's reductions are collectives); only rank 0 writes the run directory
+files and shows the progress bar.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mpoe.config import TrainConfig, grad_accum_steps
+from mpoe.models.accounting import count_params, format_table
+from mpoe.models.build import build_model, moe_layers
+from mpoe.parallel import engine as ds_engine
+from mpoe.parallel.groups import expert_groups
+from mpoe.train import checkpoint, data as data_lib
+from mpoe.train.metrics import MetricsLogger
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
+    """Rank 0 builds the tokenizer and token caches first; the others then read them."""
+    if rank == 0:
+        token_data = data_lib.prepare(cfg.data)
+    if dist.is_initialized():
+        dist.barrier()
+    return token_data if rank == 0 else data_lib.prepare(cfg.data)
+
+
+def _embedding_params(model) -> int:
+    backbone = model.backbone
+    if model.family == "gpt2":
+        from mpoe.models.gpt2 import embedding_params
+    else:
+        from mpoe.models.t5 import embedding_params
+    return embedding_params(backbone)
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[torch.Tensor]) -> float:
+    """Mean LM loss over the validation batches of every rank."""
+    engine.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        total += engine(batch).lm_loss.item()
+        count += 1
+    engine.train()
+    total, count = _all_reduce_sum([total, count])
+    return total / max(count, 1)
+
+
+class _Interval:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self, num_moe_layers: int):
+        self.start = time.perf_counter()
+        self.loss = self.lm_loss = self.aux_loss = self.z_loss = 0.0
+        self.micro = 0
+        self.tokens = 0
+        self.tokens_dropped = 0
+        self.load: Optional[list[torch.Tensor]] = None
+
+    def add(self, out, tokens: int) -> None:
+        self.loss += out.loss.item()
+        self.lm_loss += out.lm_loss.item()
+        self.aux_loss += out.aux_loss.item()
+        self.z_loss += out.z_loss.item()
+        self.micro += 1
+        self.tokens += tokens
+        self.tokens_dropped += out.tokens_dropped
+        if out.tokens_per_expert:
+            counts = [c.detach().double() for c in out.tokens_per_expert]
+            self.load = counts if self.load is None else [a + b for a, b in zip(self.load, counts)]
+
+    def record(self, step: int, lr: float, grad_norm: float) -> dict:
+        sums = _all_reduce_sum([self.loss, self.lm_loss, self.aux_loss, self.z_loss, self.micro, self.tokens, self.tokens_dropped])
+        loss, lm_loss, aux, z, micro, tokens, dropped = sums
+        elapsed = time.perf_counter() - self.start
+        rec = {"step": step, "loss": loss / micro, "lm_loss": lm_loss / micro, "aux_loss": aux / micro,
+               "z_loss": z / micro, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9),
+               "tokens_dropped": int(dropped)}
+        if self.load is not None:
+            rec["expert_load"] = [(c / c.sum().clamp_min(1)).tolist() for c in self.load]
+        return rec
+
+
+def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> dict:
+    rank, world = _rank_world()
+    t0 = time.perf_counter()
+    groups = expert_groups(cfg.parallel.ep_size)
+    if cfg.trainer.dry_run:
+        token_data = None
+        vocab, eot, pad = cfg.model.vocab_size, 0, 1
+    else:
+        token_data = _prepare_data(cfg, rank)
+        vocab, eot, pad = token_data.vocab_size, token_data.eot_id, token_data.pad_id
+    model = build_model(cfg, vocab, eot, pad, groups)
+    counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
+    logger = MetricsLogger(run_dir, rank == 0, None if cfg.trainer.dry_run else cfg.logging.wandb, run_config)
+    if rank == 0:
+        print(f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), {world} process(es):")
+        print(format_table(counts), flush=True)
+    if cfg.trainer.dry_run:
+        logger.summary({**counts, "dry_run": True})
+        logger.close()
+        return counts
+
+    engine = ds_engine.initialize(model, cfg, world)
+    grad_mask = _grad_mask(cfg, model)
+    seq_len, t = cfg.trainer.seq_len, cfg.trainer
+    accum = grad_accum_steps(cfg, world)
+    sampler = data_lib.SequenceSampler(data_lib.pack(token_data.train, seq_len), t.micro_batch_size, accum, world, rank, t.seed)
+    val = data_lib.eval_batches(data_lib.pack(token_data.val, seq_len), t.micro_batch_size, t.eval_batches, world, rank)
+
+    ckpt_dir = run_dir / "checkpoints"
+    identity = {"world_size": world, "ep_size": cfg.parallel.ep_size, "zero_stage": cfg.parallel.zero_stage,
+                "model": cfg.model.name, "moe": cfg.moe.kind, "num_experts": cfg.moe.num_experts}
+    start_step = 0
+    resume_from = checkpoint.resolve(t.resume, ckpt_dir)
+    if resume_from is not None:
+        meta = checkpoint.load(engine, resume_from, {k: identity[k] for k in ("world_size", "ep_size", "zero_stage")})
+        start_step = meta["step"]
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+
+    tokens_per_step = t.global_batch_size * seq_len
+    progress = _progress(cfg, rank, start_step)
+    interval = _Interval(len(moe_layers(model)))
+    val_loss = None
+    train_start = time.perf_counter()
+    for step in range(start_step, t.max_steps):
+        if grad_mask is not None:
+            grad_mask.set_step(step)
+        for micro in range(accum):
+            out = engine(sampler.batch(step, micro))
+            engine.backward(out.loss)
+            engine.step()
+            interval.add(out, t.micro_batch_size * seq_len)
+        done = step + 1
+        evaluate_now = done % t.eval_every == 0 or done == t.max_steps
+        if done % t.log_every == 0 or evaluate_now:
+            rec = interval.record(done, engine.get_lr()[0], ds_engine.global_grad_norm(engine))
+            rec["tokens_seen"] = done * tokens_per_step
+            if evaluate_now:
+                val_loss = evaluate(engine, val)
+                rec.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            logger.log(rec)
+            if progress is not None:
+                progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                     **({"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}))
+            interval = _Interval(len(moe_layers(model)))
+        if progress is not None:
+            progress.update(1)
+        if t.save_every and done % t.save_every == 0 and done != t.max_steps:
+            checkpoint.save(engine, ckpt_dir, done, identity, t.keep_last)
+    if progress is not None:
+        progress.close()
+    train_s = time.perf_counter() - train_start
+
+    if val_loss is None:  # evaluate-only run, or a resumed run that had already finished
+        val_loss = evaluate(engine, val)
+    final_step = max(start_step, t.max_steps)
+    if t.max_steps > 0:
+        checkpoint.save(engine, ckpt_dir, final_step, identity, t.keep_last)
+    steps_run = max(t.max_steps - start_step, 0)
+    summary = {
+        **counts, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+        "tokens_seen": final_step * tokens_per_step, "steps": final_step, "wall_s": time.perf_counter() - t0,
+        "tokens_per_s": steps_run * tokens_per_step / train_s if steps_run else None,
+        "model": cfg.model.name, "moe": cfg.moe.kind, "world_size": world,
+    }
+    logger.summary(summary)
+    logger.close()
+    return summary
+
+
+def _grad_mask(cfg: TrainConfig, model):
+    if not cfg.moe.grad_mask.enabled:
+        return None
+    from mpoe.models.grad_mask import GradientMask, select_masked_params
+
+    gm = cfg.moe.grad_mask
+    return GradientMask(select_masked_params(model, gm.target), gm.keep_prob, gm.rescale, cfg.trainer.seed)
+
+
+def _progress(cfg: TrainConfig, rank: int, start: int):
+    if rank != 0 or not cfg.logging.progress or cfg.trainer.max_steps <= start:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

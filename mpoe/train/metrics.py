@@ -1,0 +1,102 @@
+"""Where numbers go: `metrics.jsonl` (one JSON object per logged step), `summary.json`, and W&B.
+
+Only rank 0 writes. `metrics.jsonl` is the source of truth (the report reads it,
+nothing needs a W&B account); W&B gets the same names, offline by default, with
+the Hydra config as the run config.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, run_config: Optional[dict] = None):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self._wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            self._wandb = self._start_wandb(wandb_cfg, run_config or {})
+
+    def _start_wandb(self, cfg, run_config: dict):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        return wandb.init(
+            mode=cfg.mode, project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
+            name=cfg.name or self.run_dir.name, dir=str(self.run_dir), config=run_config,
+            resume="allow", id=self._run_id(),
+        )
+
+    def _run_id(self) -> str:
+        """The same W&B run across resumes of the same run directory."""
+        path = self.run_dir / ".wandb_id"
+        if not path.exists():
+            import wandb
+
+            path.write_text(wandb.sdk.lib.runid.generate_id())
+        return path.read_text().strip()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = _jsonable(record)
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(_flatten_for_wandb(record), step=record["step"])
+
+    def summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self._wandb is not None:
+            self._wandb.summary.update(_jsonable(summary))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _flatten_for_wandb(record: dict) -> dict:
+    """Lists (per-layer expert loads) become one scalar per entry, so W&B can chart them."""
+    out = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, list):
+                    for j, x in enumerate(v):
+                        out[f"{key}/layer{i}/expert{j}"] = x
+                else:
+                    out[f"{key}/{i}"] = v
+        else:
+            out[key] = value
+    return out
