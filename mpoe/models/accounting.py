@@ -24,7 +24,7 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
     counts = {"params_central": 0, "params_auxiliary": 0, "params_router": 0, "params_expert": 0}
     active = shared
     for layer in moe_layers(model):
-        bank = layer.experts
+        bank = layer.bank
         roles = bank.param_roles()
         own = sum(p.numel() for p in bank.parameters() if is_expert_param(p))
         central = sum(p.numel() for p in roles.get("central", []))

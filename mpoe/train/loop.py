@@ -21,6 +21,7 @@ from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups
 from mpoe.train import checkpoint, data as data_lib
 from mpoe.train.metrics import MetricsLogger
+from mpoe.train.objectives import build_objective
 
 
 def _rank_world() -> tuple[int, int]:
@@ -53,12 +54,12 @@ def _embedding_params(model) -> int:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor]) -> float:
+def evaluate(engine, batches: list[torch.Tensor], objective) -> float:
     """Mean LM loss over the validation batches of every rank."""
     engine.eval()
     total, count = 0.0, 0
     for batch in batches:
-        total += engine(batch).lm_loss.item()
+        total += engine(**objective.batch(batch)).lm_loss.item()
         count += 1
     engine.train()
     total, count = _all_reduce_sum([total, count])
@@ -123,10 +124,12 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
 
     engine = ds_engine.initialize(model, cfg, world)
     grad_mask = _grad_mask(cfg, model)
-    seq_len, t = cfg.trainer.seq_len, cfg.trainer
+    t = cfg.trainer
+    objective = build_objective(cfg, token_data)
+    raw_len = objective.raw_length
     accum = grad_accum_steps(cfg, world)
-    sampler = data_lib.SequenceSampler(data_lib.pack(token_data.train, seq_len), t.micro_batch_size, accum, world, rank, t.seed)
-    val = data_lib.eval_batches(data_lib.pack(token_data.val, seq_len), t.micro_batch_size, t.eval_batches, world, rank)
+    sampler = data_lib.SequenceSampler(data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed)
+    val = data_lib.eval_batches(data_lib.pack(token_data.val, raw_len), t.micro_batch_size, t.eval_batches, world, rank)
 
     ckpt_dir = run_dir / "checkpoints"
     identity = {"world_size": world, "ep_size": cfg.parallel.ep_size, "zero_stage": cfg.parallel.zero_stage,
@@ -139,7 +142,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
 
-    tokens_per_step = t.global_batch_size * seq_len
+    tokens_per_step = t.global_batch_size * raw_len
     progress = _progress(cfg, rank, start_step)
     interval = _Interval(len(moe_layers(model)))
     val_loss = None
@@ -148,17 +151,17 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         if grad_mask is not None:
             grad_mask.set_step(step)
         for micro in range(accum):
-            out = engine(sampler.batch(step, micro))
+            out = engine(**objective.batch(sampler.batch(step, micro)))
             engine.backward(out.loss)
             engine.step()
-            interval.add(out, t.micro_batch_size * seq_len)
+            interval.add(out, t.micro_batch_size * raw_len)
         done = step + 1
         evaluate_now = done % t.eval_every == 0 or done == t.max_steps
         if done % t.log_every == 0 or evaluate_now:
             rec = interval.record(done, engine.get_lr()[0], ds_engine.global_grad_norm(engine))
             rec["tokens_seen"] = done * tokens_per_step
             if evaluate_now:
-                val_loss = evaluate(engine, val)
+                val_loss = evaluate(engine, val, objective)
                 rec.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             logger.log(rec)
             if progress is not None:
@@ -174,7 +177,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     train_s = time.perf_counter() - train_start
 
     if val_loss is None:  # evaluate-only run, or a resumed run that had already finished
-        val_loss = evaluate(engine, val)
+        val_loss = evaluate(engine, val, objective)
     final_step = max(start_step, t.max_steps)
     if t.max_steps > 0:
         checkpoint.save(engine, ckpt_dir, final_step, identity, t.keep_last)
