@@ -46,6 +46,8 @@ def activation_fn(activation: str) -> nn.Module:
     name = activation.removeprefix("gated-")
     if activation.startswith("gated-") and name == "gelu":
         name = "gelu_new"
+    if name == "gelu_new":        # the same tanh-GELU, as one fused kernel instead of ~8 elementwise passes
+        name = "gelu_pytorch_tanh"
     if name not in ACT2FN:
         raise ValueError(f"activation={activation!r} is unknown: use one of {', '.join(ACT2FN)} (optionally 'gated-' + name)")
     return ACT2FN[name]
@@ -112,13 +114,10 @@ class ExpertBank(nn.Module):
         self.act = activation_fn(activation)
 
     def _ffn(self, x: Tensor, matmul, b_in, b_out) -> Tensor:
-        """act(x W_in + b_in) W_out + b_out (gated: act(x W_gate) * (x W_in)); matmul(x, name) applies a weight."""
-        h = matmul(x, "w_in")
-        if b_in is not None:
-            h = h + b_in
-        h = self.act(matmul(x, "w_gate")) * h if self.gated else self.act(h)
-        y = matmul(h, "w_out")
-        return y if b_out is None else y + b_out
+        """act(x W_in + b_in) W_out + b_out (gated: act(x W_gate) * (x W_in)); matmul(x, name, bias) applies a weight."""
+        h = matmul(x, "w_in", b_in)
+        h = self.act(matmul(x, "w_gate", None)) * h if self.gated else self.act(h)
+        return matmul(h, "w_out", b_out)
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
         counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
@@ -153,6 +152,10 @@ def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
     return (base + 1_000_003 * global_expert + 1_009 * position + index) % (2**62)
 
 
+def _linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
 def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
     return None if tensors[0] is None else nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
 
@@ -174,7 +177,8 @@ class SwitchExperts(ExpertBank):
         unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
         weights = {name: unbind(getattr(self, name)) for name in ("w_in", "w_out", "w_gate")}
         b_in, b_out = unbind(self.b_in), unbind(self.b_out)
-        return [self._ffn(x, lambda h, name, e=e: h @ weights[name][e], b_in[e], b_out[e]) for e, x in enumerate(chunks)]
+        return [self._ffn(x, lambda h, name, b, e=e: _linear(h, weights[name][e], b), b_in[e], b_out[e])
+                for e, x in enumerate(chunks)]
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         expert = [p for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_gate) if p is not None]
@@ -226,7 +230,7 @@ class MPOEExperts(ExpertBank):
         chains = {name: self.expert_chains(name) for name in self.central}
         unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
         b_in, b_out = unbind(self.b_in), unbind(self.b_out)
-        matmul = lambda e: (lambda h, name: mpo.mpo_matmul(h, chains[name][e], self.method))
+        matmul = lambda e: (lambda h, name, b: mpo.mpo_matmul(h, chains[name][e], self.method, b))
         return [self._ffn(x, matmul(e), b_in[e], b_out[e]) for e, x in enumerate(chunks)]
 
     def expert_weight(self, name: str, local_expert: int) -> Tensor:

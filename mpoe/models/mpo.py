@@ -122,32 +122,46 @@ def truncation_error(weight: Tensor, in_factors, out_factors, bond_dim) -> Trunc
     return TruncationError(float(((w - approx) ** 2).sum()), sum(discarded))
 
 
-def _contract_interleaved(tensors: Sequence[Tensor]) -> Tensor:
-    """The chain as a matrix with rows (i_1 j_1 ... i_c j_c) and columns (i_{c+1} j_{c+1} ... i_n j_n).
+def _halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """(left half incl. the central tensor as (i_1 j_1 ... i_c j_c, d_c+1), right half as (d_c+1, i_c+1 j_c+1 ... ))
 
-    Outer tensors are merged first (they are small), the central one last, so the
-    only large product is (rows, d_c) @ (d_c, columns).
+    Outer tensors are merged first (they are small) and the central one last, so
+    the only large product is the final one, (rows, d) @ (d, columns).
     """
     n, c = len(tensors), central_index(len(tensors))
     middle = tensors[0].reshape(-1, tensors[0].shape[-1])                # (i1 j1, d1)
-    for t in tensors[1:c + 1]:                                           # left chain, central last
+    for t in tensors[1:c + 1]:
         middle = (middle @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
     if c == n - 1:
-        return middle
+        return middle, None
     right = tensors[n - 1].reshape(tensors[n - 1].shape[0], -1)          # (d_{n-1}, i_n j_n)
     for t in reversed(tensors[c + 1:n - 1]):
         right = (t.reshape(-1, t.shape[-1]) @ right).reshape(t.shape[0], -1)
-    return middle @ right
+    return middle, right
 
 
 def contract(tensors: Sequence[Tensor]) -> Tensor:
-    """The matrix back: shape (prod i_k, prod j_k)."""
-    n = len(tensors)
+    """The matrix back: shape (prod i_k, prod j_k).
+
+    The two halves are reordered while small ((i_L, j_L, d) and (d, i_R, j_R)),
+    so the only pass over the full matrix is one 4-D swap (j_L <-> i_R).
+    """
+    n, c = len(tensors), central_index(len(tensors))
     ins = [t.shape[1] for t in tensors]
     outs = [t.shape[2] for t in tensors]
-    w = _contract_interleaved(tensors).reshape(*[a for i, j in zip(ins, outs) for a in (i, j)])
-    w = w.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
-    return w.reshape(math.prod(ins), math.prod(outs))
+    nl = c + 1                                                            # tensors in the left half
+    il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
+    middle, right = _halves(tensors)
+    d = middle.shape[-1]
+    middle = middle.reshape(*[a for k in range(nl) for a in (ins[k], outs[k])], d)
+    middle = middle.permute(*range(0, 2 * nl, 2), *range(1, 2 * nl, 2), 2 * nl).reshape(il * jl, d)
+    if right is None:
+        return middle.reshape(il, jl)
+    nr = n - nl
+    right = right.reshape(d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
+    right = right.permute(0, *range(1, 2 * nr + 1, 2), *range(2, 2 * nr + 1, 2)).reshape(d, ir * jr)
+    w = (middle @ right).reshape(il, jl, ir, jr).permute(0, 2, 1, 3)
+    return w.reshape(il * ir, jl * jr)
 
 
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -189,15 +203,17 @@ def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, i
     return 2 * dense, 2 * chain
 
 
-def mpo_matmul(x: Tensor, tensors: Sequence[Tensor], method: str = "auto") -> Tensor:
-    """x (N, I) @ W (I, J), W given by its local tensors; method 'auto' | 'dense' | 'chain'."""
+def mpo_matmul(x: Tensor, tensors: Sequence[Tensor], method: str = "auto", bias: Optional[Tensor] = None) -> Tensor:
+    """x (N, I) @ W (I, J) (+ bias), W given by its local tensors; method 'auto' | 'dense' | 'chain'."""
     if method == "auto":
         dense, chain = matmul_flops(x.shape[0], [t.shape for t in tensors])
         method = "chain" if chain < dense else "dense"
     if method == "dense":
-        return x @ contract(tensors)
+        w = contract(tensors)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
     if method == "chain":
-        return apply_chain(x, tensors)
+        y = apply_chain(x, tensors)
+        return y if bias is None else y + bias
     raise ValueError(f"method={method!r}: use 'auto', 'dense' or 'chain'")
 
 
@@ -249,9 +265,7 @@ class MPOLinear(nn.Module):
 
     def forward(self, x: Tensor, method: str = "auto") -> Tensor:
         lead = x.shape[:-1]
-        y = mpo_matmul(x.reshape(-1, x.shape[-1]), list(self.tensors), method)
-        if self.bias is not None:
-            y = y + self.bias
+        y = mpo_matmul(x.reshape(-1, x.shape[-1]), list(self.tensors), method, self.bias)
         return y.reshape(*lead, y.shape[-1])
 
     def merge(self) -> Tensor:
