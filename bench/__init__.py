@@ -1,0 +1,1 @@
+"""Benchmarks that print ratios against peers; not part of the tests."""
