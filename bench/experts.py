@@ -1,0 +1,133 @@
+"""Expert banks side by side: MPOE vs Switch vs DeepSpeed's `Experts`, fwd+bwd time and parameters.
+
+    python -m bench.experts [--json FILE] [--quick] [--bond-dim B] [--tokens N]
+
+Same shape for all three: GPT-2-small FFN (768 x 3072), 8 experts, tokens split
+evenly, tanh-GELU, input gradients on (as inside a model). Times are medians
+over repeats after one warm-up, the three banks interleaved in each repeat so
+that load from other processes hits them alike.
+
+Why bond 16 by default: MPOE rebuilds each expert's W (I x J) from its
+auxiliaries and the shared central tensor, ~2*I*J*bond FLOPs per matrix and
+expert against 2*T_e*I*J for the expert's GEMM, so the compute overhead is
+about bond / T_e (3% at 512 tokens per expert); the full-bond MPO would
+already meet the parameter target (ratio ~0.20) but rebuilds W at ~1.5x the
+GEMM's cost. Rebuilding W is memory-bound, so the measured overhead exceeds
+the FLOP estimate on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from mpoe.config import MoEConfig  # noqa: E402
+from mpoe.models import mpo  # noqa: E402
+from mpoe.models.experts import DenseFFN, build_expert_bank  # noqa: E402
+from mpoe.parallel.groups import ExpertGroups  # noqa: E402
+
+D_MODEL, D_FF = 768, 3072
+
+
+def deepspeed_experts(dense: DenseFFN, num_experts: int) -> nn.Module:
+    from deepspeed.moe.experts import Experts
+
+    ffn = nn.Sequential(nn.Linear(D_MODEL, D_FF), nn.GELU(approximate="tanh"), nn.Linear(D_FF, D_MODEL))
+    with torch.no_grad():
+        ffn[0].weight.copy_(dense.w_in.t()), ffn[0].bias.copy_(dense.b_in)
+        ffn[2].weight.copy_(dense.w_out.t()), ffn[2].bias.copy_(dense.b_out)
+    return Experts(ffn, num_local_experts=num_experts, expert_group_name="ep_size_1")
+
+
+def fwd_bwd(run, module: nn.Module, x: torch.Tensor) -> float:
+    x = x.detach().requires_grad_()
+    start = time.perf_counter()
+    y = run(x)
+    y.backward(torch.ones_like(y))
+    elapsed = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the ratios here")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    ap.add_argument("--tokens", type=int, default=None, help="default 4096 (--quick: 1024)")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--bond-dim", type=int, default=16, help="MPO bond cap for the MPOE bank (0 = full bonds)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
+    args = ap.parse_args(argv)
+    tokens = args.tokens or (1024 if args.quick else 4096)
+    repeats = args.repeats or (3 if args.quick else 5)
+    bond = args.bond_dim or None
+    E = args.experts
+    if tokens % E:
+        raise SystemExit(f"--tokens={tokens} must be a multiple of --experts={E}")
+
+    torch.manual_seed(0)
+    dense = DenseFFN.random(D_MODEL, D_FF)
+    groups = ExpertGroups()
+    switch = build_expert_bank(MoEConfig(kind="switch", num_experts=E), D_MODEL, D_FF, "gelu_new", groups, dense)
+    mpoe = build_expert_bank(MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond), D_MODEL, D_FF, "gelu_new", groups, dense)
+    ds = deepspeed_experts(dense, E)
+    counts = [tokens // E] * E
+    x = torch.randn(tokens, D_MODEL)
+    runs = {
+        "mpoe": (lambda t: mpoe(t, counts), mpoe),
+        "switch": (lambda t: switch(t, counts), switch),
+        "deepspeed": (lambda t: ds(t.view(1, E, tokens // E, D_MODEL)), ds),
+    }
+    times = {name: [] for name in runs}
+    for r in range(repeats + 1):
+        order = list(runs)[r % 3:] + list(runs)[:r % 3]
+        for name in order:
+            t = fwd_bwd(*runs[name], x)
+            if r > 0:
+                times[name].append(t)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    params = {name: sum(p.numel() for p in module.parameters()) for name, (_, module) in runs.items()}
+
+    print(f"expert banks: {E} experts, FFN {D_MODEL}x{D_FF}, {tokens} tokens ({tokens // E} per expert), "
+          f"{torch.get_num_threads()} threads, median of {repeats} fwd+bwd after 1 warm-up")
+    print(f"MPOE bond_dim = {bond or 'full'}; factors {mpo.factorize(D_MODEL)} x {mpo.factorize(D_FF)}")
+    print(f"{'bank':<10}{'fwd+bwd ms':>12}{'params':>14}")
+    for name in runs:
+        print(f"{name:<10}{1e3 * median[name]:>12.1f}{params[name]:>14,}")
+    results = {
+        "experts.mpoe_vs_switch_time": median["mpoe"] / median["switch"],
+        "experts.mpoe_vs_switch_params": params["mpoe"] / params["switch"],
+        "experts.switch_vs_deepspeed_time": median["switch"] / median["deepspeed"],
+    }
+    for key, value in results.items():
+        print(f"{key} = {value:.3f}")
+    t_ok, p_ok = results["experts.mpoe_vs_switch_time"] <= 1.10, results["experts.mpoe_vs_switch_params"] <= 0.25
+    print(f"target time ratio <= 1.10: {'met' if t_ok else 'NOT met'}; params ratio <= 0.25: {'met' if p_ok else 'NOT met'}")
+    print("MPOE params ratio at other bonds: " + ", ".join(
+        f"{b or 'full'}: {_mpoe_params(E, b) / params['switch']:.3f}" for b in (8, 16, 32, 64, 128, None)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "config": {"tokens": tokens, "experts": E, "bond_dim": bond,
+                                                      "repeats": repeats, "median_s": median, "params": params}}, f, indent=2)
+    return results
+
+
+def _mpoe_params(num_experts: int, bond) -> int:
+    """Formula count: per matrix one central + E sets of auxiliaries, plus E biases."""
+    total = num_experts * (D_FF + D_MODEL)
+    for i, o in ((mpo.factorize(D_MODEL), mpo.factorize(D_FF)), (mpo.factorize(D_FF), mpo.factorize(D_MODEL))):
+        central = mpo.central_num_params(i, o, bond)
+        total += central + num_experts * (mpo.mpo_num_params(i, o, bond) - central)
+    return total
+
+
+if __name__ == "__main__":
+    main()
