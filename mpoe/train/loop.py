@@ -20,6 +20,7 @@ from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups
 from mpoe.train import checkpoint, data as data_lib
+from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
 from mpoe.train.objectives import build_objective
 
@@ -145,20 +146,26 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     tokens_per_step = t.global_batch_size * raw_len
     progress = _progress(cfg, rank, start_step)
     interval = _Interval(len(moe_layers(model)))
+    roles = role_params(model)
     val_loss = None
     train_start = time.perf_counter()
     for step in range(start_step, t.max_steps):
         if grad_mask is not None:
             grad_mask.set_step(step)
+        done = step + 1
+        evaluate_now = done % t.eval_every == 0 or done == t.max_steps
+        log_now = done % t.log_every == 0 or evaluate_now
+        norms = {}
         for micro in range(accum):
             out = engine(**objective.batch(sampler.batch(step, micro)))
             engine.backward(out.loss)
+            if log_now and micro == accum - 1 and cfg.parallel.zero_stage == 0:
+                norms = grad_norms(engine.module, roles, groups.ep_group)  # reduced, not yet clipped
             engine.step()
             interval.add(out, t.micro_batch_size * raw_len)
-        done = step + 1
-        evaluate_now = done % t.eval_every == 0 or done == t.max_steps
-        if done % t.log_every == 0 or evaluate_now:
-            rec = interval.record(done, engine.get_lr()[0], ds_engine.global_grad_norm(engine))
+        if log_now:
+            rec = interval.record(done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine))
+            rec.update(norms)
             rec["tokens_seen"] = done * tokens_per_step
             if evaluate_now:
                 val_loss = evaluate(engine, val, objective)
