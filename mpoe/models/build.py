@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import contextlib
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from mpoe.config import TrainConfig
+from mpoe.config import ConfigError, TrainConfig
 from mpoe.models import gpt2
 from mpoe.parallel.groups import ExpertGroups
 
@@ -63,38 +67,90 @@ class LanguageModel(nn.Module):
         )
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, groups: ExpertGroups) -> LanguageModel:
-    """The configured backbone; with moe != dense its FFNs every `moe.every` layers become MoE layers."""
-    torch.manual_seed(cfg.trainer.seed)  # identical non-expert init on every rank
+def check_pretrained(path: str, family: str) -> dict:
+    """The checkpoint's config.json, or a one-line ConfigError naming model.pretrained."""
+    cfg_file = Path(path).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model.pretrained={path!r} is invalid: give a local Hugging Face checkpoint directory "
+                          f"(config.json + model.safetensors); nothing is fetched from a hub")
+    config = json.loads(cfg_file.read_text())
+    if config.get("model_type") != family:
+        raise ConfigError(f"model.pretrained={path!r} holds a {config.get('model_type')!r} model but "
+                          f"model.family={family!r}: pick the matching model= option")
+    return config
+
+
+def build_backbone(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int) -> nn.Module:
+    """The dense HF model: from our ModelConfig (vocab_size = the tokenizer's), or model.pretrained's."""
     if cfg.model.family == "gpt2":
         backbone = gpt2.build_gpt2(cfg.model, vocab_size, eot_id)
     else:
         from mpoe.models import t5
 
-        backbone = t5.build_t5(cfg.model, vocab_size, pad_id)
+        backbone = t5.build_t5(cfg.model, vocab_size, pad_id, eot_id)
+    rows = backbone.get_input_embeddings().weight.shape[0]
+    if cfg.model.pretrained and vocab_size > rows:
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, fewer than the "
+                          f"tokenizer's {vocab_size} ids: use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)")
+    return backbone
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, groups: ExpertGroups) -> LanguageModel:
+    """The configured backbone; with moe != dense its FFNs every `moe.every` layers become MoE layers.
+
+    With model.pretrained the FFNs are upcycled: every expert starts as the dense FFN it replaces.
+    """
+    torch.manual_seed(cfg.trainer.seed)  # identical non-expert init on every rank
+    shapes_only = cfg.trainer.dry_run and not cfg.model.pretrained
+    with torch.device("meta") if shapes_only else contextlib.nullcontext():
+        backbone = build_backbone(cfg, vocab_size, eot_id, pad_id)
     if cfg.moe.kind != "dense":
-        _install_moe(backbone, cfg, groups)
+        with _mpo_shapes_only() if shapes_only else contextlib.nullcontext():
+            install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
+    if cfg.model.family == "t5":
+        pad_id = backbone.config.pad_token_id
     return LanguageModel(backbone, cfg.model.family, pad_id)
 
 
-def _install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups) -> None:
+@contextlib.contextmanager
+def _mpo_shapes_only():
+    """A dry run only counts parameters: skip the SVDs of random matrices (minutes for T5-base)
+    and give MPO tensors of the right shapes (zeros). The dense backbone is built on the meta device."""
+    from mpoe.models import mpo
+
+    decompose = mpo.decompose
+    mpo.decompose = lambda w, i, o, bond_dim=None: [torch.zeros(s, dtype=w.dtype) for s in mpo.tensor_shapes(i, o, bond_dim)]
+    try:
+        yield
+    finally:
+        mpo.decompose = decompose
+
+
+def ffn_shape(backbone: nn.Module, family: str) -> tuple[int, int, str]:
+    """(d_model, d_ff, activation) of the backbone's dense FFNs, in the expert banks' naming."""
+    c = backbone.config
+    if family == "gpt2":
+        return c.n_embd, c.n_inner or 4 * c.n_embd, c.activation_function
+    from mpoe.models.t5 import feed_forward_activation
+
+    return c.d_model, c.d_ff, feed_forward_activation(c)
+
+
+def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upcycle: bool) -> None:
+    """Replace the FFNs of layers every-1, 2*every-1, ... by MoE layers (upcycled from them if asked)."""
     from mpoe.models.experts import DenseFFN
     from mpoe.models.moe_layer import build_moe_layer
 
-    m = cfg.model
-    d_model = backbone.config.n_embd if cfg.model.family == "gpt2" else backbone.config.d_model
-    d_ff = (backbone.config.n_inner or 4 * d_model) if cfg.model.family == "gpt2" else backbone.config.d_ff
-    upcycle = bool(m.pretrained)
-
+    is_moe = lambda i: is_moe_layer(i, cfg.moe.every)
     if cfg.model.family == "gpt2":
-        activation = backbone.config.activation_function
+        d_model, d_ff, activation = ffn_shape(backbone, "gpt2")
 
         def make(mlp: nn.Module) -> nn.Module:
             dense = DenseFFN.from_gpt2_mlp(mlp) if upcycle else None
             return build_moe_layer(cfg.moe, d_model, d_ff, activation, groups, dense=dense)
 
-        gpt2.replace_ffns(backbone, lambda i: is_moe_layer(i, cfg.moe.every), make)
+        gpt2.replace_ffns(backbone, is_moe, make)
     else:
         from mpoe.models import t5
 
-        t5.replace_ffns(backbone, cfg.moe, groups, lambda i: is_moe_layer(i, cfg.moe.every), upcycle)
+        t5.replace_ffns(backbone, cfg.moe, groups, is_moe, upcycle)

@@ -26,8 +26,17 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
 
 
 def build_gpt2(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadModel:
+    """From scratch with our shape, or a local checkpoint's shape and weights (never fetched from a hub).
+
+    Dropout is a training choice, so `model.dropout` overrides the checkpoint's.
+    """
     if cfg.pretrained:
-        return GPT2LMHeadModel.from_pretrained(cfg.pretrained)
+        from mpoe.models.build import check_pretrained
+
+        check_pretrained(cfg.pretrained, "gpt2")
+        p = cfg.dropout
+        return GPT2LMHeadModel.from_pretrained(cfg.pretrained, local_files_only=True,
+                                               resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
     return GPT2LMHeadModel(hf_config(cfg, vocab_size, eot_id))
 
 
@@ -42,8 +51,10 @@ def replace_ffns(model: GPT2LMHeadModel, is_moe: Callable[[int], bool], make_moe
 
 
 def embedding_params(model: GPT2LMHeadModel) -> int:
-    """Token + position tables; an untied LM head counts as embedding too."""
-    n = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
-    if model.lm_head.weight is not model.transformer.wte.weight:
-        n += model.lm_head.weight.numel()
-    return n
+    """Token + position tables; an untied LM head is counted apart (lm_head_params)."""
+    return model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+
+
+def lm_head_params(model: GPT2LMHeadModel) -> int:
+    head = model.lm_head.weight
+    return 0 if head is model.transformer.wte.weight else head.numel()

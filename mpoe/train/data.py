@@ -71,9 +71,12 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
     from tokenizers import Tokenizer
 
     if cfg.tokenizer:
-        if not Path(cfg.tokenizer).is_file():
-            raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not a file: give a tokenizer.json or null to train one")
-        return Tokenizer.from_file(cfg.tokenizer)
+        path = Path(cfg.tokenizer).expanduser()
+        if path.is_dir():  # a Hugging Face checkpoint directory (model.pretrained's): its tokenizer files
+            return _checkpoint_tokenizer(path)
+        if not path.is_file():
+            raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not a file: give a tokenizer.json, a checkpoint directory, or null to train one")
+        return Tokenizer.from_file(str(path))
     path = cache_root(cfg) / f"bpe-{corpus.fingerprint(train_docs)}-{cfg.vocab_size}.json"
     if not path.exists():
         tok = train_tokenizer(train_docs, cfg.vocab_size)
@@ -83,9 +86,33 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
     return Tokenizer.from_file(str(path))
 
 
+def _checkpoint_tokenizer(path: Path):
+    """tokenizer.json, or GPT-2's vocab.json + merges.txt, from a local checkpoint directory."""
+    from tokenizers import Tokenizer
+
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        from tokenizers import ByteLevelBPETokenizer
+
+        return ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
+    raise ConfigError(f"data.tokenizer={str(path)!r} holds no tokenizer.json (nor vocab.json + merges.txt): "
+                      f"give a tokenizer file, or null to train one")
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(end-of-text, pad): ours, or a pretrained tokenizer's (GPT-2: no pad, use end-of-text; T5: </s>, <pad>)."""
+    first = lambda names: next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
+    eot = first([SPECIAL_TOKENS[0], "</s>"])
+    if eot is None:
+        raise ConfigError("data.tokenizer has no end-of-text token (<|endoftext|> or </s>): use a GPT-2/T5 tokenizer or null")
+    pad = first([SPECIAL_TOKENS[1]])
+    return eot, eot if pad is None else pad
+
+
 def encode(tokenizer, docs: list[str]) -> np.ndarray:
     """One flat stream of token ids with an end-of-text token after every document."""
-    eot = tokenizer.token_to_id(SPECIAL_TOKENS[0])
+    eot = special_ids(tokenizer)[0]
     ids: list[int] = []
     for enc in tokenizer.encode_batch(docs):
         ids.extend(enc.ids)
@@ -119,8 +146,7 @@ def prepare(cfg: DataConfig) -> TokenData:
         tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
         np.savez(tmp, train=train, val=val)
         os.replace(tmp, path)
-    return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer,
-                     tokenizer.token_to_id(SPECIAL_TOKENS[0]), tokenizer.token_to_id(SPECIAL_TOKENS[1]))
+    return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer, *special_ids(tokenizer))
 
 
 def pack(stream: np.ndarray, length: int) -> torch.Tensor:
