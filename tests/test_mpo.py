@@ -129,5 +129,10 @@ def test_auto_picks_the_cheaper_path():
     assert chain0 == 0 < dense0
     dense, chain = mpo.matmul_flops(4096, mpo.tensor_shapes(PAPER_IN, PAPER_OUT))
     assert dense < chain
+    dense_cost, chain_cost = mpo.matmul_costs(0, shapes)
+    assert chain_cost == 0 < dense_cost
+    dense_cost, chain_cost = mpo.matmul_costs(512, mpo.tensor_shapes(PAPER_IN, PAPER_OUT, 8))
+    dense_flops, chain_flops = mpo.matmul_flops(512, mpo.tensor_shapes(PAPER_IN, PAPER_OUT, 8))
+    assert chain_flops < dense_flops and dense_cost < chain_cost    # fewer FLOPs, yet memory traffic decides
     # n = 1: both are one GEMM of N*I*J multiply-adds
     assert mpo.matmul_flops(3, [(1, 4, 5, 1)]) == (2 * (20 + 3 * 20), 2 * 3 * 20)

@@ -24,8 +24,10 @@ Choices (the paper leaves them to us; see /work/shared/papers/mpoe.md):
 - Applying. ``x @ W`` is computed either by contracting W (outer tensors first,
   the central one last, so the expensive step is one GEMM of size I*J*bond)
   then one GEMM with the tokens, or by pushing the tokens through the chain one
-  tensor at a time. ``mpo_matmul`` picks whichever costs fewer FLOPs for the
-  actual number of tokens (zero tokens -> the chain, which costs nothing).
+  tensor at a time. ``mpo_matmul`` picks whichever costs less for the actual
+  number of tokens: FLOPs plus a weight for every element written, since the
+  chain rewrites a tokens-sized state at each step and on a CPU that memory
+  traffic, not FLOPs, decides (zero tokens -> the chain, which costs nothing).
 """
 from __future__ import annotations
 
@@ -203,10 +205,29 @@ def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, i
     return 2 * dense, 2 * chain
 
 
+# One element written to memory costs about as much time as this many FLOPs (2-core CPU,
+# measured: a pass over a 768x3072 matrix ~ 0.3x a 512-token GEMM with it). Pure FLOP
+# counts favour the chain path, whose every step rewrites a tokens-sized state.
+MEMORY_COST = 100
+
+
+def matmul_costs(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(dense, chain) cost in FLOP-equivalents: FLOPs + MEMORY_COST x elements written."""
+    dense_flops, chain_flops = matmul_flops(n_tokens, shapes)
+    n, c = len(shapes), central_index(len(shapes))
+    ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
+    d = [s[0] for s in shapes] + [1]
+    size = math.prod(ins) * math.prod(outs)
+    dense_writes = 3 * size + n_tokens * math.prod(outs) + sum(
+        math.prod(ins[:k + 1]) * math.prod(outs[:k + 1]) * d[k + 1] for k in range(c + 1))
+    chain_writes = sum(2 * n_tokens * math.prod(outs[:k + 1]) * math.prod(ins[k + 1:]) * d[k + 1] for k in range(n))
+    return dense_flops + MEMORY_COST * dense_writes, chain_flops + MEMORY_COST * chain_writes
+
+
 def mpo_matmul(x: Tensor, tensors: Sequence[Tensor], method: str = "auto", bias: Optional[Tensor] = None) -> Tensor:
     """x (N, I) @ W (I, J) (+ bias), W given by its local tensors; method 'auto' | 'dense' | 'chain'."""
     if method == "auto":
-        dense, chain = matmul_flops(x.shape[0], [t.shape for t in tensors])
+        dense, chain = matmul_costs(x.shape[0], [t.shape for t in tensors])
         method = "chain" if chain < dense else "dense"
     if method == "dense":
         w = contract(tensors)
