@@ -1,0 +1,205 @@
+"""Export a trained model: `python -m mpoe.models.export RUN_DIR_OR_CHECKPOINT OUT_DIR [--merge]`.
+
+Input: a run directory (its newest checkpoint) or a `checkpoints/step_N` directory;
+the run's config is read from `RUN_DIR/.hydra/config.yaml`. An expert-parallel
+run's experts are gathered from the rank files of the first expert-parallel
+group (ranks 0..ep_size-1 hold every expert once).
+
+Output, in OUT_DIR:
+- `model.pt`: our format, {format, config (TrainConfig as a dict), hf_config,
+  family, pad_id, state_dict}; `load(OUT_DIR)` rebuilds the model (HF backbone
+  from hf_config, MoE layers from the config) and `load_state_dict`s it, strict.
+- `config.yaml`: the config, readable.
+- `hf/`: for dense models, the backbone as a plain Hugging Face checkpoint
+  (`save_pretrained`), loadable by `from_pretrained` or as `model.pretrained`.
+
+`--merge`: each MPOE expert bank becomes a `SwitchExperts` bank holding every
+expert's contracted (dense) weights, and the exported config says moe.kind=switch:
+outputs are unchanged up to float rounding, and the model no longer needs MPO code.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from mpoe.config import TrainConfig
+from mpoe.models.build import LanguageModel, _mpo_shapes_only, install_moe, moe_layers
+from mpoe.parallel.groups import ExpertGroups
+
+FORMAT = "mpoe-export-1"
+BPE_EOT_ID, BPE_PAD_ID = 0, 1   # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
+
+
+def config_from_yaml(path: Union[str, Path]) -> TrainConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def find_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) for a run directory or a step_N directory."""
+    from mpoe.train import checkpoint
+
+    path = Path(path).expanduser()
+    if (path / "meta.json").is_file():
+        return path.parent.parent, path
+    found = checkpoint.complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints/step_*")
+    return path, found[-1]
+
+
+def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
+    if cfg.data.tokenizer:
+        from mpoe.train import data as data_lib
+
+        return data_lib.special_ids(data_lib.get_tokenizer(cfg.data, []))
+    return BPE_EOT_ID, BPE_PAD_ID
+
+
+def backbone_config(cfg: TrainConfig, state: dict):
+    """The HF config of the trained backbone: the pretrained checkpoint's, else ours with the trained vocabulary."""
+    if cfg.model.pretrained and (Path(cfg.model.pretrained) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
+    eot, pad = _special_ids(cfg)
+    if cfg.model.family == "gpt2":
+        from mpoe.models import gpt2
+
+        return gpt2.hf_config(cfg.model, state["backbone.transformer.wte.weight"].shape[0], eot)
+    from mpoe.models import t5
+
+    return t5.hf_config(cfg.model, state["backbone.shared.weight"].shape[0], pad, eot)
+
+
+def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGroups] = None) -> LanguageModel:
+    """The model's structure (weights to be loaded): backbone from hf_config, MoE layers from cfg.moe."""
+    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
+
+    groups = groups or ExpertGroups()
+    cls = GPT2LMHeadModel if cfg.model.family == "gpt2" else T5ForConditionalGeneration
+    backbone = cls(copy.deepcopy(hf_config))
+    if cfg.moe.kind != "dense":
+        with _mpo_shapes_only():  # the values are overwritten by load_state_dict
+            install_moe(backbone, cfg, groups, upcycle=False)
+    pad = hf_config.pad_token_id if cfg.model.family == "t5" else BPE_PAD_ID
+    return LanguageModel(backbone, cfg.model.family, pad)
+
+
+def load_run_state(ckpt: Path, model: nn.Module) -> dict:
+    """The full module state: rank 0's, with expert parameters gathered over the first expert-parallel group."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    ep_size = int(meta.get("ep_size", 1))
+    states = [torch.load(ckpt / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["module"] for r in range(ep_size)]
+    state = dict(states[0])
+    if ep_size > 1:
+        from mpoe.models.accounting import is_expert_param
+
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if is_expert_param(p):
+                state[name] = torch.cat([s[name] for s in states])
+    return state
+
+
+def merge_mpoe(model: nn.Module) -> int:
+    """Replace every MPOE expert bank by a SwitchExperts bank with the contracted weights; returns how many."""
+    from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts
+
+    merged = 0
+    for layer in moe_layers(model):
+        bank = layer.bank
+        if not isinstance(bank, MPOEExperts):
+            continue
+        with torch.no_grad():
+            denses = []
+            for e in range(bank.num_local_experts):
+                w = lambda name: bank.expert_weight(name, e).detach().clone()
+                b = lambda p: None if p is None else p[e].detach().clone()
+                denses.append(DenseFFN(w("w_in"), b(bank.b_in), w("w_out"), b(bank.b_out),
+                                       w("w_gate") if bank.gated else None))
+        local = range(bank.first_expert, bank.first_expert + bank.num_local_experts)
+        new = SwitchExperts(bank.num_experts, local, denses, bank.activation)
+        new.mark_expert_params(layer.expert_group_name)
+        layer.bank = new
+        merged += 1
+    return merged
+
+
+def save(model: LanguageModel, cfg: TrainConfig, out_dir: Union[str, Path]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from omegaconf import OmegaConf
+
+    cfg_dict = config_to_dict(cfg)
+    torch.save({"format": FORMAT, "config": cfg_dict, "hf_config": model.backbone.config.to_dict(),
+                "family": model.family, "pad_id": model.pad_id, "state_dict": model.state_dict()}, out / "model.pt")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
+    if cfg.moe.kind == "dense":
+        model.backbone.save_pretrained(out / "hf")
+        if cfg.data.tokenizer:
+            src = Path(cfg.data.tokenizer)
+            for f in ([src] if src.is_file() else [src / n for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "vocab.json", "merges.txt", "special_tokens_map.json")]):
+                if f.is_file():
+                    shutil.copy(f, out / "hf" / f.name)
+    return out
+
+
+def load(out_dir: Union[str, Path]) -> tuple[LanguageModel, TrainConfig]:
+    """A model exported by `save`, rebuilt and loaded (strict)."""
+    from omegaconf import OmegaConf
+    from transformers import GPT2Config, T5Config
+
+    blob = torch.load(Path(out_dir) / "model.pt", map_location="cpu", weights_only=False)
+    if blob.get("format") != FORMAT:
+        raise ValueError(f"{out_dir}/model.pt is not an {FORMAT} export")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), blob["config"]))
+    hf_cls = GPT2Config if blob["family"] == "gpt2" else T5Config
+    model = build_from_hf_config(cfg, hf_cls.from_dict(blob["hf_config"]))
+    model.pad_id = blob["pad_id"]
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), cfg
+
+
+def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False) -> Path:
+    """A run (or one of its checkpoints) -> OUT_DIR (see the module docstring)."""
+    run_dir, ckpt = find_checkpoint(src)
+    cfg = config_from_yaml(run_dir / ".hydra" / "config.yaml")
+    cfg.parallel.ep_size = 1  # the export holds every expert in one process
+    state = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=False)["module"]
+    model = build_from_hf_config(cfg, backbone_config(cfg, state))
+    model.load_state_dict(load_run_state(ckpt, model))
+    if merge and merge_mpoe(model):
+        cfg.moe.kind = "switch"
+    return save(model.eval(), cfg, out_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mpoe.models.export", description=__doc__.split("\n")[0])
+    parser.add_argument("source", help="a run directory (its newest checkpoint) or a checkpoints/step_N directory")
+    parser.add_argument("out_dir")
+    parser.add_argument("--merge", action="store_true", help="MPOE experts -> dense (Switch) expert weights")
+    args = parser.parse_args(argv)
+    out = export(args.source, args.out_dir, args.merge)
+    print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    from mpoe.parallel.groups import configure_accelerator
+
+    configure_accelerator()
+    main()
