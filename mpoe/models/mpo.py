@@ -22,7 +22,8 @@ Choices (the paper leaves them to us; see /work/shared/papers/mpoe.md):
 - Central tensor. The middle one, index n // 2: with n = 5 it holds the two
   largest bonds and so most parameters (92.7% for 768 x 3072 at full bonds).
 - Applying. ``x @ W`` is computed either by contracting W (outer tensors first,
-  the central one last, so the expensive step is one GEMM of size I*J*bond)
+  the central one last, cut at the central tensor's smaller bond, so the
+  expensive step is one product of size I*J*bond)
   then one GEMM with the tokens, or by pushing the tokens through the chain one
   tensor at a time. ``mpo_matmul`` picks whichever costs less for the actual
   number of tokens: FLOPs plus a weight for every element written, since the
@@ -124,22 +125,33 @@ def truncation_error(weight: Tensor, in_factors, out_factors, bond_dim) -> Trunc
     return TruncationError(float(((w - approx) ** 2).sum()), sum(discarded))
 
 
-def _halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """(left half incl. the central tensor as (i_1 j_1 ... i_c j_c, d_c+1), right half as (d_c+1, i_c+1 j_c+1 ... ))
+def split_index(shapes: Sequence[Sequence[int]]) -> int:
+    """Where `contract` cuts the chain in two: at the central tensor's smaller bond (ties: left of it).
+
+    The final product costs I*J*bond, and cutting left of the central tensor
+    leaves longer contiguous runs for the one pass that reorders the full matrix.
+    """
+    n, c = len(shapes), central_index(len(shapes))
+    candidates = [k for k in (c, c + 1) if 1 <= k <= n - 1]
+    return min(candidates, key=lambda k: (shapes[k][0], k)) if candidates else n
+
+
+def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Left half as (i_1 j_1 ... i_s j_s, d_s) and right half as (d_s, i_s+1 j_s+1 ... i_n j_n).
 
     Outer tensors are merged first (they are small) and the central one last, so
-    the only large product is the final one, (rows, d) @ (d, columns).
+    the only large product is the final one, (rows, d_s) @ (d_s, columns).
     """
-    n, c = len(tensors), central_index(len(tensors))
-    middle = tensors[0].reshape(-1, tensors[0].shape[-1])                # (i1 j1, d1)
-    for t in tensors[1:c + 1]:
-        middle = (middle @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
-    if c == n - 1:
-        return middle, None
+    n = len(tensors)
+    left = tensors[0].reshape(-1, tensors[0].shape[-1])                  # (i1 j1, d1)
+    for t in tensors[1:split]:
+        left = (left @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
+    if split == n:
+        return left, None
     right = tensors[n - 1].reshape(tensors[n - 1].shape[0], -1)          # (d_{n-1}, i_n j_n)
-    for t in reversed(tensors[c + 1:n - 1]):
+    for t in reversed(tensors[split:n - 1]):
         right = (t.reshape(-1, t.shape[-1]) @ right).reshape(t.shape[0], -1)
-    return middle, right
+    return left, right
 
 
 def contract(tensors: Sequence[Tensor]) -> Tensor:
@@ -148,21 +160,21 @@ def contract(tensors: Sequence[Tensor]) -> Tensor:
     The two halves are reordered while small ((i_L, j_L, d) and (d, i_R, j_R)),
     so the only pass over the full matrix is one 4-D swap (j_L <-> i_R).
     """
-    n, c = len(tensors), central_index(len(tensors))
+    n = len(tensors)
     ins = [t.shape[1] for t in tensors]
     outs = [t.shape[2] for t in tensors]
-    nl = c + 1                                                            # tensors in the left half
+    nl = split_index([t.shape for t in tensors])                          # tensors in the left half
     il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
-    middle, right = _halves(tensors)
-    d = middle.shape[-1]
-    middle = middle.reshape(*[a for k in range(nl) for a in (ins[k], outs[k])], d)
-    middle = middle.permute(*range(0, 2 * nl, 2), *range(1, 2 * nl, 2), 2 * nl).reshape(il * jl, d)
+    left, right = _halves(tensors, nl)
+    d = left.shape[-1]
+    left = left.reshape(*[a for k in range(nl) for a in (ins[k], outs[k])], d)
+    left = left.permute(*range(0, 2 * nl, 2), *range(1, 2 * nl, 2), 2 * nl).reshape(il * jl, d)
     if right is None:
-        return middle.reshape(il, jl)
+        return left.reshape(il, jl)
     nr = n - nl
     right = right.reshape(d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
     right = right.permute(0, *range(1, 2 * nr + 1, 2), *range(2, 2 * nr + 1, 2)).reshape(d, ir * jr)
-    w = (middle @ right).reshape(il, jl, ir, jr).permute(0, 2, 1, 3)
+    w = (left @ right).reshape(il, jl, ir, jr).permute(0, 2, 1, 3)
     return w.reshape(il * ir, jl * jr)
 
 
@@ -182,22 +194,18 @@ def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
 
 def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
     """(contract W then GEMM, push tokens through the chain) multiply-add FLOPs, forward."""
-    n, c = len(shapes), central_index(len(shapes))
-    ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
-    d = [s[0] for s in shapes] + [1]
-    rows = 1
-    merge = 0
-    for k in range(c):                                   # left chain, then the central tensor
+    n, s = len(shapes), split_index(shapes)
+    ins, outs = [sh[1] for sh in shapes], [sh[2] for sh in shapes]
+    d = [sh[0] for sh in shapes] + [1]
+    merge, rows, cols = 0, 1, 1
+    for k in range(s):                                   # left half, left to right
         merge += rows * d[k] * ins[k] * outs[k] * d[k + 1]
         rows *= ins[k] * outs[k]
-    merge += rows * d[c] * ins[c] * outs[c] * d[c + 1]
-    rows *= ins[c] * outs[c]
-    cols = 1
-    for k in range(n - 1, c, -1):                        # right chain, then the final product
+    for k in range(n - 1, s - 1, -1):                    # right half, right to left
         merge += d[k] * ins[k] * outs[k] * cols * d[k + 1]
         cols *= ins[k] * outs[k]
-    if c < n - 1:
-        merge += rows * d[c + 1] * cols
+    if s < n:
+        merge += rows * d[s] * cols
     dense = merge + n_tokens * math.prod(ins) * math.prod(outs)
     chain = sum(
         n_tokens * math.prod(outs[:k]) * math.prod(ins[k + 1:]) * d[k] * ins[k] * outs[k] * d[k + 1] for k in range(n)
@@ -214,12 +222,10 @@ MEMORY_COST = 100
 def matmul_costs(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[float, float]:
     """(dense, chain) cost in FLOP-equivalents: FLOPs + MEMORY_COST x elements written."""
     dense_flops, chain_flops = matmul_flops(n_tokens, shapes)
-    n, c = len(shapes), central_index(len(shapes))
+    n = len(shapes)
     ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
     d = [s[0] for s in shapes] + [1]
-    size = math.prod(ins) * math.prod(outs)
-    dense_writes = 3 * size + n_tokens * math.prod(outs) + sum(
-        math.prod(ins[:k + 1]) * math.prod(outs[:k + 1]) * d[k + 1] for k in range(c + 1))
+    dense_writes = 3 * math.prod(ins) * math.prod(outs) + n_tokens * math.prod(outs)
     chain_writes = sum(2 * n_tokens * math.prod(outs[:k + 1]) * math.prod(ins[k + 1:]) * d[k + 1] for k in range(n))
     return dense_flops + MEMORY_COST * dense_writes, chain_flops + MEMORY_COST * chain_writes
 
