@@ -65,7 +65,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--bond-dim", type=int, default=16, help="MPO bond cap for the MPOE bank (0 = full bonds)")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokens = args.tokens or (1024 if args.quick else 4096)
     repeats = args.repeats or (3 if args.quick else 5)
     bond = args.bond_dim or None
