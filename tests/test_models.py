@@ -21,7 +21,7 @@ def tiny_cfg(family: str = "gpt2", kind: str = "dense", **moe) -> TrainConfig:
     else:
         model = ModelConfig(family="t5", name="test_t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
                             num_heads=2, d_kv=16, vocab_size=VOCAB, activation="relu")
-    cfg = TrainConfig(model=model, moe=MoEConfig(kind=kind, num_experts=4, **moe))
+    cfg = TrainConfig(model=model, moe=MoEConfig(kind=kind, **{"num_experts": 4, **moe}))
     cfg.trainer.seed = 0
     return cfg
 
