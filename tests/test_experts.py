@@ -144,3 +144,20 @@ def test_random_init_does_not_depend_on_expert_layout(kind):
             torch.testing.assert_close(a[2:], b)
     if kind == "switch":
         assert not torch.allclose(whole.w_in[0], whole.w_in[1])
+
+
+def test_grouped_linear_matches_per_expert_loop():
+    from mpoe.models.experts import grouped_linear
+
+    torch.manual_seed(3)
+    x = torch.randn(sum(COUNTS), 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(sum(COUNTS), 7, dtype=torch.float64)
+    reference = torch.cat([xe @ w[e] + b[e] for e, xe in enumerate(x.split(COUNTS))])
+    expected = torch.autograd.grad(reference, (x, w, b), g)
+    for out in (grouped_linear(x, COUNTS, b, stacked=w),
+                grouped_linear(x, COUNTS, b, weights={e: w[e] for e, n in enumerate(COUNTS) if n})):
+        torch.testing.assert_close(out, reference)
+        for got, want in zip(torch.autograd.grad(out, (x, w, b), g), expected):
+            torch.testing.assert_close(got, want)

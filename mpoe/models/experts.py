@@ -21,11 +21,15 @@ Choices, and why:
   from a dense FFN, every expert starts as that FFN (exactly, at full bonds).
   `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
   seeded per global expert, to break the experts' symmetry if wanted.
-- MPOE computes ``x @ W_e`` by `mpo.mpo_matmul`: per expert it contracts the
-  small auxiliary chains first and the shared central tensor last, then one
-  GEMM; or, when that costs fewer FLOPs (few tokens), pushes the tokens
-  through the chain. An expert with no tokens then costs nothing yet still
-  gives (zero) gradients to all its parameters.
+- Each weight is applied to all local experts' rows by one grouped op
+  (`grouped_linear`): per-expert GEMMs written into one output, gradients
+  written straight into the stacked buffer, no per-expert split / cat, and the
+  activation runs once over all tokens.
+- MPOE rebuilds each expert's W_e per forward (`mpo.contract`: small
+  auxiliary chains first, the shared central tensor last) and feeds the grouped
+  op; when pushing an expert's tokens through the chain costs less (few
+  tokens, see `mpo.matmul_costs`) it falls back to per-expert `mpo_matmul`.
+  With no tokens at all every parameter still gets a (zero) gradient.
 """
 from __future__ import annotations
 
@@ -113,20 +117,17 @@ class ExpertBank(nn.Module):
         self.activation, self.gated = activation, gated
         self.act = activation_fn(activation)
 
-    def _ffn(self, x: Tensor, matmul, b_in, b_out) -> Tensor:
-        """act(x W_in + b_in) W_out + b_out (gated: act(x W_gate) * (x W_in)); matmul(x, name, bias) applies a weight."""
-        h = matmul(x, "w_in", b_in)
-        h = self.act(matmul(x, "w_gate", None)) * h if self.gated else self.act(h)
-        return matmul(h, "w_out", b_out)
-
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
         counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
         if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
             raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
-        outputs = self.experts_forward(tokens.split(counts))
-        return torch.cat(outputs) if outputs else tokens.new_zeros(0, self.d_model)
+        # act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all tokens
+        h = self.linear(tokens, counts, "w_in")
+        h = self.act(self.linear(tokens, counts, "w_gate")) * h if self.gated else self.act(h)
+        return self.linear(h, counts, "w_out")
 
-    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
+    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
+        """Rows of local expert e (consecutive, counts[e] of them) times expert e's weight `name` (+ its bias)."""
         raise NotImplementedError
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
@@ -152,8 +153,67 @@ def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
     return (base + 1_000_003 * global_expert + 1_009 * position + index) % (2**62)
 
 
-def _linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    return x @ w if b is None else torch.addmm(b, x, w)
+def _cheaper_path(n_tokens: int, chain: Sequence[Tensor]) -> str:
+    dense, chain_cost = mpo.matmul_costs(n_tokens, [t.shape for t in chain])
+    return "chain" if chain_cost < dense else "dense"
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Consecutive row groups times per-expert weights, written into one output (no split / cat).
+
+    Weights come stacked [L, I, J] (Switch: backward writes each expert's gradient
+    straight into one stacked buffer) or as {expert: W_e} (MPOE: rebuilt per
+    forward; experts absent from the dict have no rows).
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, bias, stacked, experts, *weights):
+        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
+        out_dim = next(iter(ws.values())).shape[1]
+        out = x.new_empty(x.shape[0], out_dim)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                if bias is None:
+                    torch.mm(x[rows], ws[e], out=out[rows])
+                else:
+                    torch.addmm(bias[e], x[rows], ws[e], out=out[rows])
+            start += n
+        ctx.counts, ctx.experts = counts, experts
+        ctx.save_for_backward(x, bias, stacked, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bias, stacked, *weights = ctx.saved_tensors
+        counts, experts = ctx.counts, ctx.experts
+        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
+        need_x, _, need_b, need_stacked = ctx.needs_input_grad[:4]
+        gx = torch.empty_like(x) if need_x else None
+        gb = torch.zeros_like(bias) if bias is not None and need_b else None
+        gstacked = torch.zeros_like(stacked) if stacked is not None and need_stacked else None
+        gws = {e: torch.empty_like(ws[e]) for e in experts} if stacked is None else {}
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows, g = slice(start, start + n), grad[start:start + n]
+                if gx is not None:
+                    torch.mm(g, ws[e].t(), out=gx[rows])
+                gw = gstacked[e] if gstacked is not None else gws.get(e)
+                if gw is not None:
+                    torch.mm(x[rows].t(), g, out=gw)
+                if gb is not None:
+                    torch.sum(g, 0, out=gb[e])
+            start += n
+        return (gx, None, gb, gstacked, None, *[gws.get(e) for e in experts])
+
+
+def grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Optional[Tensor] = None,
+                   weights: Optional[dict[int, Tensor]] = None) -> Tensor:
+    """x rows of expert e (consecutive, counts[e]) @ W_e + bias[e]; W from `stacked` [L, I, J] or `weights` {e: W_e}."""
+    experts = [] if weights is None else list(weights)
+    return _GroupedLinear.apply(x, counts, bias, stacked, experts, *(weights or {}).values())
 
 
 def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
@@ -173,12 +233,9 @@ class SwitchExperts(ExpertBank):
         self.w_gate = _stack([d.w_gate for d in denses])
         self._tag_stacked()
 
-    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
-        unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
-        weights = {name: unbind(getattr(self, name)) for name in ("w_in", "w_out", "w_gate")}
-        b_in, b_out = unbind(self.b_in), unbind(self.b_out)
-        return [self._ffn(x, lambda h, name, b, e=e: _linear(h, weights[name][e], b), b_in[e], b_out[e])
-                for e, x in enumerate(chunks)]
+    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
+        bias = {"w_in": self.b_in, "w_out": self.b_out}.get(name)
+        return grouped_linear(x, counts, bias, stacked=getattr(self, name))
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         expert = [p for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_gate) if p is not None]
@@ -226,12 +283,16 @@ class MPOEExperts(ExpertBank):
         return [[p[e] for p in per_position[:c]] + [self.central[name]] + [p[e] for p in per_position[c:]]
                 for e in range(self.num_local_experts)]
 
-    def experts_forward(self, chunks: Sequence[Tensor]) -> list[Tensor]:
-        chains = {name: self.expert_chains(name) for name in self.central}
-        unbind = lambda p: [None] * len(chunks) if p is None else p.unbind(0)
-        b_in, b_out = unbind(self.b_in), unbind(self.b_out)
-        matmul = lambda e: (lambda h, name, b: mpo.mpo_matmul(h, chains[name][e], self.method, b))
-        return [self._ffn(x, matmul(e), b_in[e], b_out[e]) for e, x in enumerate(chunks)]
+    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
+        bias = {"w_in": self.b_in, "w_out": self.b_out}.get(name)
+        chains = self.expert_chains(name)
+        methods = [self.method if self.method != "auto" else _cheaper_path(n, chains[e]) for e, n in enumerate(counts)]
+        used = [e for e, n in enumerate(counts) if n > 0]
+        if used and all(methods[e] == "dense" for e in used):
+            return grouped_linear(x, counts, bias, weights={e: mpo.contract(chains[e]) for e in used})
+        outputs = [mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
+                   for e, xe in enumerate(x.split(counts))]
+        return torch.cat(outputs)
 
     def expert_weight(self, name: str, local_expert: int) -> Tensor:
         """Expert `local_expert`'s dense weight `name` (x @ W layout)."""
