@@ -125,3 +125,16 @@ def test_cli_evaluates_upcycled_checkpoints_at_the_dense_val_loss(tmp_path, mpoe
         assert s["steps"] == 0
     assert abs(losses["switch"] - losses["dense"]) < 1e-5, losses
     assert abs(losses["mpoe"] - losses["dense"]) < 1e-5, losses
+
+
+def test_t5_checkpoint_too_small_for_sentinels_is_a_config_error(tmp_path):
+    from types import SimpleNamespace
+
+    from mpoe.train.span_corruption import SpanCorruption
+
+    cfg = tiny_cfg("t5", "dense")
+    cfg.trainer.seq_len = 32
+    cfg.model.pretrained = str(_save_t5(tmp_path / "t5"))  # VOCAB + 128 rows: room for VOCAB + 100 sentinels
+    assert SpanCorruption.for_config(cfg, SimpleNamespace(tokenizer=None, vocab_size=VOCAB, eot_id=0)).sentinels[0] == VOCAB + 99
+    with pytest.raises(ConfigError, match="sentinel"):
+        SpanCorruption.for_config(cfg, SimpleNamespace(tokenizer=None, vocab_size=VOCAB + 40, eot_id=0))

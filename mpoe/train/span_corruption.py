@@ -103,6 +103,13 @@ class SpanCorruption:
         own = _token_ids(tok, [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
         sentinels = own if own is not None else sentinel_ids(token_data.vocab_size)
         eos = _token_ids(tok, ["</s>"])
+        if cfg.model.pretrained:
+            from mpoe.models.build import check_pretrained
+
+            rows = check_pretrained(cfg.model.pretrained, "t5").get("vocab_size", 0)
+            if max(sentinels) >= rows:
+                raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, too few for "
+                                  f"the sentinel id {max(sentinels)}: use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)")
         return cls.for_inputs_length(cfg.trainer.seq_len, sentinels, eos[0] if eos else token_data.eot_id, cfg.trainer.seed)
 
     def _generator(self, row: torch.Tensor) -> torch.Generator:
