@@ -100,6 +100,9 @@ def test_checkpoint_tokenizer_files_are_used(tmp_path):
     json_dir.mkdir()
     tok.save(str(json_dir / "tokenizer.json"))
     assert data.special_ids(data.get_tokenizer(DataConfig(tokenizer=str(json_dir)), [])) == (0, 1)
+    assert data.checkpoint_tokenizer_dir(str(json_dir)) == str(json_dir)
+    assert data.checkpoint_tokenizer_dir(str(gpt2_dir)) == str(gpt2_dir)
+    assert data.checkpoint_tokenizer_dir(str(tmp_path)) is None and data.checkpoint_tokenizer_dir(None) is None
 
     from tokenizers import Tokenizer, models
 

@@ -100,6 +100,15 @@ def _checkpoint_tokenizer(path: Path):
                       f"give a tokenizer file, or null to train one")
 
 
+def checkpoint_tokenizer_dir(path: Optional[str]) -> Optional[str]:
+    """`path` if it is a checkpoint directory holding tokenizer files (for data.tokenizer), else None."""
+    if not path or not Path(path).expanduser().is_dir():
+        return None
+    p = Path(path).expanduser()
+    has = (p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())
+    return str(p) if has else None
+
+
 def special_ids(tokenizer) -> tuple[int, int]:
     """(end-of-text, pad): ours, or a pretrained tokenizer's (GPT-2: no pad, use end-of-text; T5: </s>, <pad>)."""
     first = lambda names: next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
