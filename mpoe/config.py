@@ -65,7 +65,7 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = None  # evaluation; None = dropless
     drop_policy: str = "probs"      # probs | position
     normalize_topk: Optional[bool] = None     # None = true when top_k >= 2
-    pre_softmax: bool = False       # softmax over all experts before top-k (else after)
+    pre_softmax: bool = True        # softmax over all experts, then top-k (Switch); false: top-k logits, then softmax
     score_function: str = "softmax"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mpoe.train import faults
+
 STEP_PREFIX = "step_"
 
 
@@ -96,6 +98,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     os.replace(part, tmp / f"rank_{rank:05d}.pt")
     _barrier()
     if rank == 0:
+        faults.maybe_kill_in_save(step)
         _fsync_write(tmp / "meta.json", json.dumps({**meta, "step": step, "world_size": world}, indent=1).encode())
         os.replace(tmp, final)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:

@@ -6,6 +6,7 @@ files and shows the progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups
-from mpoe.train import checkpoint, data as data_lib
+from mpoe.train import checkpoint, data as data_lib, faults
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
 from mpoe.train.objectives import build_objective
@@ -149,7 +150,9 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     roles = role_params(model)
     val_loss = None
     train_start = time.perf_counter()
+    skipped_total, bad_in_a_row = 0, 0
     for step in range(start_step, t.max_steps):
+        faults.maybe_kill_at_step(step + 1)
         if grad_mask is not None:
             grad_mask.set_step(step)
         done = step + 1
@@ -158,14 +161,32 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         norms = {}
         for micro in range(accum):
             out = engine(**objective.batch(sampler.batch(step, micro)))
+            if faults.nan_at(done):
+                out.loss = out.loss * float("nan")
             engine.backward(out.loss)
-            if log_now and micro == accum - 1 and cfg.parallel.zero_stage == 0:
-                norms = grad_norms(engine.module, roles, groups.ep_group)  # reduced, not yet clipped
-            engine.step()
+            if micro == accum - 1 and cfg.parallel.zero_stage == 0:
+                norms = grad_norms(engine.module, roles, groups.ep_group) if log_now else {}
+                skip = not _gradients_finite(engine)
+            else:
+                skip = False
+            skipped_before = engine.skipped_steps
+            with _skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
+                engine.step()
             interval.add(out, t.micro_batch_size * raw_len)
+        if engine.skipped_steps > skipped_before:  # DeepSpeed applied no update: non-finite gradients
+            skipped_total += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= t.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient, "
+                    f"trainer.max_bad_steps={t.max_bad_steps}: lower optim.lr or check the data; "
+                    f"the last good checkpoint in {ckpt_dir} is intact")
+        else:
+            bad_in_a_row = 0
         if log_now:
             rec = interval.record(done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine))
             rec.update(norms)
+            rec["steps_skipped"] = skipped_total
             rec["tokens_seen"] = done * tokens_per_step
             if evaluate_now:
                 val_loss = evaluate(engine, val, objective)
@@ -193,11 +214,43 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         **counts, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
         "tokens_seen": final_step * tokens_per_step, "steps": final_step, "wall_s": time.perf_counter() - t0,
         "tokens_per_s": steps_run * tokens_per_step / train_s if steps_run else None,
-        "model": cfg.model.name, "moe": cfg.moe.kind, "world_size": world,
+        "model": cfg.model.name, "moe": cfg.moe.kind, "world_size": world, "steps_skipped": skipped_total,
     }
     logger.summary(summary)
     logger.close()
     return summary
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the message is one line."""
+
+
+def _gradients_finite(engine) -> bool:
+    """At ZeRO 0, after the reduction: are all gradients finite on every rank?"""
+    sq = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
+    return math.isfinite(_all_reduce_sum([sq])[0])  # any rank's NaN reaches all ranks
+
+
+@contextlib.contextmanager
+def _skipped_step(optimizer):
+    """ZeRO 0: let DeepSpeed run `engine.step()` as a skipped step, as it does for an fp16 overflow.
+
+    The engine, seeing `optimizer.overflow`, neither steps the LR schedule nor counts the
+    step as applied (it increments `skipped_steps`), as ZeRO 1/2 do by themselves; the
+    gradients are zeroed (so clipping sees finite numbers) and the optimizer's own step,
+    which would still move the weights through momentum and weight decay, is not run.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.zero_()
+    optimizer.overflow = True
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+        optimizer.overflow = False
 
 
 def _grad_mask(cfg: TrainConfig, model):

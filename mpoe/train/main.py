@@ -76,7 +76,7 @@ def _task(dict_cfg) -> None:
         _fail(str(e))
     from mpoe.parallel.groups import init_distributed
     from mpoe.train import checkpoint
-    from mpoe.train.loop import run
+    from mpoe.train.loop import NonFiniteLossError, run
 
     init_distributed(cfg.parallel.backend)
     import torch.distributed as dist
@@ -86,7 +86,7 @@ def _task(dict_cfg) -> None:
         dist.broadcast_object_list(shared, src=0)
     try:
         run(cfg, Path(shared[0]), OmegaConf.to_container(dict_cfg, resolve=True))
-    except (ConfigError, checkpoint.CheckpointError) as e:
+    except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
     finally:
         if dist.is_initialized():

@@ -1,0 +1,92 @@
+"""Checkpoints survive faults and resume exactly (CPU, fp32): the loss curve of a run that was
+killed and resumed equals the uninterrupted run's, step for step."""
+import json
+import os
+
+import pytest
+
+from _cli import metrics, summary, train
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["moe=mpoe", "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=5", "trainer.eval_every=3",
+          "logging.wandb.mode=disabled", "moe.grad_mask.enabled=true", "moe.jitter_eps=0.01"]
+
+
+def _by_step(rows):
+    return {r["step"]: r for r in rows}  # a resumed run appends; the last row of a step wins
+
+
+def _killed(run, cache, *overrides, **fault):
+    os.environ.update(fault)
+    try:
+        proc = train(run, cache, *COMMON, *overrides, check=False)
+    finally:
+        for key in fault:
+            os.environ.pop(key)
+    assert proc.returncode != 0, "the fault did not fire"
+
+
+def test_killed_run_resumes_the_exact_loss_curve(tmp_path, mpoe_cache):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(whole, mpoe_cache, *COMMON)
+    _killed(resumed, mpoe_cache, MPOE_FAULT_KILL_AT_STEP="6")
+    saved = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert saved == ["step_00000002", "step_00000004"]
+    train(resumed, mpoe_cache, *COMMON, "trainer.resume=auto")
+    a, b = _by_step(metrics(whole)), _by_step(metrics(resumed))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step]["loss"] == a[step]["loss"], step
+        assert b[step]["lr"] == a[step]["lr"], step
+    assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    _killed(run, mpoe_cache, MPOE_FAULT_KILL_IN_SAVE="4")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step_00000002"]
+    assert (ckpts / ".tmp-step_00000004").is_dir()  # the half-written one never took the real name
+    train(run, mpoe_cache, *COMMON, "trainer.resume=auto")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert summary(run)["steps"] == 6
+
+
+def test_resuming_a_finished_run_evaluates_and_rewrites_the_summary(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    train(run, mpoe_cache, *COMMON)
+    first = summary(run)
+    (run / "summary.json").unlink()
+    train(run, mpoe_cache, *COMMON, "trainer.resume=auto")
+    again = summary(run)
+    assert again["val_loss"] == first["val_loss"] and again["steps"] == 6
+    assert len(metrics(run)) == 6  # nothing trained twice
+
+
+def test_bad_resume_path_is_one_line(tmp_path, mpoe_cache):
+    proc = train(tmp_path / "run", mpoe_cache, *COMMON, f"trainer.resume={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("mpoe-train: error: trainer.resume=")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    os.environ["MPOE_FAULT_NAN_AT_STEPS"] = "2,3"
+    try:
+        train(run, mpoe_cache, *COMMON, "trainer.log_every=1")
+    finally:
+        os.environ.pop("MPOE_FAULT_NAN_AT_STEPS")
+    rows = _by_step(metrics(run))
+    assert [rows[s]["steps_skipped"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
+    assert rows[2]["lr"] == rows[1]["lr"] == rows[3]["lr"]  # no schedule step while skipping
+    stopped = tmp_path / "stopped"
+    os.environ["MPOE_FAULT_NAN_AT_STEPS"] = "3,4,5"
+    try:
+        proc = train(stopped, mpoe_cache, *COMMON, "trainer.max_bad_steps=3", check=False)
+    finally:
+        os.environ.pop("MPOE_FAULT_NAN_AT_STEPS")
+    assert proc.returncode == 2
+    assert "trainer.max_bad_steps=3" in proc.stderr.strip().splitlines()[-1]
+    meta = json.loads((stopped / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["step"] == 2
