@@ -25,9 +25,10 @@ Choices, and why:
   (`grouped_linear`): per-expert GEMMs written into one output, gradients
   written straight into the stacked buffer, no per-expert split / cat, and the
   activation runs once over all tokens.
-- MPOE rebuilds each expert's W_e per forward (`mpo.contract`: small
-  auxiliary chains first, the shared central tensor last) and feeds the grouped
-  op; when pushing an expert's tokens through the chain costs less (few
+- MPOE rebuilds all local experts' W_e per forward in one batched
+  contraction (`mpo.contract` on the stacked auxiliaries around the shared
+  central tensor: small chains first, the central one last) and feeds the
+  grouped op; when pushing an expert's tokens through the chain costs less (few
   tokens, see `mpo.matmul_costs`) it falls back to per-expert `mpo_matmul`.
   With no tokens at all every parameter still gets a (zero) gradient.
 """
@@ -289,10 +290,15 @@ class MPOEExperts(ExpertBank):
         methods = [self.method if self.method != "auto" else _cheaper_path(n, chains[e]) for e, n in enumerate(counts)]
         used = [e for e, n in enumerate(counts) if n > 0]
         if used and all(methods[e] == "dense" for e in used):
-            return grouped_linear(x, counts, bias, weights={e: mpo.contract(chains[e]) for e in used})
+            return grouped_linear(x, counts, bias, stacked=self.expert_weights(name))
         outputs = [mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
                    for e, xe in enumerate(x.split(counts))]
         return torch.cat(outputs)
+
+    def expert_weights(self, name: str) -> Tensor:
+        """All local experts' dense weights `name`, [L, I, J]: one batched contraction around the shared central."""
+        aux, c = list(self.auxiliary[name]), self.central_index
+        return mpo.contract(aux[:c] + [self.central[name]] + aux[c:])
 
     def expert_weight(self, name: str, local_expert: int) -> Tensor:
         """Expert `local_expert`'s dense weight `name` (x @ W layout)."""

@@ -137,45 +137,55 @@ def split_index(shapes: Sequence[Sequence[int]]) -> int:
 
 
 def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Tensor]]:
-    """Left half as (i_1 j_1 ... i_s j_s, d_s) and right half as (d_s, i_s+1 j_s+1 ... i_n j_n).
+    """Left half as (..., i_1 j_1 ... i_s j_s, d_s) and right half as (..., d_s, i_s+1 j_s+1 ... i_n j_n).
 
     Outer tensors are merged first (they are small) and the central one last, so
     the only large product is the final one, (rows, d_s) @ (d_s, columns).
+    Leading batch dims (e.g. local experts) broadcast.
     """
     n = len(tensors)
-    left = tensors[0].reshape(-1, tensors[0].shape[-1])                  # (i1 j1, d1)
+    mat = lambda t, rows: t.reshape(*t.shape[:-4], rows, -1)             # (..., rows, rest)
+    left = mat(tensors[0], tensors[0].shape[-4] * tensors[0].shape[-3] * tensors[0].shape[-2])
     for t in tensors[1:split]:
-        left = (left @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
+        left = left @ mat(t, t.shape[-4])
+        left = left.reshape(*left.shape[:-2], -1, t.shape[-1])
     if split == n:
         return left, None
-    right = tensors[n - 1].reshape(tensors[n - 1].shape[0], -1)          # (d_{n-1}, i_n j_n)
+    right = mat(tensors[n - 1], tensors[n - 1].shape[-4])                 # (..., d_{n-1}, i_n j_n)
     for t in reversed(tensors[split:n - 1]):
-        right = (t.reshape(-1, t.shape[-1]) @ right).reshape(t.shape[0], -1)
+        right = mat(t, t.shape[-4] * t.shape[-3] * t.shape[-2]) @ right
+        right = right.reshape(*right.shape[:-2], t.shape[-4], -1)
     return left, right
 
 
 def contract(tensors: Sequence[Tensor]) -> Tensor:
-    """The matrix back: shape (prod i_k, prod j_k).
+    """The matrix back: shape (prod i_k, prod j_k); tensors (..., d, i, j, d') with batch dims give (..., I, J).
 
     The two halves are reordered while small ((i_L, j_L, d) and (d, i_R, j_R)),
     so the only pass over the full matrix is one 4-D swap (j_L <-> i_R).
     """
     n = len(tensors)
-    ins = [t.shape[1] for t in tensors]
-    outs = [t.shape[2] for t in tensors]
-    nl = split_index([t.shape for t in tensors])                          # tensors in the left half
+    ins = [t.shape[-3] for t in tensors]
+    outs = [t.shape[-2] for t in tensors]
+    nl = split_index([t.shape[-4:] for t in tensors])                     # tensors in the left half
     il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
     left, right = _halves(tensors, nl)
-    d = left.shape[-1]
-    left = left.reshape(*[a for k in range(nl) for a in (ins[k], outs[k])], d)
-    left = left.permute(*range(0, 2 * nl, 2), *range(1, 2 * nl, 2), 2 * nl).reshape(il * jl, d)
+    lb, d = left.shape[:-2], left.shape[-1]
+    left = left.reshape(*lb, *[a for k in range(nl) for a in (ins[k], outs[k])], d)
+    o = len(lb)
+    left = left.permute(*range(o), *range(o, o + 2 * nl, 2), *range(o + 1, o + 2 * nl, 2), o + 2 * nl)
+    left = left.reshape(*lb, il * jl, d)
     if right is None:
-        return left.reshape(il, jl)
-    nr = n - nl
-    right = right.reshape(d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
-    right = right.permute(0, *range(1, 2 * nr + 1, 2), *range(2, 2 * nr + 1, 2)).reshape(d, ir * jr)
-    w = (left @ right).reshape(il, jl, ir, jr).permute(0, 2, 1, 3)
-    return w.reshape(il * ir, jl * jr)
+        return left.reshape(*lb, il, jl)
+    nr, rb = n - nl, right.shape[:-2]
+    o = len(rb)
+    right = right.reshape(*rb, d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
+    right = right.permute(*range(o + 1), *range(o + 1, o + 1 + 2 * nr, 2), *range(o + 2, o + 1 + 2 * nr, 2))
+    right = right.reshape(*rb, d, ir * jr)
+    w = left @ right
+    b = w.shape[:-2]
+    w = w.reshape(*b, il, jl, ir, jr).transpose(-3, -2)
+    return w.reshape(*b, il * ir, jl * jr)
 
 
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
