@@ -14,9 +14,14 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     assert (run / ".hydra" / "config.yaml").is_file()
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "tokens_per_s", "grad_norm", "expert_load", "tokens_dropped"):
+    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "tokens_per_s", "grad_norm", "expert_load", "tokens_dropped",
+                "load_imbalance", "router_entropy", "mfu", "steps_skipped", "grad_norm_central", "grad_norm_auxiliary", "grad_norm_router"):
         assert key in rows[-1], key
-    assert len(rows[-1]["expert_load"]) == 2 and abs(sum(rows[-1]["expert_load"][0]) - 1) < 1e-6
+    last = rows[-1]
+    assert len(last["expert_load"]) == 2 and abs(sum(last["expert_load"][0]) - 1) < 1e-6
+    assert last["load_imbalance"][0] == pytest.approx(max(last["expert_load"][0]) * 4)
+    assert all(0 < h <= __import__("math").log(4) + 1e-6 for h in last["router_entropy"])
+    assert 0 < last["mfu"] < 1
     s = summary(run)
     for key in ("params_total", "params_active", "params_embedding", "params_expert", "params_central",
                 "params_auxiliary", "val_loss", "val_ppl", "tokens_seen", "wall_s"):

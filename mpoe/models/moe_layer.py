@@ -31,6 +31,7 @@ class MoEStats:
     z_loss: Tensor             # scalar with grad, z_loss_coef applied (this rank's tokens)
     tokens_per_expert: Tensor  # [E] long, tokens routed to each global expert over the ep group, before dropping
     tokens_dropped: int        # (token, expert) pairs this rank dropped for capacity
+    router_entropy: float = 0.0  # mean entropy of the routing distribution over this rank's tokens
 
 
 class MoELayer(MoE):
@@ -86,7 +87,7 @@ class MoELayer(MoE):
         tokens_per_expert = routed.tokens_per_expert.clone()
         if self.groups.ep_group is not None and self.ep_size > 1:
             dist.all_reduce(tokens_per_expert, group=self.groups.ep_group)
-        self.stats = MoEStats(routed.aux_loss, routed.z_loss, tokens_per_expert, routed.tokens_dropped)
+        self.stats = MoEStats(routed.aux_loss, routed.z_loss, tokens_per_expert, routed.tokens_dropped, routed.entropy)
         return output.view(hidden.shape)
 
 

@@ -38,6 +38,7 @@ class RouterOutput:
     z_loss: Tensor             # scalar, router z-loss times z_loss_coef
     tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
     tokens_dropped: int        # (token, expert) pairs removed by the capacity limit
+    entropy: float = 0.0       # mean entropy (nats) of the full routing distribution, for monitoring
 
 
 class TopKRouter(nn.Module):
@@ -75,7 +76,8 @@ class TopKRouter(nn.Module):
 
         kept = self._apply_capacity(routing_map, scores)
         tokens_dropped = int(routing_map.sum() - kept.sum())
-        return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped)
+        entropy = float(-(scores * scores.clamp_min(1e-20).log()).sum(dim=-1).mean()) if scores.numel() else 0.0
+        return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped, entropy)
 
     def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:
         """Make the top-k gate weights sum to 1 exactly when cfg.topk_normalized().

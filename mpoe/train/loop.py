@@ -21,6 +21,7 @@ from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups
 from mpoe.train import checkpoint, data as data_lib, faults
+from mpoe.train.flops import flops_per_token, gemm_flops_per_s
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
 from mpoe.train.objectives import build_objective
@@ -78,6 +79,7 @@ class _Interval:
         self.tokens = 0
         self.tokens_dropped = 0
         self.load: Optional[list[torch.Tensor]] = None
+        self.entropy: Optional[list[float]] = None
 
     def add(self, out, tokens: int) -> None:
         self.loss += out.loss.item()
@@ -90,6 +92,7 @@ class _Interval:
         if out.tokens_per_expert:
             counts = [c.detach().double() for c in out.tokens_per_expert]
             self.load = counts if self.load is None else [a + b for a, b in zip(self.load, counts)]
+            self.entropy = out.router_entropy if self.entropy is None else [a + b for a, b in zip(self.entropy, out.router_entropy)]
 
     def record(self, step: int, lr: float, grad_norm: float) -> dict:
         sums = _all_reduce_sum([self.loss, self.lm_loss, self.aux_loss, self.z_loss, self.micro, self.tokens, self.tokens_dropped])
@@ -100,6 +103,9 @@ class _Interval:
                "tokens_dropped": int(dropped)}
         if self.load is not None:
             rec["expert_load"] = [(c / c.sum().clamp_min(1)).tolist() for c in self.load]
+            rec["load_imbalance"] = [float(c.max() / c.mean().clamp_min(1e-9)) for c in self.load]
+            entropy = _all_reduce_sum(self.entropy)
+            rec["router_entropy"] = [e / micro for e in entropy]
         return rec
 
 
@@ -145,6 +151,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
 
     tokens_per_step = t.global_batch_size * raw_len
+    flops_per_token, gemm_rate = _flops_reference(cfg, model, counts, raw_len)
     progress = _progress(cfg, rank, start_step)
     interval = _Interval(len(moe_layers(model)))
     roles = role_params(model)
@@ -187,6 +194,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             rec = interval.record(done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine))
             rec.update(norms)
             rec["steps_skipped"] = skipped_total
+            rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (gemm_rate * world)
             rec["tokens_seen"] = done * tokens_per_step
             if evaluate_now:
                 val_loss = evaluate(engine, val, objective)
@@ -251,6 +259,19 @@ def _skipped_step(optimizer):
     finally:
         del optimizer.step
         optimizer.overflow = False
+
+
+def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int) -> tuple[float, float]:
+    """Model FLOPs per token and this device's measured GEMM rate in the training dtype."""
+    config = model.backbone.config
+    d_model = getattr(config, "n_embd", None) or config.d_model
+    layers = getattr(config, "n_layer", None) or (config.num_layers + config.num_decoder_layers)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        dtype = torch.float32
+    per_token = flops_per_token(counts["params_active"], counts["params_embedding"], config.vocab_size, d_model, layers, seq_len)
+    return per_token, gemm_flops_per_s(dtype=dtype, device=device)
 
 
 def _grad_mask(cfg: TrainConfig, model):
