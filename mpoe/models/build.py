@@ -31,6 +31,7 @@ class LMOutput:
     logits: Optional[torch.Tensor] = None
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [E]
     tokens_dropped: int = 0
+    router_entropy: list[float] = field(default_factory=list)  # per MoE layer
 
 
 def is_moe_layer(index: int, every: int) -> bool:
@@ -64,6 +65,7 @@ class LanguageModel(nn.Module):
             logits=out.logits if return_logits else None,
             tokens_per_expert=[s.tokens_per_expert for s in stats],
             tokens_dropped=int(sum(int(s.tokens_dropped) for s in stats)),
+            router_entropy=[s.router_entropy for s in stats],
         )
 
 
