@@ -64,10 +64,12 @@ def _manual_expert(bank: MPOEExperts, e: int, x):
     return h @ w["w_out"] + bank.b_out[e]
 
 
-def test_central_gradient_is_sum_of_expert_contributions():
+@pytest.mark.parametrize("method", ["dense", "chain"])
+def test_central_gradient_is_sum_of_expert_contributions(method):
     torch.manual_seed(2)
     dense = DenseFFN.random(D_MODEL, D_FF, std=0.3)
     bank = _bank("mpoe", dense, "gelu_new", aux_init_noise=0.5, bond_dim=4)
+    bank.method = method
     x, target = torch.randn(sum(COUNTS), D_MODEL), torch.randn(sum(COUNTS), D_MODEL)
     (bank(x, COUNTS) * target).sum().backward()
 

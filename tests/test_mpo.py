@@ -136,3 +136,14 @@ def test_auto_picks_the_cheaper_path():
     assert chain_flops < dense_flops and dense_cost < chain_cost    # fewer FLOPs, yet memory traffic decides
     # n = 1: both are one GEMM of N*I*J multiply-adds
     assert mpo.matmul_flops(3, [(1, 4, 5, 1)]) == (2 * (20 + 3 * 20), 2 * 3 * 20)
+
+
+def test_contract_broadcasts_leading_batch_dims():
+    """Stacked per-expert tensors around one shared central tensor give each expert's matrix."""
+    ins, outs = [2, 3, 2, 2, 1], [1, 2, 2, 3, 2]
+    chains = [mpo.decompose(torch.randn(24, 24, dtype=torch.float64), ins, outs) for _ in range(3)]
+    shared = chains[0][2]
+    batched = [torch.stack([c[k] for c in chains]) for k in range(5)]
+    batched[2] = shared
+    expected = torch.stack([mpo.contract(c[:2] + [shared] + c[3:]) for c in chains])
+    torch.testing.assert_close(mpo.contract(batched), expected)
