@@ -10,10 +10,12 @@ that load from other processes hits them alike.
 Why bond 16 by default: MPOE rebuilds each expert's W (I x J) from its
 auxiliaries and the shared central tensor, ~2*I*J*bond FLOPs per matrix and
 expert against 2*T_e*I*J for the expert's GEMM, so the compute overhead is
-about bond / T_e (3% at 512 tokens per expert); the full-bond MPO would
-already meet the parameter target (ratio ~0.20) but rebuilds W at ~1.5x the
-GEMM's cost. Rebuilding W is memory-bound, so the measured overhead exceeds
-the FLOP estimate on a CPU.
+about bond / T_e (3% at 512 tokens per expert); the full-bond MPO already
+meets the parameter target (ratio ~0.20) but rebuilds W at ~1.5x the GEMM's
+cost. On a CPU the rebuild is memory-bound instead: writing W, one pass that
+reorders it, and the same twice in backward cost more than the FLOPs say.
+On a machine shared with other jobs, `--threads 1` gives steadier numbers
+(OpenMP regions stall when a core is taken).
 """
 from __future__ import annotations
 
