@@ -133,7 +133,7 @@ class TrainerConfig:
     max_steps: int = 200            # optimizer steps; 0 = evaluate only
     seed: int = 0
     micro_batch_size: int = 8       # sequences per process per micro step
-    global_batch_size: int = 8      # sequences per optimizer step over all processes
+    global_batch_size: Optional[int] = None  # sequences per optimizer step over all processes; null = micro x world (no accumulation)
     seq_len: int = 128
     log_every: int = 10
     eval_every: int = 50
@@ -227,11 +227,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
 
     _positive("trainer.max_steps", t.max_steps, allow_zero=True)
-    for key in ("micro_batch_size", "global_batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"):
+    for key in ("micro_batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
     _positive("trainer.save_every", t.save_every, allow_zero=True)
     per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
+    if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % per_step):
         _fail("trainer.global_batch_size", t.global_batch_size,
               f"must be a multiple of trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}")
     if t.seq_len > m.max_position_embeddings and m.family == "gpt2":
@@ -241,5 +241,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     return cfg
 
 
+def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    return cfg.trainer.global_batch_size or cfg.trainer.micro_batch_size * world_size
+
+
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    return cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * world_size)
+    return global_batch_size(cfg, world_size) // (cfg.trainer.micro_batch_size * world_size)

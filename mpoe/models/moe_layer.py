@@ -92,8 +92,10 @@ class MoELayer(MoE):
 
 
 def build_moe_layer(cfg: MoEConfig, d_model: int, d_ff: int, activation: str, groups: ExpertGroups,
-                    dense: Optional[nn.Module] = None) -> MoELayer:
-    """An MoE layer with the expert bank cfg.kind asks for ('switch' or 'mpoe'), upcycled from `dense` if given."""
+                    dense: Optional[nn.Module] = None, bias: bool = True) -> MoELayer:
+    """An MoE layer with the expert bank cfg.kind asks for ('switch' or 'mpoe'), upcycled from `dense` if given.
+
+    `bias=False` builds experts without biases (T5's FFNs have none)."""
     from mpoe.models.experts import build_expert_bank
 
-    return MoELayer(cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense), groups)
+    return MoELayer(cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense, bias=bias), groups)

@@ -82,8 +82,8 @@ def replace_ffns(backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, group
     decomposition, shared central tensor). From scratch: T5's FFNs have no
     biases, so neither do the experts. Returns (stack, block index) pairs replaced.
     """
-    from mpoe.models.experts import DenseFFN, build_expert_bank
-    from mpoe.models.moe_layer import MoELayer
+    from mpoe.models.experts import DenseFFN
+    from mpoe.models.moe_layer import build_moe_layer
 
     config = backbone.config
     activation = feed_forward_activation(config)
@@ -94,8 +94,8 @@ def replace_ffns(backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, group
                 continue
             ff_layer = block.layer[-1]
             dense = DenseFFN.from_t5_ff(ff_layer.DenseReluDense) if upcycle else None
-            bank = build_expert_bank(moe_cfg, config.d_model, config.d_ff, activation, groups, dense=dense, bias=False)
-            ff_layer.DenseReluDense = MoELayer(moe_cfg, config.d_model, bank, groups)
+            ff_layer.DenseReluDense = build_moe_layer(moe_cfg, config.d_model, config.d_ff, activation, groups,
+                                                      dense=dense, bias=False)
             replaced.append((name, i))
     return replaced
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mpoe.config import TrainConfig, grad_accum_steps
+from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     t, o = cfg.trainer, cfg.optim
     total = max(t.max_steps, 1)
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": global_batch_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
         "optimizer": {"type": "AdamW", "params": {

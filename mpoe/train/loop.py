@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mpoe.config import TrainConfig, grad_accum_steps
+from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
@@ -40,6 +40,8 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 
 def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     """Rank 0 builds the tokenizer and token caches first; the others then read them."""
+    if cfg.model.pretrained and not cfg.data.tokenizer:  # a checkpoint's own tokenizer, when it ships one
+        cfg.data.tokenizer = data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained)
     if rank == 0:
         token_data = data_lib.prepare(cfg.data)
     if dist.is_initialized():
@@ -150,7 +152,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
 
-    tokens_per_step = t.global_batch_size * raw_len
+    tokens_per_step = global_batch_size(cfg, world) * raw_len
     flops_per_token, gemm_rate = _flops_reference(cfg, model, counts, raw_len)
     progress = _progress(cfg, rank, start_step)
     interval = _Interval(len(moe_layers(model)))

@@ -1,0 +1,63 @@
+"""`python -m mpoe.train.preflight --world-size N [--hostfile F] -- OVERRIDES`: check before launching.
+
+The launch scripts run it once, before any process or rendezvous starts, so a
+config that cannot work on N processes (e.g. `parallel.ep_size` not dividing
+the world size) or a malformed hostfile stops with one line instead of one
+traceback per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from mpoe.config import ConfigError
+
+_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
+
+
+def hostfile_slots(path: str) -> dict[str, int]:
+    """DeepSpeed's hostfile format: `hostname slots=N` per line, # comments; one-line ConfigError otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"hostfile {path!r} does not exist: write one line 'HOST slots=N' per node")
+    slots: dict[str, int] = {}
+    for number, raw in enumerate(file.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _HOST_LINE.match(line)
+        if not match or int(match.group(2)) < 1:
+            raise ConfigError(f"hostfile {path}:{number} {line!r} is malformed: write 'HOST slots=N' with N >= 1")
+        if match.group(1) in slots:
+            raise ConfigError(f"hostfile {path}:{number} lists {match.group(1)!r} twice: one line per node")
+        slots[match.group(1)] = int(match.group(2))
+    if not slots:
+        raise ConfigError(f"hostfile {path!r} lists no hosts: write one line 'HOST slots=N' per node")
+    return slots
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpoe.train.preflight")
+    parser.add_argument("--world-size", type=int, default=None)
+    parser.add_argument("--hostfile", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from mpoe.train.main import compose_and_validate
+
+    try:
+        world = args.world_size
+        if args.hostfile:
+            world = sum(hostfile_slots(args.hostfile).values())
+        compose_and_validate(args.overrides, world or 1)
+    except ConfigError as e:
+        print(f"mpoe-train: error: {e}", file=sys.stderr)
+        return 2
+    if args.hostfile:
+        print(world)  # the launcher script reads the world size from here
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
