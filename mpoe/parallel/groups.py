@@ -42,11 +42,24 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
 
     if dist.is_available() and dist.is_initialized():
         return
+    _forget_deepspeed_groups()
     if "RANK" not in os.environ:  # a plain `python -m mpoe.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its expert/data groups in module globals; groups of an earlier, destroyed world
+    (the previous job of a Hydra multirun in this process) must not be reused by the new one."""
+    from deepspeed.utils import groups
+
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+        setattr(groups, name, None)
 
 
 def _free_port() -> int:
