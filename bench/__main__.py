@@ -1,0 +1,119 @@
+"""All benchmarks in one process, one table of ratios against their peers.
+
+    python -m bench [--quick] [--json FILE] [--only experts moe_layer hf_switch train_step]
+
+Runs, in this order, each module's own `main`/`run` (their printed detail first):
+  bench.experts     MPOE vs Switch expert bank (and Switch vs DeepSpeed's Experts)
+  bench.moe_layer   our Switch MoE layer vs DeepSpeed's MoE layer and the dense floor
+  bench.hf_switch   our Switch MoE layer vs HF SwitchTransformersSparseMLP
+  bench.train_step  GPT-2-small-shaped MoE training step: model FLOPs utilisation
+--quick took 1.7 minutes on 2 shared cores (load average ~2.7); the full run is longer (see README).
+--json writes {"results": {name: value}, "load_average": {...}, "seconds": {...}}.
+The machine may be shared: the load average before and after is printed;
+times are fastest-of or median-of repeats (see each module).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+# name: (what it compares, how to read it, target or None)
+ROWS = {
+    "experts.mpoe_vs_switch_time": ("MPOE bank fwd+bwd time / Switch bank", "lower is better", "<= 1.10"),
+    "experts.mpoe_vs_switch_params": ("MPOE bank params / Switch bank", "lower is better", "<= 0.25"),
+    "experts.switch_vs_deepspeed_time": ("Switch bank time / DeepSpeed Experts", "lower is better", None),
+    "moe_layer.vs_floor": ("our MoE layer time / dense FFN floor (worst case)", "lower is better", None),
+    "moe_layer.speedup_vs_deepspeed": ("DeepSpeed MoE time / ours (worst, balanced)", "higher is better", None),
+    "moe_layer.speedup_vs_deepspeed_skewed": ("DeepSpeed MoE time / ours (worst, skewed)", "higher is better", None),
+    "dispatch.bytes_vs_routed": ("all-to-all rows sent / tokens routed", "1.00 = no padding", None),
+    "hf_switch.speedup": ("HF SwitchTransformersSparseMLP time / ours", "higher is better", None),
+    "train_step.mfu": ("model FLOPs utilisation, worst MoE kind", "fraction of GEMM rate", ">= 0.40"),
+    "train_step.mfu_switch": ("  ... GPT-2-small Switch model", "fraction of GEMM rate", None),
+    "train_step.mfu_mpoe": ("  ... GPT-2-small MPOE model (full bonds)", "fraction of GEMM rate", None),
+    "train_step.gemm_gflops": ("fp32 GEMM rate measured (denominator)", "GFLOP/s", None),
+}
+BENCHES = ("experts", "moe_layer", "hf_switch", "train_step")
+
+
+def _banner(name: str) -> None:
+    print(f"\n=== bench.{name} " + "=" * max(0, 60 - len(name)), flush=True)
+
+
+def run_bench(name: str, quick: bool) -> dict:
+    flag = ["--quick"] if quick else []
+    if name == "experts":
+        from bench import experts
+
+        return experts.main(flag)
+    if name == "moe_layer":
+        from bench import moe_layer
+
+        return moe_layer.main(flag)
+    if name == "hf_switch":
+        from bench import hf_switch
+
+        return hf_switch.run(quick)["results"]
+    if name == "train_step":
+        from bench import train_step
+
+        return train_step.run(quick)["results"]
+    raise ValueError(name)
+
+
+def _target_met(value: float, target: str) -> str:
+    op, bound = target.split()
+    ok = value <= float(bound) if op == "<=" else value >= float(bound)
+    return "met" if ok else "NOT met"
+
+
+def table(results: dict) -> str:
+    lines = [f"{'result':<40}{'value':>9}  {'what':<66}{'target':>16}"]
+    for key, value in results.items():
+        what, how, target = ROWS.get(key, ("", "", None))
+        shown = "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
+        tgt = "" if target is None or shown == "-" else f"{target} {_target_met(value, target)}"
+        lines.append(f"{key:<40}{shown:>9}  {(what + ' (' + how + ')'):<66}{tgt:>16}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (about 3-5 minutes on 2 cores)")
+    ap.add_argument("--json", help="write {'results': {...}} here")
+    ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
+    args = ap.parse_args(argv)
+    load_start = os.getloadavg()[0]
+    print(f"python -m bench{' --quick' if args.quick else ''}: load average at start {load_start:.1f} "
+          f"(2 cores shared: ratios are more trustworthy than absolute times)", flush=True)
+    results, seconds, failed = {}, {}, {}
+    for name in args.only:
+        _banner(name)
+        start = time.perf_counter()
+        try:
+            results.update(run_bench(name, args.quick))
+        except Exception as e:  # one benchmark failing should not lose the others' numbers
+            failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"bench.{name} failed: {failed[name]}", flush=True)
+        seconds[name] = time.perf_counter() - start
+    ordered = {k: results[k] for k in ROWS if k in results}
+    ordered.update({k: v for k, v in results.items() if k not in ordered})
+    load_end = os.getloadavg()[0]
+    print(f"\n=== summary ({', '.join(f'{n} {s:.0f}s' for n, s in seconds.items())}; "
+          f"load average {load_start:.1f} -> {load_end:.1f}) ===")
+    print(table(ordered))
+    for name, why in failed.items():
+        print(f"bench.{name} did not run to the end: {why}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": ordered, "load_average": {"start": load_start, "end": load_end},
+                       "seconds": seconds, "quick": args.quick, "failed": failed}, f, indent=1)
+    if failed:
+        raise SystemExit(1)
+    return ordered
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""End-to-end MoE training step, GPT-2-small shaped: model FLOPs utilisation against this machine's GEMM rate.
+
+    python -m bench.train_step [--json FILE] [--quick] [--kinds switch mpoe] [--layers L] [--seq S] [--batch B]
+
+One optimizer step = forward + backward + AdamW step (DeepSpeed engine, as
+`mpoe-train` runs it) of our LanguageModel from `mpoe.models.build.build_model`:
+d_model 768, d_ff 3072, 12 heads, vocabulary 50257 (tied head), an MoE FFN in
+every 2nd layer (8 experts, top-1, dropless). Full: 12 layers, 8 x 512 tokens;
+--quick: 2 layers, 8 x 128 tokens. Time is the fastest of a few steps after one
+warm-up (the machine is shared).
+
+Model FLOPs per step (the PaLM convention; recomputation and MPO rebuilding
+are not counted, they are overhead):
+
+    FLOPs = tokens * (6 * N_matmul + 12 * L * d_model * S)
+
+    N_matmul = L * 4 * d_model^2                      attention q, k, v, output projections
+             + sum over layers of the FFN one token uses: 2 * d_model * d_ff
+               (MoE layer: top_k experts' 2 * d_model * d_ff + the router's d_model * E)
+             + V * d_model                             LM head (tied to the token table)
+
+i.e. 6 x the active matmul parameters per token, plus 12 * L * d_model * S for
+attention scores and values (S = sequence length). For MPOE an expert counts as
+the dense d_model x d_ff matrices it applies, not its (smaller) MPO parameter
+count. MFU = (FLOPs / step time) / the fp32 GEMM rate measured in the same run
+(torch.mm of [tokens, d_model] x [d_model, d_ff], fastest of several).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from mpoe.parallel.groups import configure_accelerator
+
+configure_accelerator()
+
+from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
+
+D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
+
+
+def make_config(kind: str, layers: int, seq: int, batch: int, experts: int = 8, bond_dim=None) -> TrainConfig:
+    model = ModelConfig(family="gpt2", name="gpt2_small_bench", d_model=D_MODEL, d_ff=D_FF, num_layers=layers,
+                        num_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=1024, dropout=0.0)
+    moe = MoEConfig(kind=kind, num_experts=experts, top_k=1, every=2, bond_dim=bond_dim if kind == "mpoe" else None)
+    trainer = TrainerConfig(max_steps=1000, micro_batch_size=batch, global_batch_size=batch, seq_len=seq,
+                            log_every=1 << 30, eval_every=1 << 30)
+    return TrainConfig(model=model, moe=moe, optim=OptimConfig(warmup_steps=1), trainer=trainer)
+
+
+def model_flops_per_step(cfg: TrainConfig) -> float:
+    """The formula in the module docstring."""
+    m, moe, t = cfg.model, cfg.moe, cfg.trainer
+    d, L, S = m.d_model, m.num_layers, t.seq_len
+    n = L * 4 * d * d + m.vocab_size * d
+    for layer in range(L):
+        if moe.kind != "dense" and (layer + 1) % moe.every == 0:
+            n += moe.top_k * 2 * d * m.d_ff + d * moe.num_experts
+        else:
+            n += 2 * d * m.d_ff
+    tokens = t.global_batch_size * S
+    return tokens * (6 * n + 12 * L * d * S)
+
+
+def gemm_rate(tokens: int, repeats: int = 5) -> float:
+    """fp32 FLOP/s of one torch.mm of the FFN's shape, fastest of `repeats` after a warm-up."""
+    a, b = torch.randn(tokens, D_MODEL), torch.randn(D_MODEL, D_FF)
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * tokens * D_MODEL * D_FF / best
+
+
+def measure(cfg: TrainConfig, repeats: int) -> dict:
+    """Build, wrap in the DeepSpeed engine and time `repeats` optimizer steps (after one warm-up)."""
+    from mpoe.models.accounting import count_params
+    from mpoe.models.build import build_model
+    from mpoe.models.gpt2 import embedding_params
+    from mpoe.parallel import engine as ds_engine
+    from mpoe.parallel.groups import expert_groups, init_distributed
+
+    init_distributed("gloo")
+    model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
+    counts = count_params(model, embedding_params(model.backbone), cfg.moe.top_k, 1)
+    engine = ds_engine.initialize(model, cfg, 1)
+    t = cfg.trainer
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, VOCAB, (t.micro_batch_size, t.seq_len), generator=gen) for _ in range(2)]
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        out = engine(input_ids=batches[i % 2])
+        engine.backward(out.loss)
+        engine.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    del engine, model
+    return {"step_s": min(times), "params_total": counts["params_total"], "params_active": counts["params_active"]}
+
+
+def run(quick: bool = False, kinds=("switch", "mpoe"), layers=None, seq=None, batch=None, repeats=None,
+        bond_dim=None) -> dict:
+    layers = layers or (2 if quick else 12)
+    seq = seq or (128 if quick else 512)
+    batch = batch or 8
+    repeats = repeats or 3
+    tokens = batch * seq
+    print(f"train step: GPT-2-small shape (d_model {D_MODEL}, d_ff {D_FF}, {HEADS} heads, vocab {VOCAB}), "
+          f"{layers} layers, {batch} x {seq} tokens, MoE every 2nd layer (8 experts, top-1); "
+          f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}", flush=True)
+    rate_before = gemm_rate(tokens)
+    rows = {}
+    for kind in kinds:
+        cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim)
+        r = measure(cfg, repeats)
+        r["model_flops"] = model_flops_per_step(cfg)
+        rows[kind] = r
+    rate = max(rate_before, gemm_rate(tokens))  # the best GEMM rate seen: the conservative denominator
+    print(f"GEMM rate (fp32 torch.mm [{tokens}, {D_MODEL}] x [{D_MODEL}, {D_FF}], best of before/after): "
+          f"{rate / 1e9:.1f} GFLOP/s")
+    print(f"{'moe':<8}{'params total':>14}{'active':>13}{'step s':>9}{'model TFLOP':>13}{'GFLOP/s':>9}{'MFU':>7}")
+    for kind, r in rows.items():
+        r["achieved_flops"] = r["model_flops"] / r["step_s"]
+        r["mfu"] = r["achieved_flops"] / rate
+        print(f"{kind:<8}{r['params_total']:>14,}{r['params_active']:>13,}{r['step_s']:>9.3f}"
+              f"{r['model_flops'] / 1e12:>13.3f}{r['achieved_flops'] / 1e9:>9.1f}{r['mfu']:>7.3f}")
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    results = {f"train_step.mfu_{kind}": r["mfu"] for kind, r in rows.items()}
+    headline = min(rows, key=lambda k: rows[k]["mfu"])  # the worst kind, as bench.moe_layer's headlines
+    results["train_step.mfu"] = rows[headline]["mfu"]
+    results["train_step.gemm_gflops"] = rate / 1e9
+    return {"results": results, "rows": rows, "config": {"layers": layers, "seq": seq, "batch": batch,
+                                                        "repeats": repeats, "headline": headline}}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="2 layers, 8 x 128 tokens")
+    ap.add_argument("--kinds", nargs="+", default=["switch", "mpoe"], choices=["dense", "switch", "mpoe"])
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--bond-dim", type=int, default=None, help="MPOE bond cap (default: full, as conf/moe/mpoe.yaml)")
+    args = ap.parse_args(argv)
+    out = run(args.quick, args.kinds, args.layers, args.seq, args.batch, args.repeats, args.bond_dim)
+    print("headline:", json.dumps(out["results"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out["results"]
+
+
+if __name__ == "__main__":
+    main()
