@@ -90,3 +90,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mpoe_cache):
     assert "trainer.max_bad_steps=3" in proc.stderr.strip().splitlines()[-1]
     meta = json.loads((stopped / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["step"] == 2
+
+
+def test_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, mpoe_cache):
+    """SIGKILL one of 2 ranks mid-run: torchrun restarts the group, which resumes from step 4."""
+    import subprocess
+    import sys
+
+    from _cli import FAST, env
+
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    train(whole, mpoe_cache, *COMMON, nproc=2)
+    e = {**env(mpoe_cache), "MPOE_FAULT_KILL_AT_STEP": "5", "MPOE_FAULT_RANK": "1", "MPOE_FAULT_ONCE": str(tmp_path / "fired")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "mpoe.train", f"hydra.run.dir={crashed}", *FAST, *COMMON, "trainer.resume=auto"]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "fired").exists(), "the fault did not fire"
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    a, b = _by_step(metrics(whole)), _by_step(metrics(crashed))
+    assert [b[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]

@@ -47,7 +47,24 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_on_agent_store(backend or default_backend(), timeout)
+    deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timeout)
+
+
+def _init_on_agent_store(backend: str, timeout: timedelta) -> None:
+    """Under torchrun, join through the agent's store under a per-restart prefix.
+
+    With the plain env:// rendezvous, gloo workers restarted by `torchrun --max-restarts`
+    read the dead previous attempt's addresses from the agent's store and fail in
+    connectFullMesh (seen with torch 2.13); a key prefix per restart attempt keeps
+    each attempt's rendezvous apart. DeepSpeed then adopts the initialised group.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/mpoe/attempt_{attempt}", store), timeout=timeout,
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def _forget_deepspeed_groups() -> None:

@@ -6,6 +6,8 @@ Read from the environment once; unset in normal runs (then every check is a no-o
 - MPOE_FAULT_KILL_IN_SAVE=N: SIGKILL rank 0 while it saves the checkpoint of step N,
   after the rank files are written and before the directory is renamed into place.
 - MPOE_FAULT_NAN_AT_STEPS=N,M,...: make the loss NaN at those optimizer steps.
+- MPOE_FAULT_ONCE=PATH: kill only if PATH does not exist yet (it is created first), so a
+  process restarted by `torchrun --max-restarts` runs on past the fault.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ def _rank() -> int:
 
 
 def _kill() -> None:
+    once = os.environ.get("MPOE_FAULT_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -25,8 +25,9 @@ def flops_per_token(params_active: int, params_embedding: int, vocab_size: int, 
 
 
 def gemm_flops_per_s(size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5) -> float:
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched (exact resume)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         if device != "cpu":
