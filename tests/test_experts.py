@@ -163,3 +163,17 @@ def test_grouped_linear_matches_per_expert_loop():
         torch.testing.assert_close(out, reference)
         for got, want in zip(torch.autograd.grad(out, (x, w, b), g), expected):
             torch.testing.assert_close(got, want)
+
+
+def test_rebuilt_ffn_reorders_h_when_w_out_rows_do_not_mirror_w_in_columns(monkeypatch):
+    """W_out given with its rows in natural order: h must be mapped from W_in's column order to it."""
+    torch.manual_seed(6)
+    bank = _bank("mpoe", DenseFFN.random(D_MODEL, D_FF, std=0.3), "gelu_new", aux_init_noise=0.3, bond_dim=4)
+    bank.method = "dense"
+    x = torch.randn(sum(COUNTS), D_MODEL)
+    expected = torch.cat([_manual_expert(bank, e, xe) for e, xe in enumerate(x.split(COUNTS))])
+    permuted = bank.permuted_weights
+    natural = lambda name, transposed=False: (
+        (bank.expert_weights(name), torch.arange(D_FF)) if name == "w_out" else permuted(name, transposed))
+    monkeypatch.setattr(bank, "permuted_weights", natural)
+    torch.testing.assert_close(bank(x, COUNTS), expected, rtol=1e-4, atol=1e-5)

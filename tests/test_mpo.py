@@ -147,3 +147,27 @@ def test_contract_broadcasts_leading_batch_dims():
     batched[2] = shared
     expected = torch.stack([mpo.contract(c[:2] + [shared] + c[3:]) for c in chains])
     torch.testing.assert_close(mpo.contract(batched), expected)
+
+
+@pytest.mark.parametrize("ins, outs, bond", [([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16), ([2, 3, 2, 2, 1], [1, 2, 2, 3, 2], None),
+                                             ([2, 3], [3, 2], None), ([4], [5], None)])
+def test_contract_permuted_is_contract_with_rows_or_columns_reordered(ins, outs, bond):
+    torch.manual_seed(4)
+    w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
+    tensors = mpo.decompose(w, ins, outs, bond)
+    batched = [t.unsqueeze(0).repeat(3, 1, 1, 1, 1) + 0.1 * torch.randn(3, *t.shape, dtype=t.dtype) for t in tensors]
+    batched[mpo.central_index(len(batched))] = tensors[mpo.central_index(len(tensors))]     # shared, unbatched
+    for chain in (tensors, batched):
+        chain = [t.detach().requires_grad_() for t in chain]
+        full = mpo.contract(chain)
+        rows, perm = mpo.contract_permuted(chain)
+        cols_t, cperm = mpo.contract_permuted(chain, transposed=True)
+        assert sorted(perm.tolist()) == list(range(full.shape[-2])) and sorted(cperm.tolist()) == list(range(full.shape[-1]))
+        torch.testing.assert_close(rows, full[..., perm, :])
+        torch.testing.assert_close(cols_t, full[..., cperm].transpose(-2, -1))
+        g = torch.randn_like(full)
+        expected = torch.autograd.grad(full, chain, g)
+        for got in (torch.autograd.grad(rows, chain, g[..., perm, :]),
+                    torch.autograd.grad(cols_t, chain, g[..., cperm].transpose(-2, -1))):
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b)

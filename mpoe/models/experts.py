@@ -28,7 +28,9 @@ Choices, and why:
 - MPOE rebuilds all local experts' W_e per forward in one batched
   contraction (`mpo.contract` on the stacked auxiliaries around the shared
   central tensor: small chains first, the central one last) and feeds the
-  grouped op; when pushing an expert's tokens through the chain costs less (few
+  grouped op. It builds them with `mpo.contract_permuted` (rows or columns of
+  W reordered so that no pass over W or grad W reorders it; W_in's column order
+  and W_out's row order cancel through h, so the FFN's result is unchanged); when pushing an expert's tokens through the chain costs less (few
   tokens, see `mpo.matmul_costs`) it falls back to per-expert `mpo_matmul`.
   With no tokens at all every parameter still gets a (zero) gradient.
 """
@@ -154,8 +156,9 @@ def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
     return (base + 1_000_003 * global_expert + 1_009 * position + index) % (2**62)
 
 
-def _cheaper_path(n_tokens: int, chain: Sequence[Tensor]) -> str:
-    dense, chain_cost = mpo.matmul_costs(n_tokens, [t.shape for t in chain])
+def _cheaper_path(n_tokens: int, chain: Sequence) -> str:
+    """chain: an expert's local tensors in chain order, or their shapes."""
+    dense, chain_cost = mpo.matmul_costs(n_tokens, [getattr(t, "shape", t) for t in chain])
     return "chain" if chain_cost < dense else "dense"
 
 
@@ -193,7 +196,14 @@ class _GroupedLinear(torch.autograd.Function):
         need_x, _, need_b, need_stacked = ctx.needs_input_grad[:4]
         gx = torch.empty_like(x) if need_x else None
         gb = torch.zeros_like(bias) if bias is not None and need_b else None
-        gstacked = torch.zeros_like(stacked) if stacked is not None and need_stacked else None
+        gstacked = None
+        if stacked is not None and need_stacked:
+            # Every expert with rows overwrites its slice below; zero-filling the whole [L, I, J]
+            # buffer first would be one more pass over all weights, so zero only the idle experts.
+            gstacked = torch.empty_like(stacked)
+            for e, n in enumerate(counts):
+                if not n:
+                    gstacked[e].zero_()
         gws = {e: torch.empty_like(ws[e]) for e in experts} if stacked is None else {}
         start = 0
         for e, n in enumerate(counts):
@@ -290,10 +300,58 @@ class MPOEExperts(ExpertBank):
         methods = [self.method if self.method != "auto" else _cheaper_path(n, chains[e]) for e, n in enumerate(counts)]
         used = [e for e, n in enumerate(counts) if n > 0]
         if used and all(methods[e] == "dense" for e in used):
-            return grouped_linear(x, counts, bias, stacked=self.expert_weights(name))
+            w, perm = self.permuted_weights(name)
+            return grouped_linear(x.index_select(1, perm), counts, bias, stacked=w)
         outputs = [mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
                    for e, xe in enumerate(x.split(counts))]
         return torch.cat(outputs)
+
+    def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
+        if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
+            raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
+        used = [n for n in counts if n > 0]
+        c = self.central_index
+        shapes = {name: [t.shape[-4:] for t in self.auxiliary[name]] for name in self.central}
+        shapes = {name: s[:c] + [self.central[name].shape] + s[c:] for name, s in shapes.items()}
+        all_dense = self.method == "dense" or self.method == "auto" and all(
+            _cheaper_path(n, shapes[name]) == "dense" for name in shapes for n in used)
+        if used and all_dense:
+            return self._rebuilt_ffn(tokens, counts)
+        return super().forward(tokens, counts)
+
+    def _rebuilt_ffn(self, x: Tensor, counts: list[int]) -> Tensor:
+        """The FFN with every W rebuilt, permutations cancelled between W_in and W_out.
+
+        W_in (and W_gate) are built transposed with their columns reordered by q
+        (`mpo.contract_permuted`), so h comes out with its d_ff columns in q's order
+        and b_in is reordered to match; W_out is built with its rows reordered by p.
+        When W_out's cut of the d_ff factors mirrors W_in's, q == p and h feeds W_out
+        as it is; otherwise one index_select over h maps q's order to p's. No pass
+        over any full weight matrix or its gradient reorders it.
+        """
+        w_in_t, q = self.permuted_weights("w_in", transposed=True)          # [L, F, D]: rows = W_in columns q
+        b_in = None if self.b_in is None else self.b_in.index_select(1, q)
+        h = grouped_linear(x, counts, b_in, stacked=w_in_t.transpose(1, 2))
+        if self.gated:
+            w_gate_t, q_gate = self.permuted_weights("w_gate", transposed=True)
+            if not torch.equal(q_gate, q):
+                raise AssertionError("w_gate and w_in share their factors, so their column orders must agree")
+            h = self.act(grouped_linear(x, counts, None, stacked=w_gate_t.transpose(1, 2))) * h
+        else:
+            h = self.act(h)
+        w_out, p = self.permuted_weights("w_out")                              # [L, F, D]: rows = W_out rows p
+        where = torch.empty_like(q)
+        where[q] = torch.arange(q.numel(), device=q.device)                  # column of h holding d_ff index f
+        index = where[p]
+        if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
+            h = h.index_select(1, index)
+        return grouped_linear(h, counts, self.b_out, stacked=w_out)
+
+    def permuted_weights(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor]:
+        """All local experts' `name` as `mpo.contract_permuted` gives it: [L, I, J] rows permuted (or [L, J, I])."""
+        aux, c = list(self.auxiliary[name]), self.central_index
+        return mpo.contract_permuted(aux[:c] + [self.central[name]] + aux[c:], transposed)
 
     def expert_weights(self, name: str) -> Tensor:
         """All local experts' dense weights `name`, [L, I, J]: one batched contraction around the shared central."""

@@ -188,6 +188,61 @@ def contract(tensors: Sequence[Tensor]) -> Tensor:
     return w.reshape(*b, il * ir, jl * jr)
 
 
+def _split_halves(tensors: Sequence[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+    """The two halves as left (..., i_L, j_L, d) and right (..., d, i_R, j_R); None if the chain has no cut."""
+    n = len(tensors)
+    ins = [t.shape[-3] for t in tensors]
+    outs = [t.shape[-2] for t in tensors]
+    nl = split_index([t.shape[-4:] for t in tensors])
+    if nl >= n:
+        return None
+    il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
+    left, right = _halves(tensors, nl)
+    lb, d = left.shape[:-2], left.shape[-1]
+    o = len(lb)
+    left = left.reshape(*lb, *[a for k in range(nl) for a in (ins[k], outs[k])], d)
+    left = left.permute(*range(o), *range(o, o + 2 * nl, 2), *range(o + 1, o + 2 * nl, 2), o + 2 * nl)
+    left = left.reshape(*lb, il, jl, d)
+    nr, rb = n - nl, right.shape[:-2]
+    o = len(rb)
+    right = right.reshape(*rb, d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
+    right = right.permute(*range(o + 1), *range(o + 1, o + 1 + 2 * nr, 2), *range(o + 2, o + 1 + 2 * nr, 2))
+    return left.reshape(*lb, il, jl, d), right.reshape(*rb, d, ir, jr)
+
+
+def contract_permuted(tensors: Sequence[Tensor], transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """W with its rows (or columns) reordered so that no pass over the full matrix reorders it.
+
+    `contract` forms left @ right in the order (i_L, j_L, i_R, j_R) and then swaps
+    j_L <-> i_R: one extra read and write of W in forward and of grad W in backward,
+    which on a CPU costs about as much as the product itself. Batching the product
+    over i_R instead writes (i_R, i_L, j_L, j_R) directly: W with its rows in the
+    order (i_R, i_L), i.e. a fixed permutation of rows, which the caller moves to
+    the activations (tokens x I, usually far smaller than I x J) or cancels against
+    the next matrix. Autograd's backward of the batched product is again batched
+    products, with no reordering pass over grad W either.
+
+    Returns (matrix, perm):
+      transposed=False: (..., I, J) whose row r is W's row perm[r];       x @ W = x[:, perm] @ matrix
+      transposed=True:  (..., J, I) = W^T whose row c is W's column perm[c]; (x @ W)[:, perm] = x @ matrix^T
+    Leading batch dims broadcast as in `contract`.
+    """
+    halves = _split_halves(tensors)
+    if halves is None:                                         # nothing to cut: one tensor's worth, already in order
+        w = contract(tensors)
+        w = w.transpose(-2, -1) if transposed else w
+        return w, torch.arange(w.shape[-2], device=w.device)
+    left, right = halves                                       # (..., i_L, j_L, d), (..., d, i_R, j_R)
+    if transposed:                                             # the same product for W^T: swap the roles of i and j
+        left, right = left.transpose(-3, -2), right.transpose(-2, -1)
+    a, b, d = left.shape[-3:]
+    c, e = right.shape[-2:]
+    rows_by_c = right.transpose(-3, -2).contiguous()           # (..., c, d, e): small
+    w = left.reshape(*left.shape[:-3], 1, a * b, d) @ rows_by_c  # (..., c, a*b, e): batch over c
+    w = w.reshape(*w.shape[:-3], c * a, b * e)
+    return w, torch.arange(a * c, device=w.device).view(a, c).t().flatten()
+
+
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """x @ W without forming W: push x (N, I) through the chain one local tensor at a time."""
     n_tokens, i_left, j_done = x.shape[0], x.shape[1], 1
