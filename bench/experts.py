@@ -28,8 +28,9 @@ import time
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from mpoe.parallel.groups import configure_accelerator  # noqa: E402
+
+configure_accelerator()  # as mpoe-train does: CPU accelerator for DeepSpeed, freed memory kept for reuse
 
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models import mpo  # noqa: E402

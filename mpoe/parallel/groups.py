@@ -13,6 +13,7 @@ e // (E / P) of every expert-parallel group.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -29,6 +30,32 @@ def configure_accelerator() -> None:
     """DeepSpeed picks its accelerator at import: make it the CPU when there is no CUDA device."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_cpu_memory()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4     # glibc mallopt parameters
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc reuse freed memory instead of returning it to the OS (no-op elsewhere; MPOE_MALLOC_DEFAULT=1 skips).
+
+    Why: a training step on CPU allocates and frees the same large buffers every
+    step (activations, rebuilt MPO weights, expert weight gradients of ~100 MB).
+    glibc serves each one by a fresh mmap, so every step page-faults and
+    kernel-zeroes all of them again: measured, a fresh 75 MB buffer cost ~27 ms to
+    fill against ~5 ms for a reused one, and an MoE layer step (32 experts) ran
+    ~25% faster with freed memory kept (jemalloc/tcmalloc do the same by default).
+    The price is that the process keeps its peak heap instead of shrinking.
+    """
+    if os.environ.get("MPOE_MALLOC_DEFAULT") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):       # not glibc
+        return False
 
 
 def world_size_from_env() -> int:
