@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mpoe.train import faults
+from mpoe.train import faults, reshard
 
 STEP_PREFIX = "step_"
 
@@ -90,6 +90,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "global_steps": engine.global_steps,
         "rng": rng_state(),
+        "portable_optimizer": reshard.portable_optimizer_state(engine),  # collective at ZeRO 1/2
     }
     part = tmp / f"rank_{rank:05d}.pt.partial"
     torch.save(state, part)
@@ -132,14 +133,24 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}): pick another checkpoint") from None
 
 
-def load(engine, path: Path, expect: dict) -> dict:
-    """Collective: restore this rank's state; returns the checkpoint's meta."""
+def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_experts: int = 0) -> dict:
+    """Collective: restore this rank's state; returns the checkpoint's meta.
+
+    `must_match` (model, moe kind, experts) must equal the checkpoint's; a different
+    `layout` (world size, ep_size, ZeRO stage) is resharded (see reshard.py).
+    """
     rank, world = _rank_world()
     meta = read_meta(path)
-    for key, value in expect.items():
+    for key, value in must_match.items():
         if meta.get(key) != value:
             raise CheckpointError(f"checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
                                   f"{key}={value!r}: resume with the same setting")
+    if any(meta.get(key) != value for key, value in layout.items()):
+        try:
+            return reshard.load_resharded(engine, path, meta, groups.ep_rank, num_experts // groups.ep_size, num_experts, rank)
+        except (OSError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} cannot be resharded to {layout} ({e}): resume with "
+                                  f"world_size={meta.get('world_size')} ep_size={meta.get('ep_size')} zero_stage={meta.get('zero_stage')}") from None
     file = path / f"rank_{rank:05d}.pt"
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
@@ -147,7 +158,7 @@ def load(engine, path: Path, expect: dict) -> dict:
         raise CheckpointError(f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint") from None
     engine.module.load_state_dict(state["module"])
     optimizer = engine.optimizer
-    if hasattr(optimizer, "partition_gradients") or type(optimizer).__name__.startswith("DeepSpeedZero"):
+    if engine.zero_optimization_stage() > 0:
         # ZeRO 1/2: a list indexed by data-parallel rank; with the same world only our own entry is read.
         parts = [None] * world
         parts[dist.get_rank(group=optimizer.dp_process_group) if world > 1 else 0] = state["optimizer"]

@@ -147,7 +147,9 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     start_step = 0
     resume_from = checkpoint.resolve(t.resume, ckpt_dir)
     if resume_from is not None:
-        meta = checkpoint.load(engine, resume_from, {k: identity[k] for k in ("world_size", "ep_size", "zero_stage")})
+        layout_keys = ("world_size", "ep_size", "zero_stage")
+        meta = checkpoint.load(engine, resume_from, {k: identity[k] for k in layout_keys},
+                               {k: v for k, v in identity.items() if k not in layout_keys}, groups, cfg.moe.num_experts)
         start_step = meta["step"]
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
