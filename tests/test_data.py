@@ -49,3 +49,28 @@ def test_sampler_slices_ranks_disjointly_and_repeats_per_step():
     assert torch.equal(per_rank[0].batch(5, 1), per_rank[0].batch(5, 1))
     fresh = data.SequenceSampler(sequences, 2, 2, 2, 0, seed=3)
     assert torch.equal(fresh.batch(5, 1), per_rank[0].batch(5, 1))  # a pure function of the step: exact resume
+
+
+def test_json_and_parquet_files_read_through_datasets(tmp_path):
+    import datasets
+
+    docs = corpus.pydoc_topics()[:120]
+    datasets.Dataset.from_dict({"body": docs}).to_json(str(tmp_path / "docs.jsonl"))
+    datasets.Dataset.from_dict({"body": docs}).to_parquet(str(tmp_path / "docs.parquet"))
+    loaded = []
+    for name in ("docs.jsonl", "docs.parquet"):
+        cfg = DataConfig(name="text", paths=[str(tmp_path / name)], text_field="body", cache_dir=str(tmp_path / "cache"))
+        train, val = data.load_documents(cfg)
+        loaded.append(sorted(train + val))
+    assert loaded[0] == loaded[1] == sorted(d for d in docs if d.strip())
+
+
+def test_missing_text_column_is_one_line(tmp_path):
+    import datasets
+    import pytest
+
+    from mpoe.config import ConfigError
+
+    datasets.Dataset.from_dict({"body": ["some text"] * 4}).to_json(str(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match="data.text_field='text' is not a column"):
+        data.load_documents(DataConfig(name="text", paths=[str(tmp_path / "d.jsonl")]))

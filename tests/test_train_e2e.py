@@ -78,3 +78,12 @@ def test_dry_run_writes_counts_and_trains_nothing(tmp_path, mpoe_cache):
     assert s["dry_run"] is True and s["params_total"] > 0 and "val_loss" not in s
     assert "params_central" in proc.stdout
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_runs_on_cpu(tmp_path, mpoe_cache, precision):
+    """The GPU precisions are config choices that must not break the CPU path."""
+    run = tmp_path / precision
+    train(run, mpoe_cache, "moe=mpoe", f"trainer.precision={precision}", "trainer.max_steps=2", "logging.wandb.mode=disabled")
+    losses = [r["loss"] for r in metrics(run)]
+    assert len(losses) == 2 and all(7 < x < 9 for x in losses)  # ~ln(4096) = 8.3 at init
