@@ -76,7 +76,8 @@ class TopKRouter(nn.Module):
 
         kept = self._apply_capacity(routing_map, scores)
         tokens_dropped = int(routing_map.sum() - kept.sum())
-        entropy = float(-(scores * scores.clamp_min(1e-20).log()).sum(dim=-1).mean()) if scores.numel() else 0.0
+        p = scores.detach()  # monitoring only: no graph
+        entropy = float(-(p * p.clamp_min(1e-20).log()).sum(dim=-1).mean()) if p.numel() else 0.0
         return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped, entropy)
 
     def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:
