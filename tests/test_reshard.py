@@ -40,3 +40,12 @@ def test_resume_with_another_model_is_one_line(tmp_path, mpoe_cache):
                  f"trainer.resume={base / 'checkpoints' / 'step_00000002'}", check=False)
     assert proc.returncode == 2
     assert "saved with moe='mpoe'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_cache):
+    base, four = tmp_path / "base", tmp_path / "four"
+    train(base, mpoe_cache, *COMMON, *ONE)
+    train(four, mpoe_cache, *COMMON, "trainer.micro_batch_size=2", "trainer.eval_batches=4", "parallel.ep_size=4",
+          "parallel.zero_stage=2", f"trainer.resume={base / 'checkpoints' / 'step_00000004'}", nproc=4)
+    assert _losses(four, [5, 6]) == pytest.approx(_losses(base, [5, 6]), rel=1e-5)
+    assert summary(four)["val_loss"] == pytest.approx(summary(base)["val_loss"], rel=1e-5)  # the same 32 sequences
