@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mpoe.parallel.groups import rank_world
 from mpoe.train import faults, reshard
 
 STEP_PREFIX = "step_"
@@ -34,12 +35,6 @@ STEP_PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; one-line message with the path and the fix."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -74,7 +69,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     final = ckpt_dir / f"{STEP_PREFIX}{step:08d}"
     if (final / "meta.json").is_file():  # already saved (e.g. a resumed run that was finished): never overwrite
         return final
@@ -139,7 +134,7 @@ def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_ex
     `must_match` (model, moe kind, experts) must equal the checkpoint's; a different
     `layout` (world size, ep_size, ZeRO stage) is resharded (see reshard.py).
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     meta = read_meta(path)
     for key, value in must_match.items():
         if meta.get(key) != value:

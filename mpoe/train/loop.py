@@ -19,16 +19,12 @@ from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
-from mpoe.parallel.groups import expert_groups
+from mpoe.parallel.groups import expert_groups, rank_world
 from mpoe.train import checkpoint, data as data_lib, faults
 from mpoe.train.flops import flops_per_token, gemm_flops_per_s
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
 from mpoe.train.objectives import build_objective
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -74,7 +70,7 @@ def evaluate(engine, batches: list[torch.Tensor], objective) -> float:
 class _Interval:
     """Sums over the steps between two log lines."""
 
-    def __init__(self, num_moe_layers: int):
+    def __init__(self):
         self.start = time.perf_counter()
         self.loss = self.lm_loss = self.aux_loss = self.z_loss = 0.0
         self.micro = 0
@@ -112,7 +108,7 @@ class _Interval:
 
 
 def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> dict:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     t0 = time.perf_counter()
     groups = expert_groups(cfg.parallel.ep_size)
     if cfg.trainer.dry_run:
@@ -157,7 +153,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     tokens_per_step = global_batch_size(cfg, world) * raw_len
     flops_per_token, gemm_rate = _flops_reference(cfg, model, counts, raw_len)
     progress = _progress(cfg, rank, start_step)
-    interval = _Interval(len(moe_layers(model)))
+    interval = _Interval()
     roles = role_params(model)
     val_loss = None
     train_start = time.perf_counter()
@@ -207,7 +203,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             if progress is not None:
                 progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                      **({"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}))
-            interval = _Interval(len(moe_layers(model)))
+            interval = _Interval()
         if progress is not None:
             progress.update(1)
         if t.save_every and done % t.save_every == 0 and done != t.max_steps:
