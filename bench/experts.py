@@ -12,8 +12,10 @@ auxiliaries and the shared central tensor, ~2*I*J*bond FLOPs per matrix and
 expert against 2*T_e*I*J for the expert's GEMM, so the compute overhead is
 about bond / T_e (3% at 512 tokens per expert); the full-bond MPO already
 meets the parameter target (ratio ~0.20) but rebuilds W at ~1.5x the GEMM's
-cost. On a CPU the rebuild is memory-bound instead: writing W, one pass that
-reorders it, and the same twice in backward cost more than the FLOPs say.
+cost. On a CPU the rebuild is memory-bound instead: writing W in forward and
+reading grad W twice in backward (once per half of the chain) cost more than
+the FLOPs say; `mpoe/models/grouped_linear.py` keeps grad W in one reused,
+cache-resident buffer, which is where most of the remaining gap was.
 On a machine shared with other jobs, `--threads 1` gives steadier numbers
 (OpenMP regions stall when a core is taken).
 """

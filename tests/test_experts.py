@@ -148,32 +148,18 @@ def test_random_init_does_not_depend_on_expert_layout(kind):
         assert not torch.allclose(whole.w_in[0], whole.w_in[1])
 
 
-def test_grouped_linear_matches_per_expert_loop():
-    from mpoe.models.experts import grouped_linear
-
-    torch.manual_seed(3)
-    x = torch.randn(sum(COUNTS), 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(sum(COUNTS), 7, dtype=torch.float64)
-    reference = torch.cat([xe @ w[e] + b[e] for e, xe in enumerate(x.split(COUNTS))])
-    expected = torch.autograd.grad(reference, (x, w, b), g)
-    for out in (grouped_linear(x, COUNTS, b, stacked=w),
-                grouped_linear(x, COUNTS, b, weights={e: w[e] for e, n in enumerate(COUNTS) if n})):
-        torch.testing.assert_close(out, reference)
-        for got, want in zip(torch.autograd.grad(out, (x, w, b), g), expected):
-            torch.testing.assert_close(got, want)
-
-
 def test_rebuilt_ffn_reorders_h_when_w_out_rows_do_not_mirror_w_in_columns(monkeypatch):
-    """W_out given with its rows in natural order: h must be mapped from W_in's column order to it."""
+    """W_in and W_out cut at different bonds: h must be mapped from W_in's column order to W_out's row order."""
     torch.manual_seed(6)
     bank = _bank("mpoe", DenseFFN.random(D_MODEL, D_FF, std=0.3), "gelu_new", aux_init_noise=0.3, bond_dim=4)
     bank.method = "dense"
     x = torch.randn(sum(COUNTS), D_MODEL)
     expected = torch.cat([_manual_expert(bank, e, xe) for e, xe in enumerate(x.split(COUNTS))])
-    permuted = bank.permuted_weights
-    natural = lambda name, transposed=False: (
-        (bank.expert_weights(name), torch.arange(D_FF)) if name == "w_out" else permuted(name, transposed))
-    monkeypatch.setattr(bank, "permuted_weights", natural)
+    orders = {name: bank.halves(name, transposed=name == "w_in")[2] for name in ("w_in", "w_out")}
+    assert torch.equal(orders["w_in"], orders["w_out"])          # the default cuts mirror each other
+    cut = iter([2, 3])                                           # w_in (built first) at 2, w_out at 3
+    monkeypatch.setattr(mpo, "split_index", lambda shapes: next(cut))
     torch.testing.assert_close(bank(x, COUNTS), expected, rtol=1e-4, atol=1e-5)
+    assert next(cut, None) is None
+
+

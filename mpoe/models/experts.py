@@ -22,16 +22,17 @@ Choices, and why:
   `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
   seeded per global expert, to break the experts' symmetry if wanted.
 - Each weight is applied to all local experts' rows by one grouped op
-  (`grouped_linear`): per-expert GEMMs written into one output, gradients
-  written straight into the stacked buffer, no per-expert split / cat, and the
+  (`grouped_linear.py`): per-expert GEMMs written into one output, gradients
+  written straight into stacked buffers, no per-expert split / cat, and the
   activation runs once over all tokens.
-- MPOE rebuilds all local experts' W_e per forward in one batched
-  contraction (`mpo.contract` on the stacked auxiliaries around the shared
-  central tensor: small chains first, the central one last) and feeds the
-  grouped op. It builds them with `mpo.contract_permuted` (rows or columns of
-  W reordered so that no pass over W or grad W reorders it; W_in's column order
-  and W_out's row order cancel through h, so the FFN's result is unchanged); when pushing an expert's tokens through the chain costs less (few
-  tokens, see `mpo.matmul_costs`) it falls back to per-expert `mpo_matmul`.
+- MPOE contracts each chain into its two halves (`mpo.split_halves`: small
+  outer tensors first, the shared central tensor last) for all local experts
+  at once, and `mpo_grouped_linear` builds each expert's W from them inside
+  the op, with rows or columns reordered so that no pass over W or grad W
+  reorders it (W_in's column order and W_out's row order cancel through h, so
+  the FFN's result is unchanged). When pushing an expert's tokens through the
+  chain costs less (few tokens, see `mpo.matmul_costs`) it falls back to
+  per-expert `mpo_matmul`.
   With no tokens at all every parameter still gets a (zero) gradient.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from mpoe.models import mpo
+from mpoe.models.grouped_linear import grouped_linear, mpo_grouped_linear
 
 TokenCounts = Union[Sequence[int], Tensor]
 
@@ -162,71 +164,6 @@ def _cheaper_path(n_tokens: int, chain: Sequence) -> str:
     return "chain" if chain_cost < dense else "dense"
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """Consecutive row groups times per-expert weights, written into one output (no split / cat).
-
-    Weights come stacked [L, I, J] (Switch: backward writes each expert's gradient
-    straight into one stacked buffer) or as {expert: W_e} (MPOE: rebuilt per
-    forward; experts absent from the dict have no rows).
-    """
-
-    @staticmethod
-    def forward(ctx, x, counts, bias, stacked, experts, *weights):
-        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
-        out_dim = next(iter(ws.values())).shape[1]
-        out = x.new_empty(x.shape[0], out_dim)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                if bias is None:
-                    torch.mm(x[rows], ws[e], out=out[rows])
-                else:
-                    torch.addmm(bias[e], x[rows], ws[e], out=out[rows])
-            start += n
-        ctx.counts, ctx.experts = counts, experts
-        ctx.save_for_backward(x, bias, stacked, *weights)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, bias, stacked, *weights = ctx.saved_tensors
-        counts, experts = ctx.counts, ctx.experts
-        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
-        need_x, _, need_b, need_stacked = ctx.needs_input_grad[:4]
-        gx = torch.empty_like(x) if need_x else None
-        gb = torch.zeros_like(bias) if bias is not None and need_b else None
-        gstacked = None
-        if stacked is not None and need_stacked:
-            # Every expert with rows overwrites its slice below; zero-filling the whole [L, I, J]
-            # buffer first would be one more pass over all weights, so zero only the idle experts.
-            gstacked = torch.empty_like(stacked)
-            for e, n in enumerate(counts):
-                if not n:
-                    gstacked[e].zero_()
-        gws = {e: torch.empty_like(ws[e]) for e in experts} if stacked is None else {}
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows, g = slice(start, start + n), grad[start:start + n]
-                if gx is not None:
-                    torch.mm(g, ws[e].t(), out=gx[rows])
-                gw = gstacked[e] if gstacked is not None else gws.get(e)
-                if gw is not None:
-                    torch.mm(x[rows].t(), g, out=gw)
-                if gb is not None:
-                    torch.sum(g, 0, out=gb[e])
-            start += n
-        return (gx, None, gb, gstacked, None, *[gws.get(e) for e in experts])
-
-
-def grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Optional[Tensor] = None,
-                   weights: Optional[dict[int, Tensor]] = None) -> Tensor:
-    """x rows of expert e (consecutive, counts[e]) @ W_e + bias[e]; W from `stacked` [L, I, J] or `weights` {e: W_e}."""
-    experts = [] if weights is None else list(weights)
-    return _GroupedLinear.apply(x, counts, bias, stacked, experts, *(weights or {}).values())
-
-
 def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
     return None if tensors[0] is None else nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
 
@@ -300,8 +237,8 @@ class MPOEExperts(ExpertBank):
         methods = [self.method if self.method != "auto" else _cheaper_path(n, chains[e]) for e, n in enumerate(counts)]
         used = [e for e, n in enumerate(counts) if n > 0]
         if used and all(methods[e] == "dense" for e in used):
-            w, perm = self.permuted_weights(name)
-            return grouped_linear(x.index_select(1, perm), counts, bias, stacked=w)
+            left, right, perm = self.halves(name)
+            return mpo_grouped_linear(x.index_select(1, perm), counts, bias, left, right)
         outputs = [mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
                    for e, xe in enumerate(x.split(counts))]
         return torch.cat(outputs)
@@ -321,37 +258,42 @@ class MPOEExperts(ExpertBank):
         return super().forward(tokens, counts)
 
     def _rebuilt_ffn(self, x: Tensor, counts: list[int]) -> Tensor:
-        """The FFN with every W rebuilt, permutations cancelled between W_in and W_out.
+        """The FFN with every W rebuilt inside the grouped op, permutations cancelled between W_in and W_out.
 
         W_in (and W_gate) are built transposed with their columns reordered by q
-        (`mpo.contract_permuted`), so h comes out with its d_ff columns in q's order
+        (`mpo.split_halves`), so h comes out with its d_ff columns in q's order
         and b_in is reordered to match; W_out is built with its rows reordered by p.
         When W_out's cut of the d_ff factors mirrors W_in's, q == p and h feeds W_out
         as it is; otherwise one index_select over h maps q's order to p's. No pass
         over any full weight matrix or its gradient reorders it.
         """
-        w_in_t, q = self.permuted_weights("w_in", transposed=True)          # [L, F, D]: rows = W_in columns q
+        left, right, q = self.halves("w_in", transposed=True)               # M: rows = W_in columns q
         b_in = None if self.b_in is None else self.b_in.index_select(1, q)
-        h = grouped_linear(x, counts, b_in, stacked=w_in_t.transpose(1, 2))
+        h = mpo_grouped_linear(x, counts, b_in, left, right, transposed=True)
         if self.gated:
-            w_gate_t, q_gate = self.permuted_weights("w_gate", transposed=True)
+            left, right, q_gate = self.halves("w_gate", transposed=True)
             if not torch.equal(q_gate, q):
                 raise AssertionError("w_gate and w_in share their factors, so their column orders must agree")
-            h = self.act(grouped_linear(x, counts, None, stacked=w_gate_t.transpose(1, 2))) * h
+            h = self.act(mpo_grouped_linear(x, counts, None, left, right, transposed=True)) * h
         else:
             h = self.act(h)
-        w_out, p = self.permuted_weights("w_out")                              # [L, F, D]: rows = W_out rows p
+        left, right, p = self.halves("w_out")                                # M: rows = W_out rows p
         where = torch.empty_like(q)
         where[q] = torch.arange(q.numel(), device=q.device)                  # column of h holding d_ff index f
         index = where[p]
         if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
             h = h.index_select(1, index)
-        return grouped_linear(h, counts, self.b_out, stacked=w_out)
+        return mpo_grouped_linear(h, counts, self.b_out, left, right)
 
-    def permuted_weights(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor]:
-        """All local experts' `name` as `mpo.contract_permuted` gives it: [L, I, J] rows permuted (or [L, J, I])."""
+    def halves(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """All local experts' chain for `name` as `mpo.split_halves` gives it: left [L, a, b, d], right [L, d, c, e], perm."""
         aux, c = list(self.auxiliary[name]), self.central_index
-        return mpo.contract_permuted(aux[:c] + [self.central[name]] + aux[c:], transposed)
+        halves = mpo.split_halves(aux[:c] + [self.central[name]] + aux[c:], transposed)
+        if halves is None:
+            raise ValueError(f"MPO of {name} has a single tensor: use num_mpo_factors >= 2")
+        left, right, perm = halves
+        L = self.num_local_experts                                           # a half may hold only the shared central tensor
+        return left.expand(L, *left.shape[-3:]), right.expand(L, *right.shape[-3:]), perm
 
     def expert_weights(self, name: str) -> Tensor:
         """All local experts' dense weights `name`, [L, I, J]: one batched contraction around the shared central."""
