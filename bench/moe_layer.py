@@ -1,12 +1,20 @@
 """MoE layer speed: our permutation dispatch vs DeepSpeed's padded einsum MoE vs the dense compute floor.
 
-    python -m bench.moe_layer [--json FILE] [--quick]
+    python -m bench.moe_layer [--json FILE] [--quick] [--ep 1 2]
 
 One training step (forward + backward of sum(out * g)) of a top-1 Switch layer,
-d_model 512, d_ff 2048, single process, fastest of a few repeats (the machine may be shared), for 8 and 32
+d_model 512, d_ff 2048, fastest of a few repeats (the machine may be shared), for 8 and 32
 experts at capacity factor 1.0, dropless, and dropless with skewed routing
 (tokens pushed to expert 0 until max/mean expert load is about 3). The floor is one
 dense FFN of the same width over all tokens: the FLOPs a top-1 layer must spend.
+
+ep 1: one process. ep 2: a real gloo world of 2 processes (1 thread each, the 2
+cores of this machine), each holding half of the tokens and half of the experts,
+tokens exchanged by all-to-all; the floor is the dense FFN over each process's
+half, run at the same time on both. A step's time is the slower rank's, and
+the all-to-all bytes are counted where they are handed to
+`torch.distributed.all_to_all_single` (forward and backward, both layers alike;
+token payload only: our per-expert count exchange is reported apart, a few hundred bytes).
 
 DeepSpeed's GShard-style layer builds [tokens, experts, capacity] one-hot tensors
 and dispatches by matmul against them, so its memory and time grow with
@@ -24,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -41,16 +50,25 @@ D_MODEL, D_FF = 512, 2048
 
 
 def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Fastest fwd+bwd over `repeats` after a warm-up; in a world, each step starts together and counts the slower rank."""
+    import torch.distributed as dist
+
+    world = dist.is_available() and dist.is_initialized()
     g = torch.randn_like(x)
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
         module.zero_grad(set_to_none=True)
+        if world:
+            dist.barrier()
         start = time.perf_counter()
         out = module(x)
         out = out[0] if isinstance(out, tuple) else out
         (out * g).sum().backward()
+        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        if world:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(float(elapsed))
     return min(times)  # the least-disturbed run: this machine's 2 cores are shared
 
 
@@ -70,85 +88,214 @@ def skew_tokens(x: torch.Tensor, gate_weight: torch.Tensor, num_experts: int) ->
     return x[torch.randperm(x.shape[0])]
 
 
-def ds_capacity_rows(tokens: int, num_experts: int, capacity_factor, counts: torch.Tensor) -> int:
-    capacity = int(counts.max()) if capacity_factor is None else math.ceil(tokens / num_experts * capacity_factor)
-    return num_experts * capacity
+class CountAllToAll:
+    """Bytes handed to `torch.distributed.all_to_all_single` while active (ours and DeepSpeed's both end there).
+
+    `bytes`: token payload (floating-point tensors); `metadata_bytes`: integer tensors
+    (our per-expert token counts, P x L int64 per rank and layer, a few hundred bytes).
+    """
+
+    def __enter__(self) -> "CountAllToAll":
+        import torch.distributed as dist
+
+        self.bytes, self.metadata_bytes, self._original = 0, 0, dist.all_to_all_single
+
+        def counted(output, input, *args, **kwargs):
+            size = input.numel() * input.element_size()
+            if input.is_floating_point():
+                self.bytes += size
+            else:
+                self.metadata_bytes += size
+            return self._original(output, input, *args, **kwargs)
+
+        dist.all_to_all_single = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        dist.all_to_all_single = self._original
 
 
-def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: float) -> dict:
+def _sum_over_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+class _BankOnly(nn.Module):
+    def __init__(self, bank: nn.Module, counts):
+        super().__init__()
+        self.bank, self.counts = bank, counts
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.bank(rows, self.counts)
+
+
+def _one_step(module: nn.Module, x: torch.Tensor) -> None:
+    out = module(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    module.zero_grad(set_to_none=True)
+
+
+def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: float, ep: int = 1) -> dict:
+    """One row of the table. With ep > 1 every rank of the world calls this; `tokens` is the global count."""
     from deepspeed.moe.layer import MoE
 
+    from mpoe.parallel.groups import expert_groups, rank_world
+
+    rank, world = rank_world()
+    groups = expert_groups(ep) if ep > 1 else ExpertGroups()
     capacity_factor = 1.0 if mode == "cf1" else None
-    torch.manual_seed(0)
+    torch.manual_seed(0)   # the same router and global experts on every rank
     cfg = MoEConfig(kind="switch", num_experts=num_experts, top_k=1, capacity_factor=capacity_factor,
                     aux_loss_coef=0.01, z_loss_coef=0.0)
-    ours = build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", ExpertGroups())
+    ours = build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", groups)
     x = torch.randn(tokens, D_MODEL)
     if mode == "skewed":
         x = skew_tokens(x, ours.router.gate.weight.detach(), num_experts)
+    x = x.chunk(world)[rank].contiguous().requires_grad_()     # each rank its share; inside a model x needs grad too
 
     rows = {}
-    ours.bank.register_forward_pre_hook(lambda m, args: rows.__setitem__("ours", args[0].shape[0]))
+    ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
     t_ours = step_time(ours, x, repeats)
-    counts = ours.stats.tokens_per_expert
-    kept = int(counts.sum()) - ours.stats.tokens_dropped
+    counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
+    routed = _sum_over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
+    with CountAllToAll() as ours_comm:
+        _one_step(ours, x)
     t_floor = step_time(dense_ffn(), x, repeats)
+    # The expert bank alone on its sorted rows: per-expert GEMMs + activation, no routing or dispatch.
+    bank_rows, bank_counts = rows["bank_args"]
+    t_bank = step_time(_BankOnly(ours.bank, bank_counts), bank_rows.detach().requires_grad_(), repeats)
 
-    result = dict(tokens=tokens, experts=num_experts, mode=mode, ours_s=t_ours, floor_s=t_floor,
-                  load_max_over_mean=float(counts.max() / counts.float().mean()), routed=kept,
-                  ours_rows=rows["ours"], tokens_dropped=ours.stats.tokens_dropped)
-    ds_rows = ds_capacity_rows(tokens, num_experts, capacity_factor, counts)
-    result["ds_rows"] = ds_rows
-    ds_gb = tokens * ds_rows * 4 / 1e9  # one [tokens, experts * capacity] float tensor; it builds several
+    row_bytes = D_MODEL * x.element_size()
+    result = dict(tokens=tokens, experts=num_experts, mode=mode, ep=ep, ours_s=t_ours, floor_s=t_floor, bank_s=t_bank,
+                  load_max_over_mean=float(counts.max() / counts.float().mean()), routed=int(routed),
+                  ours_rows=int(_sum_over_ranks(rows["ours"])),
+                  tokens_dropped=int(_sum_over_ranks(ours.stats.tokens_dropped)))
+    # What must cross the all-to-all at least: every kept (token, expert) row, out and back, forward and backward.
+    minimum_bytes = 4 * routed * row_bytes
+    if ep > 1:
+        result["ours_bytes_vs_routed"] = _sum_over_ranks(ours_comm.bytes) / minimum_bytes
+        result["ours_metadata_bytes"] = int(_sum_over_ranks(ours_comm.metadata_bytes))
+    if capacity_factor:
+        capacity = math.ceil(x.shape[0] / num_experts * capacity_factor)
+    else:                 # DeepSpeed's dropless capacity: the largest local expert load over the ranks
+        with torch.no_grad():
+            capacity = int(_max_over_ranks(float(ours.router(x).tokens_per_expert.max())))
+    result["ds_rows"] = int(_sum_over_ranks(num_experts * capacity))
+    ds_gb = x.shape[0] * num_experts * capacity * 4 / 1e9  # one [tokens, experts * capacity] float tensor; it builds several
     if ds_gb > ds_max_gb:
         result["ds_s"] = None
         result["ds_skipped"] = f"its [tokens, experts x capacity] tensors need {ds_gb:.1f} GB each (> --ds-max-gb {ds_max_gb})"
     else:
-        ds = MoE(D_MODEL, dense_ffn(), num_experts=num_experts, ep_size=1, k=1,
+        ds = MoE(D_MODEL, dense_ffn(), num_experts=num_experts, ep_size=ep, k=1,
                  capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0,
                  min_capacity=0, drop_tokens=capacity_factor is not None, use_rts=False)
+        if ep > 1:
+            ds.set_deepspeed_parallelism()
         with torch.no_grad():
             ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.gate.weight)
         result["ds_s"] = step_time(ds, x, repeats)
+        if ep > 1:
+            with CountAllToAll() as ds_comm:
+                _one_step(ds, x)
+            result["ds_bytes_vs_routed"] = _sum_over_ranks(ds_comm.bytes) / minimum_bytes
     return result
+
+
+def _ep_worker(rank: int, ep: int, cases: list, repeats: int, ds_max_gb: float, out_path: str) -> None:
+    """Runs in each process of the ep world (see mpoe.parallel.local_world); rank 0 prints and saves the rows."""
+    results = []
+    for tokens, num_experts, mode in cases:
+        r = run_case(tokens, num_experts, mode, repeats, ds_max_gb, ep=ep)
+        results.append(r)
+        if rank == 0:
+            print_row(r)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+def print_row(r: dict) -> None:
+    ds = "skipped" if r["ds_s"] is None else f"{r['ds_s']:.3f}"
+    ds_ratio = "-" if r["ds_s"] is None else f"{r['ds_s'] / r['ours_s']:.2f}"
+    if r["ep"] > 1:      # bytes handed to the all-to-all / routed rows' bytes
+        ours_b, ds_b = f"{r['ours_bytes_vs_routed']:.2f}", "-" if r["ds_s"] is None else f"{r['ds_bytes_vs_routed']:.2f}"
+    else:                # no all-to-all: the dispatch buffer's rows / routed rows
+        ours_b, ds_b = f"{r['ours_rows'] / r['routed']:.2f}", f"{r['ds_rows'] / r['routed']:.2f}"
+    print(f"{r['ep']:>3} {r['tokens']:>7} {r['experts']:>3} {r['mode']:>8} {r['load_max_over_mean']:>5.2f} {r['ours_s']:>7.3f} "
+          f"{r['floor_s']:>7.3f} {ds:>7} {r['ours_s'] / r['floor_s']:>10.2f} {r['bank_s'] / r['floor_s']:>10.2f} {ds_ratio:>8} {ours_b:>12} {ds_b:>10}", flush=True)
+    if r["ds_s"] is None:
+        print(f"        DeepSpeed not run: {r['ds_skipped']}", flush=True)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the headline ratios here")
     parser.add_argument("--quick", action="store_true", help="small token counts (about 2 minutes on 2 cores)")
-    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
+    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts (global, for every ep)")
+    parser.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes; ep > 1 spawns that many processes")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ds-max-gb", type=float, default=4.0)
     args = parser.parse_args(argv)
-    token_counts = args.tokens or ([2048, 4096] if args.quick else [8192, 32768])
     repeats = args.repeats or 3
+    modes = ("cf1", "dropless", "skewed")
 
     rows = []
-    print(f"load average at start {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; top-1, d_model {D_MODEL}, d_ff {D_FF}; seconds per fwd+bwd step")
-    print(f"{'tokens':>7} {'E':>3} {'mode':>7} {'load':>5} {'ours':>7} {'floor':>7} {'DS':>7} "
-          f"{'ours/floor':>10} {'DS/ours':>8} {'rows ours/routed':>16} {'DS rows/routed':>14}")
-    for tokens in token_counts:
-        for num_experts in (8, 32):
-            for mode in ("cf1", "dropless", "skewed"):
-                r = run_case(tokens, num_experts, mode, repeats, args.ds_max_gb)
-                rows.append(r)
-                ds = "skipped" if r["ds_s"] is None else f"{r['ds_s']:.3f}"
-                ds_ratio = "-" if r["ds_s"] is None else f"{r['ds_s'] / r['ours_s']:.2f}"
-                print(f"{tokens:>7} {num_experts:>3} {mode:>7} {r['load_max_over_mean']:>5.2f} {r['ours_s']:>7.3f} "
-                      f"{r['floor_s']:>7.3f} {ds:>7} {r['ours_s'] / r['floor_s']:>10.2f} {ds_ratio:>8} "
-                      f"{r['ours_rows'] / r['routed']:>16.2f} {r['ds_rows'] / r['routed']:>14.2f}", flush=True)
-                if r["ds_s"] is None:
-                    print(f"        DeepSpeed not run: {r['ds_skipped']}")
+    print(f"load average at start {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()} (ep > 1: 1 per process); "
+          f"top-1, d_model {D_MODEL}, d_ff {D_FF}; seconds per fwd+bwd step")
+    print(f"{'ep':>3} {'tokens':>7} {'E':>3} {'mode':>8} {'load':>5} {'ours':>7} {'floor':>7} {'DS':>7} "
+          f"{'ours/floor':>10} {'bank/floor':>10} {'DS/ours':>8} {'ours bytes':>12} {'DS bytes':>10}")
+    print("    (bank/floor: the expert bank alone on its sorted rows, i.e. the per-expert GEMMs' own cost;\n"
+          "     bytes: ep 1 = dispatch buffer rows / routed rows; ep > 1 = bytes handed to all_to_all / routed rows' bytes x 4)")
+    for ep in args.ep:
+        if ep == 1:
+            token_counts = args.tokens or ([2048, 4096] if args.quick else [8192, 32768])
+            for tokens in token_counts:
+                for num_experts in (8, 32):
+                    for mode in modes:
+                        rows.append(run_case(tokens, num_experts, mode, repeats, args.ds_max_gb))
+                        print_row(rows[-1])
+        else:
+            from mpoe.parallel.local_world import spawn_world
+
+            token_counts = args.tokens or ([4096] if args.quick else [8192])
+            cases = [(t, e, m) for t in token_counts for e in (8, 32) for m in modes]
+            with tempfile.TemporaryDirectory() as tmp:
+                out_path = os.path.join(tmp, "rows.json")
+                spawn_world(_ep_worker, ep, ep, cases, repeats, args.ds_max_gb, out_path)
+                with open(out_path) as f:
+                    rows.extend(json.load(f))
 
     timed = [r for r in rows if r["ds_s"] is not None]
     worst = lambda xs: min(xs) if xs else None
+    bytes_ratio = lambda r: r["ours_bytes_vs_routed"] if r["ep"] > 1 else r["ours_rows"] / r["routed"]
     results = {
         "moe_layer.vs_floor": max(r["ours_s"] / r["floor_s"] for r in rows),
         "moe_layer.speedup_vs_deepspeed": worst([r["ds_s"] / r["ours_s"] for r in timed if r["mode"] != "skewed"]),
         "moe_layer.speedup_vs_deepspeed_skewed": worst([r["ds_s"] / r["ours_s"] for r in timed if r["mode"] == "skewed"]),
-        "dispatch.bytes_vs_routed": max(r["ours_rows"] / r["routed"] for r in rows),
+        "dispatch.bytes_vs_routed": max(bytes_ratio(r) for r in rows),
     }
+    for ep in sorted({r["ep"] for r in rows}):
+        results[f"moe_layer.vs_floor_ep{ep}"] = max(r["ours_s"] / r["floor_s"] for r in rows if r["ep"] == ep)
+    # Where the worst case's time goes: its expert bank alone against the floor (GEMMs split per expert)
+    worst_row = max(rows, key=lambda r: r["ours_s"] / r["floor_s"])
+    results["moe_layer.bank_vs_floor_at_worst"] = worst_row["bank_s"] / worst_row["floor_s"]
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     print("headline (worst case over the grid):", json.dumps(results))
     if args.json:

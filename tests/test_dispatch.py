@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import spawn_world
+from mpoe.parallel.local_world import spawn_world
 from mpoe.config import MoEConfig
 from mpoe.parallel.groups import ExpertGroups
 

@@ -1,4 +1,4 @@
-"""Spawn a real gloo world of processes on 127.0.0.1 for multi-process tests.
+"""Spawn a real gloo world of processes on 127.0.0.1 (multi-process tests and benchmarks).
 
 Each worker gets the usual launcher environment (RANK, WORLD_SIZE, MASTER_*),
 initialises through `mpoe.parallel.groups.init_distributed` as training does, runs
