@@ -15,6 +15,7 @@ and the combine path walks the same stages backwards.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,12 @@ from torch.distributed.nn.functional import all_to_all_single
 from megatron.core.transformer.moe import moe_utils
 
 from mpoe.parallel.groups import ExpertGroups
+
+# torch 2.13 deprecates torch.distributed.nn's all_to_all_single in favour of
+# torch.distributed._functional_collectives, a private module. We keep the public
+# one (autograd over uneven splits on gloo and nccl, tested) and silence only its notice.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass
