@@ -103,29 +103,15 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
     With model.pretrained the FFNs are upcycled: every expert starts as the dense FFN it replaces.
     """
     torch.manual_seed(cfg.trainer.seed)  # identical non-expert init on every rank
+    # A dry run only counts parameters: build on the meta device (no memory, and no SVDs: see mpo.decompose)
     shapes_only = cfg.trainer.dry_run and not cfg.model.pretrained
     with torch.device("meta") if shapes_only else contextlib.nullcontext():
         backbone = build_backbone(cfg, vocab_size, eot_id, pad_id)
-    if cfg.moe.kind != "dense":
-        with _mpo_shapes_only() if shapes_only else contextlib.nullcontext():
+        if cfg.moe.kind != "dense":
             install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
     if cfg.model.family == "t5":
         pad_id = backbone.config.pad_token_id
     return LanguageModel(backbone, cfg.model.family, pad_id)
-
-
-@contextlib.contextmanager
-def _mpo_shapes_only():
-    """A dry run only counts parameters: skip the SVDs of random matrices (minutes for T5-base)
-    and give MPO tensors of the right shapes (zeros). The dense backbone is built on the meta device."""
-    from mpoe.models import mpo
-
-    decompose = mpo.decompose
-    mpo.decompose = lambda w, i, o, bond_dim=None: [torch.zeros(s, dtype=w.dtype) for s in mpo.tensor_shapes(i, o, bond_dim)]
-    try:
-        yield
-    finally:
-        mpo.decompose = decompose
 
 
 def ffn_shape(backbone: nn.Module, family: str) -> tuple[int, int, str]:

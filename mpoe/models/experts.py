@@ -322,7 +322,7 @@ def build_expert_bank(cfg, d_model: int, d_ff: int, activation: str, groups, den
     if dense is not None and (dense.d_model, dense.d_ff) != (d_model, d_ff):
         raise ValueError(f"dense FFN is {dense.d_model}x{dense.d_ff}, expected d_model={d_model}, d_ff={d_ff}")
     local = groups.local_experts(cfg.num_experts)
-    base_seed = int(torch.randint(0, 2**62, (1,)).item())     # same on every rank: the global RNG is
+    base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # same on every rank: the global RNG is
     if cfg.kind == "switch":
         if dense is not None:
             denses = [dense] * len(local)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mpoe.config import TrainConfig
-from mpoe.models.build import LanguageModel, _mpo_shapes_only, install_moe, moe_layers
+from mpoe.models.build import LanguageModel, install_moe, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 
 FORMAT = "mpoe-export-1"
@@ -94,8 +94,10 @@ def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGro
     cls = GPT2LMHeadModel if cfg.model.family == "gpt2" else T5ForConditionalGeneration
     backbone = cls(copy.deepcopy(hf_config))
     if cfg.moe.kind != "dense":
-        with _mpo_shapes_only():  # the values are overwritten by load_state_dict
+        with torch.device("meta"):  # no init (nor SVDs: see mpo.decompose); the state dict brings the values
             install_moe(backbone, cfg, groups, upcycle=False)
+        for layer in moe_layers(backbone):
+            layer.to_empty(device="cpu")
     pad = hf_config.pad_token_id if cfg.model.family == "t5" else BPE_PAD_ID
     return LanguageModel(backbone, cfg.model.family, pad)
 

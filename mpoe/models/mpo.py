@@ -109,7 +109,14 @@ def _tt_svd(weight: Tensor, in_factors, out_factors, bond_dim) -> tuple[list[Ten
 
 
 def decompose(weight: Tensor, in_factors: Sequence[int], out_factors: Sequence[int], bond_dim: Optional[int] = None) -> list[Tensor]:
-    """Split `weight` (I, J) into n local tensors (d_{k-1}, i_k, j_k, d_k) by sequential truncated SVD."""
+    """Split `weight` (I, J) into n local tensors (d_{k-1}, i_k, j_k, d_k) by sequential truncated SVD.
+
+    A weight on the meta device gives meta tensors of the right shapes and no SVD
+    (a dry run counts the parameters of models whose SVDs would take minutes).
+    """
+    if weight.is_meta:
+        _check_factors(weight.shape, in_factors, out_factors)
+        return [torch.empty(s, dtype=weight.dtype, device="meta") for s in tensor_shapes(in_factors, out_factors, bond_dim)]
     return _tt_svd(weight, list(in_factors), list(out_factors), bond_dim)[0]
 
 
