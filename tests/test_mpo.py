@@ -171,3 +171,12 @@ def test_contract_permuted_is_contract_with_rows_or_columns_reordered(ins, outs,
                     torch.autograd.grad(cols_t, chain, g[..., cperm].transpose(-2, -1))):
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b)
+
+
+def test_decompose_of_a_meta_weight_gives_the_shapes_without_an_svd():
+    w = torch.empty(768, 3072, device="meta")
+    tensors = mpo.decompose(w, [3, 4, 4, 4, 4], [4, 4, 8, 6, 4], bond_dim=16)
+    assert all(t.is_meta for t in tensors)
+    assert [tuple(t.shape) for t in tensors] == mpo.tensor_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16)
+    with pytest.raises(ValueError, match="does not match factors"):
+        mpo.decompose(w, [3, 4, 4, 4, 4], [4, 4, 8, 6, 2])
