@@ -70,3 +70,14 @@ def test_mpo_grouped_linear_with_no_rows_gives_zero_gradients():
     assert out.shape == (0, 6)
     gl, gr = torch.autograd.grad(out.sum(), (left, right))
     assert not gl.any() and not gr.any()
+
+
+def test_mpo_grouped_linear_with_frozen_halves_still_gives_grad_x():
+    torch.manual_seed(9)
+    left = torch.randn(2, 2, 3, 2, dtype=torch.float64)
+    right = torch.randn(2, 2, 3, 2, dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    matrices = torch.einsum("kabd,kdce->kcabe", left, right).reshape(2, 6, 6)
+    (gx,) = torch.autograd.grad(mpo_grouped_linear(x, [2, 3], None, left, right).sum(), x)
+    expected = torch.cat([torch.ones(2, 6, dtype=torch.float64) @ matrices[0].t(), torch.ones(3, 6, dtype=torch.float64) @ matrices[1].t()])
+    torch.testing.assert_close(gx, expected)

@@ -132,6 +132,7 @@ class _MPOGroupedLinear(torch.autograd.Function):
         L, a, b, c, d, e = ctx.dims
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        need_halves = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]      # false when the MPO tensors are frozen
         g_left = left_rows.new_zeros(L, a * b, d)                       # experts without rows get zeros
         g_right = right_by_c.new_zeros(L, c, d, e)
         scratch = x.new_empty(c, a * b, e)                              # grad M_k, one expert at a time
@@ -143,21 +144,24 @@ class _MPOGroupedLinear(torch.autograd.Function):
                 m = weights[k].view(c * a, b * e)
                 if gx is not None:
                     torch.mm(g, m if transposed else m.t(), out=gx[rows])
-                if transposed:
-                    torch.mm(g.t(), x[rows], out=gm)
-                else:
-                    torch.mm(x[rows].t(), g, out=gm)
-                # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
-                # beats one bmm + sum while c is small (the bmm writes c partial results).
-                if c <= 64:
-                    for i in range(c):
-                        g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
-                else:
-                    torch.sum(torch.bmm(scratch, right_by_c[k].transpose(1, 2)), 0, out=g_left[k])
-                torch.bmm(left_rows[k].t().expand(c, d, a * b), scratch, out=g_right[k])
+                if need_halves:
+                    if transposed:
+                        torch.mm(g.t(), x[rows], out=gm)
+                    else:
+                        torch.mm(x[rows].t(), g, out=gm)
+                    # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
+                    # beats one bmm + sum while c is small (the bmm writes c partial results).
+                    if c <= 64:
+                        for i in range(c):
+                            g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
+                    else:
+                        torch.sum(torch.bmm(scratch, right_by_c[k].transpose(1, 2)), 0, out=g_left[k])
+                    torch.bmm(left_rows[k].t().expand(c, d, a * b), scratch, out=g_right[k])
                 if gb is not None:
                     torch.sum(g, 0, out=gb[k])
             start += n
+        if not need_halves:
+            return gx, None, None, gb, None, None
         return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2)
 
 
