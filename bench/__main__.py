@@ -25,6 +25,7 @@ ROWS = {
     "experts.mpoe_vs_switch_time": ("MPOE bank fwd+bwd time / Switch bank", "lower is better", "<= 1.10"),
     "experts.mpoe_vs_switch_params": ("MPOE bank params / Switch bank", "lower is better", "<= 0.25"),
     "experts.switch_vs_deepspeed_time": ("Switch bank time / DeepSpeed Experts", "lower is better", None),
+    "experts.mpoe_vs_switch_time_quarter_tokens": ("  ... MPOE / Switch time at a quarter of the tokens", "lower is better", None),
     "moe_layer.vs_floor": ("our MoE layer time / dense FFN floor (worst case, ep 1 and 2)", "lower is better", "<= 1.05"),
     "moe_layer.vs_floor_ep1": ("  ... single process", "lower is better", None),
     "moe_layer.vs_floor_ep2": ("  ... 2 processes, expert parallel", "lower is better", None),

@@ -62,11 +62,23 @@ def fwd_bwd(run, module: nn.Module, x: torch.Tensor) -> float:
     return elapsed
 
 
+def median_times(runs: dict, x: torch.Tensor, repeats: int) -> dict:
+    """Median fwd+bwd seconds per bank after one warm-up, the banks interleaved in each repeat."""
+    times = {name: [] for name in runs}
+    for r in range(repeats + 1):
+        order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
+        for name in order:
+            t = fwd_bwd(*runs[name], x)
+            if r > 0:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the ratios here")
-    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
-    ap.add_argument("--tokens", type=int, default=None, help="default 4096 (--quick: 1024)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (the size stays: the whole run takes seconds)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens over all experts (default 4096: 512 per expert)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--bond-dim", type=int, default=16, help="MPO bond cap for the MPOE bank (0 = full bonds)")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
@@ -74,7 +86,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokens = args.tokens or (1024 if args.quick else 4096)
+    tokens = args.tokens
     repeats = args.repeats or (3 if args.quick else 5)
     bond = args.bond_dim or None
     E = args.experts
@@ -88,20 +100,16 @@ def main(argv=None) -> dict:
     mpoe = build_expert_bank(MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond), D_MODEL, D_FF, "gelu_new", groups, dense)
     ds = deepspeed_experts(dense, E)
     counts = [tokens // E] * E
-    x = torch.randn(tokens, D_MODEL)
     runs = {
         "mpoe": (lambda t: mpoe(t, counts), mpoe),
         "switch": (lambda t: switch(t, counts), switch),
         "deepspeed": (lambda t: ds(t.view(1, E, tokens // E, D_MODEL)), ds),
     }
-    times = {name: [] for name in runs}
-    for r in range(repeats + 1):
-        order = list(runs)[r % 3:] + list(runs)[:r % 3]
-        for name in order:
-            t = fwd_bwd(*runs[name], x)
-            if r > 0:
-                times[name].append(t)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = median_times(runs, torch.randn(tokens, D_MODEL), repeats)
+    # Informational: the same two banks with a quarter of the tokens, where rebuilding W weighs more
+    small = [tokens // (4 * E)] * E
+    median_small = median_times({"mpoe": (lambda t: mpoe(t, small), mpoe), "switch": (lambda t: switch(t, small), switch)},
+                                torch.randn(sum(small), D_MODEL), repeats)
     params = {name: sum(p.numel() for p in module.parameters()) for name, (_, module) in runs.items()}
 
     print(f"expert banks: {E} experts, FFN {D_MODEL}x{D_FF}, {tokens} tokens ({tokens // E} per expert), "
@@ -114,6 +122,7 @@ def main(argv=None) -> dict:
         "experts.mpoe_vs_switch_time": median["mpoe"] / median["switch"],
         "experts.mpoe_vs_switch_params": params["mpoe"] / params["switch"],
         "experts.switch_vs_deepspeed_time": median["switch"] / median["deepspeed"],
+        "experts.mpoe_vs_switch_time_quarter_tokens": median_small["mpoe"] / median_small["switch"],
     }
     for key, value in results.items():
         print(f"{key} = {value:.3f}")
