@@ -159,8 +159,8 @@ def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
 
 
 def _cheaper_path(n_tokens: int, chain: Sequence) -> str:
-    """chain: an expert's local tensors in chain order, or their shapes."""
-    dense, chain_cost = mpo.matmul_costs(n_tokens, [getattr(t, "shape", t) for t in chain])
+    """chain: an expert's local tensors in chain order, or their shapes. The dense path is the grouped op's."""
+    dense, chain_cost = mpo.matmul_costs(n_tokens, [getattr(t, "shape", t) for t in chain], weight_passes=1)
     return "chain" if chain_cost < dense else "dense"
 
 
