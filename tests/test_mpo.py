@@ -151,17 +151,27 @@ def test_contract_broadcasts_leading_batch_dims():
 
 @pytest.mark.parametrize("ins, outs, bond", [([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16), ([2, 3, 2, 2, 1], [1, 2, 2, 3, 2], None),
                                              ([2, 3], [3, 2], None), ([4], [5], None)])
-def test_contract_permuted_is_contract_with_rows_or_columns_reordered(ins, outs, bond):
+def test_split_halves_multiply_to_contract_with_rows_or_columns_reordered(ins, outs, bond):
+    """M[(c, a), (b, e)] = sum_d left[a, b, d] right[d, c, e], written out with einsum, is W (or W^T) with rows reordered."""
+    def product(left, right):
+        a, b, c, e = left.shape[-3], left.shape[-2], right.shape[-2], right.shape[-1]
+        return torch.einsum("...abd,...dce->...cabe", left, right).reshape(*left.shape[:-3], c * a, b * e)
+
     torch.manual_seed(4)
     w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
     tensors = mpo.decompose(w, ins, outs, bond)
+    if len(tensors) == 1:                                   # nothing to cut
+        assert mpo.split_halves(tensors) is None
+        return
     batched = [t.unsqueeze(0).repeat(3, 1, 1, 1, 1) + 0.1 * torch.randn(3, *t.shape, dtype=t.dtype) for t in tensors]
     batched[mpo.central_index(len(batched))] = tensors[mpo.central_index(len(tensors))]     # shared, unbatched
     for chain in (tensors, batched):
         chain = [t.detach().requires_grad_() for t in chain]
         full = mpo.contract(chain)
-        rows, perm = mpo.contract_permuted(chain)
-        cols_t, cperm = mpo.contract_permuted(chain, transposed=True)
+        left, right, perm = mpo.split_halves(chain)
+        rows = product(left, right)
+        left, right, cperm = mpo.split_halves(chain, transposed=True)
+        cols_t = product(left, right)
         assert sorted(perm.tolist()) == list(range(full.shape[-2])) and sorted(cperm.tolist()) == list(range(full.shape[-1]))
         torch.testing.assert_close(rows, full[..., perm, :])
         torch.testing.assert_close(cols_t, full[..., cperm].transpose(-2, -1))

@@ -170,11 +170,10 @@ def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Ten
     return left, right
 
 
-def contract(tensors: Sequence[Tensor]) -> Tensor:
-    """The matrix back: shape (prod i_k, prod j_k); tensors (..., d, i, j, d') with batch dims give (..., I, J).
+def _ordered_halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The chain cut at `split_index`, each half reordered while small: left (..., i_L, j_L, d), right (..., d, i_R, j_R).
 
-    The two halves are reordered while small ((i_L, j_L, d) and (d, i_R, j_R)),
-    so the only pass over the full matrix is one 4-D swap (j_L <-> i_R).
+    right is None when the chain has no cut (left is then the whole matrix, d = 1).
     """
     n = len(tensors)
     ins = [t.shape[-3] for t in tensors]
@@ -183,18 +182,31 @@ def contract(tensors: Sequence[Tensor]) -> Tensor:
     il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
     left, right = _halves(tensors, nl)
     lb, d = left.shape[:-2], left.shape[-1]
-    left = left.reshape(*lb, *[a for k in range(nl) for a in (ins[k], outs[k])], d)
     o = len(lb)
+    left = left.reshape(*lb, *[a for k in range(nl) for a in (ins[k], outs[k])], d)
     left = left.permute(*range(o), *range(o, o + 2 * nl, 2), *range(o + 1, o + 2 * nl, 2), o + 2 * nl)
-    left = left.reshape(*lb, il * jl, d)
+    left = left.reshape(*lb, il, jl, d)
     if right is None:
-        return left.reshape(*lb, il, jl)
+        return left, None
     nr, rb = n - nl, right.shape[:-2]
     o = len(rb)
     right = right.reshape(*rb, d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
     right = right.permute(*range(o + 1), *range(o + 1, o + 1 + 2 * nr, 2), *range(o + 2, o + 1 + 2 * nr, 2))
-    right = right.reshape(*rb, d, ir * jr)
-    w = left @ right
+    return left, right.reshape(*rb, d, ir, jr)
+
+
+def contract(tensors: Sequence[Tensor]) -> Tensor:
+    """The matrix back: shape (prod i_k, prod j_k); tensors (..., d, i, j, d') with batch dims give (..., I, J).
+
+    The two halves are reordered while small ((i_L, j_L, d) and (d, i_R, j_R)),
+    so the only pass over the full matrix is one 4-D swap (j_L <-> i_R).
+    """
+    left, right = _ordered_halves(tensors)
+    il, jl, d = left.shape[-3:]
+    if right is None:
+        return left.reshape(*left.shape[:-3], il, jl)
+    ir, jr = right.shape[-2:]
+    w = left.reshape(*left.shape[:-3], il * jl, d) @ right.reshape(*right.shape[:-3], d, ir * jr)
     b = w.shape[:-2]
     w = w.reshape(*b, il, jl, ir, jr).transpose(-3, -2)
     return w.reshape(*b, il * ir, jl * jr)
@@ -205,7 +217,8 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
 
     Returns (left (..., a, b, d), right (..., d, c, e), perm). The matrix
     M[(c, a), (b, e)] = sum_d left[a, b, d] * right[d, c, e], built as c products
-    of (a*b, d) @ (d, e) written side by side, needs no pass that reorders it:
+    of (a*b, d) @ (d, e) written side by side (`grouped_linear.mpo_grouped_linear`
+    does so expert by expert), needs no pass that reorders it:
       transposed=False: a, b, c, e = i_L, j_L, i_R, j_R; M is W with row r = W's row perm[r],
                         so x @ W = x[:, perm] @ M.
       transposed=True:  a, b, c, e = j_L, i_L, j_R, i_R; M is W^T with row r = W's column perm[r],
@@ -213,50 +226,13 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
     (`contract` instead forms (i_L, j_L) x (i_R, j_R) and then swaps j_L <-> i_R: one more
     read and write of W in forward and of grad W in backward.)
     """
-    n = len(tensors)
-    ins = [t.shape[-3] for t in tensors]
-    outs = [t.shape[-2] for t in tensors]
-    nl = split_index([t.shape[-4:] for t in tensors])
-    if nl >= n:
+    left, right = _ordered_halves(tensors)
+    if right is None:
         return None
-    il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
-    left, right = _halves(tensors, nl)
-    lb, d = left.shape[:-2], left.shape[-1]
-    o = len(lb)
-    left = left.reshape(*lb, *[a for k in range(nl) for a in (ins[k], outs[k])], d)
-    left = left.permute(*range(o), *range(o, o + 2 * nl, 2), *range(o + 1, o + 2 * nl, 2), o + 2 * nl)
-    left = left.reshape(*lb, il, jl, d)
-    nr, rb = n - nl, right.shape[:-2]
-    o = len(rb)
-    right = right.reshape(*rb, d, *[a for k in range(nl, n) for a in (ins[k], outs[k])])
-    right = right.permute(*range(o + 1), *range(o + 1, o + 1 + 2 * nr, 2), *range(o + 2, o + 1 + 2 * nr, 2))
-    right = right.reshape(*rb, d, ir, jr)
     if transposed:                                             # the same product for W^T: swap the roles of i and j
         left, right = left.transpose(-3, -2), right.transpose(-2, -1)
     a, c = left.shape[-3], right.shape[-2]
     return left, right, torch.arange(a * c, device=left.device).view(a, c).t().flatten()
-
-
-def contract_permuted(tensors: Sequence[Tensor], transposed: bool = False) -> tuple[Tensor, Tensor]:
-    """W with its rows (or columns) reordered so that no pass over the full matrix reorders it.
-
-    Returns (matrix, perm) as `split_halves` describes:
-      transposed=False: (..., I, J) whose row r is W's row perm[r];       x @ W = x[:, perm] @ matrix
-      transposed=True:  (..., J, I) = W^T whose row c is W's column perm[c]; (x @ W)[:, perm] = x @ matrix^T
-    Leading batch dims broadcast as in `contract`. The expert banks build the
-    same matrix expert by expert inside `grouped_linear.mpo_grouped_linear`.
-    """
-    halves = split_halves(tensors, transposed)
-    if halves is None:                                         # nothing to cut: one tensor's worth, already in order
-        w = contract(tensors)
-        w = w.transpose(-2, -1) if transposed else w
-        return w, torch.arange(w.shape[-2], device=w.device)
-    left, right, perm = halves                                 # (..., a, b, d), (..., d, c, e)
-    a, b, d = left.shape[-3:]
-    c, e = right.shape[-2:]
-    rows_by_c = right.transpose(-3, -2).contiguous()           # (..., c, d, e): small
-    w = left.reshape(*left.shape[:-3], 1, a * b, d) @ rows_by_c  # (..., c, a*b, e): batch over c
-    return w.reshape(*w.shape[:-3], c * a, b * e), perm
 
 
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
