@@ -4,7 +4,7 @@ Tokens arrive sorted by local expert, counts[k] rows for expert k. Both ops
 write every expert's rows into one output with per-expert GEMMs (no split /
 cat) and return gradients for all experts in stacked buffers.
 
-- `grouped_linear`: the weights are given (Switch: stacked [L, I, J] parameters).
+- `grouped_linear`: the weights are given, stacked [L, I, J] (the Switch bank's parameters).
 - `mpo_grouped_linear`: each expert's W_k is the product of the two halves of
   its MPO chain (`mpo.split_halves`), built inside the op. Why an op of its own
   rather than contracting W for all experts and handing it to autograd:
@@ -26,69 +26,66 @@ import torch
 from torch import Tensor
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """Consecutive row groups times per-expert weights, written into one output (no split / cat).
+def _expert_rows(counts: list[int]):
+    """(k, rows of expert k) for every expert that has rows; rows are consecutive, counts[k] of them."""
+    start = 0
+    for k, n in enumerate(counts):
+        if n:
+            yield k, slice(start, start + n)
+        start += n
 
-    Weights come stacked [L, I, J] (Switch: backward writes each expert's gradient
-    straight into one stacked buffer) or as {expert: W_e} (experts absent from
-    the dict have no rows).
+
+def _linear_into(out: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> None:
+    if bias is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(bias, x, w, out=out)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Consecutive row groups times stacked per-expert weights [L, I, J], written into one output (no split / cat).
+
+    Backward writes each expert's weight gradient straight into one stacked buffer.
     """
 
     @staticmethod
-    def forward(ctx, x, counts, bias, stacked, experts, *weights):
-        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
-        out_dim = next(iter(ws.values())).shape[1]
-        out = x.new_empty(x.shape[0], out_dim)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                if bias is None:
-                    torch.mm(x[rows], ws[e], out=out[rows])
-                else:
-                    torch.addmm(bias[e], x[rows], ws[e], out=out[rows])
-            start += n
-        ctx.counts, ctx.experts = counts, experts
-        ctx.save_for_backward(x, bias, stacked, *weights)
+    def forward(ctx, x, counts, bias, stacked):
+        out = x.new_empty(x.shape[0], stacked.shape[2])
+        for k, rows in _expert_rows(counts):
+            _linear_into(out[rows], x[rows], stacked[k], None if bias is None else bias[k])
+        ctx.counts = counts
+        ctx.save_for_backward(x, bias, stacked)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, bias, stacked, *weights = ctx.saved_tensors
-        counts, experts = ctx.counts, ctx.experts
-        ws = dict(zip(experts, weights)) if stacked is None else dict(enumerate(stacked.unbind(0)))
-        need_x, _, need_b, need_stacked = ctx.needs_input_grad[:4]
+        x, bias, stacked = ctx.saved_tensors
+        counts = ctx.counts
+        need_x, _, need_b, need_stacked = ctx.needs_input_grad
         gx = torch.empty_like(x) if need_x else None
         gb = torch.zeros_like(bias) if bias is not None and need_b else None
         gstacked = None
-        if stacked is not None and need_stacked:
+        if need_stacked:
             # Every expert with rows overwrites its slice below; zero-filling the whole [L, I, J]
             # buffer first would be one more pass over all weights, so zero only the idle experts.
             gstacked = torch.empty_like(stacked)
-            for e, n in enumerate(counts):
+            for k, n in enumerate(counts):
                 if not n:
-                    gstacked[e].zero_()
-        gws = {e: torch.empty_like(ws[e]) for e in experts} if stacked is None else {}
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows, g = slice(start, start + n), grad[start:start + n]
-                if gx is not None:
-                    torch.mm(g, ws[e].t(), out=gx[rows])
-                gw = gstacked[e] if gstacked is not None else gws.get(e)
-                if gw is not None:
-                    torch.mm(x[rows].t(), g, out=gw)
-                if gb is not None:
-                    torch.sum(g, 0, out=gb[e])
-            start += n
-        return (gx, None, gb, gstacked, None, *[gws.get(e) for e in experts])
+                    gstacked[k].zero_()
+        for k, rows in _expert_rows(counts):
+            g = grad[rows]
+            if gx is not None:
+                torch.mm(g, stacked[k].t(), out=gx[rows])
+            if gstacked is not None:
+                torch.mm(x[rows].t(), g, out=gstacked[k])
+            if gb is not None:
+                torch.sum(g, 0, out=gb[k])
+        return gx, None, gb, gstacked
 
 
-def grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Optional[Tensor] = None,
-                   weights: Optional[dict[int, Tensor]] = None) -> Tensor:
-    """x rows of expert e (consecutive, counts[e]) @ W_e + bias[e]; W from `stacked` [L, I, J] or `weights` {e: W_e}."""
-    experts = [] if weights is None else list(weights)
-    return _GroupedLinear.apply(x, counts, bias, stacked, experts, *(weights or {}).values())
+def grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Tensor) -> Tensor:
+    """x rows of expert k (consecutive, counts[k]) @ stacked[k] + bias[k]; stacked is [L, I, J]."""
+    return _GroupedLinear.apply(x, counts, bias, stacked)
 
 
 class _MPOGroupedLinear(torch.autograd.Function):
@@ -109,18 +106,10 @@ class _MPOGroupedLinear(torch.autograd.Function):
         right_by_c = right.transpose(1, 2).contiguous()                 # [L, c, d, e]: small
         weights = x.new_empty(L, c, a * b, e)                           # M_k as c blocks of (a*b, e)
         out = x.new_empty(x.shape[0], c * a if transposed else b * e)
-        start = 0
-        for k, n in enumerate(counts):
-            if n:
-                torch.bmm(left_rows[k].expand(c, a * b, d), right_by_c[k], out=weights[k])
-                m = weights[k].view(c * a, b * e)
-                w = m.t() if transposed else m
-                rows = slice(start, start + n)
-                if bias is None:
-                    torch.mm(x[rows], w, out=out[rows])
-                else:
-                    torch.addmm(bias[k], x[rows], w, out=out[rows])
-            start += n
+        for k, rows in _expert_rows(counts):
+            torch.bmm(left_rows[k].expand(c, a * b, d), right_by_c[k], out=weights[k])
+            m = weights[k].view(c * a, b * e)
+            _linear_into(out[rows], x[rows], m.t() if transposed else m, None if bias is None else bias[k])
         ctx.counts, ctx.transposed, ctx.dims = counts, transposed, (L, a, b, c, d, e)
         ctx.save_for_backward(x, bias, left_rows, right_by_c, weights)
         return out
@@ -133,33 +122,30 @@ class _MPOGroupedLinear(torch.autograd.Function):
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
         need_halves = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]      # false when the MPO tensors are frozen
-        g_left = left_rows.new_zeros(L, a * b, d)                       # experts without rows get zeros
-        g_right = right_by_c.new_zeros(L, c, d, e)
-        scratch = x.new_empty(c, a * b, e)                              # grad M_k, one expert at a time
-        gm = scratch.view(c * a, b * e)
-        start = 0
-        for k, n in enumerate(counts):
-            if n:
-                rows, g = slice(start, start + n), grad[start:start + n]
-                m = weights[k].view(c * a, b * e)
-                if gx is not None:
-                    torch.mm(g, m if transposed else m.t(), out=gx[rows])
-                if need_halves:
-                    if transposed:
-                        torch.mm(g.t(), x[rows], out=gm)
-                    else:
-                        torch.mm(x[rows].t(), g, out=gm)
-                    # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
-                    # beats one bmm + sum while c is small (the bmm writes c partial results).
-                    if c <= 64:
-                        for i in range(c):
-                            g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
-                    else:
-                        torch.sum(torch.bmm(scratch, right_by_c[k].transpose(1, 2)), 0, out=g_left[k])
-                    torch.bmm(left_rows[k].t().expand(c, d, a * b), scratch, out=g_right[k])
-                if gb is not None:
-                    torch.sum(g, 0, out=gb[k])
-            start += n
+        g_left = left_rows.new_zeros(L, a * b, d) if need_halves else None      # experts without rows get zeros
+        g_right = right_by_c.new_zeros(L, c, d, e) if need_halves else None
+        scratch = x.new_empty(c, a * b, e) if need_halves else None             # grad M_k, one expert at a time
+        for k, rows in _expert_rows(counts):
+            g = grad[rows]
+            m = weights[k].view(c * a, b * e)
+            if gx is not None:
+                torch.mm(g, m if transposed else m.t(), out=gx[rows])
+            if need_halves:
+                gm = scratch.view(c * a, b * e)
+                if transposed:
+                    torch.mm(g.t(), x[rows], out=gm)
+                else:
+                    torch.mm(x[rows].t(), g, out=gm)
+                # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
+                # beats one bmm + sum while c is small (the bmm writes c partial results).
+                if c <= 64:
+                    for i in range(c):
+                        g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
+                else:
+                    torch.sum(torch.bmm(scratch, right_by_c[k].transpose(1, 2)), 0, out=g_left[k])
+                torch.bmm(left_rows[k].t().expand(c, d, a * b), scratch, out=g_right[k])
+            if gb is not None:
+                torch.sum(g, 0, out=gb[k])
         if not need_halves:
             return gx, None, None, gb, None, None
         return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2)
