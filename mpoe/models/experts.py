@@ -122,10 +122,15 @@ class ExpertBank(nn.Module):
         self.activation, self.gated = activation, gated
         self.act = activation_fn(activation)
 
-    def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+    def token_counts(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> list[int]:
+        """tokens_per_expert as a list of ints, checked against the local experts and the rows given."""
         counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
         if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
             raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
+        return counts
+
+    def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        counts = self.token_counts(tokens, tokens_per_expert)
         # act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all tokens
         h = self.linear(tokens, counts, "w_in")
         h = self.act(self.linear(tokens, counts, "w_gate")) * h if self.gated else self.act(h)
@@ -244,13 +249,9 @@ class MPOEExperts(ExpertBank):
         return torch.cat(outputs)
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
-        counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
-        if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
-            raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
+        counts = self.token_counts(tokens, tokens_per_expert)
         used = [n for n in counts if n > 0]
-        c = self.central_index
-        shapes = {name: [t.shape[-4:] for t in self.auxiliary[name]] for name in self.central}
-        shapes = {name: s[:c] + [self.central[name].shape] + s[c:] for name, s in shapes.items()}
+        shapes = {name: [t.shape[-4:] for t in self.stacked_chain(name)] for name in self.central}
         all_dense = self.method == "dense" or self.method == "auto" and all(
             _cheaper_path(n, shapes[name]) == "dense" for name in shapes for n in used)
         if used and all_dense:
@@ -285,20 +286,19 @@ class MPOEExperts(ExpertBank):
             h = h.index_select(1, index)
         return mpo_grouped_linear(h, counts, self.b_out, left, right)
 
+    def stacked_chain(self, name: str) -> list[Tensor]:
+        """All local experts' chain for `name`: stacked auxiliaries [L, d, i, j, d'] around the shared central."""
+        aux, c = list(self.auxiliary[name]), self.central_index
+        return aux[:c] + [self.central[name]] + aux[c:]
+
     def halves(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """All local experts' chain for `name` as `mpo.split_halves` gives it: left [L, a, b, d], right [L, d, c, e], perm."""
-        aux, c = list(self.auxiliary[name]), self.central_index
-        halves = mpo.split_halves(aux[:c] + [self.central[name]] + aux[c:], transposed)
+        halves = mpo.split_halves(self.stacked_chain(name), transposed)
         if halves is None:
             raise ValueError(f"MPO of {name} has a single tensor: use num_mpo_factors >= 2")
         left, right, perm = halves
         L = self.num_local_experts                                           # a half may hold only the shared central tensor
         return left.expand(L, *left.shape[-3:]), right.expand(L, *right.shape[-3:]), perm
-
-    def expert_weights(self, name: str) -> Tensor:
-        """All local experts' dense weights `name`, [L, I, J]: one batched contraction around the shared central."""
-        aux, c = list(self.auxiliary[name]), self.central_index
-        return mpo.contract(aux[:c] + [self.central[name]] + aux[c:])
 
     def expert_weight(self, name: str, local_expert: int) -> Tensor:
         """Expert `local_expert`'s dense weight `name` (x @ W layout)."""
