@@ -15,10 +15,11 @@ times are fastest-of or median-of repeats (see each module).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
+
+from bench import write_json
 
 # name: (what it compares, how to read it, target or None)
 ROWS = {
@@ -110,10 +111,8 @@ def main(argv=None) -> dict:
     print(table(ordered))
     for name, why in failed.items():
         print(f"bench.{name} did not run to the end: {why}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": ordered, "load_average": {"start": load_start, "end": load_end},
-                       "seconds": seconds, "quick": args.quick, "failed": failed}, f, indent=1)
+    write_json(args.json, {"results": ordered, "load_average": {"start": load_start, "end": load_end},
+                           "seconds": seconds, "quick": args.quick, "failed": failed})
     if failed:
         raise SystemExit(1)
     return ordered

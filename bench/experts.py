@@ -22,8 +22,6 @@ On a machine shared with other jobs, `--threads 1` gives steadier numbers
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -34,6 +32,7 @@ from mpoe.parallel.groups import configure_accelerator  # noqa: E402
 
 configure_accelerator()  # as mpoe-train does: CPU accelerator for DeepSpeed, freed memory kept for reuse
 
+from bench import write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models import mpo  # noqa: E402
 from mpoe.models.experts import DenseFFN, build_expert_bank  # noqa: E402
@@ -130,10 +129,8 @@ def main(argv=None) -> dict:
     print(f"target time ratio <= 1.10: {'met' if t_ok else 'NOT met'}; params ratio <= 0.25: {'met' if p_ok else 'NOT met'}")
     print("MPOE params ratio at other bonds: " + ", ".join(
         f"{b or 'full'}: {_mpoe_params(E, b) / params['switch']:.3f}" for b in (8, 16, 32, 64, 128, None)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "config": {"tokens": tokens, "experts": E, "bond_dim": bond,
-                                                      "repeats": repeats, "median_s": median, "params": params}}, f, indent=2)
+    write_json(args.json, {"results": results, "config": {"tokens": tokens, "experts": E, "bond_dim": bond,
+                                                           "repeats": repeats, "median_s": median, "params": params}})
     return results
 
 

@@ -13,7 +13,6 @@ per weight. hf_switch.speedup = HF time / our time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -22,6 +21,7 @@ from mpoe.parallel.groups import configure_accelerator
 
 configure_accelerator()
 
+from bench import write_json  # noqa: E402
 from bench.moe_layer import step_time  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
@@ -72,9 +72,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     out = run(args.quick, args.repeats)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
     return out["results"]
 
 

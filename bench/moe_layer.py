@@ -42,6 +42,7 @@ from mpoe.parallel.groups import configure_accelerator
 
 configure_accelerator()  # before deepspeed is imported (by our layer or here)
 
+from bench import write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
 from mpoe.parallel.groups import ExpertGroups  # noqa: E402
@@ -64,11 +65,9 @@ def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
         out = module(x)
         out = out[0] if isinstance(out, tuple) else out
         (out * g).sum().backward()
-        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-        if world:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = _over_ranks(time.perf_counter() - start, "max")
         if i:
-            times.append(float(elapsed))
+            times.append(elapsed)
     return min(times)  # the least-disturbed run: this machine's 2 cores are shared
 
 
@@ -117,23 +116,14 @@ class CountAllToAll:
         dist.all_to_all_single = self._original
 
 
-def _sum_over_ranks(value: float) -> float:
+def _over_ranks(value: float, op: str = "sum") -> float:
+    """value reduced over the world ("sum" or "max"); as it is without a process group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
     t = torch.tensor(float(value), dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t)
-
-
-def _max_over_ranks(value: float) -> float:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor(float(value), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return float(t)
 
 
@@ -174,7 +164,7 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
     t_ours = step_time(ours, x, repeats)
     counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
-    routed = _sum_over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
+    routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     with CountAllToAll() as ours_comm:
         _one_step(ours, x)
     t_floor = step_time(dense_ffn(), x, repeats)
@@ -185,19 +175,19 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     row_bytes = D_MODEL * x.element_size()
     result = dict(tokens=tokens, experts=num_experts, mode=mode, ep=ep, ours_s=t_ours, floor_s=t_floor, bank_s=t_bank,
                   load_max_over_mean=float(counts.max() / counts.float().mean()), routed=int(routed),
-                  ours_rows=int(_sum_over_ranks(rows["ours"])),
-                  tokens_dropped=int(_sum_over_ranks(ours.stats.tokens_dropped)))
+                  ours_rows=int(_over_ranks(rows["ours"])),
+                  tokens_dropped=int(_over_ranks(ours.stats.tokens_dropped)))
     # What must cross the all-to-all at least: every kept (token, expert) row, out and back, forward and backward.
     minimum_bytes = 4 * routed * row_bytes
     if ep > 1:
-        result["ours_bytes_vs_routed"] = _sum_over_ranks(ours_comm.bytes) / minimum_bytes
-        result["ours_metadata_bytes"] = int(_sum_over_ranks(ours_comm.metadata_bytes))
+        result["ours_bytes_vs_routed"] = _over_ranks(ours_comm.bytes) / minimum_bytes
+        result["ours_metadata_bytes"] = int(_over_ranks(ours_comm.metadata_bytes))
     if capacity_factor:
         capacity = math.ceil(x.shape[0] / num_experts * capacity_factor)
     else:                 # DeepSpeed's dropless capacity: the largest local expert load over the ranks
         with torch.no_grad():
-            capacity = int(_max_over_ranks(float(ours.router(x).tokens_per_expert.max())))
-    result["ds_rows"] = int(_sum_over_ranks(num_experts * capacity))
+            capacity = int(_over_ranks(float(ours.router(x).tokens_per_expert.max()), "max"))
+    result["ds_rows"] = int(_over_ranks(num_experts * capacity))
     ds_gb = x.shape[0] * num_experts * capacity * 4 / 1e9  # one [tokens, experts * capacity] float tensor; it builds several
     if ds_gb > ds_max_gb:
         result["ds_s"] = None
@@ -214,7 +204,7 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
         if ep > 1:
             with CountAllToAll() as ds_comm:
                 _one_step(ds, x)
-            result["ds_bytes_vs_routed"] = _sum_over_ranks(ds_comm.bytes) / minimum_bytes
+            result["ds_bytes_vs_routed"] = _over_ranks(ds_comm.bytes) / minimum_bytes
     return result
 
 
@@ -298,9 +288,7 @@ def main(argv=None) -> dict:
     results["moe_layer.bank_vs_floor_at_worst"] = worst_row["bank_s"] / worst_row["floor_s"]
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     print("headline (worst case over the grid):", json.dumps(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "rows": rows}, f, indent=1)
+    write_json(args.json, {"results": results, "rows": rows})
     return results
 
 

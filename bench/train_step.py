@@ -38,6 +38,7 @@ from mpoe.parallel.groups import configure_accelerator
 
 configure_accelerator()
 
+from bench import write_json  # noqa: E402
 from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 
 D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
@@ -153,9 +154,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     out = run(args.quick, args.kinds, args.layers, args.seq, args.batch, args.repeats, args.bond_dim)
     print("headline:", json.dumps(out["results"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
     return out["results"]
 
 
