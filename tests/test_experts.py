@@ -9,7 +9,7 @@ from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActD
 
 from mpoe.config import MoEConfig
 from mpoe.models import mpo
-from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts, build_expert_bank
+from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
 from mpoe.parallel.groups import ExpertGroups
 
 D_MODEL, D_FF, COUNTS = 12, 24, [3, 0, 5, 2]

@@ -1,5 +1,4 @@
 """Models assembled from configs: tiny GPT-2/T5 of each kind learn; parameter counts equal published and hand-computed ones."""
-import json
 import math
 
 import pytest

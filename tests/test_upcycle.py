@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
-from mpoe.config import ConfigError, MoEConfig
+from mpoe.config import ConfigError
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
