@@ -82,8 +82,22 @@ def test_dry_run_writes_counts_and_trains_nothing(tmp_path, mpoe_cache):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_runs_on_cpu(tmp_path, mpoe_cache, precision):
-    """The GPU precisions are config choices that must not break the CPU path."""
+    """The GPU precisions are config choices that must not break the CPU path.
+
+    DeepSpeed's CPU accelerator runs fp16 only where oneDNN has fp16 kernels (AVX512-FP16/AMX
+    CPUs); elsewhere the run must stop with one line naming the fix, and write no run directory."""
+    from deepspeed.accelerator import get_accelerator
+
     run = tmp_path / precision
-    train(run, mpoe_cache, "moe=mpoe", f"trainer.precision={precision}", "trainer.max_steps=2", "logging.wandb.mode=disabled")
+    overrides = ("moe=mpoe", f"trainer.precision={precision}", "trainer.max_steps=2", "logging.wandb.mode=disabled")
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        proc = train(run, mpoe_cache, *overrides, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert error == ["mpoe-train: error: trainer.precision=fp16 is not supported by DeepSpeed's cpu accelerator "
+                         "on this machine: use trainer.precision=bf16 or fp32"], proc.stderr[-2000:]
+        assert not run.exists()
+        return
+    train(run, mpoe_cache, *overrides)
     losses = [r["loss"] for r in metrics(run)]
     assert len(losses) == 2 and all(7 < x < 9 for x in losses)  # ~ln(4096) = 8.3 at init

@@ -12,7 +12,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
+from mpoe.config import ConfigError, TrainConfig, global_batch_size, grad_accum_steps
+
+
+def check_precision_supported(precision: str) -> None:
+    """One-line ConfigError when this machine's DeepSpeed accelerator cannot run `precision`.
+
+    Why here and not in `config.validate`: it is a property of the hardware, not of
+    the config, and the launch host that pre-checks a config may not be a compute
+    node. DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16
+    kernels (e.g. Intel CPUs with AVX512-FP16/AMX; not the AMD EPYC CI machine),
+    and otherwise fails inside `deepspeed.initialize`, after the process group
+    started, with a traceback per rank.
+    """
+    if precision == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
+    if not supported:
+        other = "bf16 or fp32" if precision == "fp16" else "fp32"
+        raise ConfigError(f"trainer.precision={precision} is not supported by DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator on this machine: use trainer.precision={other}")
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:

@@ -70,8 +70,11 @@ def _task(dict_cfg) -> None:
     from omegaconf import OmegaConf
 
     world = world_size_from_env()
+    from mpoe.parallel.engine import check_precision_supported
+
     try:
         cfg = validate(OmegaConf.to_object(dict_cfg), world)
+        check_precision_supported(cfg.trainer.precision)   # again for -m sweeps, which skip cli()'s check
     except ConfigError as e:
         _fail(str(e))
     from mpoe.parallel.groups import init_distributed
@@ -98,8 +101,11 @@ def cli() -> None:
     args = sys.argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in args)
     if not multirun and not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
+        from mpoe.parallel.engine import check_precision_supported
+
         try:
-            compose_and_validate(args, world_size_from_env())
+            cfg = compose_and_validate(args, world_size_from_env())
+            check_precision_supported(cfg.trainer.precision)    # before Hydra makes a run directory
         except ConfigError as e:
             _fail(str(e))
     if int(os.environ.get("RANK", "0")) > 0:
