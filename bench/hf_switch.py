@@ -3,8 +3,8 @@
     python -m bench.hf_switch [--json FILE] [--quick]
 
 Top-1, 8 experts, d_model 768, d_ff 3072, tanh-GELU, no biases (as HF's experts),
-one fwd+bwd of sum(out * g) (bench.moe_layer.step_time: fastest of 5 after a
-warm-up). HF's capacity is counted per sequence; it is set to the sequence
+one fwd+bwd of sum(out * g) (bench.moe_layer.step_times: fastest of 5 rounds
+in which the two layers take turns, after a warm-up round). HF's capacity is counted per sequence; it is set to the sequence
 length, and ours is dropless, so neither drops a token and both compute the
 same function (checked: outputs agree). HF loops over experts with a boolean
 mask and index_add per expert; ours permutes once and runs one grouped GEMM
@@ -22,7 +22,7 @@ from mpoe.parallel.groups import configure_accelerator
 configure_accelerator()
 
 from bench import write_json  # noqa: E402
-from bench.moe_layer import step_time  # noqa: E402
+from bench.moe_layer import step_times  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
 from mpoe.parallel.groups import ExpertGroups  # noqa: E402
@@ -58,8 +58,8 @@ def run(quick: bool = False, repeats: int = 5) -> dict:
         max_diff = float((ours(x) - hf(x)).abs().max())
     print(f"HF SwitchTransformersSparseMLP vs ours: {EXPERTS} experts, {D_MODEL}x{D_FF}, {batch}x{seq} tokens, "
           f"top-1, no drops; load average {os.getloadavg()[0]:.1f}; max |out diff| {max_diff:.1e}", flush=True)
-    t_ours = step_time(ours, x, repeats)
-    t_hf = step_time(hf, x, repeats)
+    times = step_times({"ours": (ours, x), "hf": (hf, x)}, repeats)
+    t_ours, t_hf = times["ours"], times["hf"]
     print(f"fwd+bwd s: ours {t_ours:.3f}, HF {t_hf:.3f}; speedup {t_hf / t_ours:.2f}x")
     return {"results": {"hf_switch.speedup": t_hf / t_ours},
             "config": {"batch": batch, "seq": seq, "ours_s": t_ours, "hf_s": t_hf, "max_out_diff": max_diff}}

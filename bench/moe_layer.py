@@ -3,7 +3,8 @@
     python -m bench.moe_layer [--json FILE] [--quick] [--ep 1 2]
 
 One training step (forward + backward of sum(out * g)) of a top-1 Switch layer,
-d_model 512, d_ff 2048, fastest of a few repeats (the machine may be shared), for 8 and 32
+d_model 512, d_ff 2048, fastest of 3 rounds in which ours, the floor, the bank alone
+and DeepSpeed's layer take turns (the machine may be shared; see step_times), for 8 and 32
 experts at capacity factor 1.0, dropless, and dropless with skewed routing
 (tokens pushed to expert 0 until max/mean expert load is about 3). The floor is one
 dense FFN of the same width over all tokens: the FLOPs a top-1 layer must spend.
@@ -50,25 +51,35 @@ from mpoe.parallel.groups import ExpertGroups  # noqa: E402
 D_MODEL, D_FF = 512, 2048
 
 
-def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Fastest fwd+bwd over `repeats` after a warm-up; in a world, each step starts together and counts the slower rank."""
+def step_times(runs: dict, repeats: int) -> dict:
+    """Fastest fwd+bwd seconds of each {name: (module, input)} over `repeats` rounds after a warm-up round.
+
+    The modules take turns within every round (the order rotates), so each ratio
+    compares times taken minutes, not seconds, apart: this machine's 2 cores are
+    shared and its speed drifts by 10-20% over a run, which timing one module's
+    repeats after the other's would turn into a ratio. The fastest is the
+    least-disturbed run. In a world, every step starts together (barrier) and
+    counts the slower rank; all ranks walk the same order.
+    """
     import torch.distributed as dist
 
     world = dist.is_available() and dist.is_initialized()
-    g = torch.randn_like(x)
-    times = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        module.zero_grad(set_to_none=True)
-        if world:
-            dist.barrier()
-        start = time.perf_counter()
-        out = module(x)
-        out = out[0] if isinstance(out, tuple) else out
-        (out * g).sum().backward()
-        elapsed = _over_ranks(time.perf_counter() - start, "max")
-        if i:
-            times.append(elapsed)
-    return min(times)  # the least-disturbed run: this machine's 2 cores are shared
+    grads = {name: torch.randn_like(x) for name, (_, x) in runs.items()}
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(repeats + 1):  # round 0 is a warm-up
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            module, x = runs[name]
+            module.zero_grad(set_to_none=True)
+            if world:
+                dist.barrier()
+            start = time.perf_counter()
+            out = module(x)
+            out = out[0] if isinstance(out, tuple) else out
+            (out * grads[name]).sum().backward()
+            elapsed = _over_ranks(time.perf_counter() - start, "max")
+            if r:
+                times[name].append(elapsed)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def dense_ffn() -> nn.Module:
@@ -162,24 +173,25 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
 
     rows = {}
     ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
-    t_ours = step_time(ours, x, repeats)
-    counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
-    routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     with CountAllToAll() as ours_comm:
         _one_step(ours, x)
-    t_floor = step_time(dense_ffn(), x, repeats)
+    counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
+    routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     # The expert bank alone on its sorted rows: per-expert GEMMs + activation, no routing or dispatch.
     bank_rows, bank_counts = rows["bank_args"]
-    t_bank = step_time(_BankOnly(ours.bank, bank_counts), bank_rows.detach().requires_grad_(), repeats)
+    runs = {"ours": (ours, x), "floor": (dense_ffn(), x),
+            "bank": (_BankOnly(ours.bank, bank_counts), bank_rows.detach().requires_grad_())}
 
     row_bytes = D_MODEL * x.element_size()
-    result = dict(tokens=tokens, experts=num_experts, mode=mode, ep=ep, ours_s=t_ours, floor_s=t_floor, bank_s=t_bank,
+    result = dict(tokens=tokens, experts=num_experts, mode=mode, ep=ep,
                   load_max_over_mean=float(counts.max() / counts.float().mean()), routed=int(routed),
                   ours_rows=int(_over_ranks(rows["ours"])),
                   tokens_dropped=int(_over_ranks(ours.stats.tokens_dropped)))
     # What must cross the all-to-all at least: every kept (token, expert) row, out and back, forward and backward.
     minimum_bytes = 4 * routed * row_bytes
     if ep > 1:
+        # Expert parallelism cannot balance what routing did not: the busiest rank's rows bound the step.
+        result["rank_rows_max_over_mean"] = _over_ranks(rows["ours"], "max") * world / result["ours_rows"]
         result["ours_bytes_vs_routed"] = _over_ranks(ours_comm.bytes) / minimum_bytes
         result["ours_metadata_bytes"] = int(_over_ranks(ours_comm.metadata_bytes))
     if capacity_factor:
@@ -200,11 +212,12 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
             ds.set_deepspeed_parallelism()
         with torch.no_grad():
             ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.gate.weight)
-        result["ds_s"] = step_time(ds, x, repeats)
+        runs["ds"] = (ds, x)
         if ep > 1:
             with CountAllToAll() as ds_comm:
                 _one_step(ds, x)
             result["ds_bytes_vs_routed"] = _over_ranks(ds_comm.bytes) / minimum_bytes
+    result.update({f"{name}_s": t for name, t in step_times(runs, repeats).items()})
     return result
 
 
@@ -232,6 +245,9 @@ def print_row(r: dict) -> None:
           f"{r['floor_s']:>7.3f} {ds:>7} {r['ours_s'] / r['floor_s']:>10.2f} {r['bank_s'] / r['floor_s']:>10.2f} {ds_ratio:>8} {ours_b:>12} {ds_b:>10}", flush=True)
     if r["ds_s"] is None:
         print(f"        DeepSpeed not run: {r['ds_skipped']}", flush=True)
+    if r.get("rank_rows_max_over_mean", 1.0) > 1.05:
+        print(f"        the busiest rank's experts hold {r['rank_rows_max_over_mean']:.2f}x the mean rank's rows "
+              f"(the floor's ranks are balanced)", flush=True)
 
 
 def main(argv=None) -> dict:
