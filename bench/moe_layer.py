@@ -55,7 +55,7 @@ def step_times(runs: dict, repeats: int) -> dict:
     """Fastest fwd+bwd seconds of each {name: (module, input)} over `repeats` rounds after a warm-up round.
 
     The modules take turns within every round (the order rotates), so each ratio
-    compares times taken minutes, not seconds, apart: this machine's 2 cores are
+    compares times taken seconds, not minutes, apart: this machine's 2 cores are
     shared and its speed drifts by 10-20% over a run, which timing one module's
     repeats after the other's would turn into a ratio. The fastest is the
     least-disturbed run. In a world, every step starts together (barrier) and
