@@ -32,7 +32,7 @@ from mpoe.parallel.groups import configure_accelerator  # noqa: E402
 
 configure_accelerator()  # as mpoe-train does: CPU accelerator for DeepSpeed, freed memory kept for reuse
 
-from bench import write_json  # noqa: E402
+from bench import interleaved_times, write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models import mpo  # noqa: E402
 from mpoe.models.experts import DenseFFN, build_expert_bank  # noqa: E402
@@ -63,14 +63,8 @@ def fwd_bwd(run, module: nn.Module, x: torch.Tensor) -> float:
 
 def median_times(runs: dict, x: torch.Tensor, repeats: int) -> dict:
     """Median fwd+bwd seconds per bank after one warm-up, the banks interleaved in each repeat."""
-    times = {name: [] for name in runs}
-    for r in range(repeats + 1):
-        order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
-        for name in order:
-            t = fwd_bwd(*runs[name], x)
-            if r > 0:
-                times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    steps = {name: (lambda run=run, module=module: fwd_bwd(run, module, x)) for name, (run, module) in runs.items()}
+    return {name: statistics.median(ts) for name, ts in interleaved_times(steps, repeats).items()}
 
 
 def main(argv=None) -> dict:

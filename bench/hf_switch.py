@@ -4,8 +4,8 @@
 
 Top-1, 8 experts, d_model 768, d_ff 3072, tanh-GELU, no biases (as HF's experts),
 one fwd+bwd of sum(out * g) (bench.moe_layer.step_times: fastest of 5 rounds
-in which the two layers take turns, after a warm-up round). HF's capacity is counted per sequence; it is set to the sequence
-length, and ours is dropless, so neither drops a token and both compute the
+in which the two layers take turns, after a warm-up round). HF's capacity is
+counted per sequence; it is set to the sequence length, and ours is dropless, so neither drops a token and both compute the
 same function (checked: outputs agree). HF loops over experts with a boolean
 mask and index_add per expert; ours permutes once and runs one grouped GEMM
 per weight. hf_switch.speedup = HF time / our time.

@@ -43,7 +43,7 @@ from mpoe.parallel.groups import configure_accelerator
 
 configure_accelerator()  # before deepspeed is imported (by our layer or here)
 
-from bench import write_json  # noqa: E402
+from bench import interleaved_times, write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
 from mpoe.parallel.groups import ExpertGroups  # noqa: E402
@@ -52,34 +52,27 @@ D_MODEL, D_FF = 512, 2048
 
 
 def step_times(runs: dict, repeats: int) -> dict:
-    """Fastest fwd+bwd seconds of each {name: (module, input)} over `repeats` rounds after a warm-up round.
+    """Fastest fwd+bwd seconds of each {name: (module, input)}, the modules taking turns (`interleaved_times`).
 
-    The modules take turns within every round (the order rotates), so each ratio
-    compares times taken seconds, not minutes, apart: this machine's 2 cores are
-    shared and its speed drifts by 10-20% over a run, which timing one module's
-    repeats after the other's would turn into a ratio. The fastest is the
-    least-disturbed run. In a world, every step starts together (barrier) and
-    counts the slower rank; all ranks walk the same order.
+    The fastest is the least-disturbed run. In a world, every step starts
+    together (barrier) and counts the slower rank; all ranks walk the same order.
     """
     import torch.distributed as dist
 
     world = dist.is_available() and dist.is_initialized()
-    grads = {name: torch.randn_like(x) for name, (_, x) in runs.items()}
-    names, times = list(runs), {name: [] for name in runs}
-    for r in range(repeats + 1):  # round 0 is a warm-up
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            module, x = runs[name]
-            module.zero_grad(set_to_none=True)
-            if world:
-                dist.barrier()
-            start = time.perf_counter()
-            out = module(x)
-            out = out[0] if isinstance(out, tuple) else out
-            (out * grads[name]).sum().backward()
-            elapsed = _over_ranks(time.perf_counter() - start, "max")
-            if r:
-                times[name].append(elapsed)
-    return {name: min(ts) for name, ts in times.items()}
+
+    def step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> float:
+        module.zero_grad(set_to_none=True)
+        if world:
+            dist.barrier()
+        start = time.perf_counter()
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * g).sum().backward()
+        return _over_ranks(time.perf_counter() - start, "max")
+
+    steps = {name: (lambda m=module, x=x, g=torch.randn_like(x): step(m, x, g)) for name, (module, x) in runs.items()}
+    return {name: min(ts) for name, ts in interleaved_times(steps, repeats).items()}
 
 
 def dense_ffn() -> nn.Module:
@@ -172,9 +165,10 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     x = x.chunk(world)[rank].contiguous().requires_grad_()     # each rank its share; inside a model x needs grad too
 
     rows = {}
-    ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
+    hook = ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
     with CountAllToAll() as ours_comm:
         _one_step(ours, x)
+    hook.remove()   # the bank's rows of this step are what the bank-alone timing reuses
     counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
     routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     # The expert bank alone on its sorted rows: per-expert GEMMs + activation, no routing or dispatch.

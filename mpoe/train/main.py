@@ -69,9 +69,9 @@ def _task(dict_cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    world = world_size_from_env()
     from mpoe.parallel.engine import check_precision_supported
 
+    world = world_size_from_env()
     try:
         cfg = validate(OmegaConf.to_object(dict_cfg), world)
         check_precision_supported(cfg.trainer.precision)   # again for -m sweeps, which skip cli()'s check
