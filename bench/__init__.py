@@ -1,8 +1,10 @@
 """Benchmarks that print ratios against peers; not part of the tests."""
+
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 
 def write_json(path: Optional[str], payload: dict) -> None:
@@ -22,7 +24,7 @@ def interleaved_times(steps: dict[str, Callable[[], float]], repeats: int) -> di
     """
     names, times = list(steps), {name: [] for name in steps}
     for r in range(repeats + 1):  # round 0 is a warm-up
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             elapsed = steps[name]()
             if r:
                 times[name].append(elapsed)

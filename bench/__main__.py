@@ -12,6 +12,7 @@ Runs, in this order, each module's own `main`/`run` (their printed detail first)
 The machine may be shared: the load average before and after is printed;
 times are fastest-of or median-of repeats (see each module).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,29 @@ ROWS = {
     "experts.mpoe_vs_switch_time": ("MPOE bank fwd+bwd time / Switch bank", "lower is better", "<= 1.10"),
     "experts.mpoe_vs_switch_params": ("MPOE bank params / Switch bank", "lower is better", "<= 0.25"),
     "experts.switch_vs_deepspeed_time": ("Switch bank time / DeepSpeed Experts", "lower is better", None),
-    "experts.mpoe_vs_switch_time_quarter_tokens": ("  ... MPOE / Switch time at a quarter of the tokens", "lower is better", None),
-    "moe_layer.vs_floor": ("our MoE layer time / dense FFN floor (worst case, ep 1 and 2)", "lower is better", "<= 1.05"),
+    "experts.mpoe_vs_switch_time_quarter_tokens": (
+        "  ... MPOE / Switch time at a quarter of the tokens",
+        "lower is better",
+        None,
+    ),
+    "moe_layer.vs_floor": (
+        "our MoE layer time / dense FFN floor (worst case, ep 1 and 2)",
+        "lower is better",
+        "<= 1.05",
+    ),
     "moe_layer.vs_floor_ep1": ("  ... single process", "lower is better", None),
     "moe_layer.vs_floor_ep2": ("  ... 2 processes, expert parallel", "lower is better", None),
-    "moe_layer.bank_vs_floor_at_worst": ("  ... its expert bank alone / floor (per-expert GEMMs)", "lower is better", None),
+    "moe_layer.bank_vs_floor_at_worst": (
+        "  ... its expert bank alone / floor (per-expert GEMMs)",
+        "lower is better",
+        None,
+    ),
     "moe_layer.speedup_vs_deepspeed": ("DeepSpeed MoE time / ours (worst, balanced)", "higher is better", ">= 1.0"),
-    "moe_layer.speedup_vs_deepspeed_skewed": ("DeepSpeed MoE time / ours (worst, skewed)", "higher is better", ">= 1.5"),
+    "moe_layer.speedup_vs_deepspeed_skewed": (
+        "DeepSpeed MoE time / ours (worst, skewed)",
+        "higher is better",
+        ">= 1.5",
+    ),
     "dispatch.bytes_vs_routed": ("all-to-all bytes / routed tokens' bytes", "1.00 = no padding", "<= 1.0"),
     "hf_switch.speedup": ("HF SwitchTransformersSparseMLP time / ours", "higher is better", None),
     "train_step.mfu": ("model FLOPs utilisation, worst MoE kind", "fraction of GEMM rate", ">= 0.40"),
@@ -91,8 +108,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
     args = ap.parse_args(argv)
     load_start = os.getloadavg()[0]
-    print(f"python -m bench{' --quick' if args.quick else ''}: load average at start {load_start:.1f} "
-          f"(2 cores shared: ratios are more trustworthy than absolute times)", flush=True)
+    print(
+        f"python -m bench{' --quick' if args.quick else ''}: load average at start {load_start:.1f} "
+        f"(2 cores shared: ratios are more trustworthy than absolute times)",
+        flush=True,
+    )
     results, seconds, failed = {}, {}, {}
     for name in args.only:
         _banner(name)
@@ -106,13 +126,23 @@ def main(argv=None) -> dict:
     ordered = {k: results[k] for k in ROWS if k in results}
     ordered.update({k: v for k, v in results.items() if k not in ordered})
     load_end = os.getloadavg()[0]
-    print(f"\n=== summary ({', '.join(f'{n} {s:.0f}s' for n, s in seconds.items())}; "
-          f"load average {load_start:.1f} -> {load_end:.1f}) ===")
+    print(
+        f"\n=== summary ({', '.join(f'{n} {s:.0f}s' for n, s in seconds.items())}; "
+        f"load average {load_start:.1f} -> {load_end:.1f}) ==="
+    )
     print(table(ordered))
     for name, why in failed.items():
         print(f"bench.{name} did not run to the end: {why}")
-    write_json(args.json, {"results": ordered, "load_average": {"start": load_start, "end": load_end},
-                           "seconds": seconds, "quick": args.quick, "failed": failed})
+    write_json(
+        args.json,
+        {
+            "results": ordered,
+            "load_average": {"start": load_start, "end": load_end},
+            "seconds": seconds,
+            "quick": args.quick,
+            "failed": failed,
+        },
+    )
     if failed:
         raise SystemExit(1)
     return ordered

@@ -19,6 +19,7 @@ cache-resident buffer, which is where most of the remaining gap was.
 On a machine shared with other jobs, `--threads 1` gives steadier numbers
 (OpenMP regions stall when a core is taken).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,9 @@ def main(argv=None) -> dict:
     dense = DenseFFN.random(D_MODEL, D_FF)
     groups = ExpertGroups()
     switch = build_expert_bank(MoEConfig(kind="switch", num_experts=E), D_MODEL, D_FF, "gelu_new", groups, dense)
-    mpoe = build_expert_bank(MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond), D_MODEL, D_FF, "gelu_new", groups, dense)
+    mpoe = build_expert_bank(
+        MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond), D_MODEL, D_FF, "gelu_new", groups, dense
+    )
     ds = deepspeed_experts(dense, E)
     counts = [tokens // E] * E
     runs = {
@@ -101,12 +104,17 @@ def main(argv=None) -> dict:
     median = median_times(runs, torch.randn(tokens, D_MODEL), repeats)
     # Informational: the same two banks with a quarter of the tokens, where rebuilding W weighs more
     small = [tokens // (4 * E)] * E
-    median_small = median_times({"mpoe": (lambda t: mpoe(t, small), mpoe), "switch": (lambda t: switch(t, small), switch)},
-                                torch.randn(sum(small), D_MODEL), repeats)
+    median_small = median_times(
+        {"mpoe": (lambda t: mpoe(t, small), mpoe), "switch": (lambda t: switch(t, small), switch)},
+        torch.randn(sum(small), D_MODEL),
+        repeats,
+    )
     params = {name: sum(p.numel() for p in module.parameters()) for name, (_, module) in runs.items()}
 
-    print(f"expert banks: {E} experts, FFN {D_MODEL}x{D_FF}, {tokens} tokens ({tokens // E} per expert), "
-          f"{torch.get_num_threads()} threads, median of {repeats} fwd+bwd after 1 warm-up")
+    print(
+        f"expert banks: {E} experts, FFN {D_MODEL}x{D_FF}, {tokens} tokens ({tokens // E} per expert), "
+        f"{torch.get_num_threads()} threads, median of {repeats} fwd+bwd after 1 warm-up"
+    )
     print(f"MPOE bond_dim = {bond or 'full'}; factors {mpo.factorize(D_MODEL)} x {mpo.factorize(D_FF)}")
     print(f"{'bank':<10}{'fwd+bwd ms':>12}{'params':>14}")
     for name in runs:
@@ -120,11 +128,28 @@ def main(argv=None) -> dict:
     for key, value in results.items():
         print(f"{key} = {value:.3f}")
     t_ok, p_ok = results["experts.mpoe_vs_switch_time"] <= 1.10, results["experts.mpoe_vs_switch_params"] <= 0.25
-    print(f"target time ratio <= 1.10: {'met' if t_ok else 'NOT met'}; params ratio <= 0.25: {'met' if p_ok else 'NOT met'}")
-    print("MPOE params ratio at other bonds: " + ", ".join(
-        f"{b or 'full'}: {_mpoe_params(E, b) / params['switch']:.3f}" for b in (8, 16, 32, 64, 128, None)))
-    write_json(args.json, {"results": results, "config": {"tokens": tokens, "experts": E, "bond_dim": bond,
-                                                           "repeats": repeats, "median_s": median, "params": params}})
+    print(
+        f"target time ratio <= 1.10: {'met' if t_ok else 'NOT met'}; "
+        f"params ratio <= 0.25: {'met' if p_ok else 'NOT met'}"
+    )
+    print(
+        "MPOE params ratio at other bonds: "
+        + ", ".join(f"{b or 'full'}: {_mpoe_params(E, b) / params['switch']:.3f}" for b in (8, 16, 32, 64, 128, None))
+    )
+    write_json(
+        args.json,
+        {
+            "results": results,
+            "config": {
+                "tokens": tokens,
+                "experts": E,
+                "bond_dim": bond,
+                "repeats": repeats,
+                "median_s": median,
+                "params": params,
+            },
+        },
+    )
     return results
 
 

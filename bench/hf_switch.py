@@ -5,11 +5,13 @@
 Top-1, 8 experts, d_model 768, d_ff 3072, tanh-GELU, no biases (as HF's experts),
 one fwd+bwd of sum(out * g) (bench.moe_layer.step_times: fastest of 5 rounds
 in which the two layers take turns, after a warm-up round). HF's capacity is
-counted per sequence; it is set to the sequence length, and ours is dropless, so neither drops a token and both compute the
+counted per sequence; it is set to the sequence length, and ours is dropless, so neither drops a token and both
+compute the
 same function (checked: outputs agree). HF loops over experts with a boolean
 mask and index_add per expert; ours permutes once and runs one grouped GEMM
 per weight. hf_switch.speedup = HF time / our time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +38,25 @@ def build_pair(seq_len: int, experts: int = EXPERTS):
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
     torch.manual_seed(0)
-    ours = build_moe_layer(MoEConfig(kind="switch", num_experts=experts, top_k=1, capacity_factor=None,
-                                     z_loss_coef=0.0), D_MODEL, D_FF, "gelu_new", ExpertGroups(), bias=False)
-    config = SwitchTransformersConfig(d_model=D_MODEL, d_ff=D_FF, num_experts=experts, expert_capacity=seq_len,
-                                      dense_act_fn="gelu_new", router_jitter_noise=0.0, dropout_rate=0.0,
-                                      router_bias=False, router_dtype="float32")
+    ours = build_moe_layer(
+        MoEConfig(kind="switch", num_experts=experts, top_k=1, capacity_factor=None, z_loss_coef=0.0),
+        D_MODEL,
+        D_FF,
+        "gelu_new",
+        ExpertGroups(),
+        bias=False,
+    )
+    config = SwitchTransformersConfig(
+        d_model=D_MODEL,
+        d_ff=D_FF,
+        num_experts=experts,
+        expert_capacity=seq_len,
+        dense_act_fn="gelu_new",
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
+        router_bias=False,
+        router_dtype="float32",
+    )
     hf = SwitchTransformersSparseMLP(config)
     with torch.no_grad():
         hf.router.classifier.weight.copy_(ours.router.gate.weight)
@@ -56,13 +72,18 @@ def run(quick: bool = False, repeats: int = 5) -> dict:
     x = torch.randn(batch, seq, D_MODEL)
     with torch.no_grad():
         max_diff = float((ours(x) - hf(x)).abs().max())
-    print(f"HF SwitchTransformersSparseMLP vs ours: {EXPERTS} experts, {D_MODEL}x{D_FF}, {batch}x{seq} tokens, "
-          f"top-1, no drops; load average {os.getloadavg()[0]:.1f}; max |out diff| {max_diff:.1e}", flush=True)
+    print(
+        f"HF SwitchTransformersSparseMLP vs ours: {EXPERTS} experts, {D_MODEL}x{D_FF}, {batch}x{seq} tokens, "
+        f"top-1, no drops; load average {os.getloadavg()[0]:.1f}; max |out diff| {max_diff:.1e}",
+        flush=True,
+    )
     times = step_times({"ours": (ours, x), "hf": (hf, x)}, repeats)
     t_ours, t_hf = times["ours"], times["hf"]
     print(f"fwd+bwd s: ours {t_ours:.3f}, HF {t_hf:.3f}; speedup {t_hf / t_ours:.2f}x")
-    return {"results": {"hf_switch.speedup": t_hf / t_ours},
-            "config": {"batch": batch, "seq": seq, "ours_s": t_ours, "hf_s": t_hf, "max_out_diff": max_diff}}
+    return {
+        "results": {"hf_switch.speedup": t_hf / t_ours},
+        "config": {"batch": batch, "seq": seq, "ours_s": t_ours, "hf_s": t_hf, "max_out_diff": max_diff},
+    }
 
 
 def main(argv=None) -> dict:

@@ -27,6 +27,7 @@ Bytes: an all-to-all sends the dispatch buffer. Ours is the permuted tokens, one
 row per kept (token, expert) pair (what multi-process tests check the all-to-all
 moves); DeepSpeed's is experts x capacity rows, padding included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,8 @@ def step_times(runs: dict, repeats: int) -> dict:
         (out * g).sum().backward()
         return _over_ranks(time.perf_counter() - start, "max")
 
-    steps = {name: (lambda m=module, x=x, g=torch.randn_like(x): step(m, x, g)) for name, (module, x) in runs.items()}
+    grads = {name: torch.randn_like(x) for name, (_, x) in runs.items()}
+    steps = {name: (lambda m=module, x=x, g=grads[name]: step(m, x, g)) for name, (module, x) in runs.items()}
     return {name: min(ts) for name, ts in interleaved_times(steps, repeats).items()}
 
 
@@ -98,7 +100,7 @@ class CountAllToAll:
     (our per-expert token counts, P x L int64 per rank and layer, a few hundred bytes).
     """
 
-    def __enter__(self) -> "CountAllToAll":
+    def __enter__(self) -> CountAllToAll:
         import torch.distributed as dist
 
         self.bytes, self.metadata_bytes, self._original = 0, 0, dist.all_to_all_single
@@ -155,32 +157,47 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     rank, world = rank_world()
     groups = expert_groups(ep) if ep > 1 else ExpertGroups()
     capacity_factor = 1.0 if mode == "cf1" else None
-    torch.manual_seed(0)   # the same router and global experts on every rank
-    cfg = MoEConfig(kind="switch", num_experts=num_experts, top_k=1, capacity_factor=capacity_factor,
-                    aux_loss_coef=0.01, z_loss_coef=0.0)
+    torch.manual_seed(0)  # the same router and global experts on every rank
+    cfg = MoEConfig(
+        kind="switch",
+        num_experts=num_experts,
+        top_k=1,
+        capacity_factor=capacity_factor,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.0,
+    )
     ours = build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", groups)
     x = torch.randn(tokens, D_MODEL)
     if mode == "skewed":
         x = skew_tokens(x, ours.router.gate.weight.detach(), num_experts)
-    x = x.chunk(world)[rank].contiguous().requires_grad_()     # each rank its share; inside a model x needs grad too
+    x = x.chunk(world)[rank].contiguous().requires_grad_()  # each rank its share; inside a model x needs grad too
 
     rows = {}
     hook = ours.bank.register_forward_pre_hook(lambda m, args: rows.update(ours=args[0].shape[0], bank_args=args))
     with CountAllToAll() as ours_comm:
         _one_step(ours, x)
-    hook.remove()   # the bank's rows of this step are what the bank-alone timing reuses
-    counts = ours.stats.tokens_per_expert                      # over the ep group, before dropping
+    hook.remove()  # the bank's rows of this step are what the bank-alone timing reuses
+    counts = ours.stats.tokens_per_expert  # over the ep group, before dropping
     routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     # The expert bank alone on its sorted rows: per-expert GEMMs + activation, no routing or dispatch.
     bank_rows, bank_counts = rows["bank_args"]
-    runs = {"ours": (ours, x), "floor": (dense_ffn(), x),
-            "bank": (_BankOnly(ours.bank, bank_counts), bank_rows.detach().requires_grad_())}
+    runs = {
+        "ours": (ours, x),
+        "floor": (dense_ffn(), x),
+        "bank": (_BankOnly(ours.bank, bank_counts), bank_rows.detach().requires_grad_()),
+    }
 
     row_bytes = D_MODEL * x.element_size()
-    result = dict(tokens=tokens, experts=num_experts, mode=mode, ep=ep,
-                  load_max_over_mean=float(counts.max() / counts.float().mean()), routed=int(routed),
-                  ours_rows=int(_over_ranks(rows["ours"])),
-                  tokens_dropped=int(_over_ranks(ours.stats.tokens_dropped)))
+    result = dict(
+        tokens=tokens,
+        experts=num_experts,
+        mode=mode,
+        ep=ep,
+        load_max_over_mean=float(counts.max() / counts.float().mean()),
+        routed=int(routed),
+        ours_rows=int(_over_ranks(rows["ours"])),
+        tokens_dropped=int(_over_ranks(ours.stats.tokens_dropped)),
+    )
     # What must cross the all-to-all at least: every kept (token, expert) row, out and back, forward and backward.
     minimum_bytes = 4 * routed * row_bytes
     if ep > 1:
@@ -190,18 +207,31 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
         result["ours_metadata_bytes"] = int(_over_ranks(ours_comm.metadata_bytes))
     if capacity_factor:
         capacity = math.ceil(x.shape[0] / num_experts * capacity_factor)
-    else:                 # DeepSpeed's dropless capacity: the largest local expert load over the ranks
+    else:  # DeepSpeed's dropless capacity: the largest local expert load over the ranks
         with torch.no_grad():
             capacity = int(_over_ranks(float(ours.router(x).tokens_per_expert.max()), "max"))
     result["ds_rows"] = int(_over_ranks(num_experts * capacity))
-    ds_gb = x.shape[0] * num_experts * capacity * 4 / 1e9  # one [tokens, experts * capacity] float tensor; it builds several
+    ds_gb = (
+        x.shape[0] * num_experts * capacity * 4 / 1e9
+    )  # one [tokens, experts * capacity] float tensor; it builds several
     if ds_gb > ds_max_gb:
         result["ds_s"] = None
-        result["ds_skipped"] = f"its [tokens, experts x capacity] tensors need {ds_gb:.1f} GB each (> --ds-max-gb {ds_max_gb})"
+        result["ds_skipped"] = (
+            f"its [tokens, experts x capacity] tensors need {ds_gb:.1f} GB each (> --ds-max-gb {ds_max_gb})"
+        )
     else:
-        ds = MoE(D_MODEL, dense_ffn(), num_experts=num_experts, ep_size=ep, k=1,
-                 capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0,
-                 min_capacity=0, drop_tokens=capacity_factor is not None, use_rts=False)
+        ds = MoE(
+            D_MODEL,
+            dense_ffn(),
+            num_experts=num_experts,
+            ep_size=ep,
+            k=1,
+            capacity_factor=capacity_factor or 1.0,
+            eval_capacity_factor=capacity_factor or 1.0,
+            min_capacity=0,
+            drop_tokens=capacity_factor is not None,
+            use_rts=False,
+        )
         if ep > 1:
             ds.set_deepspeed_parallelism()
         with torch.no_grad():
@@ -231,17 +261,28 @@ def _ep_worker(rank: int, ep: int, cases: list, repeats: int, ds_max_gb: float, 
 def print_row(r: dict) -> None:
     ds = "skipped" if r["ds_s"] is None else f"{r['ds_s']:.3f}"
     ds_ratio = "-" if r["ds_s"] is None else f"{r['ds_s'] / r['ours_s']:.2f}"
-    if r["ep"] > 1:      # bytes handed to the all-to-all / routed rows' bytes
-        ours_b, ds_b = f"{r['ours_bytes_vs_routed']:.2f}", "-" if r["ds_s"] is None else f"{r['ds_bytes_vs_routed']:.2f}"
-    else:                # no all-to-all: the dispatch buffer's rows / routed rows
+    if r["ep"] > 1:  # bytes handed to the all-to-all / routed rows' bytes
+        ours_b, ds_b = (
+            f"{r['ours_bytes_vs_routed']:.2f}",
+            "-" if r["ds_s"] is None else f"{r['ds_bytes_vs_routed']:.2f}",
+        )
+    else:  # no all-to-all: the dispatch buffer's rows / routed rows
         ours_b, ds_b = f"{r['ours_rows'] / r['routed']:.2f}", f"{r['ds_rows'] / r['routed']:.2f}"
-    print(f"{r['ep']:>3} {r['tokens']:>7} {r['experts']:>3} {r['mode']:>8} {r['load_max_over_mean']:>5.2f} {r['ours_s']:>7.3f} "
-          f"{r['floor_s']:>7.3f} {ds:>7} {r['ours_s'] / r['floor_s']:>10.2f} {r['bank_s'] / r['floor_s']:>10.2f} {ds_ratio:>8} {ours_b:>12} {ds_b:>10}", flush=True)
+    print(
+        f"{r['ep']:>3} {r['tokens']:>7} {r['experts']:>3} {r['mode']:>8} {r['load_max_over_mean']:>5.2f} "
+        f"{r['ours_s']:>7.3f} "
+        f"{r['floor_s']:>7.3f} {ds:>7} {r['ours_s'] / r['floor_s']:>10.2f} {r['bank_s'] / r['floor_s']:>10.2f} "
+        f"{ds_ratio:>8} {ours_b:>12} {ds_b:>10}",
+        flush=True,
+    )
     if r["ds_s"] is None:
         print(f"        DeepSpeed not run: {r['ds_skipped']}", flush=True)
     if r.get("rank_rows_max_over_mean", 1.0) > 1.05:
-        print(f"        the busiest rank's experts hold {r['rank_rows_max_over_mean']:.2f}x the mean rank's rows "
-              f"(the floor's ranks are balanced)", flush=True)
+        print(
+            f"        the busiest rank's experts hold {r['rank_rows_max_over_mean']:.2f}x the mean rank's rows "
+            f"(the floor's ranks are balanced)",
+            flush=True,
+        )
 
 
 def main(argv=None) -> dict:
@@ -249,7 +290,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the headline ratios here")
     parser.add_argument("--quick", action="store_true", help="small token counts (about 2 minutes on 2 cores)")
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts (global, for every ep)")
-    parser.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes; ep > 1 spawns that many processes")
+    parser.add_argument(
+        "--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes; ep > 1 spawns that many processes"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ds-max-gb", type=float, default=4.0)
     args = parser.parse_args(argv)
@@ -257,12 +300,20 @@ def main(argv=None) -> dict:
     modes = ("cf1", "dropless", "skewed")
 
     rows = []
-    print(f"load average at start {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()} (ep > 1: 1 per process); "
-          f"top-1, d_model {D_MODEL}, d_ff {D_FF}; seconds per fwd+bwd step")
-    print(f"{'ep':>3} {'tokens':>7} {'E':>3} {'mode':>8} {'load':>5} {'ours':>7} {'floor':>7} {'DS':>7} "
-          f"{'ours/floor':>10} {'bank/floor':>10} {'DS/ours':>8} {'ours bytes':>12} {'DS bytes':>10}")
-    print("    (bank/floor: the expert bank alone on its sorted rows, i.e. the per-expert GEMMs' own cost;\n"
-          "     bytes: ep 1 = dispatch buffer rows / routed rows; ep > 1 = bytes handed to all_to_all / routed rows' bytes x 4)")
+    print(
+        f"load average at start {os.getloadavg()[0]:.1f}; "
+        f"torch threads {torch.get_num_threads()} (ep > 1: 1 per process); "
+        f"top-1, d_model {D_MODEL}, d_ff {D_FF}; seconds per fwd+bwd step"
+    )
+    print(
+        f"{'ep':>3} {'tokens':>7} {'E':>3} {'mode':>8} {'load':>5} {'ours':>7} {'floor':>7} {'DS':>7} "
+        f"{'ours/floor':>10} {'bank/floor':>10} {'DS/ours':>8} {'ours bytes':>12} {'DS bytes':>10}"
+    )
+    print(
+        "    (bank/floor: the expert bank alone on its sorted rows, i.e. the per-expert GEMMs' own cost;\n"
+        "     bytes: ep 1 = dispatch buffer rows / routed rows; "
+        "ep > 1 = bytes handed to all_to_all / routed rows' bytes x 4)"
+    )
     for ep in args.ep:
         if ep == 1:
             token_counts = args.tokens or ([2048, 4096] if args.quick else [8192, 32768])
@@ -288,7 +339,9 @@ def main(argv=None) -> dict:
     results = {
         "moe_layer.vs_floor": max(r["ours_s"] / r["floor_s"] for r in rows),
         "moe_layer.speedup_vs_deepspeed": worst([r["ds_s"] / r["ours_s"] for r in timed if r["mode"] != "skewed"]),
-        "moe_layer.speedup_vs_deepspeed_skewed": worst([r["ds_s"] / r["ours_s"] for r in timed if r["mode"] == "skewed"]),
+        "moe_layer.speedup_vs_deepspeed_skewed": worst(
+            [r["ds_s"] / r["ours_s"] for r in timed if r["mode"] == "skewed"]
+        ),
         "dispatch.bytes_vs_routed": max(bytes_ratio(r) for r in rows),
     }
     for ep in sorted({r["ep"] for r in rows}):

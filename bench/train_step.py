@@ -25,6 +25,7 @@ the dense d_model x d_ff matrices it applies, not its (smaller) MPO parameter
 count. MFU = (FLOPs / step time) / the fp32 GEMM rate measured in the same run
 (torch.mm of [tokens, d_model] x [d_model, d_ff], fastest of several).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,26 @@ D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
 
 
 def make_config(kind: str, layers: int, seq: int, batch: int, experts: int = 8, bond_dim=None) -> TrainConfig:
-    model = ModelConfig(family="gpt2", name="gpt2_small_bench", d_model=D_MODEL, d_ff=D_FF, num_layers=layers,
-                        num_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=1024, dropout=0.0)
+    model = ModelConfig(
+        family="gpt2",
+        name="gpt2_small_bench",
+        d_model=D_MODEL,
+        d_ff=D_FF,
+        num_layers=layers,
+        num_heads=HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        dropout=0.0,
+    )
     moe = MoEConfig(kind=kind, num_experts=experts, top_k=1, every=2, bond_dim=bond_dim if kind == "mpoe" else None)
-    trainer = TrainerConfig(max_steps=1000, micro_batch_size=batch, global_batch_size=batch, seq_len=seq,
-                            log_every=1 << 30, eval_every=1 << 30)
+    trainer = TrainerConfig(
+        max_steps=1000,
+        micro_batch_size=batch,
+        global_batch_size=batch,
+        seq_len=seq,
+        log_every=1 << 30,
+        eval_every=1 << 30,
+    )
     return TrainConfig(model=model, moe=moe, optim=OptimConfig(warmup_steps=1), trainer=trainer)
 
 
@@ -106,16 +122,20 @@ def measure(cfg: TrainConfig, repeats: int) -> dict:
     return {"step_s": min(times), "params_total": counts["params_total"], "params_active": counts["params_active"]}
 
 
-def run(quick: bool = False, kinds=("switch", "mpoe"), layers=None, seq=None, batch=None, repeats=None,
-        bond_dim=None) -> dict:
+def run(
+    quick: bool = False, kinds=("switch", "mpoe"), layers=None, seq=None, batch=None, repeats=None, bond_dim=None
+) -> dict:
     layers = layers or (2 if quick else 12)
     seq = seq or (128 if quick else 512)
     batch = batch or 8
     repeats = repeats or 3
     tokens = batch * seq
-    print(f"train step: GPT-2-small shape (d_model {D_MODEL}, d_ff {D_FF}, {HEADS} heads, vocab {VOCAB}), "
-          f"{layers} layers, {batch} x {seq} tokens, MoE every 2nd layer (8 experts, top-1); "
-          f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"train step: GPT-2-small shape (d_model {D_MODEL}, d_ff {D_FF}, {HEADS} heads, vocab {VOCAB}), "
+        f"{layers} layers, {batch} x {seq} tokens, MoE every 2nd layer (8 experts, top-1); "
+        f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rate_before = gemm_rate(tokens)
     rows = {}
     for kind in kinds:
@@ -124,21 +144,28 @@ def run(quick: bool = False, kinds=("switch", "mpoe"), layers=None, seq=None, ba
         r["model_flops"] = model_flops_per_step(cfg)
         rows[kind] = r
     rate = max(rate_before, gemm_rate(tokens))  # the best GEMM rate seen: the conservative denominator
-    print(f"GEMM rate (fp32 torch.mm [{tokens}, {D_MODEL}] x [{D_MODEL}, {D_FF}], best of before/after): "
-          f"{rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"GEMM rate (fp32 torch.mm [{tokens}, {D_MODEL}] x [{D_MODEL}, {D_FF}], best of before/after): "
+        f"{rate / 1e9:.1f} GFLOP/s"
+    )
     print(f"{'moe':<8}{'params total':>14}{'active':>13}{'step s':>9}{'model TFLOP':>13}{'GFLOP/s':>9}{'MFU':>7}")
     for kind, r in rows.items():
         r["achieved_flops"] = r["model_flops"] / r["step_s"]
         r["mfu"] = r["achieved_flops"] / rate
-        print(f"{kind:<8}{r['params_total']:>14,}{r['params_active']:>13,}{r['step_s']:>9.3f}"
-              f"{r['model_flops'] / 1e12:>13.3f}{r['achieved_flops'] / 1e9:>9.1f}{r['mfu']:>7.3f}")
+        print(
+            f"{kind:<8}{r['params_total']:>14,}{r['params_active']:>13,}{r['step_s']:>9.3f}"
+            f"{r['model_flops'] / 1e12:>13.3f}{r['achieved_flops'] / 1e9:>9.1f}{r['mfu']:>7.3f}"
+        )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     results = {f"train_step.mfu_{kind}": r["mfu"] for kind, r in rows.items()}
     headline = min(rows, key=lambda k: rows[k]["mfu"])  # the worst kind, as bench.moe_layer's headlines
     results["train_step.mfu"] = rows[headline]["mfu"]
     results["train_step.gemm_gflops"] = rate / 1e9
-    return {"results": results, "rows": rows, "config": {"layers": layers, "seq": seq, "batch": batch,
-                                                        "repeats": repeats, "headline": headline}}
+    return {
+        "results": results,
+        "rows": rows,
+        "config": {"layers": layers, "seq": seq, "batch": batch, "repeats": repeats, "headline": headline},
+    }
 
 
 def main(argv=None) -> dict:
@@ -150,7 +177,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--repeats", type=int)
-    ap.add_argument("--bond-dim", type=int, default=None, help="MPOE bond cap (default: full, as conf/moe/mpoe.yaml)")
+    ap.add_argument(
+        "--bond-dim", type=int, default=None, help="MPOE bond cap (default: full, as mpoe/conf/moe/mpoe.yaml)"
+    )
     args = ap.parse_args(argv)
     out = run(args.quick, args.kinds, args.layers, args.seq, args.batch, args.repeats, args.bond_dim)
     print("headline:", json.dumps(out["results"]))

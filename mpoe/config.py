@@ -7,6 +7,7 @@ Every check raises `ConfigError` whose message is one line: the key, the value
 and what would be valid. `mpoe.train.main` prints that line and exits before any
 process group or model is built.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,19 +32,19 @@ def _fail(key: str, value: Any, valid: str) -> None:
 
 @dataclass
 class ModelConfig:
-    family: str = "gpt2"            # gpt2 | t5
-    name: str = "gpt2_tiny"         # the config-group option, for reports
+    family: str = "gpt2"  # gpt2 | t5
+    name: str = "gpt2_tiny"  # the config-group option, for reports
     pretrained: Optional[str] = None  # local HF checkpoint dir (or hub name when online)
     d_model: int = 128
     d_ff: int = 512
     num_layers: int = 4
     num_decoder_layers: Optional[int] = None  # t5 only; None = num_layers
     num_heads: int = 4
-    d_kv: Optional[int] = None      # t5 only; None = d_model // num_heads
-    vocab_size: int = 4096          # gpt2_tiny: the size of the embedded BPE tokenizer
+    d_kv: Optional[int] = None  # t5 only; None = d_model // num_heads
+    vocab_size: int = 4096  # gpt2_tiny: the size of the embedded BPE tokenizer
     max_position_embeddings: int = 256
     dropout: float = 0.0
-    activation: str = "gelu_new"    # gpt2: gelu_new; t5: relu | gated-gelu
+    activation: str = "gelu_new"  # gpt2: gelu_new; t5: relu | gated-gelu
     tie_word_embeddings: bool = True
 
 
@@ -51,29 +52,29 @@ class ModelConfig:
 class GradMaskConfig:
     enabled: bool = False
     keep_prob: float = 0.5
-    target: str = "central"         # central | auxiliary | all
-    rescale: bool = True            # divide kept entries by keep_prob (Child-Tuning)
+    target: str = "central"  # central | auxiliary | all
+    rescale: bool = True  # divide kept entries by keep_prob (Child-Tuning)
 
 
 @dataclass
 class MoEConfig:
-    kind: str = "dense"             # dense | switch | mpoe
+    kind: str = "dense"  # dense | switch | mpoe
     num_experts: int = 4
     top_k: int = 1
-    every: int = 2                  # an MoE FFN every `every` layers (layers every-1, 2*every-1, ...)
-    capacity_factor: Optional[float] = None   # training; None = dropless
+    every: int = 2  # an MoE FFN every `every` layers (layers every-1, 2*every-1, ...)
+    capacity_factor: Optional[float] = None  # training; None = dropless
     eval_capacity_factor: Optional[float] = None  # evaluation; None = dropless
-    drop_policy: str = "probs"      # probs | position
-    normalize_topk: Optional[bool] = None     # None = true when top_k >= 2
-    pre_softmax: bool = True        # softmax over all experts, then top-k (Switch); false: top-k logits, then softmax
+    drop_policy: str = "probs"  # probs | position
+    normalize_topk: Optional[bool] = None  # None = true when top_k >= 2
+    pre_softmax: bool = True  # softmax over all experts, then top-k (Switch); false: top-k logits, then softmax
     score_function: str = "softmax"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    jitter_eps: float = 0.0         # multiplicative jitter on router input, training only
+    jitter_eps: float = 0.0  # multiplicative jitter on router input, training only
     router_init_std: float = 0.02
     bond_dim: Optional[int] = None  # mpoe: cap on every MPO bond; None = full (exact)
-    num_mpo_factors: int = 5        # mpoe: n local tensors per matrix
-    aux_init_noise: float = 0.0     # mpoe: noise on auxiliary tensors to break symmetry
+    num_mpo_factors: int = 5  # mpoe: n local tensors per matrix
+    aux_init_noise: float = 0.0  # mpoe: noise on auxiliary tensors to break symmetry
     grad_mask: GradMaskConfig = field(default_factory=GradMaskConfig)
 
     def topk_normalized(self) -> bool:
@@ -82,7 +83,7 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "embedded"          # embedded | text | hub
+    name: str = "embedded"  # embedded | text | hub
     paths: list[str] = field(default_factory=list)  # data=text: local .txt/.json/.jsonl/.parquet
     hub_name: Optional[str] = None  # data=hub: a datasets hub name (online only)
     hub_config: Optional[str] = None
@@ -97,7 +98,7 @@ class DataConfig:
 class ParallelConfig:
     ep_size: int = 1
     zero_stage: int = 0
-    backend: Optional[str] = None   # None = nccl on GPU, gloo on CPU
+    backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
 
 
 @dataclass
@@ -130,19 +131,21 @@ class LoggingConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200            # optimizer steps; 0 = evaluate only
+    max_steps: int = 200  # optimizer steps; 0 = evaluate only
     seed: int = 0
-    micro_batch_size: int = 8       # sequences per process per micro step
-    global_batch_size: Optional[int] = None  # sequences per optimizer step over all processes; null = micro x world (no accumulation)
+    micro_batch_size: int = 8  # sequences per process per micro step
+    global_batch_size: Optional[int] = (
+        None  # sequences per optimizer step over all processes; null = micro x world (no accumulation)
+    )
     seq_len: int = 128
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 0             # 0 = only the final checkpoint
+    save_every: int = 0  # 0 = only the final checkpoint
     keep_last: int = 2
-    resume: Optional[str] = None    # auto | a checkpoint path | null
+    resume: Optional[str] = None  # auto | a checkpoint path | null
     dry_run: bool = False
-    precision: str = "fp32"         # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16
     max_bad_steps: int = 10
 
 
@@ -232,8 +235,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     _positive("trainer.save_every", t.save_every, allow_zero=True)
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % per_step):
-        _fail("trainer.global_batch_size", t.global_batch_size,
-              f"must be a multiple of trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}")
+        _fail(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be a multiple of trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}",
+        )
     if t.seq_len > m.max_position_embeddings and m.family == "gpt2":
         _fail("trainer.seq_len", t.seq_len, f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
     _one_of("trainer.precision", t.precision, PRECISIONS)

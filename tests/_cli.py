@@ -1,4 +1,5 @@
 """Run `mpoe-train` (or torchrun over it) as a user would, and read its run directory."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,14 @@ import sys
 from pathlib import Path
 
 # Small enough for 2 CPU cores: a few steps, few validation batches, no progress bar.
-FAST = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=4", "trainer.eval_batches=2",
-        "trainer.seq_len=64", "logging.progress=false"]
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=4",
+    "trainer.eval_batches=2",
+    "trainer.seq_len=64",
+    "logging.progress=false",
+]
 
 
 def env(cache: str) -> dict:
@@ -18,16 +25,28 @@ def env(cache: str) -> dict:
     return e
 
 
-def train(run_dir: Path, cache: str, *overrides: str, nproc: int = 1, timeout: int = 400, check: bool = True) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path, cache: str, *overrides: str, nproc: int = 1, timeout: int = 400, check: bool = True
+) -> subprocess.CompletedProcess:
     args = [f"hydra.run.dir={run_dir}", *FAST, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "mpoe.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "mpoe.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "mpoe.train",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env(cache), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

@@ -1,4 +1,5 @@
 """Shared test setup: CPU DeepSpeed, no W&B network, and one data cache per test session."""
+
 import os
 
 import pytest

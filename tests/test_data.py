@@ -1,4 +1,5 @@
 """The embedded corpus, its split, the BPE tokenizer and the batch order are deterministic."""
+
 import torch
 
 from mpoe.config import DataConfig
@@ -59,7 +60,9 @@ def test_json_and_parquet_files_read_through_datasets(tmp_path):
     datasets.Dataset.from_dict({"body": docs}).to_parquet(str(tmp_path / "docs.parquet"))
     loaded = []
     for name in ("docs.jsonl", "docs.parquet"):
-        cfg = DataConfig(name="text", paths=[str(tmp_path / name)], text_field="body", cache_dir=str(tmp_path / "cache"))
+        cfg = DataConfig(
+            name="text", paths=[str(tmp_path / name)], text_field="body", cache_dir=str(tmp_path / "cache")
+        )
         train, val = data.load_documents(cfg)
         loaded.append(sorted(train + val))
     assert loaded[0] == loaded[1] == sorted(d for d in docs if d.strip())

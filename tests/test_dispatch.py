@@ -15,6 +15,7 @@ on each x_r separately. Conventions checked:
   of the reference grads over that group's ranks (what data-parallel all-reduce then averages);
 - stats.tokens_per_expert is the ep group's pre-drop count, checked against top-k of x @ gate^T.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpoe.parallel.local_world import spawn_world
 from mpoe.config import MoEConfig
 from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.local_world import spawn_world
 
 WORLD = 4
 D_MODEL, D_FF = 8, 16
@@ -34,8 +35,11 @@ SEED = 1234
 CASES = {
     # name: (MoEConfig kwargs, ep sizes, skewed routing)
     "switch_top2_capacity": (dict(kind="switch", num_experts=8, top_k=2, capacity_factor=1.0), (2, 4), False),
-    "mpoe_top1_dropless": (dict(kind="mpoe", num_experts=4, top_k=1, pre_softmax=True, num_mpo_factors=2,
-                                aux_init_noise=0.1), (2, 4), False),
+    "mpoe_top1_dropless": (
+        dict(kind="mpoe", num_experts=4, top_k=1, pre_softmax=True, num_mpo_factors=2, aux_init_noise=0.1),
+        (2, 4),
+        False,
+    ),
     "switch_all_to_expert0": (dict(kind="switch", num_experts=4, top_k=1), (4,), True),
 }
 
@@ -68,10 +72,16 @@ def run_rank(layer, name: str, rank: int) -> dict:
     out = layer(x)
     s = layer.stats
     ((out * w).sum() + s.aux_loss + s.z_loss).backward()
-    return dict(out=out.detach(), aux=s.aux_loss.detach(), z=s.z_loss.detach(), x_grad=x.grad,
-                tokens_per_expert=s.tokens_per_expert, tokens_dropped=s.tokens_dropped,
-                grads={n: p.grad.clone() for n, p in layer.named_parameters()},
-                comm=layer.dispatcher.stats)
+    return dict(
+        out=out.detach(),
+        aux=s.aux_loss.detach(),
+        z=s.z_loss.detach(),
+        x_grad=x.grad,
+        tokens_per_expert=s.tokens_per_expert,
+        tokens_dropped=s.tokens_dropped,
+        grads={n: p.grad.clone() for n, p in layer.named_parameters()},
+        comm=layer.dispatcher.stats,
+    )
 
 
 def _worker(rank: int, out_dir: str) -> None:
@@ -124,14 +134,14 @@ def test_expert_parallel_matches_one_process(world_results, reference, name, ep)
     assert "router.gate.weight" not in expert_param and expert_param
     for r in range(WORLD):
         got, want = world_results[r][name, ep], ref[r]
-        group = range(r // ep * ep, r // ep * ep + ep)          # DeepSpeed's ep group of rank r
+        group = range(r // ep * ep, r // ep * ep + ep)  # DeepSpeed's ep group of rank r
         assert got["ep_rank"] == r % ep
         assert close(got["out"], want["out"]), f"rank {r} output"
         assert close(got["aux"], want["aux"]) and close(got["z"], want["z"])
         assert got["tokens_dropped"] == want["tokens_dropped"]
         assert close(got["x_grad"], want["x_grad"]), f"rank {r} input grad"
         for n in expert_param:
-            expected = sum(ref[q]["grads"][n] for q in group)[got["ep_rank"] * local:(got["ep_rank"] + 1) * local]
+            expected = sum(ref[q]["grads"][n] for q in group)[got["ep_rank"] * local : (got["ep_rank"] + 1) * local]
             assert close(got["grads"][n], expected), f"rank {r} expert grad {n}"
     for first in range(0, WORLD, ep):
         group = range(first, first + ep)
@@ -153,7 +163,7 @@ def test_tokens_per_expert_is_the_ep_groups_count_before_dropping(world_results,
         counts.append(torch.bincount(chosen, minlength=cfg.num_experts))
     for r in range(WORLD):
         first = r // ep * ep
-        assert world_results[r][name, ep]["tokens_per_expert"].tolist() == sum(counts[first:first + ep]).tolist()
+        assert world_results[r][name, ep]["tokens_per_expert"].tolist() == sum(counts[first : first + ep]).tolist()
 
 
 @pytest.mark.slow
@@ -184,6 +194,7 @@ def test_all_to_all_moves_only_routed_tokens(world_results, name, ep):
 
 # ---- single process -------------------------------------------------------------------------------
 
+
 def test_layer_equals_a_token_by_token_loop():
     import deepspeed.moe.layer
 
@@ -192,11 +203,16 @@ def test_layer_equals_a_token_by_token_loop():
 
     layer = build("switch_top2_capacity", ExpertGroups())
     assert isinstance(layer, deepspeed.moe.layer.MoE) and isinstance(layer, MoELayer)
-    assert (layer.num_experts, layer.num_local_experts, layer.ep_size, layer.expert_group_name) == (8, 8, 1, "ep_size_1")
+    assert (layer.num_experts, layer.num_local_experts, layer.ep_size, layer.expert_group_name) == (
+        8,
+        8,
+        1,
+        "ep_size_1",
+    )
     x = torch.randn(2, 12, D_MODEL)
     out = layer(x)
     assert out.shape == x.shape
-    assert layer.stats.tokens_dropped > 0          # 24 tokens x top-2 over 8 experts at capacity 6: random routing overflows
+    assert layer.stats.tokens_dropped > 0  # 24 tokens x top-2 over 8 experts at capacity 6: random routing overflows
 
     routed = layer.router(x.reshape(-1, D_MODEL))  # eval-free router is deterministic (no jitter)
     bank, act = layer.bank, activation_fn("gelu_new")
@@ -206,8 +222,10 @@ def test_layer_equals_a_token_by_token_loop():
             h = act(token @ bank.w_in[e] + bank.b_in[e]) @ bank.w_out[e] + bank.b_out[e]
             expected[t] += routed.probs[t, e] * h
     assert torch.allclose(out.reshape(-1, D_MODEL), expected, atol=1e-6)
-    assert torch.equal(routed.routing_map.sum(0), torch.tensor(
-        [min(c, math.ceil(24 * 2 / 8)) for c in routed.tokens_per_expert.tolist()]))
+    assert torch.equal(
+        routed.routing_map.sum(0),
+        torch.tensor([min(c, math.ceil(24 * 2 / 8)) for c in routed.tokens_per_expert.tolist()]),
+    )
 
 
 def test_expert_params_follow_deepspeed_convention():

@@ -1,4 +1,5 @@
 """Expert banks: upcycling reproduces the dense FFN, the shared central tensor's gradient, DeepSpeed tags."""
+
 import copy
 
 import pytest
@@ -33,7 +34,9 @@ def _t5_ff(gated: bool):
 
 
 def _bank(kind, dense, activation, **moe):
-    return build_expert_bank(MoEConfig(kind=kind, num_experts=4, **moe), D_MODEL, D_FF, activation, ExpertGroups(name="g"), dense)
+    return build_expert_bank(
+        MoEConfig(kind=kind, num_experts=4, **moe), D_MODEL, D_FF, activation, ExpertGroups(name="g"), dense
+    )
 
 
 @pytest.mark.parametrize("kind", ["switch", "mpoe"])
@@ -115,8 +118,10 @@ def test_mpoe_param_count_follows_formulas():
     bank = _bank("mpoe", DenseFFN.random(D_MODEL, D_FF), "relu", bond_dim=3)
     fm, ff = mpo.factorize(D_MODEL), mpo.factorize(D_FF)
     per_matrix = {"w_in": (fm, ff), "w_out": (ff, fm)}
-    expected = sum(mpo.central_num_params(i, o, 3) + 4 * (mpo.mpo_num_params(i, o, 3) - mpo.central_num_params(i, o, 3))
-                   for i, o in per_matrix.values()) + 4 * (D_FF + D_MODEL)
+    expected = sum(
+        mpo.central_num_params(i, o, 3) + 4 * (mpo.mpo_num_params(i, o, 3) - mpo.central_num_params(i, o, 3))
+        for i, o in per_matrix.values()
+    ) + 4 * (D_FF + D_MODEL)
     assert sum(p.numel() for p in bank.parameters()) == expected
 
 
@@ -156,10 +161,8 @@ def test_rebuilt_ffn_reorders_h_when_w_out_rows_do_not_mirror_w_in_columns(monke
     x = torch.randn(sum(COUNTS), D_MODEL)
     expected = torch.cat([_manual_expert(bank, e, xe) for e, xe in enumerate(x.split(COUNTS))])
     orders = {name: bank.halves(name, transposed=name == "w_in")[2] for name in ("w_in", "w_out")}
-    assert torch.equal(orders["w_in"], orders["w_out"])          # the default cuts mirror each other
-    cut = iter([2, 3])                                           # w_in (built first) at 2, w_out at 3
+    assert torch.equal(orders["w_in"], orders["w_out"])  # the default cuts mirror each other
+    cut = iter([2, 3])  # w_in (built first) at 2, w_out at 3
     monkeypatch.setattr(mpo, "split_index", lambda shapes: next(cut))
     torch.testing.assert_close(bank(x, COUNTS), expected, rtol=1e-4, atol=1e-5)
     assert next(cut, None) is None
-
-

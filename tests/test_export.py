@@ -1,16 +1,18 @@
-"""Export: save -> load gives identical logits; --merge (MPOE -> dense expert weights) keeps the outputs; dense -> HF."""
+"""Export: save -> load gives identical logits; --merge (MPOE -> dense expert weights) keeps the outputs.
+
+Dense -> HF."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_models import VOCAB, tiny_batch, tiny_cfg
 
 from mpoe.models import export
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.experts import MPOEExperts, SwitchExperts
 from mpoe.parallel.groups import ExpertGroups
-
-from test_models import VOCAB, tiny_batch, tiny_cfg
 
 
 def _trained(family, kind, steps=3, **moe):
@@ -73,11 +75,19 @@ def test_cli_exports_a_training_run(tmp_path, mpoe_cache):
     import _cli
 
     run = tmp_path / "run"
-    _cli.train(run, mpoe_cache, "model=gpt2_tiny", "moe=mpoe", "moe.top_k=2", "trainer.max_steps=2", "trainer.eval_every=2")
+    _cli.train(
+        run, mpoe_cache, "model=gpt2_tiny", "moe=mpoe", "moe.top_k=2", "trainer.max_steps=2", "trainer.eval_every=2"
+    )
     plain, merged = tmp_path / "plain", tmp_path / "merged"
     for out, extra in ((plain, []), (merged, ["--merge"])):
-        subprocess.run([sys.executable, "-m", "mpoe.models.export", str(run), str(out), *extra], check=True,
-                       env=_cli.env(mpoe_cache), capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "mpoe.models.export", str(run), str(out), *extra],
+            check=True,
+            env=_cli.env(mpoe_cache),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     a, cfg_a = export.load(plain)
     b, cfg_b = export.load(merged)
     assert (cfg_a.moe.kind, cfg_b.moe.kind) == ("mpoe", "switch")

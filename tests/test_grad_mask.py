@@ -1,4 +1,5 @@
 """Gradient mask: statistics, targets, replica-identical masks, the keep_prob extremes."""
+
 import pytest
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ def _masked_ones_grad(keep_prob, rescale=True, seed=0, step=0, shape=(200, 500))
 def test_kept_fraction_and_rescale(keep_prob):
     grad = _masked_ones_grad(keep_prob)
     kept = grad != 0
-    assert abs(kept.float().mean().item() - keep_prob) < 0.01      # 100k entries: sd < 0.0016
+    assert abs(kept.float().mean().item() - keep_prob) < 0.01  # 100k entries: sd < 0.0016
     assert torch.allclose(grad[kept], torch.full_like(grad[kept], 1 / keep_prob))
     plain = _masked_ones_grad(keep_prob, rescale=False)
     assert set(plain.unique().tolist()) == {0.0, 1.0}

@@ -1,4 +1,5 @@
 """The grouped ops against per-expert reference code (float64, autograd on plain tensors)."""
+
 import pytest
 import torch
 
@@ -36,8 +37,12 @@ def test_mpo_grouped_linear_matches_per_expert_products(transposed, with_bias):
     g = torch.randn(sum(COUNTS), out_dim, dtype=torch.float64)
 
     matrices = torch.einsum("kabd,kdce->kcabe", left, right).reshape(L, c * a, b * e)
-    reference = torch.cat([xe @ (matrices[k].t() if transposed else matrices[k]) + (0 if bias is None else bias[k])
-                           for k, xe in enumerate(x.split(COUNTS))])
+    reference = torch.cat(
+        [
+            xe @ (matrices[k].t() if transposed else matrices[k]) + (0 if bias is None else bias[k])
+            for k, xe in enumerate(x.split(COUNTS))
+        ]
+    )
     inputs = [x, left, right] + ([bias] if with_bias else [])
     expected = torch.autograd.grad(reference, inputs, g)
     out = mpo_grouped_linear(x, COUNTS, bias, left, right, transposed)
@@ -78,5 +83,10 @@ def test_mpo_grouped_linear_with_frozen_halves_still_gives_grad_x():
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     matrices = torch.einsum("kabd,kdce->kcabe", left, right).reshape(2, 6, 6)
     (gx,) = torch.autograd.grad(mpo_grouped_linear(x, [2, 3], None, left, right).sum(), x)
-    expected = torch.cat([torch.ones(2, 6, dtype=torch.float64) @ matrices[0].t(), torch.ones(3, 6, dtype=torch.float64) @ matrices[1].t()])
+    expected = torch.cat(
+        [
+            torch.ones(2, 6, dtype=torch.float64) @ matrices[0].t(),
+            torch.ones(3, 6, dtype=torch.float64) @ matrices[1].t(),
+        ]
+    )
     torch.testing.assert_close(gx, expected)

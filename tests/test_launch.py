@@ -1,12 +1,12 @@
 """The launch scripts, run for real on this machine: two torchrun "nodes" on loopback, DeepSpeed's
 launcher with a localhost hostfile, and the bad inputs that must fail in one line, never hang."""
+
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
 from _cli import FAST, env, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +20,9 @@ def _port() -> int:
 
 
 def _script(name: str, extra_env: dict, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "launch" / name), *args], env={**extra_env}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "launch" / name), *args], env={**extra_env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -32,16 +33,33 @@ def test_two_nodes_on_loopback_train_expert_parallel(tmp_path, mpoe_cache, zero_
     args = [*RUN, f"parallel.zero_stage={zero_stage}", f"hydra.run.dir={run}"]
     nodes = []
     for node_rank in (0, 1):
-        e = {**env(mpoe_cache), "NNODES": "2", "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port), "RDZV_TIMEOUT": "120", "RDZV_ID": f"test-{port}"}
-        nodes.append(subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        e = {
+            **env(mpoe_cache),
+            "NNODES": "2",
+            "NODE_RANK": str(node_rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RDZV_TIMEOUT": "120",
+            "RDZV_ID": f"test-{port}",
+        }
+        nodes.append(
+            subprocess.Popen(
+                ["bash", str(ROOT / "launch" / "torchrun.sh"), *args],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [node.communicate(timeout=400) for node in nodes]
-    for node, (out, err) in zip(nodes, outputs):
+    for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (run / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000004").glob("rank_*.pt")) == [
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
 
 
 @pytest.mark.slow
@@ -49,17 +67,25 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(tmp_path, mpoe_cache):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run = tmp_path / "run"
-    proc = _script("deepspeed.sh", {**env(mpoe_cache), "HOSTFILE": str(hostfile), "MASTER_PORT": str(_port())},
-                   *RUN, "parallel.zero_stage=1", f"hydra.run.dir={run}")
+    proc = _script(
+        "deepspeed.sh",
+        {**env(mpoe_cache), "HOSTFILE": str(hostfile), "MASTER_PORT": str(_port())},
+        *RUN,
+        "parallel.zero_stage=1",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(metrics(run)) == 4
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("localhost slot=2\n", "is malformed"),
-    ("# nobody\n", "lists no hosts"),
-    ("a slots=1\na slots=2\n", "twice"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("localhost slot=2\n", "is malformed"),
+        ("# nobody\n", "lists no hosts"),
+        ("a slots=1\na slots=2\n", "twice"),
+    ],
+)
 def test_bad_hostfile_is_one_line(tmp_path, mpoe_cache, content, fragment):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(content)
@@ -72,12 +98,21 @@ def test_ep_size_not_dividing_the_world_is_one_line_before_launch(mpoe_cache):
     e = {**env(mpoe_cache), "NNODES": "1", "NPROC_PER_NODE": "3"}
     proc = _script("torchrun.sh", e, "moe=switch", "parallel.ep_size=2", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "mpoe-train: error: parallel.ep_size=2 is invalid: must divide the world size 3 (processes)"
+    assert (
+        proc.stderr.strip()
+        == "mpoe-train: error: parallel.ep_size=2 is invalid: must divide the world size 3 (processes)"
+    )
 
 
 def test_unreachable_rendezvous_fails_in_one_line_within_its_timeout(mpoe_cache):
-    e = {**env(mpoe_cache), "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()),
-         "RDZV_TIMEOUT": "3"}
+    e = {
+        **env(mpoe_cache),
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_port()),
+        "RDZV_TIMEOUT": "3",
+    }
     start = time.monotonic()
     proc = _script("torchrun.sh", e, *RUN, timeout=120)
     assert proc.returncode == 2

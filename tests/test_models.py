@@ -1,10 +1,13 @@
-"""Models assembled from configs: tiny GPT-2/T5 of each kind learn; parameter counts equal published and hand-computed ones."""
+"""Models assembled from configs: tiny GPT-2/T5 of each kind learn.
+
+Parameter counts equal published and hand-computed ones."""
+
 import math
 
 import pytest
 import torch
 
-from mpoe.config import MoEConfig, ModelConfig, TrainConfig
+from mpoe.config import ModelConfig, MoEConfig, TrainConfig
 from mpoe.models.accounting import count_params, mpoe_vs_switch_ratio
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
@@ -15,11 +18,29 @@ VOCAB = 96
 def tiny_cfg(family: str = "gpt2", kind: str = "dense", **moe) -> TrainConfig:
     """A model that builds and steps in well under a second."""
     if family == "gpt2":
-        model = ModelConfig(family="gpt2", name="test_gpt2", d_model=32, d_ff=64, num_layers=2, num_heads=2,
-                            vocab_size=VOCAB, max_position_embeddings=32)
+        model = ModelConfig(
+            family="gpt2",
+            name="test_gpt2",
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+        )
     else:
-        model = ModelConfig(family="t5", name="test_t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
-                            num_heads=2, d_kv=16, vocab_size=VOCAB, activation="relu")
+        model = ModelConfig(
+            family="t5",
+            name="test_t5",
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            d_kv=16,
+            vocab_size=VOCAB,
+            activation="relu",
+        )
     cfg = TrainConfig(model=model, moe=MoEConfig(kind=kind, **{"num_experts": 4, **moe}))
     cfg.trainer.seed = 0
     return cfg
@@ -29,8 +50,8 @@ def tiny_batch(family: str, cfg: TrainConfig, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     if family == "gpt2":
         return {"input_ids": torch.randint(2, VOCAB, (4, 16), generator=g)}
-    from mpoe.train.span_corruption import SpanCorruption
     from mpoe.models.t5 import sentinel_ids
+    from mpoe.train.span_corruption import SpanCorruption
 
     sc = SpanCorruption.for_inputs_length(16, sentinel_ids(VOCAB), eos_id=0)
     return sc.batch(torch.randint(2, VOCAB, (4, sc.raw_length), generator=g))
@@ -94,13 +115,24 @@ def _hf_t5_published(d_model, d_ff, layers, heads):
     from transformers import T5Config, T5ForConditionalGeneration
 
     with torch.device("meta"):
-        m = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers,
-                                                num_heads=heads, feed_forward_proj="relu"))
+        m = T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=32128,
+                d_model=d_model,
+                d_kv=64,
+                d_ff=d_ff,
+                num_layers=layers,
+                num_heads=heads,
+                feed_forward_proj="relu",
+            )
+        )
     return m.num_parameters()
 
 
-@pytest.mark.parametrize("name,shape", [("t5_small", (512, 2048, 6, 8)), ("t5_base", (768, 3072, 12, 12)),
-                                        ("t5_large", (1024, 4096, 24, 16))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("t5_small", (512, 2048, 6, 8)), ("t5_base", (768, 3072, 12, 12)), ("t5_large", (1024, 4096, 24, 16))],
+)
 def test_t5_shapes_match_released_counts(name, shape):
     released = _hf_t5_published(*shape)
     assert released == T5_RELEASED[name]
@@ -123,7 +155,7 @@ def _mpo_by_hand(in_f, out_f):
 def test_gpt2_tiny_counts_by_hand():
     """gpt2_tiny: 4 layers, d 128, ff 512, vocab 4096, 256 positions; MoE in layers 1 and 3, 4 experts."""
     d, ff, layers, E = 128, 512, 4, 4
-    per_layer_non_ffn = 4 * d + (3 * d * d + 3 * d) + (d * d + d)       # 2 layer norms, qkv, proj
+    per_layer_non_ffn = 4 * d + (3 * d * d + 3 * d) + (d * d + d)  # 2 layer norms, qkv, proj
     embedding = 4096 * d + 256 * d
     dense_total = embedding + layers * (per_layer_non_ffn + _ffn(d, ff, True)) + 2 * d  # + final norm
     cfg = _from_yaml("gpt2_tiny")

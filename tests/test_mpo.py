@@ -1,4 +1,5 @@
 """MPO decomposition against independent truths: exact reconstruction, SVD error, the paper's counts."""
+
 import math
 
 import pytest
@@ -16,8 +17,10 @@ def _interleaved(weight, ins, outs):
     return weight.reshape(*ins, *outs).permute(*order)
 
 
-@pytest.mark.parametrize("ins,outs", [([3, 4], [5, 2]), ([2, 3, 2], [2, 2, 3]), ([2, 2, 3, 2], [3, 2, 2, 1]),
-                                      ([2, 1, 3, 2, 2], [1, 2, 2, 3, 2])])
+@pytest.mark.parametrize(
+    "ins,outs",
+    [([3, 4], [5, 2]), ([2, 3, 2], [2, 2, 3]), ([2, 2, 3, 2], [3, 2, 2, 1]), ([2, 1, 3, 2, 2], [1, 2, 2, 3, 2])],
+)
 def test_full_bond_reconstructs_exactly(ins, outs):
     w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
     tensors = mpo.decompose(w, ins, outs)
@@ -64,7 +67,7 @@ def test_single_truncated_bond_error_equals_discarded_singular_values():
 
 
 def test_one_of_several_bonds_truncated_gives_equality():
-    ins, outs = [2, 3, 4], [2, 4, 3]          # full bonds (4, 12): cap 6 truncates only the second
+    ins, outs = [2, 3, 4], [2, 4, 3]  # full bonds (4, 12): cap 6 truncates only the second
     assert mpo.full_bond_dims(ins, outs) == [1, 4, 12, 1]
     w = torch.randn(24, 24, dtype=torch.float64)
     err = mpo.truncation_error(w, ins, outs, 6)
@@ -113,7 +116,9 @@ def test_layer_paths_agree_and_merge():
 
 def test_paths_give_equal_gradients():
     torch.manual_seed(1)
-    tensors = [t.requires_grad_() for t in mpo.decompose(torch.randn(24, 20, dtype=torch.float64), [2, 3, 4], [2, 5, 2], 4)]
+    tensors = [
+        t.requires_grad_() for t in mpo.decompose(torch.randn(24, 20, dtype=torch.float64), [2, 3, 4], [2, 5, 2], 4)
+    ]
     x = torch.randn(7, 24, dtype=torch.float64)
     grads = []
     for method in ("dense", "chain"):
@@ -133,7 +138,7 @@ def test_auto_picks_the_cheaper_path():
     assert chain_cost == 0 < dense_cost
     dense_cost, chain_cost = mpo.matmul_costs(512, mpo.tensor_shapes(PAPER_IN, PAPER_OUT, 8))
     dense_flops, chain_flops = mpo.matmul_flops(512, mpo.tensor_shapes(PAPER_IN, PAPER_OUT, 8))
-    assert chain_flops < dense_flops and dense_cost < chain_cost    # fewer FLOPs, yet memory traffic decides
+    assert chain_flops < dense_flops and dense_cost < chain_cost  # fewer FLOPs, yet memory traffic decides
     # n = 1: both are one GEMM of N*I*J multiply-adds
     assert mpo.matmul_flops(3, [(1, 4, 5, 1)]) == (2 * (20 + 3 * 20), 2 * 3 * 20)
 
@@ -149,10 +154,20 @@ def test_contract_broadcasts_leading_batch_dims():
     torch.testing.assert_close(mpo.contract(batched), expected)
 
 
-@pytest.mark.parametrize("ins, outs, bond", [([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16), ([2, 3, 2, 2, 1], [1, 2, 2, 3, 2], None),
-                                             ([2, 3], [3, 2], None), ([4], [5], None)])
+@pytest.mark.parametrize(
+    "ins, outs, bond",
+    [
+        ([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16),
+        ([2, 3, 2, 2, 1], [1, 2, 2, 3, 2], None),
+        ([2, 3], [3, 2], None),
+        ([4], [5], None),
+    ],
+)
 def test_split_halves_multiply_to_contract_with_rows_or_columns_reordered(ins, outs, bond):
-    """M[(c, a), (b, e)] = sum_d left[a, b, d] right[d, c, e], written out with einsum, is W (or W^T) with rows reordered."""
+    """M[(c, a), (b, e)] = sum_d left[a, b, d] right[d, c, e], written out with einsum.
+
+    It is W (or W^T) with rows reordered."""
+
     def product(left, right):
         a, b, c, e = left.shape[-3], left.shape[-2], right.shape[-2], right.shape[-1]
         return torch.einsum("...abd,...dce->...cabe", left, right).reshape(*left.shape[:-3], c * a, b * e)
@@ -160,11 +175,11 @@ def test_split_halves_multiply_to_contract_with_rows_or_columns_reordered(ins, o
     torch.manual_seed(4)
     w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
     tensors = mpo.decompose(w, ins, outs, bond)
-    if len(tensors) == 1:                                   # nothing to cut
+    if len(tensors) == 1:  # nothing to cut
         assert mpo.split_halves(tensors) is None
         return
     batched = [t.unsqueeze(0).repeat(3, 1, 1, 1, 1) + 0.1 * torch.randn(3, *t.shape, dtype=t.dtype) for t in tensors]
-    batched[mpo.central_index(len(batched))] = tensors[mpo.central_index(len(tensors))]     # shared, unbatched
+    batched[mpo.central_index(len(batched))] = tensors[mpo.central_index(len(tensors))]  # shared, unbatched
     for chain in (tensors, batched):
         chain = [t.detach().requires_grad_() for t in chain]
         full = mpo.contract(chain)
@@ -172,13 +187,17 @@ def test_split_halves_multiply_to_contract_with_rows_or_columns_reordered(ins, o
         rows = product(left, right)
         left, right, cperm = mpo.split_halves(chain, transposed=True)
         cols_t = product(left, right)
-        assert sorted(perm.tolist()) == list(range(full.shape[-2])) and sorted(cperm.tolist()) == list(range(full.shape[-1]))
+        assert sorted(perm.tolist()) == list(range(full.shape[-2])) and sorted(cperm.tolist()) == list(
+            range(full.shape[-1])
+        )
         torch.testing.assert_close(rows, full[..., perm, :])
         torch.testing.assert_close(cols_t, full[..., cperm].transpose(-2, -1))
         g = torch.randn_like(full)
         expected = torch.autograd.grad(full, chain, g)
-        for got in (torch.autograd.grad(rows, chain, g[..., perm, :]),
-                    torch.autograd.grad(cols_t, chain, g[..., cperm].transpose(-2, -1))):
+        for got in (
+            torch.autograd.grad(rows, chain, g[..., perm, :]),
+            torch.autograd.grad(cols_t, chain, g[..., cperm].transpose(-2, -1)),
+        ):
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b)
 

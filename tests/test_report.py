@@ -1,4 +1,5 @@
 """mpoe-report: aggregation over seeds, plots, broken run dirs; a tiny Hydra multirun end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,22 +9,34 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _cli import env as cli_env
 
 from mpoe.train import report
-
-from _cli import env as cli_env
 
 PLOTS = ("val_loss.png", "params_vs_val_loss.png")
 
 
 def _config(kind: str, seed: int, lr: float = 1e-3) -> dict:
-    return {"model": {"name": "gpt2_tiny", "d_model": 128}, "moe": {"kind": kind, "num_experts": 4},
-            "optim": {"lr": lr}, "trainer": {"seed": seed, "max_steps": 4},
-            "logging": {"wandb": {"name": f"{kind}-{seed}"}, "progress": False}}
+    return {
+        "model": {"name": "gpt2_tiny", "d_model": 128},
+        "moe": {"kind": kind, "num_experts": 4},
+        "optim": {"lr": lr},
+        "trainer": {"seed": seed, "max_steps": 4},
+        "logging": {"wandb": {"name": f"{kind}-{seed}"}, "progress": False},
+    }
 
 
-def make_run(path: Path, kind: str, seed: int, val_loss: float, *, lr: float = 1e-3, dropped: int = 0,
-             params: int = 1000, mfu: float | None = None) -> Path:
+def make_run(
+    path: Path,
+    kind: str,
+    seed: int,
+    val_loss: float,
+    *,
+    lr: float = 1e-3,
+    dropped: int = 0,
+    params: int = 1000,
+    mfu: float | None = None,
+) -> Path:
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(_config(kind, seed, lr)))
     rows = []
@@ -37,8 +50,16 @@ def make_run(path: Path, kind: str, seed: int, val_loss: float, *, lr: float = 1
             row["val_loss"] = val_loss + 0.5 / step
         rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"params_total": params, "params_active": params // 2, "val_loss": val_loss, "val_ppl": 2.0 ** val_loss,
-               "tokens_per_s": 100.0, "tokens_seen": 4000, "moe": kind, "model": "gpt2_tiny"}
+    summary = {
+        "params_total": params,
+        "params_active": params // 2,
+        "val_loss": val_loss,
+        "val_ppl": 2.0**val_loss,
+        "tokens_per_s": 100.0,
+        "tokens_seen": 4000,
+        "moe": kind,
+        "model": "gpt2_tiny",
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -52,8 +73,11 @@ def test_mean_std_over_seeds(tmp_path):
     runs = report.collect([tmp_path], lambda line: pytest.fail(line))
     groups = report.group_runs(runs)
     assert [len(g.runs) for g in groups] == [3, 1, 1]
-    assert [g.label for g in groups] == ["moe=switch, optim.lr=0.001", "moe=mpoe, optim.lr=0.001",
-                                         "moe=mpoe, optim.lr=0.0003"]
+    assert [g.label for g in groups] == [
+        "moe=switch, optim.lr=0.001",
+        "moe=mpoe, optim.lr=0.001",
+        "moe=mpoe, optim.lr=0.0003",
+    ]
     rows = [report.summarize(g) for g in groups]
     mean, std = rows[0]["val_loss"]
     assert mean == pytest.approx(3.0) and std == pytest.approx(1.0)  # sample std (n - 1) of 2, 4, 3
@@ -62,7 +86,7 @@ def test_mean_std_over_seeds(tmp_path):
     assert rows[0]["mfu"] == pytest.approx(0.3)  # only the seed that logged it
     assert rows[0]["load_imbalance"] == pytest.approx(1.6)  # 0.4 / 0.25
     assert rows[1]["val_loss"] == (5.0, None) and rows[1]["mfu"] is None
-    assert report.mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert report.mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(2**0.5))
 
     out = tmp_path / "out"
     assert report.main([str(tmp_path), "--out", str(out)]) == 0
@@ -111,9 +135,21 @@ def test_no_usable_run_exits_2(tmp_path, capsys, monkeypatch):
 def test_multirun_then_report(tmp_path, mpoe_cache):
     """A tiny dense/MPOE sweep through Hydra's multirun in one process, then mpoe-report on it."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "mpoe.train", "-m", "moe=dense,mpoe", "trainer.max_steps=3", "trainer.seq_len=64",
-           "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2", "logging.wandb.mode=disabled",
-           "logging.progress=false", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpoe.train",
+        "-m",
+        "moe=dense,mpoe",
+        "trainer.max_steps=3",
+        "trainer.seq_len=64",
+        "trainer.eval_every=3",
+        "trainer.log_every=1",
+        "trainer.eval_batches=2",
+        "logging.wandb.mode=disabled",
+        "logging.progress=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, env=cli_env(mpoe_cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -122,8 +158,19 @@ def test_multirun_then_report(tmp_path, mpoe_cache):
         rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3]
         names = set().union(*rows)
-        assert {"loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "tokens_dropped",
-                "tokens_seen", "val_loss", "val_ppl"} <= names
+        assert {
+            "loss",
+            "lm_loss",
+            "aux_loss",
+            "z_loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "tokens_dropped",
+            "tokens_seen",
+            "val_loss",
+            "val_ppl",
+        } <= names
         if "moe=mpoe" in job.name:
             assert {"expert_load", "grad_norm_central", "grad_norm_auxiliary", "grad_norm_router"} <= names
             for optional in ("load_imbalance", "router_entropy"):  # per MoE layer, when the loop logs them
@@ -135,10 +182,17 @@ def test_multirun_then_report(tmp_path, mpoe_cache):
     (broken / ".hydra").mkdir(parents=True)
     (broken / "summary.json").write_text("{")
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "mpoe.train.report", str(sweep), "--out", str(out)],
-                          env=cli_env(mpoe_cache), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpoe.train.report", str(sweep), "--out", str(out)],
+        env=cli_env(mpoe_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"mpoe-report: {broken}: skipped: no .hydra/config.yaml (not a mpoe-train run directory)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"mpoe-report: {broken}: skipped: no .hydra/config.yaml (not a mpoe-train run directory)"
+    ]
     text = (out / "report.md").read_text()
     for column in report.COLUMNS:
         assert f" {column} |" in text

@@ -1,15 +1,24 @@
 """A checkpoint saved at one expert-parallel layout resumes at another: experts re-partitioned,
 optimizer state following them, outputs and the continued loss curve unchanged."""
-import pytest
 
+import pytest
 from _cli import metrics, summary, train
 
 pytestmark = pytest.mark.slow
 
 # The load-balance loss uses each rank's own tokens (see test_train_e2e), so it is off here:
 # what is compared is the model and optimizer state crossing layouts.
-COMMON = ["moe=mpoe", "moe.num_experts=4", "moe.aux_loss_coef=0", "trainer.max_steps=6", "trainer.save_every=2",
-          "trainer.keep_last=5", "trainer.eval_every=6", "trainer.global_batch_size=8", "logging.wandb.mode=disabled"]
+COMMON = [
+    "moe=mpoe",
+    "moe.num_experts=4",
+    "moe.aux_loss_coef=0",
+    "trainer.max_steps=6",
+    "trainer.save_every=2",
+    "trainer.keep_last=5",
+    "trainer.eval_every=6",
+    "trainer.global_batch_size=8",
+    "logging.wandb.mode=disabled",
+]
 ONE = ["trainer.micro_batch_size=8", "trainer.eval_batches=4", "parallel.ep_size=1", "parallel.zero_stage=0"]
 TWO = ["trainer.micro_batch_size=4", "trainer.eval_batches=4", "parallel.ep_size=2"]  # the same 32 validation sequences
 
@@ -23,8 +32,15 @@ def test_ep1_checkpoint_continues_at_ep2_and_back(tmp_path, mpoe_cache):
     base, wide, back = tmp_path / "base", tmp_path / "wide", tmp_path / "back"
     train(base, mpoe_cache, *COMMON, *ONE)
     # 1 process, all experts local -> 2 processes, 2 experts each, ZeRO 1
-    train(wide, mpoe_cache, *COMMON, *TWO, "parallel.zero_stage=1",
-          f"trainer.resume={base / 'checkpoints' / 'step_00000004'}", nproc=2)
+    train(
+        wide,
+        mpoe_cache,
+        *COMMON,
+        *TWO,
+        "parallel.zero_stage=1",
+        f"trainer.resume={base / 'checkpoints' / 'step_00000004'}",
+        nproc=2,
+    )
     assert _losses(wide, [5, 6]) == pytest.approx(_losses(base, [5, 6]), rel=1e-5)
     assert summary(wide)["val_loss"] == pytest.approx(summary(base)["val_loss"], rel=1e-5)
     # and the 2-process ZeRO-1 checkpoint of step 6 evaluates identically on 1 process
@@ -36,8 +52,14 @@ def test_resume_with_another_model_is_one_line(tmp_path, mpoe_cache):
     base = tmp_path / "base"
     train(base, mpoe_cache, *COMMON, *ONE, "trainer.max_steps=2")
     switch = [o for o in COMMON if not o.startswith("moe=")] + ["moe=switch"]
-    proc = train(tmp_path / "other", mpoe_cache, *switch, *ONE,
-                 f"trainer.resume={base / 'checkpoints' / 'step_00000002'}", check=False)
+    proc = train(
+        tmp_path / "other",
+        mpoe_cache,
+        *switch,
+        *ONE,
+        f"trainer.resume={base / 'checkpoints' / 'step_00000002'}",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "saved with moe='mpoe'" in proc.stderr.strip().splitlines()[-1]
 
@@ -45,7 +67,16 @@ def test_resume_with_another_model_is_one_line(tmp_path, mpoe_cache):
 def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_cache):
     base, four = tmp_path / "base", tmp_path / "four"
     train(base, mpoe_cache, *COMMON, *ONE)
-    train(four, mpoe_cache, *COMMON, "trainer.micro_batch_size=2", "trainer.eval_batches=4", "parallel.ep_size=4",
-          "parallel.zero_stage=2", f"trainer.resume={base / 'checkpoints' / 'step_00000004'}", nproc=4)
+    train(
+        four,
+        mpoe_cache,
+        *COMMON,
+        "trainer.micro_batch_size=2",
+        "trainer.eval_batches=4",
+        "parallel.ep_size=4",
+        "parallel.zero_stage=2",
+        f"trainer.resume={base / 'checkpoints' / 'step_00000004'}",
+        nproc=4,
+    )
     assert _losses(four, [5, 6]) == pytest.approx(_losses(base, [5, 6]), rel=1e-5)
     assert summary(four)["val_loss"] == pytest.approx(summary(base)["val_loss"], rel=1e-5)  # the same 32 sequences

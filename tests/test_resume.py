@@ -1,16 +1,24 @@
 """Checkpoints survive faults and resume exactly (CPU, fp32): the loss curve of a run that was
 killed and resumed equals the uninterrupted run's, step for step."""
+
 import json
 import os
 
 import pytest
-
 from _cli import metrics, summary, train
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["moe=mpoe", "trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=5", "trainer.eval_every=3",
-          "logging.wandb.mode=disabled", "moe.grad_mask.enabled=true", "moe.jitter_eps=0.01"]
+COMMON = [
+    "moe=mpoe",
+    "trainer.max_steps=6",
+    "trainer.save_every=2",
+    "trainer.keep_last=5",
+    "trainer.eval_every=3",
+    "logging.wandb.mode=disabled",
+    "moe.grad_mask.enabled=true",
+    "moe.jitter_eps=0.01",
+]
 
 
 def _by_step(rows):
@@ -101,9 +109,26 @@ def test_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_checkpoin
 
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
     train(whole, mpoe_cache, *COMMON, nproc=2)
-    e = {**env(mpoe_cache), "MPOE_FAULT_KILL_AT_STEP": "5", "MPOE_FAULT_RANK": "1", "MPOE_FAULT_ONCE": str(tmp_path / "fired")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "mpoe.train", f"hydra.run.dir={crashed}", *FAST, *COMMON, "trainer.resume=auto"]
+    e = {
+        **env(mpoe_cache),
+        "MPOE_FAULT_KILL_AT_STEP": "5",
+        "MPOE_FAULT_RANK": "1",
+        "MPOE_FAULT_ONCE": str(tmp_path / "fired"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "mpoe.train",
+        f"hydra.run.dir={crashed}",
+        *FAST,
+        *COMMON,
+        "trainer.resume=auto",
+    ]
     proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "fired").exists(), "the fault did not fire"

@@ -3,6 +3,7 @@
 Every router here has an identity gate (d_model = num_experts), so the tokens *are*
 the logits and each routing is written down by hand.
 """
+
 import math
 
 import pytest
@@ -89,7 +90,7 @@ def test_position_policy_keeps_the_first_tokens():
     assert out.tokens_dropped == 2
     assert out.routing_map[:, 0].nonzero().flatten().tolist() == [0, 1, 2, 4]
     assert out.routing_map[:, 1].nonzero().flatten().tolist() == [3, 6]
-    assert out.tokens_per_expert.tolist() == [6, 2]          # before dropping
+    assert out.tokens_per_expert.tolist() == [6, 2]  # before dropping
     assert out.probs[5].abs().sum() == 0 and out.probs[7].abs().sum() == 0
 
 

@@ -1,6 +1,8 @@
 """T5: MoE layers in encoder and decoder, sentinel vocabulary, span corruption invariants, training end to end."""
+
 import pytest
 import torch
+from test_models import VOCAB, tiny_cfg
 from transformers import T5Config
 
 from mpoe.models import t5
@@ -8,13 +10,11 @@ from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 from mpoe.train.span_corruption import SpanCorruption, random_spans_helper
 
-from test_models import VOCAB, tiny_cfg
-
 SENTINELS = t5.sentinel_ids(1000)
 
 
 def test_sentinel_vocabulary_is_t5s():
-    assert t5.model_vocab_size(32000) == 32128           # T5: 32000 pieces + 100 extra ids, padded
+    assert t5.model_vocab_size(32000) == 32128  # T5: 32000 pieces + 100 extra ids, padded
     assert t5.sentinel_ids(32000)[:2] == [32099, 32098]  # <extra_id_0> = 32099, as T5's tokenizer
     assert min(t5.sentinel_ids(4096)) == 4096 and max(t5.sentinel_ids(4096)) < t5.model_vocab_size(4096)
 
@@ -45,7 +45,7 @@ def test_lengths_are_t5s(seq_len):
         assert (raw, targets) == (568, 114)  # T5's published numbers for inputs_length 512
     sc = SpanCorruption.for_inputs_length(seq_len, SENTINELS, eos_id=1)
     batch = sc.batch(torch.randint(2, 900, (8, sc.raw_length), generator=torch.Generator().manual_seed(seq_len)))
-    assert batch["input_ids"].shape == (8, seq_len)          # no padding anywhere
+    assert batch["input_ids"].shape == (8, seq_len)  # no padding anywhere
     assert batch["labels"].shape == (8, targets)
 
 
@@ -70,12 +70,12 @@ def test_span_corruption_invariants():
     batch = sc.batch(raw)
     noise = 0
     for row, inp, tgt in zip(raw.tolist(), batch["input_ids"].tolist(), batch["labels"].tolist()):
-        assert inp[-1] == 1 and tgt[-1] == 1                                   # EOS ends both
+        assert inp[-1] == 1 and tgt[-1] == 1  # EOS ends both
         in_sent = [t for t in inp if t in SENTINELS]
         tgt_sent = [t for t in tgt if t in SENTINELS]
-        assert in_sent == tgt_sent == SENTINELS[: len(in_sent)]               # <extra_id_0>, 1, ... in order
+        assert in_sent == tgt_sent == SENTINELS[: len(in_sent)]  # <extra_id_0>, 1, ... in order
         assert tgt[0] == SENTINELS[0]
-        assert _reconstruct(inp, tgt) == row                                  # targets hold exactly the dropped spans
+        assert _reconstruct(inp, tgt) == row  # targets hold exactly the dropped spans
         noise += len(tgt) - 1 - len(tgt_sent)
         assert len(tgt_sent) == round(round(0.15 * sc.raw_length) / 3)
     assert noise / raw.numel() == pytest.approx(0.15, abs=0.01)
@@ -123,8 +123,17 @@ def test_t5_tiny_trains_from_the_cli(tmp_path, mpoe_cache):
     import _cli
 
     run = tmp_path / "run"
-    _cli.train(run, mpoe_cache, "model=t5_tiny", "moe=mpoe", "trainer.max_steps=10", "trainer.eval_every=10",
-               "trainer.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=2")
+    _cli.train(
+        run,
+        mpoe_cache,
+        "model=t5_tiny",
+        "moe=mpoe",
+        "trainer.max_steps=10",
+        "trainer.eval_every=10",
+        "trainer.log_every=5",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+    )
     m = _cli.metrics(run)
     s = _cli.summary(run)
     assert m[-1]["step"] == 10 and m[-1]["loss"] < m[0]["loss"]

@@ -1,8 +1,8 @@
 """`mpoe-train` end to end, as a user runs it: one process, and data parallel over 2 real processes."""
+
 import json
 
 import pytest
-
 from _cli import metrics, summary, train
 
 pytestmark = pytest.mark.slow
@@ -14,8 +14,25 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     assert (run / ".hydra" / "config.yaml").is_file()
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "tokens_per_s", "grad_norm", "expert_load", "tokens_dropped",
-                "load_imbalance", "router_entropy", "mfu", "steps_skipped", "grad_norm_central", "grad_norm_auxiliary", "grad_norm_router"):
+    for key in (
+        "step",
+        "loss",
+        "lm_loss",
+        "aux_loss",
+        "z_loss",
+        "lr",
+        "tokens_per_s",
+        "grad_norm",
+        "expert_load",
+        "tokens_dropped",
+        "load_imbalance",
+        "router_entropy",
+        "mfu",
+        "steps_skipped",
+        "grad_norm_central",
+        "grad_norm_auxiliary",
+        "grad_norm_router",
+    ):
         assert key in rows[-1], key
     last = rows[-1]
     assert len(last["expert_load"]) == 2 and abs(sum(last["expert_load"][0]) - 1) < 1e-6
@@ -23,8 +40,18 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     assert all(0 < h <= __import__("math").log(4) + 1e-6 for h in last["router_entropy"])
     assert 0 < last["mfu"] < 1
     s = summary(run)
-    for key in ("params_total", "params_active", "params_embedding", "params_expert", "params_central",
-                "params_auxiliary", "val_loss", "val_ppl", "tokens_seen", "wall_s"):
+    for key in (
+        "params_total",
+        "params_active",
+        "params_embedding",
+        "params_expert",
+        "params_central",
+        "params_auxiliary",
+        "val_loss",
+        "val_ppl",
+        "tokens_seen",
+        "wall_s",
+    ):
         assert key in s, key
     assert s["tokens_seen"] == 4 * 8 * 64
     assert s["params_central"] > 0 and s["params_active"] < s["params_total"]
@@ -48,7 +75,9 @@ def test_data_parallel_over_two_processes_matches_one_process(tmp_path, mpoe_cac
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     assert summary(one)["val_loss"] == pytest.approx(summary(two)["val_loss"], rel=1e-5)
     assert summary(two)["world_size"] == 2
-    assert not list(tmp_path.glob("two/outputs")) and (two / "checkpoints" / "step_00000004" / "rank_00001.pt").is_file()
+    assert (
+        not list(tmp_path.glob("two/outputs")) and (two / "checkpoints" / "step_00000004" / "rank_00001.pt").is_file()
+    )
 
 
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path, mpoe_cache):
@@ -64,8 +93,16 @@ def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
     runs = {}
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
-        train(runs[ep], mpoe_cache, "moe=mpoe", f"parallel.ep_size={ep}", "trainer.global_batch_size=8",
-              "trainer.micro_batch_size=4", "logging.wandb.mode=disabled", nproc=2)
+        train(
+            runs[ep],
+            mpoe_cache,
+            "moe=mpoe",
+            f"parallel.ep_size={ep}",
+            "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=4",
+            "logging.wandb.mode=disabled",
+            nproc=2,
+        )
     a, b = metrics(runs[1]), metrics(runs[2])
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     assert [r["aux_loss"] for r in a] == pytest.approx([r["aux_loss"] for r in b], rel=1e-5)
@@ -94,8 +131,10 @@ def test_low_precision_runs_on_cpu(tmp_path, mpoe_cache, precision):
         proc = train(run, mpoe_cache, *overrides, check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         error = [line for line in proc.stderr.splitlines() if "error" in line]
-        assert error == ["mpoe-train: error: trainer.precision=fp16 is not supported by DeepSpeed's cpu accelerator "
-                         "on this machine: use trainer.precision=bf16 or fp32"], proc.stderr[-2000:]
+        assert error == [
+            "mpoe-train: error: trainer.precision=fp16 is not supported by DeepSpeed's cpu accelerator "
+            "on this machine: use trainer.precision=bf16 or fp32"
+        ], proc.stderr[-2000:]
         assert not run.exists()
         return
     train(run, mpoe_cache, *overrides)

@@ -3,30 +3,44 @@
 With top-2 normalised, dropless routing every token's output is w1*f(x) + w2*f(x) = f(x)
 whatever the (random) router says, because every expert starts as the dense FFN f.
 """
+
 import pytest
 import torch
+from test_models import VOCAB, tiny_batch, tiny_cfg
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from mpoe.config import ConfigError
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 
-from test_models import VOCAB, tiny_batch, tiny_cfg
-
 
 def _save_gpt2(path, vocab=VOCAB, positions=32):
     torch.manual_seed(7)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_inner=64, n_layer=2, n_head=2,
-                                    initializer_range=0.2))  # large weights: the FFNs matter
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab, n_positions=positions, n_embd=32, n_inner=64, n_layer=2, n_head=2, initializer_range=0.2
+        )
+    )  # large weights: the FFNs matter
     hf.save_pretrained(path)
     return path
 
 
 def _save_t5(path, gated=False):
     torch.manual_seed(7)
-    hf = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB + 128, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                                             feed_forward_proj="gated-gelu" if gated else "relu", initializer_factor=3.0,
-                                             pad_token_id=1, decoder_start_token_id=1))
+    hf = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB + 128,
+            d_model=32,
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu" if gated else "relu",
+            initializer_factor=3.0,
+            pad_token_id=1,
+            decoder_start_token_id=1,
+        )
+    )
     hf.save_pretrained(path)
     return path
 
@@ -40,11 +54,14 @@ def _logits(family, path, kind, **moe):
     return model, out
 
 
-@pytest.mark.parametrize("kind,moe", [("switch", {}), ("mpoe", {}), ("switch", {"num_experts": 8}),
-                                      ("mpoe", {"num_experts": 8})])
+@pytest.mark.parametrize(
+    "kind,moe", [("switch", {}), ("mpoe", {}), ("switch", {"num_experts": 8}), ("mpoe", {"num_experts": 8})]
+)
 @pytest.mark.parametrize("family", ["gpt2", "t5", "t5-gated"])
 def test_upcycled_model_computes_the_dense_checkpoint(tmp_path, family, kind, moe):
-    path = _save_gpt2(tmp_path / "ckpt") if family == "gpt2" else _save_t5(tmp_path / "ckpt", gated=family == "t5-gated")
+    path = (
+        _save_gpt2(tmp_path / "ckpt") if family == "gpt2" else _save_t5(tmp_path / "ckpt", gated=family == "t5-gated")
+    )
     family = family[:4].rstrip("-")
     _, dense = _logits(family, path, "dense")
     model, up = _logits(family, path, kind, top_k=2, **moe)
@@ -92,7 +109,7 @@ def test_checkpoint_tokenizer_files_are_used(tmp_path):
     tok = data.train_tokenizer(corpus.pydoc_topics()[:40], 400)
     gpt2_dir = tmp_path / "gpt2"
     gpt2_dir.mkdir()
-    tok.save_model(str(gpt2_dir))                      # vocab.json + merges.txt
+    tok.save_model(str(gpt2_dir))  # vocab.json + merges.txt
     loaded = data.get_tokenizer(DataConfig(tokenizer=str(gpt2_dir)), [])
     text = "The assert statement"
     assert loaded.encode(text).ids == tok.encode(text).ids
@@ -121,8 +138,15 @@ def test_cli_evaluates_upcycled_checkpoints_at_the_dense_val_loss(tmp_path, mpoe
     losses = {}
     for kind in ("dense", "switch", "mpoe"):
         run = tmp_path / kind
-        _cli.train(run, mpoe_cache, "model=gpt2_tiny", f"model.pretrained={ckpt}", f"moe={kind}", "moe.top_k=2",
-                   "trainer.max_steps=0")
+        _cli.train(
+            run,
+            mpoe_cache,
+            "model=gpt2_tiny",
+            f"model.pretrained={ckpt}",
+            f"moe={kind}",
+            "moe.top_k=2",
+            "trainer.max_steps=0",
+        )
         s = _cli.summary(run)
         losses[kind] = s["val_loss"]
         assert s["steps"] == 0
@@ -138,6 +162,9 @@ def test_t5_checkpoint_too_small_for_sentinels_is_a_config_error(tmp_path):
     cfg = tiny_cfg("t5", "dense")
     cfg.trainer.seq_len = 32
     cfg.model.pretrained = str(_save_t5(tmp_path / "t5"))  # VOCAB + 128 rows: room for VOCAB + 100 sentinels
-    assert SpanCorruption.for_config(cfg, SimpleNamespace(tokenizer=None, vocab_size=VOCAB, eot_id=0)).sentinels[0] == VOCAB + 99
+    assert (
+        SpanCorruption.for_config(cfg, SimpleNamespace(tokenizer=None, vocab_size=VOCAB, eot_id=0)).sentinels[0]
+        == VOCAB + 99
+    )
     with pytest.raises(ConfigError, match="sentinel"):
         SpanCorruption.for_config(cfg, SimpleNamespace(tokenizer=None, vocab_size=VOCAB + 40, eot_id=0))

@@ -16,6 +16,7 @@ layer), and `mpoe_vs_switch_total_ratio` = that / params_total.
 `mpoe_vs_switch_ratio(...)` gives the same by formula for any shape, for the
 paper's settings without building anything (`python -m mpoe.models.accounting`).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,9 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
         if isinstance(bank, MPOEExperts):
             d_ff = math.prod(bank.factors["w_in"][1])
             mpoe_bank_params += central + own * ep_size
-            switch_bank_params += bank.num_experts * switch_expert_params(bank.d_model, d_ff, bank.gated, bank.b_in is not None)
+            switch_bank_params += bank.num_experts * switch_expert_params(
+                bank.d_model, d_ff, bank.gated, bank.b_in is not None
+            )
     total = shared + expert_local * ep_size
     out = {
         "params_total": total,
@@ -79,9 +82,18 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
     return out
 
 
-def mpoe_vs_switch_ratio(d_model: int, d_ff: int, num_moe_layers: int, num_experts: int, other_params: int = 0,
-                         bond_dim: Optional[int] = None, num_factors: int = 5, gated: bool = False,
-                         bias: bool = False, router: bool = True) -> dict[str, float]:
+def mpoe_vs_switch_ratio(
+    d_model: int,
+    d_ff: int,
+    num_moe_layers: int,
+    num_experts: int,
+    other_params: int = 0,
+    bond_dim: Optional[int] = None,
+    num_factors: int = 5,
+    gated: bool = False,
+    bias: bool = False,
+    router: bool = True,
+) -> dict[str, float]:
     """Total parameters of the same model with Switch vs MPOE experts, by formula.
 
     other_params: everything that is not an MoE layer's experts or router (attention, norms,
@@ -101,9 +113,12 @@ def mpoe_vs_switch_ratio(d_model: int, d_ff: int, num_moe_layers: int, num_exper
     mpoe_layers = num_moe_layers * (central + num_experts * (auxiliary + biases))
     switch_total, mpoe_total = other_params + switch_layers + routers, other_params + mpoe_layers + routers
     return {
-        "switch_total": switch_total, "mpoe_total": mpoe_total, "ratio_total": switch_total / mpoe_total,
+        "switch_total": switch_total,
+        "mpoe_total": mpoe_total,
+        "ratio_total": switch_total / mpoe_total,
         "ratio_expert_layers": switch_layers / mpoe_layers,
-        "central_per_layer": central, "auxiliary_per_expert": auxiliary,
+        "central_per_layer": central,
+        "auxiliary_per_expert": auxiliary,
     }
 
 
@@ -122,7 +137,10 @@ PAPER_SHAPES = {
 
 def paper_table(experts=(8, 16, 32, 64), bonds=(None, 256, 64), every: int = 2) -> str:
     """mpoe_vs_switch_ratio for the paper's base models, MoE every `every` FFNs, the other FFNs dense."""
-    lines = [f"  {'model':<12} {'E':>3} {'bond':>5} {'switch total':>15} {'mpoe total':>13} {'ratio total':>11} {'ratio experts':>13}"]
+    lines = [
+        f"  {'model':<12} {'E':>3} {'bond':>5} {'switch total':>15} {'mpoe total':>13} "
+        f"{'ratio total':>11} {'ratio experts':>13}"
+    ]
     for name, (d_model, d_ff, n_ffn, rest) in PAPER_SHAPES.items():
         bias = name.startswith("gpt2")
         moe_layers_n = n_ffn // every
@@ -130,8 +148,10 @@ def paper_table(experts=(8, 16, 32, 64), bonds=(None, 256, 64), every: int = 2) 
         for e in experts:
             for b in bonds:
                 r = mpoe_vs_switch_ratio(d_model, d_ff, moe_layers_n, e, rest + dense_ffns, bond_dim=b, bias=bias)
-                lines.append(f"  {name:<12} {e:>3} {str(b or 'full'):>5} {r['switch_total']:>15,} {r['mpoe_total']:>13,} "
-                             f"{r['ratio_total']:>11.2f} {r['ratio_expert_layers']:>13.2f}")
+                lines.append(
+                    f"  {name:<12} {e:>3} {str(b or 'full'):>5} {r['switch_total']:>15,} {r['mpoe_total']:>13,} "
+                    f"{r['ratio_total']:>11.2f} {r['ratio_expert_layers']:>13.2f}"
+                )
     return "\n".join(lines)
 
 

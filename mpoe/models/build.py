@@ -5,14 +5,14 @@ back-propagated (LM loss + each MoE layer's aux and z losses, coefficients
 already applied by the router) and its parts for logging. MoE layers sit at
 layers every-1, 2*every-1, ... (with every=2, the odd layers, as in Switch).
 """
-from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -50,8 +50,13 @@ class LanguageModel(nn.Module):
         self.backbone, self.family, self.pad_id = backbone, family, pad_id
         self._moe = moe_layers(backbone)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                decoder_input_ids: Optional[torch.Tensor] = None, return_logits: bool = False) -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.Tensor] = None,
+        return_logits: bool = False,
+    ) -> LMOutput:
         if self.family == "gpt2":
             out = self.backbone(input_ids=input_ids, labels=input_ids if labels is None else labels)
         else:
@@ -61,7 +66,10 @@ class LanguageModel(nn.Module):
         aux = sum((s.aux_loss for s in stats), zero)
         z = sum((s.z_loss for s in stats), zero)
         return LMOutput(
-            loss=out.loss + aux + z, lm_loss=out.loss.detach(), aux_loss=aux.detach(), z_loss=z.detach(),
+            loss=out.loss + aux + z,
+            lm_loss=out.loss.detach(),
+            aux_loss=aux.detach(),
+            z_loss=z.detach(),
             logits=out.logits if return_logits else None,
             tokens_per_expert=[s.tokens_per_expert for s in stats],
             tokens_dropped=int(sum(int(s.tokens_dropped) for s in stats)),
@@ -73,12 +81,16 @@ def check_pretrained(path: str, family: str) -> dict:
     """The checkpoint's config.json, or a one-line ConfigError naming model.pretrained."""
     cfg_file = Path(path).expanduser() / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError(f"model.pretrained={path!r} is invalid: give a local Hugging Face checkpoint directory "
-                          f"(config.json + model.safetensors); nothing is fetched from a hub")
+        raise ConfigError(
+            f"model.pretrained={path!r} is invalid: give a local Hugging Face checkpoint directory "
+            f"(config.json + model.safetensors); nothing is fetched from a hub"
+        )
     config = json.loads(cfg_file.read_text())
     if config.get("model_type") != family:
-        raise ConfigError(f"model.pretrained={path!r} holds a {config.get('model_type')!r} model but "
-                          f"model.family={family!r}: pick the matching model= option")
+        raise ConfigError(
+            f"model.pretrained={path!r} holds a {config.get('model_type')!r} model but "
+            f"model.family={family!r}: pick the matching model= option"
+        )
     return config
 
 
@@ -92,8 +104,10 @@ def build_backbone(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int) 
         backbone = t5.build_t5(cfg.model, vocab_size, pad_id, eot_id)
     rows = backbone.get_input_embeddings().weight.shape[0]
     if cfg.model.pretrained and vocab_size > rows:
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, fewer than the "
-                          f"tokenizer's {vocab_size} ids: use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)")
+        raise ConfigError(
+            f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, fewer than the "
+            f"tokenizer's {vocab_size} ids: use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)"
+        )
     return backbone
 
 

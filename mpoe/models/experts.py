@@ -35,10 +35,12 @@ Choices, and why:
   per-expert `mpo_matmul`.
   With no tokens at all every parameter still gets a (zero) gradient.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,10 +57,12 @@ def activation_fn(activation: str) -> nn.Module:
     name = activation.removeprefix("gated-")
     if activation.startswith("gated-") and name == "gelu":
         name = "gelu_new"
-    if name == "gelu_new":        # the same tanh-GELU, as one fused kernel instead of ~8 elementwise passes
+    if name == "gelu_new":  # the same tanh-GELU, as one fused kernel instead of ~8 elementwise passes
         name = "gelu_pytorch_tanh"
     if name not in ACT2FN:
-        raise ValueError(f"activation={activation!r} is unknown: use one of {', '.join(ACT2FN)} (optionally 'gated-' + name)")
+        raise ValueError(
+            f"activation={activation!r} is unknown: use one of {', '.join(ACT2FN)} (optionally 'gated-' + name)"
+        )
     return ACT2FN[name]
 
 
@@ -66,10 +70,10 @@ def activation_fn(activation: str) -> nn.Module:
 class DenseFFN:
     """The weights of one dense FFN, x @ W layout; w_gate set for gated (T5 v1.1) FFNs."""
 
-    w_in: Tensor                    # [d_model, d_ff]
-    b_in: Optional[Tensor]          # [d_ff]
-    w_out: Tensor                   # [d_ff, d_model]
-    b_out: Optional[Tensor]         # [d_model]
+    w_in: Tensor  # [d_model, d_ff]
+    b_in: Optional[Tensor]  # [d_ff]
+    w_out: Tensor  # [d_ff, d_model]
+    b_out: Optional[Tensor]  # [d_model]
     w_gate: Optional[Tensor] = None  # [d_model, d_ff]; act(x @ w_gate) * (x @ w_in)
 
     @property
@@ -81,13 +85,13 @@ class DenseFFN:
         return self.w_in.shape[1]
 
     @classmethod
-    def from_gpt2_mlp(cls, mlp: nn.Module) -> "DenseFFN":
+    def from_gpt2_mlp(cls, mlp: nn.Module) -> DenseFFN:
         """HF GPT2MLP: Conv1D c_fc / c_proj already store (in, out)."""
         d = lambda t: t.detach().clone()
         return cls(d(mlp.c_fc.weight), d(mlp.c_fc.bias), d(mlp.c_proj.weight), d(mlp.c_proj.bias))
 
     @classmethod
-    def from_t5_ff(cls, ff: nn.Module) -> "DenseFFN":
+    def from_t5_ff(cls, ff: nn.Module) -> DenseFFN:
         """HF T5DenseActDense (wi, wo) or T5DenseGatedActDense (wi_0 gated, wi_1, wo); Linear is (out, in)."""
         t = lambda lin: lin.weight.detach().t().contiguous()
         b = lambda lin: None if lin.bias is None else lin.bias.detach().clone()
@@ -96,12 +100,24 @@ class DenseFFN:
         return cls(t(ff.wi), b(ff.wi), t(ff.wo), b(ff.wo))
 
     @classmethod
-    def random(cls, d_model: int, d_ff: int, gated: bool = False, bias: bool = True, std: float = 0.02,
-               generator: Optional[torch.Generator] = None) -> "DenseFFN":
+    def random(
+        cls,
+        d_model: int,
+        d_ff: int,
+        gated: bool = False,
+        bias: bool = True,
+        std: float = 0.02,
+        generator: Optional[torch.Generator] = None,
+    ) -> DenseFFN:
         """GPT-2 style: normal(0, std) weights, zero biases."""
         w = lambda *shape: torch.randn(*shape, generator=generator) * std
-        return cls(w(d_model, d_ff), torch.zeros(d_ff) if bias else None, w(d_ff, d_model),
-                   torch.zeros(d_model) if bias else None, w(d_model, d_ff) if gated else None)
+        return cls(
+            w(d_model, d_ff),
+            torch.zeros(d_ff) if bias else None,
+            w(d_ff, d_model),
+            torch.zeros(d_model) if bias else None,
+            w(d_model, d_ff) if gated else None,
+        )
 
     def __call__(self, x: Tensor, activation: str) -> Tensor:
         """The dense FFN's output: the reference an upcycled expert must match."""
@@ -124,9 +140,14 @@ class ExpertBank(nn.Module):
 
     def token_counts(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> list[int]:
         """tokens_per_expert as a list of ints, checked against the local experts and the rows given."""
-        counts = [int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)]
+        counts = [
+            int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)
+        ]
         if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
-            raise ValueError(f"tokens_per_expert={counts} must have {self.num_local_experts} entries summing to {tokens.shape[0]} tokens")
+            raise ValueError(
+                f"tokens_per_expert={counts} must have {self.num_local_experts} entries "
+                f"summing to {tokens.shape[0]} tokens"
+            )
         return counts
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
@@ -198,9 +219,18 @@ class SwitchExperts(ExpertBank):
 class MPOEExperts(ExpertBank):
     """Experts whose weight matrices share one MPO central tensor each and own their auxiliary tensors."""
 
-    def __init__(self, num_experts: int, local_experts: range, dense: DenseFFN, activation: str,
-                 bond_dim: Optional[int] = None, num_factors: int = 5, aux_init_noise: float = 0.0,
-                 noise_seed: int = 0, method: str = "auto"):
+    def __init__(
+        self,
+        num_experts: int,
+        local_experts: range,
+        dense: DenseFFN,
+        activation: str,
+        bond_dim: Optional[int] = None,
+        num_factors: int = 5,
+        aux_init_noise: float = 0.0,
+        noise_seed: int = 0,
+        method: str = "auto",
+    ):
         super().__init__(num_experts, local_experts, dense.d_model, activation, dense.w_gate is not None)
         self.bond_dim, self.method = bond_dim, method
         model_f, ff_f = mpo.factorize(dense.d_model, num_factors), mpo.factorize(dense.d_ff, num_factors)
@@ -233,8 +263,10 @@ class MPOEExperts(ExpertBank):
         """Per local expert, its n local tensors for weight `name` (auxiliaries around the shared central)."""
         per_position = [a.unbind(0) for a in self.auxiliary[name]]
         c = self.central_index
-        return [[p[e] for p in per_position[:c]] + [self.central[name]] + [p[e] for p in per_position[c:]]
-                for e in range(self.num_local_experts)]
+        return [
+            [p[e] for p in per_position[:c]] + [self.central[name]] + [p[e] for p in per_position[c:]]
+            for e in range(self.num_local_experts)
+        ]
 
     def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
         bias = {"w_in": self.b_in, "w_out": self.b_out}.get(name)
@@ -244,16 +276,21 @@ class MPOEExperts(ExpertBank):
         if used and all(methods[e] == "dense" for e in used):
             left, right, perm = self.halves(name)
             return mpo_grouped_linear(x.index_select(1, perm), counts, bias, left, right)
-        outputs = [mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
-                   for e, xe in enumerate(x.split(counts))]
+        outputs = [
+            mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
+            for e, xe in enumerate(x.split(counts))
+        ]
         return torch.cat(outputs)
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
         counts = self.token_counts(tokens, tokens_per_expert)
         used = [n for n in counts if n > 0]
         shapes = {name: [t.shape[-4:] for t in self.stacked_chain(name)] for name in self.central}
-        all_dense = self.method == "dense" or self.method == "auto" and all(
-            _cheaper_path(n, shapes[name]) == "dense" for name in shapes for n in used)
+        all_dense = (
+            self.method == "dense"
+            or self.method == "auto"
+            and all(_cheaper_path(n, shapes[name]) == "dense" for name in shapes for n in used)
+        )
         if used and all_dense:
             return self._rebuilt_ffn(tokens, counts)
         return super().forward(tokens, counts)
@@ -268,7 +305,7 @@ class MPOEExperts(ExpertBank):
         as it is; otherwise one index_select over h maps q's order to p's. No pass
         over any full weight matrix or its gradient reorders it.
         """
-        left, right, q = self.halves("w_in", transposed=True)               # M: rows = W_in columns q
+        left, right, q = self.halves("w_in", transposed=True)  # M: rows = W_in columns q
         b_in = None if self.b_in is None else self.b_in.index_select(1, q)
         h = mpo_grouped_linear(x, counts, b_in, left, right, transposed=True)
         if self.gated:
@@ -278,9 +315,9 @@ class MPOEExperts(ExpertBank):
             h = self.act(mpo_grouped_linear(x, counts, None, left, right, transposed=True)) * h
         else:
             h = self.act(h)
-        left, right, p = self.halves("w_out")                                # M: rows = W_out rows p
+        left, right, p = self.halves("w_out")  # M: rows = W_out rows p
         where = torch.empty_like(q)
-        where[q] = torch.arange(q.numel(), device=q.device)                  # column of h holding d_ff index f
+        where[q] = torch.arange(q.numel(), device=q.device)  # column of h holding d_ff index f
         index = where[p]
         if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
             h = h.index_select(1, index)
@@ -292,12 +329,14 @@ class MPOEExperts(ExpertBank):
         return aux[:c] + [self.central[name]] + aux[c:]
 
     def halves(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """All local experts' chain for `name` as `mpo.split_halves` gives it: left [L, a, b, d], right [L, d, c, e], perm."""
+        """All local experts' chain for `name` as `mpo.split_halves` gives it.
+
+        Returns left [L, a, b, d], right [L, d, c, e] and the permutation."""
         halves = mpo.split_halves(self.stacked_chain(name), transposed)
         if halves is None:
             raise ValueError(f"MPO of {name} has a single tensor: use num_mpo_factors >= 2")
         left, right, perm = halves
-        L = self.num_local_experts                                           # a half may hold only the shared central tensor
+        L = self.num_local_experts  # a half may hold only the shared central tensor
         return left.expand(L, *left.shape[-3:]), right.expand(L, *right.shape[-3:]), perm
 
     def expert_weight(self, name: str, local_expert: int) -> Tensor:
@@ -312,8 +351,9 @@ class MPOEExperts(ExpertBank):
         }
 
 
-def build_expert_bank(cfg, d_model: int, d_ff: int, activation: str, groups, dense: Optional[DenseFFN] = None,
-                      bias: bool = True) -> ExpertBank:
+def build_expert_bank(
+    cfg, d_model: int, d_ff: int, activation: str, groups, dense: Optional[DenseFFN] = None, bias: bool = True
+) -> ExpertBank:
     """cfg: MoEConfig (kind 'switch' | 'mpoe'); groups: ExpertGroups; dense: upcycle from this FFN if given.
 
     `bias` only matters when initialising from scratch (T5 FFNs have none).
@@ -327,14 +367,24 @@ def build_expert_bank(cfg, d_model: int, d_ff: int, activation: str, groups, den
         if dense is not None:
             denses = [dense] * len(local)
         else:
-            denses = [DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed + e))
-                      for e in local]
+            denses = [
+                DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed + e))
+                for e in local
+            ]
         bank: ExpertBank = SwitchExperts(cfg.num_experts, local, denses, activation)
     elif cfg.kind == "mpoe":
         if dense is None:
             dense = DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed))
-        bank = MPOEExperts(cfg.num_experts, local, dense, activation, bond_dim=cfg.bond_dim,
-                           num_factors=cfg.num_mpo_factors, aux_init_noise=cfg.aux_init_noise, noise_seed=base_seed)
+        bank = MPOEExperts(
+            cfg.num_experts,
+            local,
+            dense,
+            activation,
+            bond_dim=cfg.bond_dim,
+            num_factors=cfg.num_mpo_factors,
+            aux_init_noise=cfg.aux_init_noise,
+            noise_seed=base_seed,
+        )
     else:
         raise ValueError(f"moe.kind={cfg.kind!r} has no expert bank: use 'switch' or 'mpoe'")
     bank.mark_expert_params(groups.name)

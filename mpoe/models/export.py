@@ -17,6 +17,7 @@ Output, in OUT_DIR:
 expert's contracted (dense) weights, and the exported config says moe.kind=switch:
 outputs are unchanged up to float rounding, and the model no longer needs MPO code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ from mpoe.models.build import LanguageModel, install_moe, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 
 FORMAT = "mpoe-export-1"
-BPE_EOT_ID, BPE_PAD_ID = 0, 1   # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
+BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
 
 
 def config_from_yaml(path: Union[str, Path]) -> TrainConfig:
@@ -58,7 +59,9 @@ def find_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
         return path.parent.parent, path
     found = checkpoint.complete_checkpoints(path / "checkpoints")
     if not found:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints/step_*")
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints/step_*"
+        )
     return path, found[-1]
 
 
@@ -106,7 +109,9 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
     """The full module state: rank 0's, with expert parameters gathered over the first expert-parallel group."""
     meta = json.loads((ckpt / "meta.json").read_text())
     ep_size = int(meta.get("ep_size", 1))
-    states = [torch.load(ckpt / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["module"] for r in range(ep_size)]
+    states = [
+        torch.load(ckpt / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["module"] for r in range(ep_size)
+    ]
     state = dict(states[0])
     if ep_size > 1:
         from mpoe.models.accounting import is_expert_param
@@ -129,10 +134,9 @@ def merge_mpoe(model: nn.Module) -> int:
         with torch.no_grad():
             denses = []
             for e in range(bank.num_local_experts):
-                w = lambda name: bank.expert_weight(name, e).detach().clone()
-                b = lambda p: None if p is None else p[e].detach().clone()
-                denses.append(DenseFFN(w("w_in"), b(bank.b_in), w("w_out"), b(bank.b_out),
-                                       w("w_gate") if bank.gated else None))
+                w = {name: bank.expert_weight(name, e).detach().clone() for name in bank.central}
+                b_in, b_out = (None if p is None else p[e].detach().clone() for p in (bank.b_in, bank.b_out))
+                denses.append(DenseFFN(w["w_in"], b_in, w["w_out"], b_out, w.get("w_gate")))
         local = range(bank.first_expert, bank.first_expert + bank.num_local_experts)
         new = SwitchExperts(bank.num_experts, local, denses, bank.activation)
         new.mark_expert_params(layer.expert_group_name)
@@ -147,15 +151,36 @@ def save(model: LanguageModel, cfg: TrainConfig, out_dir: Union[str, Path]) -> P
     from omegaconf import OmegaConf
 
     cfg_dict = config_to_dict(cfg)
-    torch.save({"format": FORMAT, "config": cfg_dict, "hf_config": model.backbone.config.to_dict(),
-                "family": model.family, "pad_id": model.pad_id, "state_dict": model.state_dict()}, out / "model.pt")
+    torch.save(
+        {
+            "format": FORMAT,
+            "config": cfg_dict,
+            "hf_config": model.backbone.config.to_dict(),
+            "family": model.family,
+            "pad_id": model.pad_id,
+            "state_dict": model.state_dict(),
+        },
+        out / "model.pt",
+    )
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
     if cfg.moe.kind == "dense":
         model.backbone.save_pretrained(out / "hf")
         if cfg.data.tokenizer:
             src = Path(cfg.data.tokenizer)
-            for f in ([src] if src.is_file() else [src / n for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                     "vocab.json", "merges.txt", "special_tokens_map.json")]):
+            for f in (
+                [src]
+                if src.is_file()
+                else [
+                    src / n
+                    for n in (
+                        "tokenizer.json",
+                        "tokenizer_config.json",
+                        "vocab.json",
+                        "merges.txt",
+                        "special_tokens_map.json",
+                    )
+                ]
+            ):
                 if f.is_file():
                     shutil.copy(f, out / "hf" / f.name)
     return out

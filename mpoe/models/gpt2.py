@@ -6,9 +6,10 @@ an `MoELayer`. HF's `GPT2Block` calls `self.mlp(hidden)` and wants a tensor back
 which is what `MoELayer.forward` returns; its losses are collected afterwards by
 `mpoe.models.build.LanguageModel`.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -18,10 +19,19 @@ from mpoe.config import ModelConfig
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.d_model,
-        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff, activation_function=cfg.activation,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=cfg.tie_word_embeddings,
+        vocab_size=vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.d_model,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.d_ff,
+        activation_function=cfg.activation,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
 
 
@@ -35,12 +45,15 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadMode
 
         check_pretrained(cfg.pretrained, "gpt2")
         p = cfg.dropout
-        return GPT2LMHeadModel.from_pretrained(cfg.pretrained, local_files_only=True,
-                                               resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        return GPT2LMHeadModel.from_pretrained(
+            cfg.pretrained, local_files_only=True, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p
+        )
     return GPT2LMHeadModel(hf_config(cfg, vocab_size, eot_id))
 
 
-def replace_ffns(model: GPT2LMHeadModel, is_moe: Callable[[int], bool], make_moe: Callable[[nn.Module], nn.Module]) -> list[int]:
+def replace_ffns(
+    model: GPT2LMHeadModel, is_moe: Callable[[int], bool], make_moe: Callable[[nn.Module], nn.Module]
+) -> list[int]:
     """Swap block i's mlp for make_moe(old_mlp) where is_moe(i); returns the replaced layer indices."""
     replaced = []
     for i, block in enumerate(model.transformer.h):

@@ -23,10 +23,12 @@ Choices (configurable through `moe.grad_mask.*`):
   mask does not depend on how experts are spread over ranks.
 - keep_prob = 1 leaves gradients untouched; keep_prob = 0 zeros them.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -62,8 +64,9 @@ class GradientMask:
             if first is None:
                 keep = self._draw(p.shape, _seed(self.seed, self.step, index))
             else:
-                keep = torch.stack([self._draw(p.shape[1:], _seed(self.seed, self.step, index, first + e))
-                                    for e in range(p.shape[0])])
+                keep = torch.stack(
+                    [self._draw(p.shape[1:], _seed(self.seed, self.step, index, first + e)) for e in range(p.shape[0])]
+                )
             scale = 1.0 / self.keep_prob if self.rescale and self.keep_prob > 0 else 1.0
             self._masks[index] = (keep.to(p.dtype) * scale).to(p.device)
         return self._masks[index]
@@ -76,6 +79,7 @@ class GradientMask:
             if self.keep_prob == 1.0:
                 return None
             return grad * self.mask(index)
+
         return hook
 
     def remove(self) -> None:

@@ -18,6 +18,7 @@ cat) and return gradients for all experts in stacked buffers.
   the MPOE bank from ~1.15x to ~1.08x the Switch bank's fwd+bwd time
   (`python -m bench.experts`).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -103,8 +104,8 @@ class _MPOGroupedLinear(torch.autograd.Function):
         L, a, b, d = left.shape
         c, e = right.shape[2], right.shape[3]
         left_rows = left.reshape(L, a * b, d)
-        right_by_c = right.transpose(1, 2).contiguous()                 # [L, c, d, e]: small
-        weights = x.new_empty(L, c, a * b, e)                           # M_k as c blocks of (a*b, e)
+        right_by_c = right.transpose(1, 2).contiguous()  # [L, c, d, e]: small
+        weights = x.new_empty(L, c, a * b, e)  # M_k as c blocks of (a*b, e)
         out = x.new_empty(x.shape[0], c * a if transposed else b * e)
         for k, rows in _expert_rows(counts):
             torch.bmm(left_rows[k].expand(c, a * b, d), right_by_c[k], out=weights[k])
@@ -121,10 +122,10 @@ class _MPOGroupedLinear(torch.autograd.Function):
         L, a, b, c, d, e = ctx.dims
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gb = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
-        need_halves = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]      # false when the MPO tensors are frozen
-        g_left = left_rows.new_zeros(L, a * b, d) if need_halves else None      # experts without rows get zeros
+        need_halves = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]  # false when the MPO tensors are frozen
+        g_left = left_rows.new_zeros(L, a * b, d) if need_halves else None  # experts without rows get zeros
         g_right = right_by_c.new_zeros(L, c, d, e) if need_halves else None
-        scratch = x.new_empty(c, a * b, e) if need_halves else None             # grad M_k, one expert at a time
+        scratch = x.new_empty(c, a * b, e) if need_halves else None  # grad M_k, one expert at a time
         for k, rows in _expert_rows(counts):
             g = grad[rows]
             m = weights[k].view(c * a, b * e)
@@ -151,9 +152,12 @@ class _MPOGroupedLinear(torch.autograd.Function):
         return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2)
 
 
-def mpo_grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], left: Tensor, right: Tensor,
-                       transposed: bool = False) -> Tensor:
-    """Rows of expert k @ M_k (transposed: @ M_k^T) + bias[k], M_k from the halves left [L, a, b, d], right [L, d, c, e].
+def mpo_grouped_linear(
+    x: Tensor, counts: list[int], bias: Optional[Tensor], left: Tensor, right: Tensor, transposed: bool = False
+) -> Tensor:
+    """Rows of expert k @ M_k (transposed: @ M_k^T) + bias[k].
+
+    M_k is built from the halves left [L, a, b, d] and right [L, d, c, e].
 
     M_k is (c*a, b*e) with rows in (c, a) order: see `mpo.split_halves` for how
     that relates to the expert's W.

@@ -4,6 +4,7 @@ It returns a plain tensor of the input's shape, because it replaces HF's
 `GPT2Block.mlp` and `T5LayerFF.DenseReluDense`, which expect one; the router losses
 and counts of the last forward are left in `self.stats` for the training loop.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class MoEStats:
-    aux_loss: Tensor           # scalar with grad, aux_loss_coef applied (this rank's tokens)
-    z_loss: Tensor             # scalar with grad, z_loss_coef applied (this rank's tokens)
+    aux_loss: Tensor  # scalar with grad, aux_loss_coef applied (this rank's tokens)
+    z_loss: Tensor  # scalar with grad, z_loss_coef applied (this rank's tokens)
     tokens_per_expert: Tensor  # [E] long, tokens routed to each global expert over the ep group, before dropping
-    tokens_dropped: int        # (token, expert) pairs this rank dropped for capacity
+    tokens_dropped: int  # (token, expert) pairs this rank dropped for capacity
     router_entropy: float = 0.0  # mean entropy of the routing distribution over this rank's tokens
 
 
@@ -50,14 +51,18 @@ class MoELayer(MoE):
     `deepspeed_moe.experts.deepspeed_experts.<i>` parameter and fails on any other.
     """
 
-    def __init__(self, cfg: MoEConfig, d_model: int, experts: "ExpertBank", groups: ExpertGroups):
+    def __init__(self, cfg: MoEConfig, d_model: int, experts: ExpertBank, groups: ExpertGroups):
         nn.Module.__init__(self)
         if cfg.num_experts % groups.ep_size:
-            raise ValueError(f"parallel.ep_size={groups.ep_size} is invalid: must divide moe.num_experts={cfg.num_experts}")
+            raise ValueError(
+                f"parallel.ep_size={groups.ep_size} is invalid: must divide moe.num_experts={cfg.num_experts}"
+            )
         if experts.num_experts != cfg.num_experts or experts.num_local_experts != cfg.num_experts // groups.ep_size:
-            raise ValueError(f"expert bank holds {experts.num_local_experts} of {experts.num_experts} experts; "
-                             f"moe.num_experts={cfg.num_experts} over parallel.ep_size={groups.ep_size} needs "
-                             f"{cfg.num_experts // groups.ep_size} of {cfg.num_experts}")
+            raise ValueError(
+                f"expert bank holds {experts.num_local_experts} of {experts.num_experts} experts; "
+                f"moe.num_experts={cfg.num_experts} over parallel.ep_size={groups.ep_size} needs "
+                f"{cfg.num_experts // groups.ep_size} of {cfg.num_experts}"
+            )
         self.num_experts = cfg.num_experts
         self.num_local_experts = cfg.num_experts // groups.ep_size
         self.ep_size = groups.ep_size
@@ -90,11 +95,20 @@ class MoELayer(MoE):
         return output.view(hidden.shape)
 
 
-def build_moe_layer(cfg: MoEConfig, d_model: int, d_ff: int, activation: str, groups: ExpertGroups,
-                    dense: Optional[nn.Module] = None, bias: bool = True) -> MoELayer:
+def build_moe_layer(
+    cfg: MoEConfig,
+    d_model: int,
+    d_ff: int,
+    activation: str,
+    groups: ExpertGroups,
+    dense: Optional[nn.Module] = None,
+    bias: bool = True,
+) -> MoELayer:
     """An MoE layer with the expert bank cfg.kind asks for ('switch' or 'mpoe'), upcycled from `dense` if given.
 
     `bias=False` builds experts without biases (T5's FFNs have none)."""
     from mpoe.models.experts import build_expert_bank
 
-    return MoELayer(cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense, bias=bias), groups)
+    return MoELayer(
+        cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense, bias=bias), groups
+    )

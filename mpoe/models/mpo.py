@@ -30,10 +30,12 @@ Choices (the paper leaves them to us; see /work/shared/papers/mpoe.md):
   chain rewrites a tokens-sized state at each step and on a CPU that memory
   traffic, not FLOPs, decides (zero tokens -> the chain, which costs nothing).
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +57,9 @@ def central_index(n: int) -> int:
 
 def _check_factors(shape: Sequence[int], in_factors: Sequence[int], out_factors: Sequence[int]) -> None:
     if len(in_factors) != len(out_factors) or len(in_factors) < 1:
-        raise ValueError(f"in_factors {list(in_factors)} and out_factors {list(out_factors)} must be non-empty and of equal length")
+        raise ValueError(
+            f"in_factors {list(in_factors)} and out_factors {list(out_factors)} must be non-empty and of equal length"
+        )
     if tuple(shape) != (math.prod(in_factors), math.prod(out_factors)):
         raise ValueError(
             f"weight shape {tuple(shape)} does not match factors: prod({list(in_factors)}) = {math.prod(in_factors)}, "
@@ -108,7 +112,9 @@ def _tt_svd(weight: Tensor, in_factors, out_factors, bond_dim) -> tuple[list[Ten
     return [t.to(weight.dtype).contiguous() for t in tensors], discarded
 
 
-def decompose(weight: Tensor, in_factors: Sequence[int], out_factors: Sequence[int], bond_dim: Optional[int] = None) -> list[Tensor]:
+def decompose(
+    weight: Tensor, in_factors: Sequence[int], out_factors: Sequence[int], bond_dim: Optional[int] = None
+) -> list[Tensor]:
     """Split `weight` (I, J) into n local tensors (d_{k-1}, i_k, j_k, d_k) by sequential truncated SVD.
 
     A weight on the meta device gives meta tensors of the right shapes and no SVD
@@ -116,13 +122,15 @@ def decompose(weight: Tensor, in_factors: Sequence[int], out_factors: Sequence[i
     """
     if weight.is_meta:
         _check_factors(weight.shape, in_factors, out_factors)
-        return [torch.empty(s, dtype=weight.dtype, device="meta") for s in tensor_shapes(in_factors, out_factors, bond_dim)]
+        return [
+            torch.empty(s, dtype=weight.dtype, device="meta") for s in tensor_shapes(in_factors, out_factors, bond_dim)
+        ]
     return _tt_svd(weight, list(in_factors), list(out_factors), bond_dim)[0]
 
 
 class TruncationError(NamedTuple):
-    actual: float   # ||W - contract(decompose(W, bond_dim))||_F^2
-    bound: float    # sum of the discarded squared singular values over all splits
+    actual: float  # ||W - contract(decompose(W, bond_dim))||_F^2
+    bound: float  # sum of the discarded squared singular values over all splits
 
 
 def truncation_error(weight: Tensor, in_factors, out_factors, bond_dim) -> TruncationError:
@@ -156,29 +164,31 @@ def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Ten
     Leading batch dims (e.g. local experts) broadcast.
     """
     n = len(tensors)
-    mat = lambda t, rows: t.reshape(*t.shape[:-4], rows, -1)             # (..., rows, rest)
+    mat = lambda t, rows: t.reshape(*t.shape[:-4], rows, -1)  # (..., rows, rest)
     left = mat(tensors[0], tensors[0].shape[-4] * tensors[0].shape[-3] * tensors[0].shape[-2])
     for t in tensors[1:split]:
         left = left @ mat(t, t.shape[-4])
         left = left.reshape(*left.shape[:-2], -1, t.shape[-1])
     if split == n:
         return left, None
-    right = mat(tensors[n - 1], tensors[n - 1].shape[-4])                 # (..., d_{n-1}, i_n j_n)
-    for t in reversed(tensors[split:n - 1]):
+    right = mat(tensors[n - 1], tensors[n - 1].shape[-4])  # (..., d_{n-1}, i_n j_n)
+    for t in reversed(tensors[split : n - 1]):
         right = mat(t, t.shape[-4] * t.shape[-3] * t.shape[-2]) @ right
         right = right.reshape(*right.shape[:-2], t.shape[-4], -1)
     return left, right
 
 
 def _ordered_halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """The chain cut at `split_index`, each half reordered while small: left (..., i_L, j_L, d), right (..., d, i_R, j_R).
+    """The chain cut at `split_index`, each half reordered while small.
+
+    Halves: left (..., i_L, j_L, d), right (..., d, i_R, j_R).
 
     right is None when the chain has no cut (left is then the whole matrix, d = 1).
     """
     n = len(tensors)
     ins = [t.shape[-3] for t in tensors]
     outs = [t.shape[-2] for t in tensors]
-    nl = split_index([t.shape[-4:] for t in tensors])                     # tensors in the left half
+    nl = split_index([t.shape[-4:] for t in tensors])  # tensors in the left half
     il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
     left, right = _halves(tensors, nl)
     lb, d = left.shape[:-2], left.shape[-1]
@@ -229,7 +239,7 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
     left, right = _ordered_halves(tensors)
     if right is None:
         return None
-    if transposed:                                             # the same product for W^T: swap the roles of i and j
+    if transposed:  # the same product for W^T: swap the roles of i and j
         left, right = left.transpose(-3, -2), right.transpose(-2, -1)
     a, c = left.shape[-3], right.shape[-2]
     return left, right, torch.arange(a * c, device=left.device).view(a, c).t().flatten()
@@ -238,7 +248,7 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """x @ W without forming W: push x (N, I) through the chain one local tensor at a time."""
     n_tokens, i_left, j_done = x.shape[0], x.shape[1], 1
-    state = x.reshape(n_tokens, 1, 1, i_left)                 # (N, J done, bond, I left)
+    state = x.reshape(n_tokens, 1, 1, i_left)  # (N, J done, bond, I left)
     for t in tensors:
         r, a, j, e = t.shape
         i_left //= a
@@ -255,17 +265,17 @@ def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, i
     ins, outs = [sh[1] for sh in shapes], [sh[2] for sh in shapes]
     d = [sh[0] for sh in shapes] + [1]
     merge, rows, cols = 0, 1, 1
-    for k in range(s):                                   # left half, left to right
+    for k in range(s):  # left half, left to right
         merge += rows * d[k] * ins[k] * outs[k] * d[k + 1]
         rows *= ins[k] * outs[k]
-    for k in range(n - 1, s - 1, -1):                    # right half, right to left
+    for k in range(n - 1, s - 1, -1):  # right half, right to left
         merge += d[k] * ins[k] * outs[k] * cols * d[k + 1]
         cols *= ins[k] * outs[k]
     if s < n:
         merge += rows * d[s] * cols
     dense = merge + n_tokens * math.prod(ins) * math.prod(outs)
     chain = sum(
-        n_tokens * math.prod(outs[:k]) * math.prod(ins[k + 1:]) * d[k] * ins[k] * outs[k] * d[k + 1] for k in range(n)
+        n_tokens * math.prod(outs[:k]) * math.prod(ins[k + 1 :]) * d[k] * ins[k] * outs[k] * d[k + 1] for k in range(n)
     )
     return 2 * dense, 2 * chain
 
@@ -291,7 +301,7 @@ def matmul_costs(n_tokens: int, shapes: Sequence[Sequence[int]], weight_passes: 
     ins, outs = [s[1] for s in shapes], [s[2] for s in shapes]
     d = [s[0] for s in shapes] + [1]
     dense_writes = weight_passes * math.prod(ins) * math.prod(outs) + n_tokens * math.prod(outs)
-    chain_writes = sum(2 * n_tokens * math.prod(outs[:k + 1]) * math.prod(ins[k + 1:]) * d[k + 1] for k in range(n))
+    chain_writes = sum(2 * n_tokens * math.prod(outs[: k + 1]) * math.prod(ins[k + 1 :]) * d[k + 1] for k in range(n))
     return dense_flops + MEMORY_COST * dense_writes, chain_flops + MEMORY_COST * chain_writes
 
 
@@ -324,13 +334,13 @@ def factorize(dim: int, n: int = 5) -> list[int]:
     if rest > 1:
         primes.append(rest)
     bins = [1] * n
-    for q in sorted(primes, reverse=True):               # largest prime into the smallest bin
+    for q in sorted(primes, reverse=True):  # largest prime into the smallest bin
         bins[bins.index(min(bins))] *= q
     ordered = sorted(bins, reverse=True)
     out = [0] * n
     c, step = central_index(n), 0
     positions = [c]
-    while len(positions) < n:                            # centre, then outwards right/left
+    while len(positions) < n:  # centre, then outwards right/left
         step += 1
         for pos in (c + step, c - step):
             if 0 <= pos < n and len(positions) < n:
@@ -343,7 +353,15 @@ def factorize(dim: int, n: int = 5) -> list[int]:
 class MPOLinear(nn.Module):
     """y = x @ W (+ bias) with W held only as its MPO local tensors."""
 
-    def __init__(self, weight: Tensor, in_factors=None, out_factors=None, bond_dim=None, bias: Optional[Tensor] = None, n: int = 5):
+    def __init__(
+        self,
+        weight: Tensor,
+        in_factors=None,
+        out_factors=None,
+        bond_dim=None,
+        bias: Optional[Tensor] = None,
+        n: int = 5,
+    ):
         super().__init__()
         in_factors = list(in_factors or factorize(weight.shape[0], n))
         out_factors = list(out_factors or factorize(weight.shape[1], len(in_factors)))

@@ -17,28 +17,28 @@ a rank's routing is the same whatever the expert-parallel size, which is what ma
 ep_size=P reproduce ep_size=1 exactly. Each rank's aux loss is its own micro-batch's
 Switch loss; data parallelism averages them like the LM loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
-
 from megatron.core.transformer.moe import moe_utils
+from torch import Tensor, nn
 
 from mpoe.config import MoEConfig
 
 
 @dataclass
 class RouterOutput:
-    probs: Tensor              # [N, E] gate weight of each kept (token, expert) pair, 0 elsewhere
-    routing_map: Tensor        # [N, E] bool, the kept (token, expert) pairs
-    aux_loss: Tensor           # scalar, Switch load-balancing loss times aux_loss_coef
-    z_loss: Tensor             # scalar, router z-loss times z_loss_coef
+    probs: Tensor  # [N, E] gate weight of each kept (token, expert) pair, 0 elsewhere
+    routing_map: Tensor  # [N, E] bool, the kept (token, expert) pairs
+    aux_loss: Tensor  # scalar, Switch load-balancing loss times aux_loss_coef
+    z_loss: Tensor  # scalar, router z-loss times z_loss_coef
     tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
-    tokens_dropped: int        # (token, expert) pairs removed by the capacity limit
-    entropy: float = 0.0       # mean entropy (nats) of the full routing distribution, for monitoring
+    tokens_dropped: int  # (token, expert) pairs removed by the capacity limit
+    entropy: float = 0.0  # mean entropy (nats) of the full routing distribution, for monitoring
 
 
 class TopKRouter(nn.Module):
@@ -63,15 +63,21 @@ class TopKRouter(nn.Module):
         logits = self.gate(tokens).float()
 
         probs, routing_map = moe_utils.topk_routing_with_score_function(
-            logits, self.top_k, use_pre_softmax=cfg.pre_softmax, score_function=cfg.score_function)
+            logits, self.top_k, use_pre_softmax=cfg.pre_softmax, score_function=cfg.score_function
+        )
         probs = self._normalize(logits, probs, routing_map)
 
         # Full-distribution scores: what the aux loss balances and what 'probs' dropping ranks by.
         _, scores = moe_utils.compute_routing_scores_for_aux_loss(logits, self.top_k, cfg.score_function)
         tokens_per_expert = routing_map.sum(dim=0)
         aux_loss = moe_utils.switch_load_balancing_loss_func(
-            scores, tokens_per_expert, total_num_tokens=logits.shape[0], topk=self.top_k,
-            num_experts=self.num_experts, moe_aux_loss_coeff=cfg.aux_loss_coef)
+            scores,
+            tokens_per_expert,
+            total_num_tokens=logits.shape[0],
+            topk=self.top_k,
+            num_experts=self.num_experts,
+            moe_aux_loss_coeff=cfg.aux_loss_coef,
+        )
         z_loss = moe_utils.z_loss_func(logits, cfg.z_loss_coef)
 
         kept = self._apply_capacity(routing_map, scores)
@@ -103,5 +109,6 @@ class TopKRouter(nn.Module):
             capacity = moe_utils.get_capacity(routing_map.shape[0] * self.top_k, self.num_experts, capacity_factor)
             return routing_map & (routing_map.long().cumsum(dim=0) <= capacity)
         _, kept = moe_utils.apply_router_token_dropping(
-            scores.detach() * routing_map, routing_map, self.top_k, capacity_factor, drop_policy="probs")
+            scores.detach() * routing_map, routing_map, self.top_k, capacity_factor, drop_policy="probs"
+        )
         return kept

@@ -17,9 +17,11 @@ config is the tokenizer's size *without* sentinels (32000 for T5's), and the
 published embedding size 32128 comes out of `model_vocab_size`.
 A pretrained checkpoint keeps its own vocabulary (its tokenizer has sentinels).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch.nn as nn
 from transformers import T5Config, T5ForConditionalGeneration
@@ -50,23 +52,34 @@ def feed_forward_activation(config: T5Config) -> str:
 def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None) -> T5Config:
     """`vocab_size` is the final embedding size (sentinels included)."""
     return T5Config(
-        vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv or cfg.d_model // cfg.num_heads, d_ff=cfg.d_ff,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
-        num_heads=cfg.num_heads, dropout_rate=cfg.dropout, feed_forward_proj=cfg.activation,
-        tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=pad_id, decoder_start_token_id=pad_id,
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv or cfg.d_model // cfg.num_heads,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
+        num_heads=cfg.num_heads,
+        dropout_rate=cfg.dropout,
+        feed_forward_proj=cfg.activation,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=pad_id,
+        decoder_start_token_id=pad_id,
         eos_token_id=pad_id if eos_id is None else eos_id,
     )
 
 
-def build_t5(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None) -> T5ForConditionalGeneration:
+def build_t5(
+    cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None
+) -> T5ForConditionalGeneration:
     """From scratch: `vocab_size` is the tokenizer's, sentinels are added. Pretrained: the checkpoint's shape."""
     if cfg.pretrained:
         from mpoe.models.build import check_pretrained
 
         check_pretrained(cfg.pretrained, "t5")
         # dropout is a training choice, the shape is the checkpoint's
-        return T5ForConditionalGeneration.from_pretrained(cfg.pretrained, local_files_only=True,
-                                                          dropout_rate=cfg.dropout)
+        return T5ForConditionalGeneration.from_pretrained(
+            cfg.pretrained, local_files_only=True, dropout_rate=cfg.dropout
+        )
     return T5ForConditionalGeneration(hf_config(cfg, model_vocab_size(vocab_size), pad_id, eos_id))
 
 
@@ -74,8 +87,9 @@ def stacks(model: T5ForConditionalGeneration) -> list[nn.Module]:
     return [s for s in (model.encoder, model.decoder) if s is not None]
 
 
-def replace_ffns(backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, groups, is_moe: Callable[[int], bool],
-                 upcycle: bool) -> list[tuple[str, int]]:
+def replace_ffns(
+    backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, groups, is_moe: Callable[[int], bool], upcycle: bool
+) -> list[tuple[str, int]]:
     """Swap DenseReluDense for an MoE layer in blocks i of each stack where is_moe(i).
 
     Upcycled: every expert starts as that block's FFN (Switch: copies; MPOE: one
@@ -94,8 +108,9 @@ def replace_ffns(backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, group
                 continue
             ff_layer = block.layer[-1]
             dense = DenseFFN.from_t5_ff(ff_layer.DenseReluDense) if upcycle else None
-            ff_layer.DenseReluDense = build_moe_layer(moe_cfg, config.d_model, config.d_ff, activation, groups,
-                                                      dense=dense, bias=False)
+            ff_layer.DenseReluDense = build_moe_layer(
+                moe_cfg, config.d_model, config.d_ff, activation, groups, dense=dense, bias=False
+            )
             replaced.append((name, i))
     return replaced
 

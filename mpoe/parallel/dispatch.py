@@ -13,6 +13,7 @@ Order of tokens at each stage, for P ranks with L local experts each:
   re-sort:      by (local expert, source rank): what the expert bank wants
 and the combine path walks the same stages backwards.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -21,27 +22,27 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe import moe_utils
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
-
-from megatron.core.transformer.moe import moe_utils
 
 from mpoe.parallel.groups import ExpertGroups
 
 # torch 2.13 deprecates torch.distributed.nn's all_to_all_single in favour of
 # torch.distributed._functional_collectives, a private module. We keep the public
 # one (autograd over uneven splits on gloo and nccl, tested) and silence only its notice.
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated", category=FutureWarning
+)
 
 
 @dataclass
 class CommStats:
     """What the last dispatch + combine put through the all-to-all (both directions)."""
 
-    routed_tokens: int = 0     # (token, expert) copies this rank sent out: the minimum any dispatcher must send
-    bytes_sent: int = 0        # token payload handed to the all-to-all, dispatch + combine (0 when ep_size=1)
-    bytes_to_peers: int = 0    # the part of bytes_sent that left this rank
+    routed_tokens: int = 0  # (token, expert) copies this rank sent out: the minimum any dispatcher must send
+    bytes_sent: int = 0  # token payload handed to the all-to-all, dispatch + combine (0 when ep_size=1)
+    bytes_to_peers: int = 0  # the part of bytes_sent that left this rank
 
 
 class AllToAllDispatcher:
@@ -68,19 +69,28 @@ class AllToAllDispatcher:
             return permuted, tokens_per_expert.tolist()
 
         P, L, group = self.ep_size, self.num_local_experts, self.groups.ep_group
-        sent_counts = tokens_per_expert.view(P, L)                 # [destination rank, its local expert]
-        received_counts = torch.empty_like(sent_counts)            # [source rank, my local expert]
+        sent_counts = tokens_per_expert.view(P, L)  # [destination rank, its local expert]
+        received_counts = torch.empty_like(sent_counts)  # [source rank, my local expert]
         dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)
         input_splits = sent_counts.sum(dim=1).tolist()
         output_splits = received_counts.sum(dim=1).tolist()
-        received = all_to_all_single(tokens.new_empty(sum(output_splits), tokens.shape[-1]),
-                                     permuted.contiguous(), output_splits, input_splits, group=group)
+        received = all_to_all_single(
+            tokens.new_empty(sum(output_splits), tokens.shape[-1]),
+            permuted.contiguous(),
+            output_splits,
+            input_splits,
+            group=group,
+        )
 
         by_expert, _ = moe_utils.sort_chunks_by_idxs(
-            received, received_counts.flatten(), torch.arange(P * L).view(P, L).t().flatten())
-        self._saved.update(input_splits=input_splits, output_splits=output_splits,
-                           resorted_counts=received_counts.t().flatten(),
-                           restore_order=torch.arange(L * P).view(L, P).t().flatten())
+            received, received_counts.flatten(), torch.arange(P * L).view(P, L).t().flatten()
+        )
+        self._saved.update(
+            input_splits=input_splits,
+            output_splits=output_splits,
+            resorted_counts=received_counts.t().flatten(),
+            restore_order=torch.arange(L * P).view(L, P).t().flatten(),
+        )
         me = self.groups.ep_rank
         sent_rows, recv_rows = sum(input_splits), sum(output_splits)
         self.stats.bytes_sent = (sent_rows + recv_rows) * row_bytes
@@ -93,9 +103,20 @@ class AllToAllDispatcher:
         if saved is None:
             raise RuntimeError("combine() called without a matching dispatch()")
         if "input_splits" in saved:
-            by_source, _ = moe_utils.sort_chunks_by_idxs(expert_output, saved["resorted_counts"], saved["restore_order"])
+            by_source, _ = moe_utils.sort_chunks_by_idxs(
+                expert_output, saved["resorted_counts"], saved["restore_order"]
+            )
             expert_output = all_to_all_single(
                 expert_output.new_empty(sum(saved["input_splits"]), expert_output.shape[-1]),
-                by_source.contiguous(), saved["input_splits"], saved["output_splits"], group=self.groups.ep_group)
-        return moe_utils.unpermute(expert_output, saved["sorted_indices"], saved["shape"],
-                                   probs=saved["probs"], routing_map=saved["routing_map"])
+                by_source.contiguous(),
+                saved["input_splits"],
+                saved["output_splits"],
+                group=self.groups.ep_group,
+            )
+        return moe_utils.unpermute(
+            expert_output,
+            saved["sorted_indices"],
+            saved["shape"],
+            probs=saved["probs"],
+            routing_map=saved["routing_map"],
+        )

@@ -7,6 +7,7 @@ are `deepspeed.moe.layer.MoE` instances, the engine also splits expert
 parameters into their own optimizer groups and reduces their gradients over the
 expert-data-parallel group only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,10 @@ def check_precision_supported(precision: str) -> None:
     supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
     if not supported:
         other = "bf16 or fp32" if precision == "fp16" else "fp32"
-        raise ConfigError(f"trainer.precision={precision} is not supported by DeepSpeed's "
-                          f"{accelerator.device_name()} accelerator on this machine: use trainer.precision={other}")
+        raise ConfigError(
+            f"trainer.precision={precision} is not supported by DeepSpeed's "
+            f"{accelerator.device_name()} accelerator on this machine: use trainer.precision={other}"
+        )
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -44,11 +47,26 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "train_batch_size": global_batch_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": max(1, min(o.warmup_steps, total)),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_num_steps": max(1, min(o.warmup_steps, total)),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
         "gradient_clipping": o.grad_clip,
         # overlap_comm overlaps nothing on CPU and aborted at exit in 2 of 6 runs here (DESIGN.md).
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
@@ -76,8 +94,11 @@ def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world_size),
+        dist_init_required=False,
+    )
     return engine
 
 

@@ -10,6 +10,7 @@ e // (E / P) of every expert-parallel group.
 `ExpertGroups` with ep_size 1 and no process group is what single-process code
 (unit tests, benchmarks) uses: dispatch then never communicates.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def configure_accelerator() -> None:
         keep_freed_cpu_memory()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4     # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
 def keep_freed_cpu_memory() -> bool:
@@ -54,7 +55,7 @@ def keep_freed_cpu_memory() -> bool:
 
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):       # not glibc
+    except (OSError, AttributeError):  # not glibc
         return False
 
 
@@ -90,8 +91,13 @@ def _init_on_agent_store(backend: str, timeout: timedelta) -> None:
     """
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"/mpoe/attempt_{attempt}", store), timeout=timeout,
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"/mpoe/attempt_{attempt}", store),
+        timeout=timeout,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
 
 
 def _forget_deepspeed_groups() -> None:
@@ -99,8 +105,13 @@ def _forget_deepspeed_groups() -> None:
     (the previous job of a Hydra multirun in this process) must not be reused by the new one."""
     from deepspeed.utils import groups
 
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
         getattr(groups, name).clear()
     for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
         setattr(groups, name, None)
@@ -120,9 +131,9 @@ class ExpertGroups:
 
     ep_size: int = 1
     ep_rank: int = 0
-    name: str = "ep_size_1"                 # DeepSpeed's group name: param.group_name of expert params
-    ep_group: Optional[object] = None       # the all-to-all group (None: single process)
-    edp_group: Optional[object] = None      # expert-data-parallel group (reduces expert grads)
+    name: str = "ep_size_1"  # DeepSpeed's group name: param.group_name of expert params
+    ep_group: Optional[object] = None  # the all-to-all group (None: single process)
+    edp_group: Optional[object] = None  # expert-data-parallel group (reduces expert grads)
 
     def local_experts(self, num_experts: int) -> range:
         per_rank = num_experts // self.ep_size

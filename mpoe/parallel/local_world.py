@@ -7,11 +7,12 @@ initialises through `mpoe.parallel.groups.init_distributed` as training does, ru
 `spawn_world` raise with its traceback. Spawning costs seconds per process (imports),
 so tests reuse one world for several checks.
 """
+
 from __future__ import annotations
 
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -24,10 +25,17 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
+
     from mpoe.parallel.groups import init_distributed
 
     init_distributed(backend="gloo", timeout_s=120)

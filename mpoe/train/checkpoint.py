@@ -14,6 +14,7 @@ needs, and its MoE layout assumes DeepSpeed's own expert naming
 (`deepspeed_moe.experts.deepspeed_experts.N`), which has no place for an MPOE
 central tensor shared by all experts.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -116,8 +117,10 @@ def resolve(resume: Optional[str], ckpt_dir: Path) -> Optional[Path]:
         if found:
             return found[-1]
     if not (path / "meta.json").is_file():
-        raise CheckpointError(f"trainer.resume={resume!r} is not a complete checkpoint (no meta.json): "
-                              f"give a {STEP_PREFIX}N directory, a run directory, 'auto' or null")
+        raise CheckpointError(
+            f"trainer.resume={resume!r} is not a complete checkpoint (no meta.json): "
+            f"give a {STEP_PREFIX}N directory, a run directory, 'auto' or null"
+        )
     return path
 
 
@@ -138,19 +141,27 @@ def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_ex
     meta = read_meta(path)
     for key, value in must_match.items():
         if meta.get(key) != value:
-            raise CheckpointError(f"checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
-                                  f"{key}={value!r}: resume with the same setting")
+            raise CheckpointError(
+                f"checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
+                f"{key}={value!r}: resume with the same setting"
+            )
     if any(meta.get(key) != value for key, value in layout.items()):
         try:
-            return reshard.load_resharded(engine, path, meta, groups.ep_rank, num_experts // groups.ep_size, num_experts, rank)
+            return reshard.load_resharded(
+                engine, path, meta, groups.ep_rank, num_experts // groups.ep_size, num_experts, rank
+            )
         except (OSError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path} cannot be resharded to {layout} ({e}): resume with "
-                                  f"world_size={meta.get('world_size')} ep_size={meta.get('ep_size')} zero_stage={meta.get('zero_stage')}") from None
+            raise CheckpointError(
+                f"checkpoint {path} cannot be resharded to {layout} ({e}): resume with "
+                f"world_size={meta.get('world_size')} ep_size={meta.get('ep_size')} zero_stage={meta.get('zero_stage')}"
+            ) from None
     file = path / f"rank_{rank:05d}.pt"
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many kinds on a truncated or foreign file
-        raise CheckpointError(f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint"
+        ) from None
     engine.module.load_state_dict(state["module"])
     optimizer = engine.optimizer
     if engine.zero_optimization_stage() > 0:

@@ -8,6 +8,7 @@ Documents come in a fixed order (sorted file paths), so the corpus, and the
 train/validation split made from it, are the same on every machine running
 the same Python version.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,7 +39,9 @@ def stdlib_docstrings(root: str | None = None) -> list[str]:
                 tree = ast.parse((Path(dirpath) / filename).read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            nodes = [tree] + [
+                n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            ]
             for node in nodes:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= _MIN_DOC_CHARS:

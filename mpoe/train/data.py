@@ -10,6 +10,7 @@ Batches are drawn by `SequenceSampler`: an epoch is a seeded permutation of the
 packed sequences, cut into global batches; rank r takes its slice. The position
 is a pure function of the optimizer step, which is what makes resume exact.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,15 +46,22 @@ def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
         paths = [Path(p).expanduser() for p in cfg.paths]
         for p in paths:
             if not p.is_file():
-                raise ConfigError(f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files")
+                raise ConfigError(
+                    f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files"
+                )
         kinds = {_DATA_EXTENSIONS.get(p.suffix.lower()) for p in paths}
         if None in kinds or len(kinds) != 1:
-            raise ConfigError(f"data.paths={cfg.paths!r} mixes or uses unknown file types: give only one of .txt, .json/.jsonl or .parquet")
+            raise ConfigError(
+                f"data.paths={cfg.paths!r} mixes or uses unknown file types: "
+                "give only one of .txt, .json/.jsonl or .parquet"
+            )
         ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
     else:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
     if cfg.text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}")
+        raise ConfigError(
+            f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}"
+        )
     docs = [t for t in ds[cfg.text_field] if t and t.strip()]
     return corpus.split_documents(docs, cfg.val_fraction)
 
@@ -62,7 +70,9 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(
+        docs, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     return tok
 
 
@@ -75,7 +85,10 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
         if path.is_dir():  # a Hugging Face checkpoint directory (model.pretrained's): its tokenizer files
             return _checkpoint_tokenizer(path)
         if not path.is_file():
-            raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not a file: give a tokenizer.json, a checkpoint directory, or null to train one")
+            raise ConfigError(
+                f"data.tokenizer={cfg.tokenizer!r} is not a file: "
+                "give a tokenizer.json, a checkpoint directory, or null to train one"
+            )
         return Tokenizer.from_file(str(path))
     path = cache_root(cfg) / f"bpe-{corpus.fingerprint(train_docs)}-{cfg.vocab_size}.json"
     if not path.exists():
@@ -96,8 +109,10 @@ def _checkpoint_tokenizer(path: Path):
         from tokenizers import ByteLevelBPETokenizer
 
         return ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
-    raise ConfigError(f"data.tokenizer={str(path)!r} holds no tokenizer.json (nor vocab.json + merges.txt): "
-                      f"give a tokenizer file, or null to train one")
+    raise ConfigError(
+        f"data.tokenizer={str(path)!r} holds no tokenizer.json (nor vocab.json + merges.txt): "
+        f"give a tokenizer file, or null to train one"
+    )
 
 
 def checkpoint_tokenizer_dir(path: Optional[str]) -> Optional[str]:
@@ -114,7 +129,9 @@ def special_ids(tokenizer) -> tuple[int, int]:
     first = lambda names: next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
     eot = first([SPECIAL_TOKENS[0], "</s>"])
     if eot is None:
-        raise ConfigError("data.tokenizer has no end-of-text token (<|endoftext|> or </s>): use a GPT-2/T5 tokenizer or null")
+        raise ConfigError(
+            "data.tokenizer has no end-of-text token (<|endoftext|> or </s>): use a GPT-2/T5 tokenizer or null"
+        )
     pad = first([SPECIAL_TOKENS[1]])
     return eot, eot if pad is None else pad
 
@@ -143,9 +160,14 @@ def prepare(cfg: DataConfig) -> TokenData:
     """Load, tokenize and cache; every rank calls it and gets the same arrays."""
     train_docs, val_docs = load_documents(cfg)
     if not train_docs or not val_docs:
-        raise ConfigError(f"data.val_fraction={cfg.val_fraction} leaves an empty split of {len(train_docs) + len(val_docs)} documents: give more text")
+        raise ConfigError(
+            f"data.val_fraction={cfg.val_fraction} leaves an empty split of "
+            f"{len(train_docs) + len(val_docs)} documents: give more text"
+        )
     tokenizer = get_tokenizer(cfg, train_docs)
-    key = hashlib.sha1(json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()
+    ).hexdigest()[:16]
     path = cache_root(cfg) / f"tokens-{key}.npz"
     if path.exists():
         arrays = np.load(path)
@@ -162,7 +184,10 @@ def pack(stream: np.ndarray, length: int) -> torch.Tensor:
     """Non-overlapping windows of `length` tokens (the tail that does not fill one is dropped)."""
     n = len(stream) // length
     if n == 0:
-        raise ConfigError(f"trainer.seq_len={length - 1} is longer than the {len(stream)} tokens of a data split: lower it or add data")
+        raise ConfigError(
+            f"trainer.seq_len={length - 1} is longer than the {len(stream)} tokens of a data split: "
+            "lower it or add data"
+        )
     return torch.from_numpy(stream[: n * length].astype(np.int64)).view(n, length)
 
 
@@ -174,7 +199,10 @@ class SequenceSampler:
         self.world, self.rank, self.seed = world, rank, seed
         self.global_batch = micro_batch * accum * world
         if len(sequences) < self.global_batch:
-            raise ConfigError(f"trainer.global_batch_size={self.global_batch} exceeds the {len(sequences)} training sequences: lower it")
+            raise ConfigError(
+                f"trainer.global_batch_size={self.global_batch} exceeds the {len(sequences)} "
+                "training sequences: lower it"
+            )
         self.steps_per_epoch = len(sequences) // self.global_batch
         self._perm: Optional[tuple[int, torch.Tensor]] = None
 
@@ -190,7 +218,9 @@ class SequenceSampler:
         return self.sequences[self._permutation(epoch)[start : start + self.micro_batch]]
 
 
-def eval_batches(sequences: torch.Tensor, micro_batch: int, num_batches: int, world: int, rank: int) -> list[torch.Tensor]:
+def eval_batches(
+    sequences: torch.Tensor, micro_batch: int, num_batches: int, world: int, rank: int
+) -> list[torch.Tensor]:
     """The same validation batches every time: the first num_batches*world micro-batches, round-robin over ranks."""
     out = []
     for b in range(num_batches):

@@ -9,6 +9,7 @@ Read from the environment once; unset in normal runs (then every check is a no-o
 - MPOE_FAULT_ONCE=PATH: kill only if PATH does not exist yet (it is created first), so a
   process restarted by `torchrun --max-restarts` runs on past the fault.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ The reference rate is measured, not looked up: a square GEMM in the training
 dtype on this device, the best of a few repeats, so MFU on a CPU is as
 meaningful as on a GPU.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,13 +19,16 @@ import time
 import torch
 
 
-def flops_per_token(params_active: int, params_embedding: int, vocab_size: int, d_model: int,
-                    attention_layers: int, seq_len: int) -> float:
+def flops_per_token(
+    params_active: int, params_embedding: int, vocab_size: int, d_model: int, attention_layers: int, seq_len: int
+) -> float:
     matmul_params = params_active - params_embedding + vocab_size * d_model
     return 6.0 * matmul_params + 12.0 * attention_layers * seq_len * d_model
 
 
-def gemm_flops_per_s(size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5) -> float:
+def gemm_flops_per_s(
+    size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5
+) -> float:
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched (exact resume)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)

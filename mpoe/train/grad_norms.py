@@ -8,6 +8,7 @@ expert-parallel group, so their squared norms are summed over it.
 At ZeRO stage 1/2 the reduced gradients live in the optimizer's partitions,
 not in `param.grad`: there only the overall norm (DeepSpeed's own) is known.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,10 @@ def role_params(model) -> dict[str, list]:
 
 def _sq(params, ep_group) -> float:
     shared = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None and not is_expert_param(p))
-    expert = torch.tensor(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None and is_expert_param(p)),
-                          dtype=torch.float64)
+    expert = torch.tensor(
+        sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None and is_expert_param(p)),
+        dtype=torch.float64,
+    )
     if ep_group is not None and dist.is_initialized():
         dist.all_reduce(expert, group=ep_group)
     return shared + float(expert)

@@ -4,6 +4,7 @@ Every rank runs this function in lockstep (expert-parallel all-to-alls and
 DeepSpeed's reductions are collectives); only rank 0 writes the run directory
 files and shows the progress bar.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,8 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups, rank_world
-from mpoe.train import checkpoint, data as data_lib, faults
+from mpoe.train import checkpoint, faults
+from mpoe.train import data as data_lib
 from mpoe.train.flops import flops_per_token, gemm_flops_per_s
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
@@ -90,15 +92,29 @@ class _Interval:
         if out.tokens_per_expert:
             counts = [c.detach().double() for c in out.tokens_per_expert]
             self.load = counts if self.load is None else [a + b for a, b in zip(self.load, counts)]
-            self.entropy = out.router_entropy if self.entropy is None else [a + b for a, b in zip(self.entropy, out.router_entropy)]
+            self.entropy = (
+                out.router_entropy
+                if self.entropy is None
+                else [a + b for a, b in zip(self.entropy, out.router_entropy)]
+            )
 
     def record(self, step: int, lr: float, grad_norm: float) -> dict:
-        sums = _all_reduce_sum([self.loss, self.lm_loss, self.aux_loss, self.z_loss, self.micro, self.tokens, self.tokens_dropped])
+        sums = _all_reduce_sum(
+            [self.loss, self.lm_loss, self.aux_loss, self.z_loss, self.micro, self.tokens, self.tokens_dropped]
+        )
         loss, lm_loss, aux, z, micro, tokens, dropped = sums
         elapsed = time.perf_counter() - self.start
-        rec = {"step": step, "loss": loss / micro, "lm_loss": lm_loss / micro, "aux_loss": aux / micro,
-               "z_loss": z / micro, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9),
-               "tokens_dropped": int(dropped)}
+        rec = {
+            "step": step,
+            "loss": loss / micro,
+            "lm_loss": lm_loss / micro,
+            "aux_loss": aux / micro,
+            "z_loss": z / micro,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "tokens_dropped": int(dropped),
+        }
         if self.load is not None:
             rec["expert_load"] = [(c / c.sum().clamp_min(1)).tolist() for c in self.load]
             rec["load_imbalance"] = [float(c.max() / c.mean().clamp_min(1e-9)) for c in self.load]
@@ -121,7 +137,10 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
     logger = MetricsLogger(run_dir, rank == 0, None if cfg.trainer.dry_run else cfg.logging.wandb, run_config)
     if rank == 0:
-        print(f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), {world} process(es):")
+        print(
+            f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), "
+            f"{world} process(es):"
+        )
         print(format_table(counts), flush=True)
     if cfg.trainer.dry_run:
         logger.summary({**counts, "dry_run": True})
@@ -134,18 +153,32 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     objective = build_objective(cfg, token_data)
     raw_len = objective.raw_length
     accum = grad_accum_steps(cfg, world)
-    sampler = data_lib.SequenceSampler(data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed)
+    sampler = data_lib.SequenceSampler(
+        data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed
+    )
     val = data_lib.eval_batches(data_lib.pack(token_data.val, raw_len), t.micro_batch_size, t.eval_batches, world, rank)
 
     ckpt_dir = run_dir / "checkpoints"
-    identity = {"world_size": world, "ep_size": cfg.parallel.ep_size, "zero_stage": cfg.parallel.zero_stage,
-                "model": cfg.model.name, "moe": cfg.moe.kind, "num_experts": cfg.moe.num_experts}
+    identity = {
+        "world_size": world,
+        "ep_size": cfg.parallel.ep_size,
+        "zero_stage": cfg.parallel.zero_stage,
+        "model": cfg.model.name,
+        "moe": cfg.moe.kind,
+        "num_experts": cfg.moe.num_experts,
+    }
     start_step = 0
     resume_from = checkpoint.resolve(t.resume, ckpt_dir)
     if resume_from is not None:
         layout_keys = ("world_size", "ep_size", "zero_stage")
-        meta = checkpoint.load(engine, resume_from, {k: identity[k] for k in layout_keys},
-                               {k: v for k, v in identity.items() if k not in layout_keys}, groups, cfg.moe.num_experts)
+        meta = checkpoint.load(
+            engine,
+            resume_from,
+            {k: identity[k] for k in layout_keys},
+            {k: v for k, v in identity.items() if k not in layout_keys},
+            groups,
+            cfg.moe.num_experts,
+        )
         start_step = meta["step"]
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
@@ -187,11 +220,14 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
                 raise NonFiniteLossError(
                     f"{bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient, "
                     f"trainer.max_bad_steps={t.max_bad_steps}: lower optim.lr or check the data; "
-                    f"the last good checkpoint in {ckpt_dir} is intact")
+                    f"the last good checkpoint in {ckpt_dir} is intact"
+                )
         else:
             bad_in_a_row = 0
         if log_now:
-            rec = interval.record(done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine))
+            rec = interval.record(
+                done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine)
+            )
             rec.update(norms)
             rec["steps_skipped"] = skipped_total
             rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (gemm_rate * world)
@@ -201,8 +237,11 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
                 rec.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             logger.log(rec)
             if progress is not None:
-                progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                     **({"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}))
+                progress.set_postfix(
+                    loss=f"{rec['loss']:.3f}",
+                    tok_s=f"{rec['tokens_per_s']:.0f}",
+                    **({"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}),
+                )
             interval = _Interval()
         if progress is not None:
             progress.update(1)
@@ -219,10 +258,17 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         checkpoint.save(engine, ckpt_dir, final_step, identity, t.keep_last)
     steps_run = max(t.max_steps - start_step, 0)
     summary = {
-        **counts, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-        "tokens_seen": final_step * tokens_per_step, "steps": final_step, "wall_s": time.perf_counter() - t0,
+        **counts,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "tokens_seen": final_step * tokens_per_step,
+        "steps": final_step,
+        "wall_s": time.perf_counter() - t0,
         "tokens_per_s": steps_run * tokens_per_step / train_s if steps_run else None,
-        "model": cfg.model.name, "moe": cfg.moe.kind, "world_size": world, "steps_skipped": skipped_total,
+        "model": cfg.model.name,
+        "moe": cfg.moe.kind,
+        "world_size": world,
+        "steps_skipped": skipped_total,
     }
     logger.summary(summary)
     logger.close()
@@ -270,7 +316,9 @@ def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int) -> tup
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         dtype = torch.float32
-    per_token = flops_per_token(counts["params_active"], counts["params_embedding"], config.vocab_size, d_model, layers, seq_len)
+    per_token = flops_per_token(
+        counts["params_active"], counts["params_embedding"], config.vocab_size, d_model, layers, seq_len
+    )
     return per_token, gemm_flops_per_s(dtype=dtype, device=device)
 
 

@@ -6,6 +6,7 @@ the process group; then train. Under torchrun every rank runs this; rank 0's
 Hydra run directory is broadcast so all ranks write checkpoints to the same
 place, and the other ranks' Hydra writes nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,19 @@ from pathlib import Path
 from mpoe.config import ConfigError, TrainConfig, validate
 from mpoe.parallel.groups import configure_accelerator, world_size_from_env
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-_HYDRA_FLAGS_WITHOUT_RUN = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--version", "--shell-completion", "-sc"}
+# The configs ship inside the package, so `pip install .` and a wheel find them from any directory.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+_HYDRA_FLAGS_WITHOUT_RUN = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "--version",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def _register_schema() -> None:
@@ -39,13 +51,15 @@ def _one_line(exc: BaseException) -> str:
         cause = cause.__cause__
     if isinstance(cause, MissingConfigException) and cause.options is not None:
         group = (cause.missing_cfg_file or "").split("/")[0]
-        return f"{group}={cause.missing_cfg_file.split('/')[-1]} is not a known option: use one of {', '.join(sorted(cause.options))}"
+        option = cause.missing_cfg_file.split("/")[-1]
+        return f"{group}={option} is not a known option: use one of {', '.join(sorted(cause.options))}"
     full_key = getattr(cause, "full_key", None)
     msg = " ".join(str(getattr(cause, "msg", None) or cause).split())
     msg = msg.split(" full_key:")[0]
     if "not in" in msg and full_key:
         parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-        return f"{full_key} is not a config key: {msg} (check the spelling; `mpoe-train --cfg job` lists {parent or 'the'} keys)"
+        hint = f"check the spelling; `mpoe-train --cfg job` lists {parent or 'the'} keys"
+        return f"{full_key} is not a config key: {msg} ({hint})"
     return f"{full_key}: {msg}" if full_key else msg
 
 
@@ -74,7 +88,7 @@ def _task(dict_cfg) -> None:
     world = world_size_from_env()
     try:
         cfg = validate(OmegaConf.to_object(dict_cfg), world)
-        check_precision_supported(cfg.trainer.precision)   # again for -m sweeps, which skip cli()'s check
+        check_precision_supported(cfg.trainer.precision)  # again for -m sweeps, which skip cli()'s check
     except ConfigError as e:
         _fail(str(e))
     from mpoe.parallel.groups import init_distributed
@@ -105,13 +119,16 @@ def cli() -> None:
 
         try:
             cfg = compose_and_validate(args, world_size_from_env())
-            check_precision_supported(cfg.trainer.precision)    # before Hydra makes a run directory
+            check_precision_supported(cfg.trainer.precision)  # before Hydra makes a run directory
         except ConfigError as e:
             _fail(str(e))
     if int(os.environ.get("RANK", "0")) > 0:
         # Only rank 0 writes the run directory; rank 0 broadcasts its path.
-        sys.argv = [sys.argv[0]] + [a for a in args if not a.startswith("hydra.run.dir=")] + [
-            "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        sys.argv = (
+            [sys.argv[0]]
+            + [a for a in args if not a.startswith("hydra.run.dir=")]
+            + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        )
     import hydra
 
     _register_schema()

@@ -4,6 +4,7 @@ Only rank 0 writes. `metrics.jsonl` is the source of truth (the report reads it,
 nothing needs a W&B account); W&B gets the same names, offline by default, with
 the Hydra config as the run config.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,16 @@ class MetricsLogger:
         import wandb
 
         return wandb.init(
-            mode=cfg.mode, project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
-            name=cfg.name or self.run_dir.name, dir=str(self.run_dir), config=run_config,
-            resume="allow", id=self._run_id(),
+            mode=cfg.mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            name=cfg.name or self.run_dir.name,
+            dir=str(self.run_dir),
+            config=run_config,
+            resume="allow",
+            id=self._run_id(),
         )
 
     def _run_id(self) -> str:

@@ -6,6 +6,7 @@ raw tokens one example consumes, so the packer cuts windows of that size) and
 GPT-2 trains as a causal LM on packed windows (labels = inputs, shifted inside
 the HF model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ config that cannot work on N processes (e.g. `parallel.ep_size` not dividing
 the world size) or a malformed hostfile stops with one line instead of one
 traceback per rank.
 """
+
 from __future__ import annotations
 
 import argparse

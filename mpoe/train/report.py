@@ -13,6 +13,7 @@ metrics.jsonl, no config) is named on stderr in one line and skipped; with no
 usable run the command says so in one line and exits 2. Files are written
 atomically (a temporary file, then a rename), so a report is never half-written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 # Keys that do not change what a run computes: not part of a configuration's identity.
-IGNORED_KEYS = ("trainer.seed", "trainer.resume", "trainer.save_every", "trainer.keep_last",
-                "trainer.log_every", "trainer.max_bad_steps", "logging.", "data.cache_dir")
+IGNORED_KEYS = (
+    "trainer.seed",
+    "trainer.resume",
+    "trainer.save_every",
+    "trainer.keep_last",
+    "trainer.log_every",
+    "trainer.max_bad_steps",
+    "logging.",
+    "data.cache_dir",
+)
 _SKIP_DIRS = {"checkpoints", "wandb", ".hydra", "__pycache__"}
 
 
@@ -49,8 +58,9 @@ class Run:
 
     @property
     def key(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items()
-                            if not _ignored(k)))
+        return tuple(
+            sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items() if not _ignored(k))
+        )
 
 
 @dataclass
@@ -77,6 +87,7 @@ def _ignored(key: str) -> bool:
 
 
 # ---------------------------------------------------------------- reading runs
+
 
 def find_run_dirs(path: Path) -> list[Path]:
     """`path` itself when it is a run; else every run below it, in a stable order."""
@@ -182,6 +193,7 @@ def collect(paths: list[Path], warn) -> list[Run]:
 
 # ---------------------------------------------------------------- aggregation
 
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """One group per configuration (config minus seed), in first-seen order, labelled by what differs."""
     groups: dict[tuple, Group] = {}
@@ -273,6 +285,7 @@ def summarize(group: Group) -> dict:
 
 # ---------------------------------------------------------------- writing
 
+
 def _fmt_int(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -291,18 +304,37 @@ def _fmt_dropped(row: dict) -> str:
     return f"{d:,.0f} ({100 * d / seen:.2f}%)" if seen else f"{d:,.0f}"
 
 
-COLUMNS = ["configuration", "moe", "seeds", "params total", "params active", "val loss", "val ppl",
-           "tokens/s", "MFU", "tokens dropped", "load max/mean"]
+COLUMNS = [
+    "configuration",
+    "moe",
+    "seeds",
+    "params total",
+    "params active",
+    "val loss",
+    "val ppl",
+    "tokens/s",
+    "MFU",
+    "tokens dropped",
+    "load max/mean",
+]
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
     for r in rows:
-        cells = [r["label"], str(r["moe"]), f"{len(r['seeds'])} ({','.join(map(str, r['seeds']))})",
-                 _fmt_int(r["params_total"]), _fmt_int(r["params_active"]), _fmt_pm(r["val_loss"], 4),
-                 _fmt_pm(r["val_ppl"], 2), _fmt_int(r["tokens_per_s"]),
-                 "-" if r["mfu"] is None else f"{r['mfu']:.3f}", _fmt_dropped(r),
-                 "-" if r["load_imbalance"] is None else f"{r['load_imbalance']:.2f}"]
+        cells = [
+            r["label"],
+            str(r["moe"]),
+            f"{len(r['seeds'])} ({','.join(map(str, r['seeds']))})",
+            _fmt_int(r["params_total"]),
+            _fmt_int(r["params_active"]),
+            _fmt_pm(r["val_loss"], 4),
+            _fmt_pm(r["val_ppl"], 2),
+            _fmt_int(r["tokens_per_s"]),
+            "-" if r["mfu"] is None else f"{r['mfu']:.3f}",
+            _fmt_dropped(r),
+            "-" if r["load_imbalance"] is None else f"{r['load_imbalance']:.2f}",
+        ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -334,8 +366,9 @@ def plot_val_curves(groups: list[Group], path: Path) -> bool:
         for j, run in enumerate(g.runs):
             pts = [(r["step"], r["val_loss"]) for r in run.metrics if _finite(r.get("val_loss"))]
             if pts:
-                ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=1.2, alpha=0.85,
-                        label=g.label if j == 0 else None)
+                ax.plot(
+                    *zip(*pts), color=color, marker="o", ms=3, lw=1.2, alpha=0.85, label=g.label if j == 0 else None
+                )
                 drew = True
     if drew:
         ax.set(xlabel="step", ylabel="validation loss", title="Validation loss (one line per seed)")
@@ -356,10 +389,20 @@ def plot_params_vs_loss(rows: list[dict], path: Path) -> bool:
     for i, r in enumerate(pts):
         color = f"C{i % 10}"
         mean, std = r["val_loss"]
-        ax.errorbar(r["params_total"], mean, yerr=std or 0, fmt="o", color=color, capsize=3, label=f"{r['label']} (total)")
+        ax.errorbar(
+            r["params_total"], mean, yerr=std or 0, fmt="o", color=color, capsize=3, label=f"{r['label']} (total)"
+        )
         if r["params_active"] and r["params_active"] != r["params_total"]:
-            ax.errorbar(r["params_active"], mean, yerr=std or 0, fmt="s", mfc="none", color=color, capsize=3,
-                        label=f"{r['label']} (active)")
+            ax.errorbar(
+                r["params_active"],
+                mean,
+                yerr=std or 0,
+                fmt="s",
+                mfc="none",
+                color=color,
+                capsize=3,
+                label=f"{r['label']} (active)",
+            )
     ax.set(xlabel="parameters", ylabel="validation loss (mean ± std over seeds)", title="Parameters vs validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -389,8 +432,14 @@ def plot_expert_load(group: Group, path: Path) -> bool:
     for layer in range(num_layers):
         grid = np.array([np.mean([load[layer] for load in series[s]], axis=0) for s in steps]).T  # [E, steps]
         ax = axes[layer][0]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest",
-                       extent=(-0.5, len(steps) - 0.5, grid.shape[0] - 0.5, -0.5))
+        im = ax.imshow(
+            grid,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0.0,
+            interpolation="nearest",
+            extent=(-0.5, len(steps) - 0.5, grid.shape[0] - 0.5, -0.5),
+        )
         ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
         ax.set_ylabel(f"MoE layer {layer}\nexpert")
@@ -409,14 +458,21 @@ def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     rows = [summarize(g) for g in groups]
-    parts = ["# mpoe run comparison", "",
-             f"{len(runs)} run(s) in {len(groups)} configuration(s); mean ± sample std over seeds "
-             "(a single seed shows its value alone). Read from each run's `.hydra/config.yaml`, "
-             "`summary.json` and `metrics.jsonl`.", "", table(rows), "",
-             "- params total/active: parameter counts (active = used per token); val loss/ppl: final validation;",
-             "  tokens/s: training throughput; MFU: model FLOPs utilisation (`-` when the run did not log it);",
-             "  tokens dropped: over capacity, summed over training (share of tokens seen);",
-             "  load max/mean: the most loaded expert over the mean, worst MoE layer, averaged over logged steps.", ""]
+    parts = [
+        "# mpoe run comparison",
+        "",
+        f"{len(runs)} run(s) in {len(groups)} configuration(s); mean ± sample std over seeds "
+        "(a single seed shows its value alone). Read from each run's `.hydra/config.yaml`, "
+        "`summary.json` and `metrics.jsonl`.",
+        "",
+        table(rows),
+        "",
+        "- params total/active: parameter counts (active = used per token); val loss/ppl: final validation;",
+        "  tokens/s: training throughput; MFU: model FLOPs utilisation (`-` when the run did not log it);",
+        "  tokens dropped: over capacity, summed over training (share of tokens seen);",
+        "  load max/mean: the most loaded expert over the mean, worst MoE layer, averaged over logged steps.",
+        "",
+    ]
     plots = []
     if plot_val_curves(groups, out / "val_loss.png"):
         plots.append(("Validation loss", "val_loss.png"))
@@ -442,8 +498,12 @@ def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="mpoe-report", description=__doc__.splitlines()[0].split(": ", 1)[-1])
-    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders above them (a multirun dir)")
-    ap.add_argument("--out", help="where report.md and the plots go (default: the RUN_DIR when one is given, else ./report)")
+    ap.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders above them (a multirun dir)"
+    )
+    ap.add_argument(
+        "--out", help="where report.md and the plots go (default: the RUN_DIR when one is given, else ./report)"
+    )
     args = ap.parse_args(argv)
     paths = [Path(p) for p in args.run_dirs]
     skipped: list[str] = []
@@ -454,7 +514,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     runs = collect(paths, warn)
     if not runs:
-        print(f"mpoe-report: error: no usable run in {', '.join(map(str, paths))} ({len(skipped)} skipped)", file=sys.stderr)
+        print(
+            f"mpoe-report: error: no usable run in {', '.join(map(str, paths))} ({len(skipped)} skipped)",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("report"))
     try:

@@ -15,6 +15,7 @@ tensor-fragment API (`safe_get/set_full_*`) reads and writes those partitions
 per parameter at ZeRO 1/2; at ZeRO 0 the torch optimizer's state is per
 parameter already.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,20 +92,33 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
     old_ep = meta["ep_size"]
     states = [torch.load(path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_ep)]
     if any("portable_optimizer" not in s for s in states):
-        raise RuntimeError(f"checkpoint {path} has no portable optimizer state: it can only be resumed on its own layout")
+        raise RuntimeError(
+            f"checkpoint {path} has no portable optimizer state: it can only be resumed on its own layout"
+        )
     experts = _expert_names(engine.module)
     lo = ep_rank * num_local
 
     module_state = {}
-    for name, current in engine.module.state_dict().items():
-        module_state[name] = _relayout(name, [s["module"].get(name) for s in states], name in experts, lo, num_local, num_experts)
+    for name in engine.module.state_dict():
+        module_state[name] = _relayout(
+            name, [s["module"].get(name) for s in states], name in experts, lo, num_local, num_experts
+        )
     engine.module.load_state_dict(module_state)
 
     step = states[0]["portable_optimizer"]["step"]
     _link_optimizer_fragments(engine)
     for name, p in engine.module.named_parameters():
-        adam = {k: _relayout(name, [s["portable_optimizer"]["params"].get(name, {}).get(k) for s in states],
-                             name in experts, lo, num_local, num_experts) for k in ADAM_KEYS}
+        adam = {
+            k: _relayout(
+                name,
+                [s["portable_optimizer"]["params"].get(name, {}).get(k) for s in states],
+                name in experts,
+                lo,
+                num_local,
+                num_experts,
+            )
+            for k in ADAM_KEYS
+        }
         if _zero_partitioned(engine):
             safe_set_full_fp32_param(p, p.data)  # the optimizer's fp32 master partition, from the loaded weight
             for k, v in adam.items():

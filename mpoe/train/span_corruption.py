@@ -21,11 +21,13 @@ Choices:
   labels right to make the decoder input, starting from the pad id), which is
   what validation loss and perplexity report for T5.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -43,8 +45,9 @@ def _lengths(tokens_length: int, noise_density: float, mean_span: float) -> tupl
     return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1, num_noise, num_spans
 
 
-def random_spans_helper(inputs_length: int, noise_density: float = NOISE_DENSITY,
-                        mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def random_spans_helper(
+    inputs_length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """T5's: the raw length whose corrupted input is `inputs_length` tokens, and the target length."""
     tokens_length = inputs_length - 1
     while _lengths(tokens_length + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:
@@ -68,7 +71,9 @@ def noise_mask(length: int, noise_density: float, mean_span: float, g: torch.Gen
     _, _, num_noise, num_spans = _lengths(length, noise_density, mean_span)
     noise = _segment_lengths(num_noise, num_spans, g)
     keep = _segment_lengths(length - num_noise, num_spans, g)
-    flags = torch.stack([torch.zeros(num_spans, dtype=torch.bool), torch.ones(num_spans, dtype=torch.bool)], 1).flatten()
+    flags = torch.stack(
+        [torch.zeros(num_spans, dtype=torch.bool), torch.ones(num_spans, dtype=torch.bool)], 1
+    ).flatten()
     return flags.repeat_interleave(torch.stack([keep, noise], 1).flatten())
 
 
@@ -84,18 +89,26 @@ class SpanCorruption:
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
 
     @classmethod
-    def for_inputs_length(cls, inputs_length: int, sentinels: Sequence[int], eos_id: int, seed: int = 0,
-                          noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
-                          ) -> "SpanCorruption":
+    def for_inputs_length(
+        cls,
+        inputs_length: int,
+        sentinels: Sequence[int],
+        eos_id: int,
+        seed: int = 0,
+        noise_density: float = NOISE_DENSITY,
+        mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+    ) -> SpanCorruption:
         raw, targets = random_spans_helper(inputs_length, noise_density, mean_noise_span_length)
         spans = _lengths(raw, noise_density, mean_noise_span_length)[3]
         if spans > len(sentinels):
-            raise ConfigError(f"trainer.seq_len={inputs_length} makes {spans} noise spans, more than the "
-                              f"{len(sentinels)} sentinel tokens: lower it")
+            raise ConfigError(
+                f"trainer.seq_len={inputs_length} makes {spans} noise spans, more than the "
+                f"{len(sentinels)} sentinel tokens: lower it"
+            )
         return cls(raw, inputs_length, targets, list(sentinels), eos_id, seed, noise_density, mean_noise_span_length)
 
     @classmethod
-    def for_config(cls, cfg: TrainConfig, token_data) -> "SpanCorruption":
+    def for_config(cls, cfg: TrainConfig, token_data) -> SpanCorruption:
         """Sentinels and EOS from the run's tokenizer (see the module docstring)."""
         from mpoe.models.t5 import NUM_SENTINELS, sentinel_ids
 
@@ -108,9 +121,14 @@ class SpanCorruption:
 
             rows = check_pretrained(cfg.model.pretrained, "t5").get("vocab_size", 0)
             if max(sentinels) >= rows:
-                raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, too few for "
-                                  f"the sentinel id {max(sentinels)}: use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)")
-        return cls.for_inputs_length(cfg.trainer.seq_len, sentinels, eos[0] if eos else token_data.eot_id, cfg.trainer.seed)
+                raise ConfigError(
+                    f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, too few for "
+                    f"the sentinel id {max(sentinels)}: "
+                    "use the checkpoint's tokenizer (data.tokenizer=<checkpoint dir>)"
+                )
+        return cls.for_inputs_length(
+            cfg.trainer.seq_len, sentinels, eos[0] if eos else token_data.eot_id, cfg.trainer.seed
+        )
 
     def _generator(self, row: torch.Tensor) -> torch.Generator:
         digest = hashlib.blake2b(row.numpy().astype("int64").tobytes(), digest_size=8, key=str(self.seed).encode())
@@ -130,8 +148,10 @@ class SpanCorruption:
         non-noise runs by sentinels gives the target <extra_id_0> span_0 <extra_id_1> span_1 ...
         """
         eos = row.new_tensor([self.eos_id])
-        return (torch.cat([self._spans_to_sentinels(row, mask), eos]),
-                torch.cat([self._spans_to_sentinels(row, ~mask), eos]))
+        return (
+            torch.cat([self._spans_to_sentinels(row, mask), eos]),
+            torch.cat([self._spans_to_sentinels(row, ~mask), eos]),
+        )
 
     def batch(self, raw: torch.Tensor) -> dict:
         if raw.shape[-1] != self.raw_length:
