@@ -1,0 +1,46 @@
+"""Where a collective's tensors live, and the small reductions the training loop needs.
+
+NCCL reduces only CUDA tensors and gloo only CPU ones ("No backend type
+associated with device type cpu" is NCCL refusing a CPU tensor). Every
+collective in the package asks `comm_device` where to put its tensor, so that
+choice is made in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device a tensor must be on for a collective over `group` (the world by default)."""
+    if _distributed() and "nccl" not in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: Tensor, op: str = "sum", group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """`tensor` reduced over `group` ("sum" | "max" | "min"), returned on its own device (in place when it is
+    already on the collective's device; unchanged without a group)."""
+    if not _distributed() or dist.get_world_size(group) == 1:
+        return tensor
+    device = comm_device(group)
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                    group=group)
+    return moved.to(tensor.device)
+
+
+def all_reduce_floats(values: Sequence[float], op: str = "sum", group: Optional[dist.ProcessGroup] = None) -> list[float]:
+    """Host numbers reduced over `group` in float64: one collective and one host read for all of them."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
+    return all_reduce(t, op, group).tolist()
