@@ -8,7 +8,8 @@ choice is made in one place.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,12 +36,15 @@ def all_reduce(tensor: Tensor, op: str = "sum", group: Optional[dist.ProcessGrou
         return tensor
     device = comm_device(group)
     moved = tensor.to(device)
-    dist.all_reduce(moved, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
-                    group=group)
+    dist.all_reduce(
+        moved, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op], group=group
+    )
     return moved.to(tensor.device)
 
 
-def all_reduce_floats(values: Sequence[float], op: str = "sum", group: Optional[dist.ProcessGroup] = None) -> list[float]:
+def all_reduce_floats(
+    values: Sequence[float], op: str = "sum", group: Optional[dist.ProcessGroup] = None
+) -> list[float]:
     """Host numbers reduced over `group` in float64: one collective and one host read for all of them."""
     t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
     return all_reduce(t, op, group).tolist()
