@@ -29,9 +29,10 @@ class LMOutput:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     logits: Optional[torch.Tensor] = None
+    # Routing statistics of this rank, on the device (read once per logged step, not per forward).
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [E]
-    tokens_dropped: int = 0
-    router_entropy: list[float] = field(default_factory=list)  # per MoE layer
+    tokens_dropped: Optional[torch.Tensor] = None  # scalar, summed over MoE layers
+    router_entropy: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, scalar
 
 
 def is_moe_layer(index: int, every: int) -> bool:
@@ -72,7 +73,7 @@ class LanguageModel(nn.Module):
             z_loss=z.detach(),
             logits=out.logits if return_logits else None,
             tokens_per_expert=[s.tokens_per_expert for s in stats],
-            tokens_dropped=int(sum(int(s.tokens_dropped) for s in stats)),
+            tokens_dropped=sum((s.tokens_dropped for s in stats), zero.long()),
             router_entropy=[s.router_entropy for s in stats],
         )
 

@@ -16,6 +16,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mpoe.config import ModelConfig
 
+# PyTorch's scaled_dot_product_attention: flash / memory-efficient kernels on GPUs.
+ATTENTION = "sdpa"
+
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
     return GPT2Config(
@@ -32,6 +35,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
         bos_token_id=eot_id,
         eos_token_id=eot_id,
         tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -46,7 +50,12 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadMode
         check_pretrained(cfg.pretrained, "gpt2")
         p = cfg.dropout
         return GPT2LMHeadModel.from_pretrained(
-            cfg.pretrained, local_files_only=True, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p
+            cfg.pretrained,
+            local_files_only=True,
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+            attn_implementation=ATTENTION,
         )
     return GPT2LMHeadModel(hf_config(cfg, vocab_size, eot_id))
 

@@ -10,16 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-import torch.distributed as dist
+from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from mpoe.config import MoEConfig
 from mpoe.models.router import TopKRouter
 from mpoe.parallel.dispatch import AllToAllDispatcher
-from mpoe.parallel.groups import ExpertGroups, configure_accelerator, expert_groups
-
-configure_accelerator()  # DeepSpeed picks its accelerator at import time
-from deepspeed.moe.layer import MoE  # noqa: E402
+from mpoe.parallel.groups import ExpertGroups, expert_groups
 
 if TYPE_CHECKING:
     from mpoe.models.experts import ExpertBank
@@ -29,9 +26,11 @@ if TYPE_CHECKING:
 class MoEStats:
     aux_loss: Tensor  # scalar with grad, aux_loss_coef applied (this rank's tokens)
     z_loss: Tensor  # scalar with grad, z_loss_coef applied (this rank's tokens)
-    tokens_per_expert: Tensor  # [E] long, tokens routed to each global expert over the ep group, before dropping
-    tokens_dropped: int  # (token, expert) pairs this rank dropped for capacity
-    router_entropy: float = 0.0  # mean entropy of the routing distribution over this rank's tokens
+    # The statistics below are this rank's, kept on the device; the training loop sums them over
+    # the world once per logged step instead of synchronising in every layer's forward.
+    tokens_per_expert: Tensor  # [E] long, this rank's tokens routed to each global expert, before dropping
+    tokens_dropped: Tensor  # scalar long, (token, expert) pairs this rank dropped for capacity
+    router_entropy: Tensor  # scalar, mean entropy of the routing distribution over this rank's tokens
 
 
 class MoELayer(MoE):
@@ -88,10 +87,9 @@ class MoELayer(MoE):
         expert_output = self.bank(expert_input, tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output)
 
-        tokens_per_expert = routed.tokens_per_expert.clone()
-        if self.groups.ep_group is not None and self.ep_size > 1:
-            dist.all_reduce(tokens_per_expert, group=self.groups.ep_group)
-        self.stats = MoEStats(routed.aux_loss, routed.z_loss, tokens_per_expert, routed.tokens_dropped, routed.entropy)
+        self.stats = MoEStats(
+            routed.aux_loss, routed.z_loss, routed.tokens_per_expert, routed.tokens_dropped, routed.entropy
+        )
         return output.view(hidden.shape)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
 from torch import Tensor, nn
 
@@ -37,8 +38,10 @@ class RouterOutput:
     aux_loss: Tensor  # scalar, Switch load-balancing loss times aux_loss_coef
     z_loss: Tensor  # scalar, router z-loss times z_loss_coef
     tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
-    tokens_dropped: int  # (token, expert) pairs removed by the capacity limit
-    entropy: float = 0.0  # mean entropy (nats) of the full routing distribution, for monitoring
+    # Monitoring statistics stay tensors on the tokens' device: reading them here would stall the GPU
+    # once per layer and step; the training loop reads them once per logged step.
+    tokens_dropped: Tensor  # scalar long, (token, expert) pairs removed by the capacity limit
+    entropy: Tensor  # scalar float32, mean entropy (nats) of the full routing distribution
 
 
 class TopKRouter(nn.Module):
@@ -60,7 +63,7 @@ class TopKRouter(nn.Module):
             # Switch Transformer's multiplicative jitter: explore routings near the current one.
             noise = torch.empty_like(tokens).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
             tokens = tokens * noise
-        logits = self.gate(tokens).float()
+        logits = self.gate_logits(tokens)
 
         probs, routing_map = moe_utils.topk_routing_with_score_function(
             logits, self.top_k, use_pre_softmax=cfg.pre_softmax, score_function=cfg.score_function
@@ -81,10 +84,20 @@ class TopKRouter(nn.Module):
         z_loss = moe_utils.z_loss_func(logits, cfg.z_loss_coef)
 
         kept = self._apply_capacity(routing_map, scores)
-        tokens_dropped = int(routing_map.sum() - kept.sum())
+        tokens_dropped = routing_map.sum() - kept.sum()
         p = scores.detach()  # monitoring only: no graph
-        entropy = float(-(p * p.clamp_min(1e-20).log()).sum(dim=-1).mean()) if p.numel() else 0.0
+        entropy = -(p * p.clamp_min(1e-20).log()).sum(dim=-1).mean() if p.shape[0] else p.new_zeros(())
         return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped, entropy)
+
+    def gate_logits(self, tokens: Tensor) -> Tensor:
+        """[N, E] router logits computed in float32 whatever the training dtype.
+
+        The Switch Transformer's selective precision (as HF's SwitchTransformersTop1Router does):
+        in bf16 the gate's matmul rounds logits enough to send some tokens to another expert.
+        Autocast is switched off so that it cannot turn the float32 matmul back into bf16.
+        """
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return F.linear(tokens.float(), self.gate.weight.float())
 
     def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:
         """Make the top-k gate weights sum to 1 exactly when cfg.topk_normalized().

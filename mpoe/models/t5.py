@@ -27,6 +27,7 @@ import torch.nn as nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from mpoe.config import ModelConfig, MoEConfig
+from mpoe.models.gpt2 import ATTENTION
 
 NUM_SENTINELS = 100
 VOCAB_MULTIPLE = 128
@@ -65,6 +66,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[i
         pad_token_id=pad_id,
         decoder_start_token_id=pad_id,
         eos_token_id=pad_id if eos_id is None else eos_id,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -78,7 +80,7 @@ def build_t5(
         check_pretrained(cfg.pretrained, "t5")
         # dropout is a training choice, the shape is the checkpoint's
         return T5ForConditionalGeneration.from_pretrained(
-            cfg.pretrained, local_files_only=True, dropout_rate=cfg.dropout
+            cfg.pretrained, local_files_only=True, dropout_rate=cfg.dropout, attn_implementation=ATTENTION
         )
     return T5ForConditionalGeneration(hf_config(cfg, model_vocab_size(vocab_size), pad_id, eos_id))
 

@@ -10,10 +10,13 @@ expert-data-parallel group only.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
 from mpoe.config import ConfigError, TrainConfig, global_batch_size, grad_accum_steps
+from mpoe.parallel.collectives import all_reduce
 
 
 def check_precision_supported(precision: str) -> None:
@@ -103,7 +106,48 @@ def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
 
 
 def global_grad_norm(engine) -> float:
+    """DeepSpeed's norm of the last step's gradients (before clipping); read once per logged step."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return float("nan")
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+# The workarounds below reach into DeepSpeed's engine and optimizer internals; they are kept
+# together so that a DeepSpeed upgrade is checked in one place.
+
+
+def gradients_finite(engine) -> bool:
+    """At ZeRO 0, after the reduction: are all gradients finite on every rank?
+
+    DeepSpeed's fp32/bf16 paths have no overflow check of their own at ZeRO 0 (its
+    ZeRO 1/2 optimizers and fp16 do). The answer decides, on the host, whether the
+    step runs, so this reads one flag per optimizer step.
+    """
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    bad = torch.logical_not(torch.stack([g.isfinite().all() for g in grads]).all()).to(torch.float32)
+    return all_reduce(bad).item() == 0  # any rank's NaN reaches all ranks
+
+
+@contextlib.contextmanager
+def skipped_step(optimizer):
+    """ZeRO 0: let DeepSpeed run `engine.step()` as a skipped step, as it does for an fp16 overflow.
+
+    The engine, seeing `optimizer.overflow`, neither steps the LR schedule nor counts the
+    step as applied (it increments `skipped_steps`), as ZeRO 1/2 do by themselves; the
+    gradients are zeroed (so clipping sees finite numbers) and the optimizer's own step,
+    which would still move the weights through momentum and weight decay, is not run.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.zero_()
+    optimizer.overflow = True
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+        optimizer.overflow = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,13 +220,21 @@ class SequenceSampler:
 
 
 def eval_batches(
-    sequences: torch.Tensor, micro_batch: int, num_batches: int, world: int, rank: int
-) -> list[torch.Tensor]:
-    """The same validation batches every time: the first num_batches*world micro-batches, round-robin over ranks."""
+    sequences: torch.Tensor, micro_batch: int, max_sequences: int, world: int, rank: int
+) -> list[tuple[torch.Tensor, int]]:
+    """This rank's share of the validation set, as (micro-batch, sequences that count) pairs.
+
+    The validation set is the first `max_sequences` sequences of the split (all of them
+    when the split is smaller), whatever the number of processes: rank r takes sequences
+    r, r + world, ... in micro-batches, the last one partial. Every rank gets the same
+    number of micro-batches, because each forward of an expert-parallel model is a
+    collective; a rank whose share runs out evaluates a filler batch that counts 0.
+    """
+    n = min(len(sequences), max_sequences)
+    mine = sequences[rank:n:world]
+    per_rank = math.ceil(math.ceil(n / world) / micro_batch)
     out = []
-    for b in range(num_batches):
-        start = (b * world + rank) * micro_batch
-        if start + micro_batch > len(sequences):
-            break
-        out.append(sequences[start : start + micro_batch])
+    for b in range(per_rank):
+        batch = mine[b * micro_batch : (b + 1) * micro_batch]
+        out.append((batch, len(batch)) if len(batch) else (sequences[:1], 0))
     return out

@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation: the model's useful FLOP/s over the GEMM rate this machine reaches.
+"""Model FLOPs utilisation: the model's useful FLOP/s over the peak rate of the device it runs on.
 
 Model FLOPs per token for a training step (forward + backward), as in the
 PaLM paper's appendix: 6 * N + 12 * L * T * d, where N counts the parameters a
@@ -7,16 +7,46 @@ which is a matmul even when tied), L the attention layers, T the sequence
 length and d the model width. Rematerialisation and MoE routing overheads are
 deliberately not counted: MFU measures useful work.
 
-The reference rate is measured, not looked up: a square GEMM in the training
-dtype on this device, the best of a few repeats, so MFU on a CPU is as
-meaningful as on a GPU.
+The peak: for a GPU the datasheet's dense (no sparsity) tensor-core rate in the
+training dtype, looked up by `torch.cuda.get_device_name()`, as MFU is usually
+quoted; for a GPU not in the table and for a CPU, the rate of a square GEMM in
+that dtype measured on the device after warm-up (a cold GPU GEMM runs an order of
+magnitude below peak, which is how an MFU above 1 can be reported). `Peak.source`
+says which of the two a run used.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+
+# Dense peak TFLOP/s by (device-name fragment, dtype), from NVIDIA's datasheets. Fragments are
+# matched in order against torch.cuda.get_device_name(), so more specific names come first.
+# fp32 means what a float32 matmul runs at by default in torch (no TF32): the plain FP32 rate.
+DATASHEET_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),  # SXM
+    ("GH200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Peak:
+    flops_per_s: float
+    source: str  # "datasheet: <device> <dtype>" or "measured: <device> <dtype> GEMM"
 
 
 def flops_per_token(
@@ -26,19 +56,44 @@ def flops_per_token(
     return 6.0 * matmul_params + 12.0 * attention_layers * seq_len * d_model
 
 
-def gemm_flops_per_s(
-    size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5
-) -> float:
+def datasheet_peak(device_name: str, precision: str):
+    """The table's peak FLOP/s for this device and precision, or None when the device is not listed."""
+    for fragment, peaks in DATASHEET_TFLOPS:
+        if fragment in device_name and precision in peaks:
+            return peaks[precision] * 1e12
+    return None
+
+
+def device_peak(precision: str, device: torch.device) -> Peak:
+    """The peak a run's MFU is measured against (see the module doc)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = datasheet_peak(name, precision)
+        if peak is not None:
+            return Peak(peak, f"datasheet: {name} {precision}")
+        size = 8192
+    else:
+        name, size = "cpu", 1024
+    rate = gemm_flops_per_s(size, DTYPES[precision], device)
+    return Peak(rate, f"measured: {name} {precision} GEMM {size}^3")
+
+
+def gemm_flops_per_s(size: int = 1024, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5) -> float:
+    """Best rate of a square GEMM after warm-up (on a GPU, ten warm-up calls: its clocks and kernels start cold)."""
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched (exact resume)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    for _ in range(10 if cuda else 1):
+        torch.mm(a, b)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        if device != "cpu":
-            torch.cuda.synchronize()
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best

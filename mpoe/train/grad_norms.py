@@ -11,13 +11,11 @@ not in `param.grad`: there only the overall norm (DeepSpeed's own) is known.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
 
 from mpoe.models.accounting import is_expert_param
 from mpoe.models.build import moe_layers
+from mpoe.parallel.collectives import all_reduce
 
 
 def role_params(model) -> dict[str, list]:
@@ -30,21 +28,27 @@ def role_params(model) -> dict[str, list]:
     return roles
 
 
-def _sq(params, ep_group) -> float:
-    shared = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None and not is_expert_param(p))
-    expert = torch.tensor(
-        sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None and is_expert_param(p)),
-        dtype=torch.float64,
-    )
-    if ep_group is not None and dist.is_initialized():
-        dist.all_reduce(expert, group=ep_group)
-    return shared + float(expert)
+def _sq(params, ep_group, device: torch.device) -> torch.Tensor:
+    """Squared norm of the params' gradients, a float64 scalar on `device`; expert parameters' part is
+    summed over the expert-parallel group, where each rank holds other experts."""
+    shared = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None:
+            part = p.grad.double().pow(2).sum()
+            if is_expert_param(p):
+                expert += part
+            else:
+                shared += part
+    if ep_group is not None:
+        expert = all_reduce(expert, group=ep_group)
+    return shared + expert
 
 
 def grad_norms(model, roles: dict[str, list], ep_group) -> dict[str, float]:
-    """{'grad_norm', 'grad_norm_central', ...} from param.grad (ZeRO stage 0)."""
-    out = {"grad_norm": math.sqrt(_sq(list(model.parameters()), ep_group))}
-    for role, params in roles.items():
-        if params:
-            out[f"grad_norm_{role}"] = math.sqrt(_sq(params, ep_group))
-    return out
+    """{'grad_norm', 'grad_norm_central', ...} from param.grad (ZeRO stage 0), read to the host once."""
+    device = next(model.parameters()).device
+    names = ["grad_norm"] + [f"grad_norm_{role}" for role, params in roles.items() if params]
+    groups = [list(model.parameters())] + [params for params in roles.values() if params]
+    squares = torch.stack([_sq(params, ep_group, device) for params in groups])
+    return dict(zip(names, squares.sqrt().tolist()))

@@ -1,8 +1,9 @@
-"""The training run: data, model, DeepSpeed engine, the step loop, evaluation, checkpoints.
+"""The training run: set up data, model and DeepSpeed engine; run the steps; log, evaluate, checkpoint; finish.
 
-Every rank runs this function in lockstep (expert-parallel all-to-alls and
-DeepSpeed's reductions are collectives); only rank 0 writes the run directory
-files and shows the progress bar.
+Every rank runs this in lockstep (expert-parallel all-to-alls and DeepSpeed's
+reductions are collectives); only rank 0 writes the run directory files and
+shows the progress bar. Batches are cut on the CPU and moved to the engine's
+device; statistics stay on the device and are read once per logged step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,20 +22,280 @@ from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
-from mpoe.parallel.groups import expert_groups, rank_world
+from mpoe.parallel.collectives import all_reduce
+from mpoe.parallel.groups import ExpertGroups, expert_groups, rank_world
 from mpoe.train import checkpoint, faults
 from mpoe.train import data as data_lib
-from mpoe.train.flops import flops_per_token, gemm_flops_per_s
+from mpoe.train.flops import Peak, device_peak, flops_per_token
 from mpoe.train.grad_norms import grad_norms, role_params
-from mpoe.train.metrics import MetricsLogger
+from mpoe.train.metrics import Interval, MetricsLogger
 from mpoe.train.objectives import build_objective
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the message is one line."""
+
+
+@dataclass
+class Training:
+    """What the step loop needs, made once by `_setup`."""
+
+    cfg: TrainConfig
+    engine: object
+    objective: object
+    sampler: data_lib.SequenceSampler
+    val: list[tuple[torch.Tensor, int]]
+    logger: MetricsLogger
+    groups: ExpertGroups
+    grad_mask: Optional[object]
+    roles: dict
+    accum: int
+    world: int
+    rank: int
+    ckpt_dir: Path
+    identity: dict
+    start_step: int
+    tokens_per_step: int
+    flops_per_token: float
+    peak: Peak
+    counts: dict
+    skipped_total: int = 0
+    bad_in_a_row: int = 0
+    val_loss: Optional[float] = None
+    val_tokens: int = 0
+    last: dict = field(default_factory=dict)  # the last logged record
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+
+def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> dict:
+    t0 = time.perf_counter()
+    tr = _setup(cfg, run_dir, run_config)
+    if isinstance(tr, dict):  # a dry run: the parameter table is all there is
+        return tr
+    progress = _progress(cfg, tr.rank, tr.start_step)
+    interval = Interval(tr.device)
+    train_start = time.perf_counter()
+    for step in range(tr.start_step, cfg.trainer.max_steps):
+        done = step + 1
+        evaluate_now = done % cfg.trainer.eval_every == 0 or done == cfg.trainer.max_steps
+        log_now = done % cfg.trainer.log_every == 0 or evaluate_now
+        norms = _train_step(tr, step, interval, log_now)
+        if log_now:
+            _log(tr, done, interval, norms, evaluate_now, progress)
+            interval = Interval(tr.device)
+        if progress is not None:
+            progress.update(1)
+        save_every = cfg.trainer.save_every
+        if save_every and done % save_every == 0 and done != cfg.trainer.max_steps:
+            checkpoint.save(tr.engine, tr.ckpt_dir, done, tr.identity, cfg.trainer.keep_last)
+    if progress is not None:
+        progress.close()
+    return _finish(tr, t0, time.perf_counter() - train_start)
+
+
+def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
+    """Data, model, engine, samplers, resume. A dry run returns its parameter counts instead."""
+    rank, world = rank_world()
+    t = cfg.trainer
+    groups = expert_groups(cfg.parallel.ep_size)
+    if t.dry_run:
+        token_data = None
+        vocab, eot, pad = cfg.model.vocab_size, 0, 1
+    else:
+        token_data = _prepare_data(cfg, rank)
+        vocab, eot, pad = token_data.vocab_size, token_data.eot_id, token_data.pad_id
+    model = build_model(cfg, vocab, eot, pad, groups)
+    counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
+    logger = MetricsLogger(run_dir, rank == 0, None if t.dry_run else cfg.logging.wandb, run_config)
+    if rank == 0:
+        print(
+            f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), "
+            f"{world} process(es):"
+        )
+        print(format_table(counts), flush=True)
+    if t.dry_run:
+        logger.summary({**counts, "dry_run": True})
+        logger.close()
+        return counts
+
+    engine = ds_engine.initialize(model, cfg, world)
+    grad_mask = _grad_mask(cfg, model)
+    objective = build_objective(cfg, token_data)
+    raw_len = objective.raw_length
+    accum = grad_accum_steps(cfg, world)
+    sampler = data_lib.SequenceSampler(
+        data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed
+    )
+    val_sequences = data_lib.pack(token_data.val, raw_len)
+    val = data_lib.eval_batches(val_sequences, t.micro_batch_size, t.eval_batches * t.micro_batch_size, world, rank)
+
+    ckpt_dir = run_dir / "checkpoints"
+    identity = {
+        "world_size": world,
+        "ep_size": cfg.parallel.ep_size,
+        "zero_stage": cfg.parallel.zero_stage,
+        "model": cfg.model.name,
+        "moe": cfg.moe.kind,
+        "num_experts": cfg.moe.num_experts,
+    }
+    start_step = _resume(cfg, engine, ckpt_dir, identity, groups, rank)
+    per_token, peak = _flops_reference(cfg, model, counts, raw_len, engine.device)
+    return Training(
+        cfg=cfg,
+        engine=engine,
+        objective=objective,
+        sampler=sampler,
+        val=val,
+        logger=logger,
+        groups=groups,
+        grad_mask=grad_mask,
+        roles=role_params(model),
+        accum=accum,
+        world=world,
+        rank=rank,
+        ckpt_dir=ckpt_dir,
+        identity=identity,
+        start_step=start_step,
+        tokens_per_step=global_batch_size(cfg, world) * raw_len,
+        flops_per_token=per_token,
+        peak=peak,
+        counts=counts,
+    )
+
+
+def _resume(cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: ExpertGroups, rank: int) -> int:
+    """The step to start from: 0, or the resumed checkpoint's."""
+    resume_from = checkpoint.resolve(cfg.trainer.resume, ckpt_dir)
+    if resume_from is None:
+        return 0
+    layout_keys = ("world_size", "ep_size", "zero_stage")
+    meta = checkpoint.load(
+        engine,
+        resume_from,
+        {k: identity[k] for k in layout_keys},
+        {k: v for k, v in identity.items() if k not in layout_keys},
+        groups,
+        cfg.moe.num_experts,
+    )
+    if rank == 0:
+        print(f"resumed from {resume_from} at step {meta['step']}", flush=True)
+    return meta["step"]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Batches are cut on the CPU (pinned-free, tiny); the model wants them where its parameters are."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> dict:
+    """One optimizer step over `accum` micro-batches; returns the per-role gradient norms when logging."""
+    engine, cfg = tr.engine, tr.cfg
+    done = step + 1
+    faults.maybe_kill_at_step(done)
+    if tr.grad_mask is not None:
+        tr.grad_mask.set_step(step)
+    norms: dict = {}
+    skipped_before = engine.skipped_steps
+    for micro in range(tr.accum):
+        batch = _to_device(tr.objective.batch(tr.sampler.batch(step, micro)), tr.device)
+        out = engine(**batch)
+        if faults.nan_at(done):
+            out.loss = out.loss * float("nan")
+        engine.backward(out.loss)
+        skip = False
+        if micro == tr.accum - 1 and cfg.parallel.zero_stage == 0:
+            norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
+            skip = not ds_engine.gradients_finite(engine)
+        with ds_engine.skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
+            engine.step()
+        interval.add(out, cfg.trainer.micro_batch_size * tr.objective.raw_length)
+    if engine.skipped_steps > skipped_before:  # DeepSpeed applied no update: non-finite gradients
+        tr.skipped_total += 1
+        tr.bad_in_a_row += 1
+        if tr.bad_in_a_row >= cfg.trainer.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{tr.bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient, "
+                f"trainer.max_bad_steps={cfg.trainer.max_bad_steps}: lower optim.lr or check the data; "
+                f"the last good checkpoint in {tr.ckpt_dir} is intact"
+            )
+    else:
+        tr.bad_in_a_row = 0
+    return norms
+
+
+def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now: bool, progress) -> None:
+    """One metrics record: the interval's statistics, gradient norms, MFU, and validation when due."""
+    grad_norm = norms.pop("grad_norm", None) or ds_engine.global_grad_norm(tr.engine)
+    rec = interval.record(done, tr.engine.get_lr()[0], grad_norm)
+    rec.update(norms)
+    rec["steps_skipped"] = tr.skipped_total
+    rec["mfu"] = rec["tokens_per_s"] * tr.flops_per_token / (tr.peak.flops_per_s * tr.world)
+    rec["mfu_peak_tflops"] = tr.peak.flops_per_s / 1e12
+    rec["tokens_seen"] = done * tr.tokens_per_step
+    if evaluate_now:
+        tr.val_loss, tr.val_tokens = evaluate(tr.engine, tr.val, tr.objective)
+        rec.update(val_loss=tr.val_loss, val_ppl=math.exp(min(tr.val_loss, 50.0)), val_tokens=tr.val_tokens)
+    tr.logger.log(rec)
+    tr.last = rec
+    if progress is not None:
+        shown = {"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}
+        progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **shown)
+
+
+def _finish(tr: Training, t0: float, train_s: float) -> dict:
+    """Final evaluation if none ran, the last checkpoint, summary.json."""
+    t, cfg = tr.cfg.trainer, tr.cfg
+    if tr.val_loss is None:  # evaluate-only run, or a resumed run that had already finished
+        tr.val_loss, tr.val_tokens = evaluate(tr.engine, tr.val, tr.objective)
+    final_step = max(tr.start_step, t.max_steps)
+    if t.max_steps > 0:
+        checkpoint.save(tr.engine, tr.ckpt_dir, final_step, tr.identity, t.keep_last)
+    steps_run = max(t.max_steps - tr.start_step, 0)
+    summary = {
+        **tr.counts,
+        "val_loss": tr.val_loss,
+        "val_ppl": math.exp(min(tr.val_loss, 50.0)),
+        "val_tokens": tr.val_tokens,
+        "tokens_seen": final_step * tr.tokens_per_step,
+        "steps": final_step,
+        "wall_s": time.perf_counter() - t0,
+        "tokens_per_s": steps_run * tr.tokens_per_step / train_s if steps_run else None,
+        "model": cfg.model.name,
+        "moe": cfg.moe.kind,
+        "world_size": tr.world,
+        "steps_skipped": tr.skipped_total,
+        "mfu_peak_tflops": tr.peak.flops_per_s / 1e12,
+        "mfu_peak_source": tr.peak.source,
+    }
+    tr.logger.summary(summary)
+    tr.logger.close()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[tuple[torch.Tensor, int]], objective) -> tuple[float, int]:
+    """(mean LM loss per target token, target tokens) over the whole validation set, all ranks together.
+
+    The model's loss is a mean over a batch's target tokens; weighting it by that
+    count makes the result independent of how the set is split into batches and ranks.
+    """
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss x tokens, tokens
+    for raw, counted in batches:
+        batch = _to_device(objective.batch(raw), engine.device)
+        target = batch.get("labels", batch["input_ids"])
+        tokens = counted * (target.shape[1] - (0 if "labels" in batch else 1))  # causal LM: no target for token 0
+        if tokens:
+            loss = engine(**batch).lm_loss
+            sums += torch.stack([loss.double() * tokens, loss.new_tensor(tokens, dtype=torch.float64)])
+        else:
+            engine(**batch)  # a filler batch: this rank's share ran out, but expert parallelism needs its forward
+    engine.train()
+    total, tokens = all_reduce(sums).tolist()
+    return total / max(tokens, 1.0), int(tokens)
 
 
 def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
@@ -56,270 +318,15 @@ def _embedding_params(model) -> int:
     return embedding_params(backbone)
 
 
-@torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], objective) -> float:
-    """Mean LM loss over the validation batches of every rank."""
-    engine.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        total += engine(**objective.batch(batch)).lm_loss.item()
-        count += 1
-    engine.train()
-    total, count = _all_reduce_sum([total, count])
-    return total / max(count, 1)
-
-
-class _Interval:
-    """Sums over the steps between two log lines."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.loss = self.lm_loss = self.aux_loss = self.z_loss = 0.0
-        self.micro = 0
-        self.tokens = 0
-        self.tokens_dropped = 0
-        self.load: Optional[list[torch.Tensor]] = None
-        self.entropy: Optional[list[float]] = None
-
-    def add(self, out, tokens: int) -> None:
-        self.loss += out.loss.item()
-        self.lm_loss += out.lm_loss.item()
-        self.aux_loss += out.aux_loss.item()
-        self.z_loss += out.z_loss.item()
-        self.micro += 1
-        self.tokens += tokens
-        self.tokens_dropped += out.tokens_dropped
-        if out.tokens_per_expert:
-            counts = [c.detach().double() for c in out.tokens_per_expert]
-            self.load = counts if self.load is None else [a + b for a, b in zip(self.load, counts)]
-            self.entropy = (
-                out.router_entropy
-                if self.entropy is None
-                else [a + b for a, b in zip(self.entropy, out.router_entropy)]
-            )
-
-    def record(self, step: int, lr: float, grad_norm: float) -> dict:
-        sums = _all_reduce_sum(
-            [self.loss, self.lm_loss, self.aux_loss, self.z_loss, self.micro, self.tokens, self.tokens_dropped]
-        )
-        loss, lm_loss, aux, z, micro, tokens, dropped = sums
-        elapsed = time.perf_counter() - self.start
-        rec = {
-            "step": step,
-            "loss": loss / micro,
-            "lm_loss": lm_loss / micro,
-            "aux_loss": aux / micro,
-            "z_loss": z / micro,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "tokens_dropped": int(dropped),
-        }
-        if self.load is not None:
-            rec["expert_load"] = [(c / c.sum().clamp_min(1)).tolist() for c in self.load]
-            rec["load_imbalance"] = [float(c.max() / c.mean().clamp_min(1e-9)) for c in self.load]
-            entropy = _all_reduce_sum(self.entropy)
-            rec["router_entropy"] = [e / micro for e in entropy]
-        return rec
-
-
-def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> dict:
-    rank, world = rank_world()
-    t0 = time.perf_counter()
-    groups = expert_groups(cfg.parallel.ep_size)
-    if cfg.trainer.dry_run:
-        token_data = None
-        vocab, eot, pad = cfg.model.vocab_size, 0, 1
-    else:
-        token_data = _prepare_data(cfg, rank)
-        vocab, eot, pad = token_data.vocab_size, token_data.eot_id, token_data.pad_id
-    model = build_model(cfg, vocab, eot, pad, groups)
-    counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
-    logger = MetricsLogger(run_dir, rank == 0, None if cfg.trainer.dry_run else cfg.logging.wandb, run_config)
-    if rank == 0:
-        print(
-            f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), "
-            f"{world} process(es):"
-        )
-        print(format_table(counts), flush=True)
-    if cfg.trainer.dry_run:
-        logger.summary({**counts, "dry_run": True})
-        logger.close()
-        return counts
-
-    engine = ds_engine.initialize(model, cfg, world)
-    grad_mask = _grad_mask(cfg, model)
-    t = cfg.trainer
-    objective = build_objective(cfg, token_data)
-    raw_len = objective.raw_length
-    accum = grad_accum_steps(cfg, world)
-    sampler = data_lib.SequenceSampler(
-        data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed
-    )
-    val = data_lib.eval_batches(data_lib.pack(token_data.val, raw_len), t.micro_batch_size, t.eval_batches, world, rank)
-
-    ckpt_dir = run_dir / "checkpoints"
-    identity = {
-        "world_size": world,
-        "ep_size": cfg.parallel.ep_size,
-        "zero_stage": cfg.parallel.zero_stage,
-        "model": cfg.model.name,
-        "moe": cfg.moe.kind,
-        "num_experts": cfg.moe.num_experts,
-    }
-    start_step = 0
-    resume_from = checkpoint.resolve(t.resume, ckpt_dir)
-    if resume_from is not None:
-        layout_keys = ("world_size", "ep_size", "zero_stage")
-        meta = checkpoint.load(
-            engine,
-            resume_from,
-            {k: identity[k] for k in layout_keys},
-            {k: v for k, v in identity.items() if k not in layout_keys},
-            groups,
-            cfg.moe.num_experts,
-        )
-        start_step = meta["step"]
-        if rank == 0:
-            print(f"resumed from {resume_from} at step {start_step}", flush=True)
-
-    tokens_per_step = global_batch_size(cfg, world) * raw_len
-    flops_per_token, gemm_rate = _flops_reference(cfg, model, counts, raw_len)
-    progress = _progress(cfg, rank, start_step)
-    interval = _Interval()
-    roles = role_params(model)
-    val_loss = None
-    train_start = time.perf_counter()
-    skipped_total, bad_in_a_row = 0, 0
-    for step in range(start_step, t.max_steps):
-        faults.maybe_kill_at_step(step + 1)
-        if grad_mask is not None:
-            grad_mask.set_step(step)
-        done = step + 1
-        evaluate_now = done % t.eval_every == 0 or done == t.max_steps
-        log_now = done % t.log_every == 0 or evaluate_now
-        norms = {}
-        for micro in range(accum):
-            out = engine(**objective.batch(sampler.batch(step, micro)))
-            if faults.nan_at(done):
-                out.loss = out.loss * float("nan")
-            engine.backward(out.loss)
-            if micro == accum - 1 and cfg.parallel.zero_stage == 0:
-                norms = grad_norms(engine.module, roles, groups.ep_group) if log_now else {}
-                skip = not _gradients_finite(engine)
-            else:
-                skip = False
-            skipped_before = engine.skipped_steps
-            with _skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
-                engine.step()
-            interval.add(out, t.micro_batch_size * raw_len)
-        if engine.skipped_steps > skipped_before:  # DeepSpeed applied no update: non-finite gradients
-            skipped_total += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= t.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient, "
-                    f"trainer.max_bad_steps={t.max_bad_steps}: lower optim.lr or check the data; "
-                    f"the last good checkpoint in {ckpt_dir} is intact"
-                )
-        else:
-            bad_in_a_row = 0
-        if log_now:
-            rec = interval.record(
-                done, engine.get_lr()[0], norms.pop("grad_norm", None) or ds_engine.global_grad_norm(engine)
-            )
-            rec.update(norms)
-            rec["steps_skipped"] = skipped_total
-            rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (gemm_rate * world)
-            rec["tokens_seen"] = done * tokens_per_step
-            if evaluate_now:
-                val_loss = evaluate(engine, val, objective)
-                rec.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-            logger.log(rec)
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{rec['loss']:.3f}",
-                    tok_s=f"{rec['tokens_per_s']:.0f}",
-                    **({"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}),
-                )
-            interval = _Interval()
-        if progress is not None:
-            progress.update(1)
-        if t.save_every and done % t.save_every == 0 and done != t.max_steps:
-            checkpoint.save(engine, ckpt_dir, done, identity, t.keep_last)
-    if progress is not None:
-        progress.close()
-    train_s = time.perf_counter() - train_start
-
-    if val_loss is None:  # evaluate-only run, or a resumed run that had already finished
-        val_loss = evaluate(engine, val, objective)
-    final_step = max(start_step, t.max_steps)
-    if t.max_steps > 0:
-        checkpoint.save(engine, ckpt_dir, final_step, identity, t.keep_last)
-    steps_run = max(t.max_steps - start_step, 0)
-    summary = {
-        **counts,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50.0)),
-        "tokens_seen": final_step * tokens_per_step,
-        "steps": final_step,
-        "wall_s": time.perf_counter() - t0,
-        "tokens_per_s": steps_run * tokens_per_step / train_s if steps_run else None,
-        "model": cfg.model.name,
-        "moe": cfg.moe.kind,
-        "world_size": world,
-        "steps_skipped": skipped_total,
-    }
-    logger.summary(summary)
-    logger.close()
-    return summary
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite steps in a row; the message is one line."""
-
-
-def _gradients_finite(engine) -> bool:
-    """At ZeRO 0, after the reduction: are all gradients finite on every rank?"""
-    sq = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
-    return math.isfinite(_all_reduce_sum([sq])[0])  # any rank's NaN reaches all ranks
-
-
-@contextlib.contextmanager
-def _skipped_step(optimizer):
-    """ZeRO 0: let DeepSpeed run `engine.step()` as a skipped step, as it does for an fp16 overflow.
-
-    The engine, seeing `optimizer.overflow`, neither steps the LR schedule nor counts the
-    step as applied (it increments `skipped_steps`), as ZeRO 1/2 do by themselves; the
-    gradients are zeroed (so clipping sees finite numbers) and the optimizer's own step,
-    which would still move the weights through momentum and weight decay, is not run.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                p.grad.zero_()
-    optimizer.overflow = True
-    optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del optimizer.step
-        optimizer.overflow = False
-
-
-def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int) -> tuple[float, float]:
-    """Model FLOPs per token and this device's measured GEMM rate in the training dtype."""
+def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device: torch.device) -> tuple[float, Peak]:
+    """Model FLOPs per token, and the peak FLOP/s of this device in the training dtype."""
     config = model.backbone.config
     d_model = getattr(config, "n_embd", None) or config.d_model
     layers = getattr(config, "n_layer", None) or (config.num_layers + config.num_decoder_layers)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        dtype = torch.float32
     per_token = flops_per_token(
         counts["params_active"], counts["params_embedding"], config.vocab_size, d_model, layers, seq_len
     )
-    return per_token, gemm_flops_per_s(dtype=dtype, device=device)
+    return per_token, device_peak(cfg.trainer.precision, device)
 
 
 def _grad_mask(cfg: TrainConfig, model):

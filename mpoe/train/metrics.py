@@ -10,8 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
+
+from mpoe.parallel.collectives import all_reduce
 
 
 def _jsonable(value: Any) -> Any:
@@ -108,3 +113,61 @@ def _flatten_for_wandb(record: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+class Interval:
+    """The training statistics of the steps between two log lines, summed on the device.
+
+    Adding a micro-step's output reads nothing to the host; `record` sums every
+    statistic over the world in one collective and reads the result once, so a
+    logged step costs one host synchronisation however many layers and micro-steps
+    it has.
+    """
+
+    def __init__(self, device: torch.device):
+        self.start = time.perf_counter()
+        self.device = device
+        self.micro = 0
+        self.tokens = 0
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, lm_loss, aux_loss, z_loss, dropped
+        self.load: Optional[torch.Tensor] = None  # [MoE layers, experts]
+        self.entropy: Optional[torch.Tensor] = None  # [MoE layers]
+
+    def add(self, out, tokens: int) -> None:
+        dropped = out.tokens_dropped if out.tokens_dropped is not None else out.loss.new_zeros(())
+        parts = (out.loss.detach(), out.lm_loss, out.aux_loss, out.z_loss, dropped)
+        self.sums += torch.stack([t.to(self.sums) for t in parts])
+        self.micro += 1
+        self.tokens += tokens
+        if out.tokens_per_expert:
+            load = torch.stack(out.tokens_per_expert).to(self.sums)
+            entropy = torch.stack(out.router_entropy).to(self.sums)
+            self.load = load if self.load is None else self.load + load
+            self.entropy = entropy if self.entropy is None else self.entropy + entropy
+
+    def record(self, step: int, lr: float, grad_norm: Optional[float]) -> dict:
+        parts = [self.sums, self.sums.new_tensor([self.micro, self.tokens])]
+        if self.load is not None:
+            parts += [self.load.flatten(), self.entropy]
+        values = all_reduce(torch.cat(parts)).tolist()  # the one host read of the interval
+        loss, lm_loss, aux, z, dropped, micro, tokens = values[:7]
+        elapsed = time.perf_counter() - self.start
+        rec = {
+            "step": step,
+            "loss": loss / micro,
+            "lm_loss": lm_loss / micro,
+            "aux_loss": aux / micro,
+            "z_loss": z / micro,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "tokens_dropped": int(dropped),
+        }
+        if self.load is not None:
+            layers, experts = self.load.shape
+            load = [values[7 + i * experts : 7 + (i + 1) * experts] for i in range(layers)]
+            entropy = values[7 + layers * experts :]
+            rec["expert_load"] = [[c / max(sum(row), 1.0) for c in row] for row in load]
+            rec["load_imbalance"] = [max(row) / max(sum(row) / experts, 1e-9) for row in load]
+            rec["router_entropy"] = [e / micro for e in entropy]
+        return rec
