@@ -141,6 +141,9 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
+    # The validation set: this many sequences of the validation split, whatever the number of
+    # processes (sharded over them); null = eval_batches x micro_batch_size.
+    eval_sequences: Optional[int] = None
     save_every: int = 0  # 0 = only the final checkpoint
     keep_last: int = 2
     resume: Optional[str] = None  # auto | a checkpoint path | null
@@ -233,6 +236,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     for key in ("micro_batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
     _positive("trainer.save_every", t.save_every, allow_zero=True)
+    if t.eval_sequences is not None:
+        _positive("trainer.eval_sequences", t.eval_sequences)
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % per_step):
         _fail(
@@ -249,6 +254,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
 
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
     return cfg.trainer.global_batch_size or cfg.trainer.micro_batch_size * world_size
+
+
+def eval_sequences(cfg: TrainConfig) -> int:
+    """How many validation sequences every evaluation covers, over all processes together."""
+    t = cfg.trainer
+    return t.eval_sequences if t.eval_sequences is not None else t.eval_batches * t.micro_batch_size
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

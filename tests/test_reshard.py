@@ -19,8 +19,8 @@ COMMON = [
     "trainer.global_batch_size=8",
     "logging.wandb.mode=disabled",
 ]
-ONE = ["trainer.micro_batch_size=8", "trainer.eval_batches=4", "parallel.ep_size=1", "parallel.zero_stage=0"]
-TWO = ["trainer.micro_batch_size=4", "trainer.eval_batches=4", "parallel.ep_size=2"]  # the same 32 validation sequences
+ONE = ["trainer.micro_batch_size=8", "trainer.eval_sequences=32", "parallel.ep_size=1", "parallel.zero_stage=0"]
+TWO = ["trainer.micro_batch_size=4", "trainer.eval_sequences=32", "parallel.ep_size=2"]
 
 
 def _losses(run, steps):
@@ -72,7 +72,7 @@ def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_
         mpoe_cache,
         *COMMON,
         "trainer.micro_batch_size=2",
-        "trainer.eval_batches=4",
+        "trainer.eval_sequences=32",
         "parallel.ep_size=4",
         "parallel.zero_stage=2",
         f"trainer.resume={base / 'checkpoints' / 'step_00000004'}",

@@ -38,7 +38,7 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     assert len(last["expert_load"]) == 2 and abs(sum(last["expert_load"][0]) - 1) < 1e-6
     assert last["load_imbalance"][0] == pytest.approx(max(last["expert_load"][0]) * 4)
     assert all(0 < h <= __import__("math").log(4) + 1e-6 for h in last["router_entropy"])
-    assert 0 < last["mfu"] < 1
+    assert all(0 < r["mfu"] <= 1 for r in rows), [r["mfu"] for r in rows]
     s = summary(run)
     for key in (
         "params_total",
@@ -54,6 +54,8 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     ):
         assert key in s, key
     assert s["tokens_seen"] == 4 * 8 * 64
+    assert s["mfu_peak_source"].startswith("measured: cpu fp32 GEMM") and s["mfu_peak_tflops"] > 0
+    assert s["val_tokens"] == 2 * 8 * 63 == rows[-1]["val_tokens"]  # eval_batches x micro-batch sequences, 63 targets
     assert s["params_central"] > 0 and s["params_active"] < s["params_total"]
     meta = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["step"] == 4 and (run / "checkpoints" / "step_00000004" / "rank_00000.pt").is_file()
@@ -68,7 +70,13 @@ def test_data_parallel_over_two_processes_matches_one_process(tmp_path, mpoe_cac
     mechanics alone; the z-loss, a mean over tokens, stays on.
     """
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["moe=switch", "moe.aux_loss_coef=0", "trainer.global_batch_size=8", "logging.wandb.mode=disabled"]
+    common = [
+        "moe=switch",
+        "moe.aux_loss_coef=0",
+        "trainer.global_batch_size=8",
+        "logging.wandb.mode=disabled",
+        "trainer.eval_sequences=16",
+    ]
     train(one, mpoe_cache, *common, "trainer.micro_batch_size=8")
     train(two, mpoe_cache, *common, "trainer.micro_batch_size=4", nproc=2)
     a, b = metrics(one), metrics(two)
@@ -78,6 +86,22 @@ def test_data_parallel_over_two_processes_matches_one_process(tmp_path, mpoe_cac
     assert (
         not list(tmp_path.glob("two/outputs")) and (two / "checkpoints" / "step_00000004" / "rank_00001.pt").is_file()
     )
+
+
+def test_a_two_process_checkpoint_evaluates_to_the_same_val_loss_on_one_process(tmp_path, mpoe_cache):
+    """The validation set is a fixed set of sequences, sharded over whatever ranks exist (same config)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    common = ["moe=mpoe", "trainer.micro_batch_size=4", "logging.wandb.mode=disabled"]
+    train(two, mpoe_cache, *common, "trainer.global_batch_size=8", nproc=2)
+    train(
+        one,
+        mpoe_cache,
+        *common,
+        "trainer.global_batch_size=8",
+        f"trainer.resume={two / 'checkpoints' / 'step_00000004'}",
+    )
+    assert summary(one)["val_loss"] == pytest.approx(summary(two)["val_loss"], rel=1e-5)
+    assert summary(one)["val_tokens"] == summary(two)["val_tokens"] == 2 * 4 * 63
 
 
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path, mpoe_cache):

@@ -75,10 +75,34 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(cuda_device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _init_on_agent_store(backend or default_backend(), timeout)
-    deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timeout)
+        _init_on_agent_store(backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+def cuda_device_for_rank(local_rank: int, device_count: int) -> int:
+    """The GPU a process drives under NCCL: its local rank, one process per GPU.
+
+    It must be current before the process group starts: NCCL binds a communicator to
+    the current device, and a barrier before any model exists would otherwise run every
+    rank of a node on GPU 0.
+    """
+    from mpoe.config import ConfigError
+
+    if device_count == 0:
+        raise ConfigError(
+            "parallel.backend=nccl needs CUDA devices, and this machine has none: use parallel.backend=gloo"
+        )
+    if local_rank >= device_count:
+        raise ConfigError(
+            f"process with LOCAL_RANK={local_rank} has no GPU: this node has {device_count} CUDA device(s); "
+            f"start at most {device_count} processes per node (torchrun --nproc_per_node {device_count})"
+        )
+    return local_rank
 
 
 def _init_on_agent_store(backend: str, timeout: timedelta) -> None:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
+from mpoe.config import TrainConfig, eval_sequences, global_batch_size, grad_accum_steps
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
@@ -130,7 +130,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed
     )
     val_sequences = data_lib.pack(token_data.val, raw_len)
-    val = data_lib.eval_batches(val_sequences, t.micro_batch_size, t.eval_batches * t.micro_batch_size, world, rank)
+    val = data_lib.eval_batches(val_sequences, t.micro_batch_size, eval_sequences(cfg), world, rank)
 
     ckpt_dir = run_dir / "checkpoints"
     identity = {

@@ -95,7 +95,10 @@ def _task(dict_cfg) -> None:
     from mpoe.train import checkpoint
     from mpoe.train.loop import NonFiniteLossError, run
 
-    init_distributed(cfg.parallel.backend)
+    try:
+        init_distributed(cfg.parallel.backend)  # under NCCL, also picks this process's GPU
+    except ConfigError as e:
+        _fail(str(e))
     import torch.distributed as dist
 
     shared = [HydraConfig.get().runtime.output_dir]

@@ -1,0 +1,128 @@
+"""What GPU runs depend on, checked on the CPU: float32 routing in a bf16 model, where collectives put their
+tensors, which GPU a process takes, the MFU peak, SDPA attention, and a validation set that does not depend on
+the number of processes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpoe.config import ConfigError, ModelConfig, MoEConfig
+from mpoe.models.router import TopKRouter
+from mpoe.parallel.collectives import all_reduce_floats, comm_device
+from mpoe.parallel.groups import cuda_device_for_rank
+from mpoe.parallel.local_world import spawn_world
+from mpoe.train.data import eval_batches
+from mpoe.train.flops import datasheet_peak, device_peak
+
+
+def _bf16_router_and_tokens(n=8192, d=768, experts=8):
+    g = torch.Generator().manual_seed(0)
+    router = TopKRouter(MoEConfig(kind="switch", num_experts=experts), d)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.randn(experts, d, generator=g) * 0.02)
+    tokens = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    return router.to(torch.bfloat16), tokens
+
+
+def test_router_logits_are_float32_math_on_the_bf16_values():
+    router, tokens = _bf16_router_and_tokens()
+    # The truth: float64 math on the very bf16 values the model holds, rounded to float32.
+    truth = (tokens.double() @ router.gate.weight.double().t()).float()
+    logits = router.gate_logits(tokens)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, truth, rtol=1e-5, atol=1e-6)
+    # bf16 matmul logits (what the router computed before) are measurably further off the truth
+    bf16 = F.linear(tokens, router.gate.weight).float()
+    assert (bf16 - truth).abs().max() > 10 * (logits - truth).abs().max()
+
+
+def test_router_logits_stay_float32_under_autocast():
+    router, tokens = _bf16_router_and_tokens(n=256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.gate_logits(tokens)
+    truth = (tokens.double() @ router.gate.weight.double().t()).float()
+    torch.testing.assert_close(logits, truth, rtol=1e-5, atol=1e-6)
+
+
+def test_router_statistics_are_device_tensors_not_host_numbers():
+    router, tokens = _bf16_router_and_tokens(n=64)
+    out = router(tokens)
+    assert isinstance(out.tokens_dropped, torch.Tensor) and isinstance(out.entropy, torch.Tensor)
+    assert out.entropy.dtype == torch.float32 and 0 < out.entropy.item() <= torch.log(torch.tensor(8.0)).item()
+
+
+def test_a_process_takes_the_gpu_of_its_local_rank():
+    assert cuda_device_for_rank(0, 1) == 0
+    assert cuda_device_for_rank(3, 8) == 3
+    with pytest.raises(ConfigError, match="LOCAL_RANK=1 has no GPU.*1 CUDA device.*--nproc_per_node 1"):
+        cuda_device_for_rank(1, 1)
+    with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA devices.*parallel.backend=gloo"):
+        cuda_device_for_rank(0, 0)
+
+
+def _collective_devices(rank: int, out_dir: str) -> None:
+    torch.save({"device": str(comm_device()), "sum": all_reduce_floats([rank, 1.0])}, f"{out_dir}/{rank}.pt")
+
+
+@pytest.mark.slow
+def test_gloo_collectives_take_cpu_tensors(tmp_path):
+    spawn_world(_collective_devices, 2, str(tmp_path))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got == {"device": "cpu", "sum": [1.0, 2.0]}
+
+
+def test_mfu_peak_comes_from_the_datasheet_for_known_gpus():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert datasheet_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
+    assert datasheet_peak("NVIDIA H200", "bf16") == pytest.approx(989.4e12)
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert datasheet_peak("Tesla V100-SXM2-16GB", "bf16") is None  # V100 has no bf16 tensor cores
+    assert datasheet_peak("Some Future GPU", "bf16") is None
+
+
+def test_cpu_peak_is_measured_and_says_so():
+    peak = device_peak("fp32", torch.device("cpu"))
+    assert peak.flops_per_s > 1e8 and peak.source.startswith("measured: cpu fp32")
+
+
+@pytest.mark.parametrize("n, world, micro", [(64, 1, 8), (64, 2, 8), (64, 3, 8), (20, 4, 8), (3, 4, 2), (10, 2, 4)])
+def test_the_validation_set_is_the_same_sequences_whatever_the_world(n, world, micro):
+    sequences = torch.arange(100).view(100, 1)
+    shards = [eval_batches(sequences, micro, n, world, rank) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1, "every rank runs as many forwards (expert parallelism)"
+    counted = sorted(int(i) for shard in shards for batch, count in shard for i in batch[:count, 0])
+    assert counted == list(range(n))
+    assert all(len(batch) <= micro for shard in shards for batch, _ in shard)
+
+
+def test_a_validation_split_smaller_than_a_batch_is_evaluated_not_skipped():
+    sequences = torch.arange(3).view(3, 1)
+    ((batch, count),) = eval_batches(sequences, 8, 64, 1, 0)
+    assert count == 3 and batch[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_sdpa_attention_gives_the_eager_results(family):
+    from mpoe.models import gpt2, t5
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = ModelConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, vocab_size=100)
+        config = gpt2.hf_config(cfg, 100, 0)
+        model_cls = type(gpt2.build_gpt2(cfg, 100, 0))
+    else:
+        cfg = ModelConfig(
+            family="t5", d_model=64, d_ff=128, num_layers=2, num_heads=4, vocab_size=100, activation="relu"
+        )
+        config = t5.hf_config(cfg, 200, 0)
+        model_cls = type(t5.build_t5(cfg, 100, 0))
+    assert config._attn_implementation == "sdpa"
+    sdpa = model_cls(config).eval()
+    eager = model_cls(config.__class__(**{**config.to_dict(), "attn_implementation": "eager"})).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    ids = torch.randint(0, 100, (2, 16))
+    kwargs = {"input_ids": ids} if family == "gpt2" else {"input_ids": ids, "labels": ids[:, :8].contiguous()}
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(**kwargs).logits, eager(**kwargs).logits, rtol=1e-5, atol=1e-5)
