@@ -1,6 +1,7 @@
 """End-to-end MoE training step, GPT-2-small shaped: model FLOPs utilisation against this machine's GEMM rate.
 
     python -m bench.train_step [--json FILE] [--quick] [--kinds switch mpoe] [--layers L] [--seq S] [--batch B]
+    python -m bench.train_step --device cuda [--json FILE]     # the GPU row (see `run_device`)
 
 One optimizer step = forward + backward + AdamW step (DeepSpeed engine, as
 `mpoe-train` runs it) of our LanguageModel from `mpoe.models.build.build_model`:
@@ -31,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +42,7 @@ from mpoe.parallel.groups import configure_accelerator
 
 configure_accelerator()
 
-from bench import write_json  # noqa: E402
+from bench import interleaved_times, write_json  # noqa: E402
 from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 
 D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
@@ -168,11 +171,114 @@ def run(
     }
 
 
+def timed_step(engine, batches: list, device: torch.device) -> Callable[[], float]:
+    """One optimizer step as a callable returning its seconds (CUDA events on a GPU, so no host timer
+    measures launch latency instead of the kernels)."""
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        out = engine(input_ids=batch)
+        engine.backward(out.loss)
+        engine.step()
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time.perf_counter() - t0
+
+    return step
+
+
+def run_device(
+    device: str = "cuda",
+    kinds=("dense", "switch", "mpoe"),
+    layers: int = 12,
+    seq: int = 1024,
+    batch: int = 16,
+    repeats: int = 10,
+    bond_dim=None,
+    precision: str = "bf16",
+) -> dict:
+    """The GPU row: dense, Switch and MPOE training steps taking turns (`interleaved_times`), bf16,
+    tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs)."""
+    from mpoe.models.accounting import count_params
+    from mpoe.models.build import build_model
+    from mpoe.models.gpt2 import embedding_params
+    from mpoe.parallel import engine as ds_engine
+    from mpoe.parallel.groups import expert_groups, init_distributed
+    from mpoe.train.flops import device_peak
+
+    dev = torch.device(device)
+    init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    peak = device_peak(precision, dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(
+        f"train step on {name}: GPT-2-small shape, {layers} layers, {batch} x {seq} tokens, {precision}, "
+        f"MoE every 2nd layer (8 experts, top-1, dropless); peak {peak.flops_per_s / 1e12:.1f} TFLOP/s ({peak.source})",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, VOCAB, (batch, seq), generator=gen).to(dev) for _ in range(2)]
+    steps, rows = {}, {}
+    for kind in kinds:
+        cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim)
+        cfg.trainer.precision = precision
+        model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
+        counts = count_params(model, embedding_params(model.backbone), cfg.moe.top_k, 1)
+        engine = ds_engine.initialize(model, cfg, 1)
+        steps[kind] = timed_step(engine, batches, dev)
+        rows[kind] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(2):  # warm-up beyond interleaved_times' own round: cuBLAS heuristics, allocator, autotuning
+        for step in steps.values():
+            step()
+    times = interleaved_times(steps, repeats)
+    tokens = batch * seq
+    print(f"{'moe':<8}{'params total':>14}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>7}")
+    for kind, r in rows.items():
+        r["step_s"] = statistics.median(times[kind])
+        r["tokens_per_s"] = tokens / r["step_s"]
+        r["achieved_flops"] = r["model_flops"] / r["step_s"]
+        r["mfu"] = r["achieved_flops"] / peak.flops_per_s
+        print(
+            f"{kind:<8}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+            f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}"
+        )
+    if dev.type == "cuda":
+        print(f"peak memory allocated (all models): {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+    results = {f"train_step.gpu_mfu_{kind}": r["mfu"] for kind, r in rows.items()}
+    results.update({f"train_step.gpu_tokens_per_s_{kind}": r["tokens_per_s"] for kind, r in rows.items()})
+    if "dense" in rows and "switch" in rows:
+        results["train_step.gpu_switch_vs_dense"] = rows["switch"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+    if "switch" in rows and "mpoe" in rows:
+        results["train_step.gpu_mpoe_vs_switch"] = rows["mpoe"]["tokens_per_s"] / rows["switch"]["tokens_per_s"]
+    config = {
+        "device": name,
+        "layers": layers,
+        "seq": seq,
+        "batch": batch,
+        "repeats": repeats,
+        "precision": precision,
+        "peak_source": peak.source,
+    }
+    return {"results": results, "rows": rows, "config": config}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="2 layers, 8 x 128 tokens")
-    ap.add_argument("--kinds", nargs="+", default=["switch", "mpoe"], choices=["dense", "switch", "mpoe"])
+    ap.add_argument(
+        "--kinds", nargs="+", choices=["dense", "switch", "mpoe"], help="default: switch mpoe on cpu, all on cuda"
+    )
     ap.add_argument("--layers", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int)
@@ -180,8 +286,23 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--bond-dim", type=int, default=None, help="MPOE bond cap (default: full, as mpoe/conf/moe/mpoe.yaml)"
     )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu: the fp32 MFU rows above; cuda: the GPU row (bf16, dense/Switch/MPOE, 16 x 1024 tokens)",
+    )
     args = ap.parse_args(argv)
-    out = run(args.quick, args.kinds, args.layers, args.seq, args.batch, args.repeats, args.bond_dim)
+    if args.device == "cpu":
+        kinds = args.kinds or ["switch", "mpoe"]
+        out = run(args.quick, kinds, args.layers, args.seq, args.batch, args.repeats, args.bond_dim)
+    else:
+        sizes = {
+            "layers": args.layers or (2 if args.quick else 12),
+            "seq": args.seq or (128 if args.quick else 1024),
+            "batch": args.batch or (4 if args.quick else 16),
+            "repeats": args.repeats or (3 if args.quick else 10),
+        }
+        out = run_device(args.device, args.kinds or ["dense", "switch", "mpoe"], bond_dim=args.bond_dim, **sizes)
     print("headline:", json.dumps(out["results"]))
     write_json(args.json, out)
     return out["results"]

@@ -126,3 +126,15 @@ def test_sdpa_attention_gives_the_eager_results(family):
     kwargs = {"input_ids": ids} if family == "gpt2" else {"input_ids": ids, "labels": ids[:, :8].contiguous()}
     with torch.no_grad():
         torch.testing.assert_close(sdpa(**kwargs).logits, eager(**kwargs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_gpu_train_step_row_runs_through_on_the_cpu():
+    """`python -m bench.train_step --device cuda`'s code path, small and on the CPU, so GPU minutes go to numbers."""
+    from bench.train_step import run_device
+
+    out = run_device("cpu", layers=2, seq=32, batch=2, repeats=1, precision="fp32")
+    results = out["results"]
+    for key in ("train_step.gpu_mfu_dense", "train_step.gpu_switch_vs_dense", "train_step.gpu_mpoe_vs_switch"):
+        assert results[key] > 0, key
+    assert out["config"]["peak_source"].startswith("measured: cpu fp32")
