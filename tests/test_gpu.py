@@ -1,0 +1,142 @@
+"""`mpoe-train` on one CUDA GPU, as a user runs it (`pytest -m gpu`; skipped without CUDA).
+
+Each test is a real run in a subprocess with DeepSpeed's CUDA accelerator and NCCL.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _cli import FAST, metrics, summary
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def gpu_env(cache: str, cpu_only: bool = False) -> dict:
+    env = dict(os.environ, MPOE_CACHE=cache, WANDB_MODE="disabled", WANDB_SILENT="true")
+    env.pop("DS_ACCELERATOR", None)  # DeepSpeed picks CUDA by itself
+    if cpu_only:
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    return env
+
+
+def run(run_dir, cache, *overrides, cpu_only=False, nproc=1, check=True, fast=True):
+    args = [f"hydra.run.dir={run_dir}", *(FAST if fast else []), "logging.progress=false", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mpoe.train", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "mpoe.train",
+            *args,
+        ]
+    proc = subprocess.run(cmd, env=gpu_env(cache, cpu_only), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _mfu_is_possible(run_dir):
+    assert all(0 < r["mfu"] <= 1 for r in metrics(run_dir)), [r["mfu"] for r in metrics(run_dir)]
+    assert summary(run_dir)["mfu_peak_source"]
+
+
+def test_default_job(tmp_path, mpoe_cache):
+    run(tmp_path / "run", mpoe_cache, fast=False)
+    s = summary(tmp_path / "run")
+    assert s["steps"] == 500 and math.isfinite(s["val_loss"]) and s["val_tokens"] > 0
+    _mfu_is_possible(tmp_path / "run")
+
+
+@pytest.mark.parametrize("model", ["gpt2_small", "t5_small"])
+@pytest.mark.parametrize("moe", ["dense", "switch", "mpoe"])
+def test_published_shapes_train_in_bf16(tmp_path, mpoe_cache, model, moe):
+    steps = 30
+    run(
+        tmp_path / "run",
+        mpoe_cache,
+        f"model={model}",
+        f"moe={moe}",
+        "trainer.precision=bf16",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.micro_batch_size=16",
+        "trainer.seq_len=128",
+        "optim.lr=3e-4",
+    )
+    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    assert len(losses) == steps and all(map(math.isfinite, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    _mfu_is_possible(tmp_path / "run")
+
+
+def test_a_gpu_checkpoint_evaluates_on_the_cpu_and_back(tmp_path, mpoe_cache):
+    gpu, on_cpu, cpu, on_gpu = (tmp_path / n for n in ("gpu", "on_cpu", "cpu", "on_gpu"))
+    common = ("moe=mpoe", "trainer.precision=fp32")
+    run(gpu, mpoe_cache, *common)
+    run(on_cpu, mpoe_cache, *common, f"trainer.resume={gpu / 'checkpoints' / 'step_00000004'}", cpu_only=True)
+    assert summary(on_cpu)["val_loss"] == pytest.approx(summary(gpu)["val_loss"], rel=1e-5)
+    run(cpu, mpoe_cache, *common, cpu_only=True)
+    run(on_gpu, mpoe_cache, *common, f"trainer.resume={cpu / 'checkpoints' / 'step_00000004'}")
+    assert summary(on_gpu)["val_loss"] == pytest.approx(summary(cpu)["val_loss"], rel=1e-5)
+
+
+def test_resume_on_the_gpu_continues_the_loss_curve(tmp_path, mpoe_cache):
+    """fp32; CUDA kernels may choose other reduction orders between processes, so 1e-5, not bitwise."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ("moe=mpoe", "moe.jitter_eps=0.01", "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=6")
+    run(full, mpoe_cache, *common)
+    run(resumed, mpoe_cache, *common, f"trainer.resume={full / 'checkpoints' / 'step_00000003'}")
+    want = {r["step"]: r["loss"] for r in metrics(full)}
+    got = {r["step"]: r["loss"] for r in metrics(resumed)}
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-5)
+    print("bitwise equal:", [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("moe", ["switch", "mpoe"])
+def test_low_precision_on_one_gpu_at_ep1(tmp_path, mpoe_cache, precision, moe):
+    run(
+        tmp_path / "run",
+        mpoe_cache,
+        f"moe={moe}",
+        f"trainer.precision={precision}",
+        "parallel.ep_size=1",
+        "trainer.max_steps=8",
+        "trainer.eval_every=8",
+    )
+    rows = metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(summary(tmp_path / "run")["val_loss"])
+
+
+def test_two_nccl_processes_take_one_gpu_each(tmp_path, mpoe_cache):
+    """With 2+ GPUs, expert parallelism over NCCL trains; with one, the second process is refused in one line
+    before any process group starts (it would otherwise share GPU 0 with the first)."""
+    proc = run(
+        tmp_path / "run",
+        mpoe_cache,
+        "moe=switch",
+        "parallel.ep_size=2",
+        "trainer.global_batch_size=16",
+        nproc=2,
+        check=False,
+    )
+    if torch.cuda.device_count() >= 2:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(metrics(tmp_path / "run")) == 4
+    else:
+        assert proc.returncode != 0
+        assert "LOCAL_RANK=1 has no GPU: this node has 1 CUDA device(s)" in proc.stderr
