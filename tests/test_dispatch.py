@@ -13,7 +13,8 @@ on each x_r separately. Conventions checked:
   to its local experts: the all-to-all backward brings every rank's contribution home;
 - a non-expert parameter (router gate, MPOE central tensor) summed over an ep group equals the sum
   of the reference grads over that group's ranks (what data-parallel all-reduce then averages);
-- stats.tokens_per_expert is the ep group's pre-drop count, checked against top-k of x @ gate^T.
+- stats.tokens_per_expert is this rank's pre-drop count, checked against top-k of x @ gate^T (the training
+  loop sums it over the world once per logged step; the layer itself does not synchronise for it).
 """
 
 from __future__ import annotations
@@ -153,23 +154,20 @@ def test_expert_parallel_matches_one_process(world_results, reference, name, ep)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,ep", CASE_EPS)
-def test_tokens_per_expert_is_the_ep_groups_count_before_dropping(world_results, reference, name, ep):
+def test_tokens_per_expert_is_the_ranks_count_before_dropping(world_results, reference, name, ep):
     ref_layer, _ = reference[name]
     cfg = make_cfg(name)
-    counts = []
     for r in range(WORLD):
         logits = rank_batch(name, r)[0].reshape(-1, D_MODEL) @ ref_layer.router.gate.weight.detach().t()
         chosen = logits.topk(cfg.top_k, dim=-1).indices.flatten()
-        counts.append(torch.bincount(chosen, minlength=cfg.num_experts))
-    for r in range(WORLD):
-        first = r // ep * ep
-        assert world_results[r][name, ep]["tokens_per_expert"].tolist() == sum(counts[first : first + ep]).tolist()
+        counts = torch.bincount(chosen, minlength=cfg.num_experts)
+        assert world_results[r][name, ep]["tokens_per_expert"].tolist() == counts.tolist()
 
 
 @pytest.mark.slow
 def test_all_tokens_to_one_expert_leaves_other_ranks_empty(world_results):
     per_rank = [world_results[r]["switch_all_to_expert0", 4] for r in range(WORLD)]
-    assert [p["tokens_per_expert"].tolist() for p in per_rank] == [[4 * 24, 0, 0, 0]] * WORLD
+    assert [p["tokens_per_expert"].tolist() for p in per_rank] == [[24, 0, 0, 0]] * WORLD
     # rank 0 owns expert 0 and receives every token; the others receive none (bytes: sent + received rows)
     row = D_MODEL * 4
     assert per_rank[0]["comm"].bytes_sent == (24 + 4 * 24) * row
