@@ -58,9 +58,9 @@ def tiny_batch(family: str, cfg: TrainConfig, seed: int = 0) -> dict:
 
 
 def embedding_of(model) -> int:
-    from mpoe.models import gpt2, t5
+    from mpoe.models import family
 
-    return (gpt2 if model.family == "gpt2" else t5).embedding_params(model.backbone)
+    return family.get(model.family).embedding_params(model.backbone)
 
 
 @pytest.mark.parametrize("kind", ["dense", "switch", "mpoe"])
