@@ -14,6 +14,7 @@ e // (E / P) of every expert-parallel group.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,7 +75,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
     if "RANK" not in os.environ:  # a plain `python -m mpoe.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_on_agent_store(backend or default_backend(), timeout)
@@ -117,9 +118,8 @@ def _forget_deepspeed_groups() -> None:
         setattr(groups, name, None)
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it), for a rendezvous on this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -133,7 +133,6 @@ class ExpertGroups:
     ep_rank: int = 0
     name: str = "ep_size_1"  # DeepSpeed's group name: param.group_name of expert params
     ep_group: Optional[object] = None  # the all-to-all group (None: single process)
-    edp_group: Optional[object] = None  # expert-data-parallel group (reduces expert grads)
 
     def local_experts(self, num_experts: int) -> range:
         per_rank = num_experts // self.ep_size
@@ -156,7 +155,6 @@ def expert_groups(ep_size: int) -> ExpertGroups:
         ep_rank=groups._get_expert_parallel_rank(name),
         name=name,
         ep_group=groups._get_expert_parallel_group(name),
-        edp_group=groups._get_expert_data_parallel_group(name),
     )
 
 
