@@ -42,12 +42,12 @@ def keep_freed_cpu_memory() -> bool:
     """Let glibc reuse freed memory instead of returning it to the OS (no-op elsewhere; MPOE_MALLOC_DEFAULT=1 skips).
 
     Why: a training step on CPU allocates and frees the same large buffers every
-    step (activations, rebuilt MPO weights, expert weight gradients of ~100 MB).
-    glibc serves each one by a fresh mmap, so every step page-faults and
-    kernel-zeroes all of them again: measured, a fresh 75 MB buffer cost ~27 ms to
-    fill against ~5 ms for a reused one, and an MoE layer step (32 experts) ran
-    ~25% faster with freed memory kept (jemalloc/tcmalloc do the same by default).
-    The price is that the process keeps its peak heap instead of shrinking.
+    step (activations, rebuilt MPO weights, expert weight gradients). glibc serves
+    each large one by a fresh mmap and unmaps it when freed, so every step
+    page-faults and kernel-zeroes all of them again; reusing freed memory avoids
+    that, as jemalloc/tcmalloc do by default (the README's benchmark section gives
+    what it saved). The price is that the process keeps its peak heap instead of
+    shrinking.
     """
     if os.environ.get("MPOE_MALLOC_DEFAULT") == "1" or not sys.platform.startswith("linux"):
         return False
