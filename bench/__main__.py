@@ -7,7 +7,7 @@ Runs, in this order, each module's own `main`/`run` (their printed detail first)
   bench.moe_layer   our Switch MoE layer vs DeepSpeed's MoE layer and the dense floor
   bench.hf_switch   our Switch MoE layer vs HF SwitchTransformersSparseMLP
   bench.train_step  GPT-2-small-shaped MoE training step: model FLOPs utilisation
---quick took 1.7 minutes on 2 cores, the full run 6.6 (moe_layer 3.9 of them, train_step 2.5).
+How long they take: the README's benchmark section, and --json's "seconds".
 --json writes {"results": {name: value}, "load_average": {...}, "seconds": {...}}.
 The machine may be shared: the load average before and after is printed;
 times are fastest-of or median-of repeats (see each module).

@@ -102,13 +102,13 @@ def measure(cfg: TrainConfig, repeats: int) -> dict:
     """Build, wrap in the DeepSpeed engine and time `repeats` optimizer steps (after one warm-up)."""
     from mpoe.models.accounting import count_params
     from mpoe.models.build import build_model
-    from mpoe.models.gpt2 import embedding_params
+    from mpoe.models.gpt2 import FAMILY as GPT2
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import expert_groups, init_distributed
 
     init_distributed("gloo")
     model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
-    counts = count_params(model, embedding_params(model.backbone), cfg.moe.top_k, 1)
+    counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
     engine = ds_engine.initialize(model, cfg, 1)
     t = cfg.trainer
     gen = torch.Generator().manual_seed(0)

@@ -2,10 +2,19 @@
 
 One dataclass per concern (model, moe, data, parallel, optim, logging, trainer),
 registered with Hydra's ConfigStore as the schema of `conf/train.yaml`, so a
-wrong key or type is caught by OmegaConf, and a wrong *value* by `validate()`.
+wrong key or type is caught by OmegaConf. A wrong *value* is caught when the
+object is built: each dataclass checks its fields in `__post_init__` (OmegaConf's
+`to_object`, tests and benchmarks all build them that way), `TrainConfig` checks
+what involves two sections, and `validate(cfg, world_size)` checks everything
+again plus what depends on the number of processes. Code that receives a config
+therefore need not check it again.
+
 Every check raises `ConfigError` whose message is one line: the key, the value
 and what would be valid. `mpoe.train.main` prints that line and exits before any
 process group or model is built.
+
+The defaults here are those of `conf/train.yaml` with its default options
+(gpt2_tiny, mpoe, embedded, single, adamw): tests/test_config.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 GRAD_MASK_TARGETS = ("central", "auxiliary", "all")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DATA_SOURCES = ("embedded", "text", "hub")
 
 
 class ConfigError(ValueError):
@@ -42,10 +52,13 @@ class ModelConfig:
     num_heads: int = 4
     d_kv: Optional[int] = None  # t5 only; None = d_model // num_heads
     vocab_size: int = 4096  # gpt2_tiny: the size of the embedded BPE tokenizer
-    max_position_embeddings: int = 256
+    max_position_embeddings: Optional[int] = 256  # longest input; null: no limit (t5: relative attention)
     dropout: float = 0.0
     activation: str = "gelu_new"  # gpt2: gelu_new; t5: relu | gated-gelu
     tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        check_model(self)
 
 
 @dataclass
@@ -55,10 +68,13 @@ class GradMaskConfig:
     target: str = "central"  # central | auxiliary | all
     rescale: bool = True  # divide kept entries by keep_prob (Child-Tuning)
 
+    def __post_init__(self) -> None:
+        check_grad_mask(self)
+
 
 @dataclass
 class MoEConfig:
-    kind: str = "dense"  # dense | switch | mpoe
+    kind: str = "mpoe"  # dense | switch | mpoe
     num_experts: int = 4
     top_k: int = 1
     every: int = 2  # an MoE FFN every `every` layers (layers every-1, 2*every-1, ...)
@@ -80,6 +96,9 @@ class MoEConfig:
     def topk_normalized(self) -> bool:
         return self.top_k >= 2 if self.normalize_topk is None else self.normalize_topk
 
+    def __post_init__(self) -> None:
+        check_moe(self)
+
 
 @dataclass
 class DataConfig:
@@ -93,12 +112,18 @@ class DataConfig:
     vocab_size: int = 4096
     cache_dir: Optional[str] = None  # None = ~/.cache/mpoe
 
+    def __post_init__(self) -> None:
+        check_data(self)
+
 
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
     zero_stage: int = 0
     backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
+
+    def __post_init__(self) -> None:
+        check_parallel(self)
 
 
 @dataclass
@@ -112,6 +137,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_optim(self)
+
 
 @dataclass
 class WandbConfig:
@@ -122,6 +150,9 @@ class WandbConfig:
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_wandb(self)
+
 
 @dataclass
 class LoggingConfig:
@@ -131,7 +162,7 @@ class LoggingConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200  # optimizer steps; 0 = evaluate only
+    max_steps: int = 500  # optimizer steps; 0 = evaluate only
     seed: int = 0
     micro_batch_size: int = 8  # sequences per process per micro step
     global_batch_size: Optional[int] = (
@@ -139,7 +170,7 @@ class TrainerConfig:
     )
     seq_len: int = 128
     log_every: int = 10
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     # The validation set: this many sequences of the validation split, whatever the number of
     # processes (sharded over them); null = eval_batches x micro_batch_size.
@@ -150,6 +181,9 @@ class TrainerConfig:
     dry_run: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
     max_bad_steps: int = 10
+
+    def __post_init__(self) -> None:
+        check_trainer(self)
 
 
 @dataclass
@@ -162,6 +196,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self) -> None:
+        check_train(self)
+
 
 def _one_of(key: str, value: Any, options: tuple) -> None:
     if value not in options:
@@ -173,14 +210,17 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
         _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
-    """Check every value that the types cannot; raise ConfigError (one line) on the first bad one."""
-    m, moe, t, p, o = cfg.model, cfg.moe, cfg.trainer, cfg.parallel, cfg.optim
+def check_model(m: ModelConfig) -> None:
     _one_of("model.family", m.family, MODEL_FAMILIES)
-    for key in ("d_model", "d_ff", "num_layers", "num_heads", "vocab_size", "max_position_embeddings"):
+    for key in ("d_model", "d_ff", "num_layers", "num_heads", "vocab_size"):
         _positive(f"model.{key}", getattr(m, key))
+    if m.max_position_embeddings is not None:
+        _positive("model.max_position_embeddings", m.max_position_embeddings)
     if m.d_model % m.num_heads:
         _fail("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model}")
+
+
+def check_moe(moe: MoEConfig) -> None:
     _one_of("moe.kind", moe.kind, MOE_KINDS)
     _positive("moe.num_experts", moe.num_experts)
     if not 1 <= moe.top_k <= moe.num_experts:
@@ -199,23 +239,31 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _positive("moe.bond_dim", moe.bond_dim)
     if moe.num_mpo_factors < 2:
         _fail("moe.num_mpo_factors", moe.num_mpo_factors, "must be >= 2 (the paper uses 5)")
-    gm = moe.grad_mask
+    if moe.grad_mask.enabled and moe.kind != "mpoe":
+        _fail("moe.grad_mask.enabled", True, "the gradient mask acts on MPO tensors: use moe=mpoe or disable it")
+
+
+def check_grad_mask(gm: GradMaskConfig) -> None:
     if not 0.0 <= gm.keep_prob <= 1.0:
         _fail("moe.grad_mask.keep_prob", gm.keep_prob, "must be in [0, 1]")
     _one_of("moe.grad_mask.target", gm.target, GRAD_MASK_TARGETS)
-    if gm.enabled and moe.kind != "mpoe":
-        _fail("moe.grad_mask.enabled", True, "the gradient mask acts on MPO tensors: use moe=mpoe or disable it")
 
+
+def check_data(d: DataConfig) -> None:
+    _one_of("data.name", d.name, DATA_SOURCES)
+    if not 0.0 < d.val_fraction < 1.0:
+        _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+
+def check_parallel(p: ParallelConfig) -> None:
     _positive("parallel.ep_size", p.ep_size)
     if p.zero_stage not in (0, 1, 2):
         _fail("parallel.zero_stage", p.zero_stage, "use 0, 1 or 2 (stage 3 does not support MoE layers)")
-    if moe.kind != "dense" and moe.num_experts % p.ep_size:
-        _fail("parallel.ep_size", p.ep_size, f"must divide moe.num_experts={moe.num_experts}")
-    if world_size % p.ep_size:
-        _fail("parallel.ep_size", p.ep_size, f"must divide the world size {world_size} (processes)")
     if p.backend is not None:
         _one_of("parallel.backend", p.backend, ("gloo", "nccl"))
 
+
+def check_optim(o: OptimConfig) -> None:
     if o.lr <= 0:
         _fail("optim.lr", o.lr, "must be > 0")
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
@@ -224,31 +272,69 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
 
-    _one_of("data.name", cfg.data.name, ("embedded", "text", "hub"))
-    if cfg.data.name == "text" and not cfg.data.paths:
-        _fail("data.paths", cfg.data.paths, "data=text needs data.paths=[file.txt,...] (txt, json, jsonl or parquet)")
-    if cfg.data.name == "hub" and not cfg.data.hub_name:
-        _fail("data.hub_name", None, "data=hub needs data.hub_name=<dataset on the hub>")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
 
+def check_wandb(w: WandbConfig) -> None:
+    _one_of("logging.wandb.mode", w.mode, WANDB_MODES)
+
+
+def check_trainer(t: TrainerConfig) -> None:
     _positive("trainer.max_steps", t.max_steps, allow_zero=True)
     for key in ("micro_batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
     _positive("trainer.save_every", t.save_every, allow_zero=True)
     if t.eval_sequences is not None:
         _positive("trainer.eval_sequences", t.eval_sequences)
+    if t.global_batch_size is not None and t.global_batch_size <= 0:
+        _fail("trainer.global_batch_size", t.global_batch_size, "must be > 0, or null for micro_batch_size x processes")
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+
+
+def check_ep_divides_experts(ep_size: int, num_experts: int) -> None:
+    """Each expert-parallel rank holds num_experts / ep_size whole experts."""
+    if num_experts % ep_size:
+        _fail("parallel.ep_size", ep_size, f"must divide moe.num_experts={num_experts}")
+
+
+def check_train(cfg: TrainConfig) -> None:
+    """The checks that involve two sections (each section checks itself when built)."""
+    m, t = cfg.model, cfg.trainer
+    if cfg.moe.kind != "dense":
+        check_ep_divides_experts(cfg.parallel.ep_size, cfg.moe.num_experts)
+    if cfg.data.name == "text" and not cfg.data.paths:
+        _fail("data.paths", cfg.data.paths, "data=text needs data.paths=[file.txt,...] (txt, json, jsonl or parquet)")
+    if cfg.data.name == "hub" and not cfg.data.hub_name:
+        _fail("data.hub_name", None, "data=hub needs data.hub_name=<dataset on the hub>")
+    if m.max_position_embeddings is not None and t.seq_len > m.max_position_embeddings:
+        _fail("trainer.seq_len", t.seq_len, f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
+
+
+def _check_all(cfg: TrainConfig) -> None:
+    """Every section's checks, in the order a user reads the config, then the cross-section ones."""
+    check_model(cfg.model)
+    check_grad_mask(cfg.moe.grad_mask)
+    check_moe(cfg.moe)
+    check_parallel(cfg.parallel)
+    check_optim(cfg.optim)
+    check_data(cfg.data)
+    check_trainer(cfg.trainer)
+    check_wandb(cfg.logging.wandb)
+    check_train(cfg)
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """Check every value again (fields may have been set since the objects were built) and those that depend
+    on the world size; raise ConfigError (one line) on the first bad one."""
+    _check_all(cfg)
+    p, t = cfg.parallel, cfg.trainer
+    if world_size % p.ep_size:
+        _fail("parallel.ep_size", p.ep_size, f"must divide the world size {world_size} (processes)")
     per_step = t.micro_batch_size * world_size
-    if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % per_step):
+    if t.global_batch_size is not None and t.global_batch_size % per_step:
         _fail(
             "trainer.global_batch_size",
             t.global_batch_size,
             f"must be a multiple of trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}",
         )
-    if t.seq_len > m.max_position_embeddings and m.family == "gpt2":
-        _fail("trainer.seq_len", t.seq_len, f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
-    _one_of("trainer.precision", t.precision, PRECISIONS)
-    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     return cfg
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mpoe.config import ConfigError
+from mpoe.config import ConfigError, GradMaskConfig, MoEConfig, ParallelConfig, TrainConfig, TrainerConfig
 from mpoe.train.main import compose_and_validate
 
 
@@ -54,3 +54,25 @@ def test_cli_error_exits_2_without_traceback_or_run_dir(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["mpoe-train: error: optim.lr=-1.0 is invalid: must be > 0"]
     assert not run_dir.exists()
+
+
+def test_dataclass_defaults_are_the_yaml_defaults():
+    """conf/train.yaml with its default options composes to exactly the dataclasses' defaults."""
+    assert compose_and_validate([], 1) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "build, key",
+    [
+        (lambda: MoEConfig(num_experts=4, top_k=5), "moe.top_k"),
+        (lambda: MoEConfig(grad_mask=GradMaskConfig(keep_prob=1.5)), "moe.grad_mask.keep_prob"),
+        (lambda: MoEConfig(kind="switch", grad_mask=GradMaskConfig(enabled=True)), "moe.grad_mask.enabled"),
+        (lambda: TrainConfig(moe=MoEConfig(num_experts=4), parallel=ParallelConfig(ep_size=3)), "parallel.ep_size"),
+        (lambda: TrainConfig(trainer=TrainerConfig(seq_len=512)), "trainer.seq_len"),
+    ],
+)
+def test_a_config_object_checks_itself_when_built(build, key):
+    """Tests and benchmarks build configs without Hydra: the same one-line errors, so no caller re-checks."""
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(f"{key}=") and "\n" not in str(err.value)

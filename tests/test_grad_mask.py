@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpoe.config import MoEConfig
+from mpoe.config import ConfigError, GradMaskConfig, MoEConfig
 from mpoe.models.experts import DenseFFN, build_expert_bank
 from mpoe.models.grad_mask import GradientMask, select_masked_params
 from mpoe.parallel.groups import ExpertGroups
@@ -109,5 +109,5 @@ def test_select_masked_params():
     assert len(select_masked_params([bank], "all")) == len(bank.central) + sum(len(a) for a in bank.auxiliary.values())
     switch = build_expert_bank(MoEConfig(kind="switch", num_experts=2), 12, 24, "relu", ExpertGroups())
     assert select_masked_params(switch, "all") == []
-    with pytest.raises(ValueError, match="target"):
-        select_masked_params(model, "biases")
+    with pytest.raises(ConfigError, match="moe.grad_mask.target"):  # the config refuses other targets
+        GradMaskConfig(target="biases")

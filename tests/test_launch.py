@@ -1,7 +1,6 @@
 """The launch scripts, run for real on this machine: two torchrun "nodes" on loopback, DeepSpeed's
 launcher with a localhost hostfile, and the bad inputs that must fail in one line, never hang."""
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -9,14 +8,10 @@ from pathlib import Path
 import pytest
 from _cli import FAST, env, metrics
 
+from mpoe.parallel.groups import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["moe=switch", "parallel.ep_size=2", "logging.wandb.mode=disabled", *FAST]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _script(name: str, extra_env: dict, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -29,7 +24,7 @@ def _script(name: str, extra_env: dict, *args: str, timeout: int = 400) -> subpr
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_two_nodes_on_loopback_train_expert_parallel(tmp_path, mpoe_cache, zero_stage):
     run = tmp_path / "run"
-    port = _port()
+    port = free_port()
     args = [*RUN, f"parallel.zero_stage={zero_stage}", f"hydra.run.dir={run}"]
     nodes = []
     for node_rank in (0, 1):
@@ -69,7 +64,7 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(tmp_path, mpoe_cache):
     run = tmp_path / "run"
     proc = _script(
         "deepspeed.sh",
-        {**env(mpoe_cache), "HOSTFILE": str(hostfile), "MASTER_PORT": str(_port())},
+        {**env(mpoe_cache), "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())},
         *RUN,
         "parallel.zero_stage=1",
         f"hydra.run.dir={run}",
@@ -110,7 +105,7 @@ def test_unreachable_rendezvous_fails_in_one_line_within_its_timeout(mpoe_cache)
         "NNODES": "2",
         "NODE_RANK": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_port()),
+        "MASTER_PORT": str(free_port()),
         "RDZV_TIMEOUT": "3",
     }
     start = time.monotonic()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mpoe.config import ModelConfig, MoEConfig, TrainConfig
+from mpoe.config import ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models.accounting import count_params, mpoe_vs_switch_ratio
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
@@ -41,9 +41,8 @@ def tiny_cfg(family: str = "gpt2", kind: str = "dense", **moe) -> TrainConfig:
             vocab_size=VOCAB,
             activation="relu",
         )
-    cfg = TrainConfig(model=model, moe=MoEConfig(kind=kind, **{"num_experts": 4, **moe}))
-    cfg.trainer.seed = 0
-    return cfg
+    moe_cfg = MoEConfig(kind=kind, **{"num_experts": 4, **moe})
+    return TrainConfig(model=model, moe=moe_cfg, trainer=TrainerConfig(seed=0, seq_len=16))
 
 
 def tiny_batch(family: str, cfg: TrainConfig, seed: int = 0) -> dict:
@@ -58,9 +57,9 @@ def tiny_batch(family: str, cfg: TrainConfig, seed: int = 0) -> dict:
 
 
 def embedding_of(model) -> int:
-    from mpoe.models import gpt2, t5
+    from mpoe.models import family
 
-    return (gpt2 if model.family == "gpt2" else t5).embedding_params(model.backbone)
+    return family.get(model.family).embedding_params(model.backbone)
 
 
 @pytest.mark.parametrize("kind", ["dense", "switch", "mpoe"])

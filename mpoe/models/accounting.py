@@ -24,6 +24,10 @@ from typing import Optional
 
 import torch.nn as nn
 
+from mpoe.models import mpo
+from mpoe.models.build import moe_layers
+from mpoe.models.experts import MPOEExperts
+
 
 def is_expert_param(p: nn.Parameter) -> bool:
     return getattr(p, "allreduce", True) is False
@@ -43,9 +47,6 @@ def switch_expert_params(d_model: int, d_ff: int, gated: bool, bias: bool) -> in
 
 
 def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> dict[str, float]:
-    from mpoe.models.build import moe_layers
-    from mpoe.models.experts import MPOEExperts
-
     unique = {id(p): p for p in model.parameters()}.values()  # tied embeddings count once
     shared = sum(p.numel() for p in unique if not is_expert_param(p))
     expert_local = sum(p.numel() for p in unique if is_expert_param(p))
@@ -101,8 +102,6 @@ def mpoe_vs_switch_ratio(
     holds per weight matrix one central tensor plus E copies of the auxiliary tensors (and E
     bias vectors if the FFN has biases). Factorisations are `mpo.factorize`'s (the paper's).
     """
-    from mpoe.models import mpo
-
     fm, ff = mpo.factorize(d_model, num_factors), mpo.factorize(d_ff, num_factors)
     matrices = [(fm, ff), (ff, fm)] + ([(fm, ff)] if gated else [])
     central = sum(mpo.central_num_params(i, o, bond_dim) for i, o in matrices)

@@ -9,16 +9,15 @@ layers every-1, 2*every-1, ... (with every=2, the odd layers, as in Switch).
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from mpoe.config import ConfigError, TrainConfig
-from mpoe.models import gpt2
+from mpoe.models import family as families
+from mpoe.models.moe_layer import MoELayer, build_moe_layer
 from mpoe.parallel.groups import ExpertGroups
 
 
@@ -39,13 +38,13 @@ def is_moe_layer(index: int, every: int) -> bool:
     return (index + 1) % every == 0
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from mpoe.models.moe_layer import MoELayer
-
+def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 class LanguageModel(nn.Module):
+    """The HF backbone and the sum of its losses; `family` is the model.family name."""
+
     def __init__(self, backbone: nn.Module, family: str, pad_id: int):
         super().__init__()
         self.backbone, self.family, self.pad_id = backbone, family, pad_id
@@ -58,10 +57,7 @@ class LanguageModel(nn.Module):
         decoder_input_ids: Optional[torch.Tensor] = None,
         return_logits: bool = False,
     ) -> LMOutput:
-        if self.family == "gpt2":
-            out = self.backbone(input_ids=input_ids, labels=input_ids if labels is None else labels)
-        else:
-            out = self.backbone(input_ids=input_ids, labels=labels, decoder_input_ids=decoder_input_ids)
+        out = self.backbone(**families.get(self.family).model_inputs(input_ids, labels, decoder_input_ids))
         zero = out.loss.new_zeros(())
         stats = [m.stats for m in self._moe if m.stats is not None]
         aux = sum((s.aux_loss for s in stats), zero)
@@ -78,31 +74,9 @@ class LanguageModel(nn.Module):
         )
 
 
-def check_pretrained(path: str, family: str) -> dict:
-    """The checkpoint's config.json, or a one-line ConfigError naming model.pretrained."""
-    cfg_file = Path(path).expanduser() / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(
-            f"model.pretrained={path!r} is invalid: give a local Hugging Face checkpoint directory "
-            f"(config.json + model.safetensors); nothing is fetched from a hub"
-        )
-    config = json.loads(cfg_file.read_text())
-    if config.get("model_type") != family:
-        raise ConfigError(
-            f"model.pretrained={path!r} holds a {config.get('model_type')!r} model but "
-            f"model.family={family!r}: pick the matching model= option"
-        )
-    return config
-
-
 def build_backbone(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int) -> nn.Module:
     """The dense HF model: from our ModelConfig (vocab_size = the tokenizer's), or model.pretrained's."""
-    if cfg.model.family == "gpt2":
-        backbone = gpt2.build_gpt2(cfg.model, vocab_size, eot_id)
-    else:
-        from mpoe.models import t5
-
-        backbone = t5.build_t5(cfg.model, vocab_size, pad_id, eot_id)
+    backbone = families.get(cfg.model.family).build(cfg.model, vocab_size, eot_id, pad_id)
     rows = backbone.get_input_embeddings().weight.shape[0]
     if cfg.model.pretrained and vocab_size > rows:
         raise ConfigError(
@@ -124,36 +98,19 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
         backbone = build_backbone(cfg, vocab_size, eot_id, pad_id)
         if cfg.moe.kind != "dense":
             install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
-    if cfg.model.family == "t5":
-        pad_id = backbone.config.pad_token_id
+    pad_id = families.get(cfg.model.family).pad_id(backbone, pad_id)
     return LanguageModel(backbone, cfg.model.family, pad_id)
-
-
-def ffn_shape(backbone: nn.Module, family: str) -> tuple[int, int, str]:
-    """(d_model, d_ff, activation) of the backbone's dense FFNs, in the expert banks' naming."""
-    c = backbone.config
-    if family == "gpt2":
-        return c.n_embd, c.n_inner or 4 * c.n_embd, c.activation_function
-    from mpoe.models.t5 import feed_forward_activation
-
-    return c.d_model, c.d_ff, feed_forward_activation(c)
 
 
 def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upcycle: bool) -> None:
     """Replace the FFNs of layers every-1, 2*every-1, ... by MoE layers (upcycled from them if asked)."""
-    from mpoe.models.experts import DenseFFN
-    from mpoe.models.moe_layer import build_moe_layer
+    family = families.get(cfg.model.family)
+    shape = family.ffn_shape(backbone.config)
 
-    is_moe = lambda i: is_moe_layer(i, cfg.moe.every)
-    if cfg.model.family == "gpt2":
-        d_model, d_ff, activation = ffn_shape(backbone, "gpt2")
+    def make(ffn: nn.Module) -> nn.Module:
+        dense = family.dense_ffn(ffn) if upcycle else None
+        return build_moe_layer(
+            cfg.moe, shape.d_model, shape.d_ff, shape.activation, groups, dense=dense, bias=shape.bias
+        )
 
-        def make(mlp: nn.Module) -> nn.Module:
-            dense = DenseFFN.from_gpt2_mlp(mlp) if upcycle else None
-            return build_moe_layer(cfg.moe, d_model, d_ff, activation, groups, dense=dense)
-
-        gpt2.replace_ffns(backbone, is_moe, make)
-    else:
-        from mpoe.models import t5
-
-        t5.replace_ffns(backbone, cfg.moe, groups, is_moe, upcycle)
+    family.replace_ffns(backbone, lambda i: is_moe_layer(i, cfg.moe.every), make)

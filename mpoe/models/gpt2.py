@@ -10,73 +10,87 @@ which is what `MoELayer.forward` returns; its losses are collected afterwards by
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
+import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mpoe.config import ModelConfig
+from mpoe.models.experts import DenseFFN
+from mpoe.models.family import Family, FFNShape
 
-# PyTorch's scaled_dot_product_attention: flash / memory-efficient kernels on GPUs.
-ATTENTION = "sdpa"
+
+class GPT2Family(Family):
+    name = "gpt2"
+    model_class = GPT2LMHeadModel
+    config_class = GPT2Config
+    objective = "causal_lm"
+
+    def hf_config(self, cfg: ModelConfig, embedding_rows: int, eot_id: int, pad_id: int) -> GPT2Config:
+        return GPT2Config(
+            vocab_size=embedding_rows,
+            n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.d_model,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.d_ff,
+            activation_function=cfg.activation,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=eot_id,
+            eos_token_id=eot_id,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            attn_implementation="sdpa",
+        )
+
+    def pretrained_overrides(self, cfg: ModelConfig) -> dict:
+        p = cfg.dropout  # dropout is a training choice, the shape is the checkpoint's
+        return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+
+    def ffn_shape(self, config: GPT2Config) -> FFNShape:
+        return FFNShape(config.n_embd, config.n_inner or 4 * config.n_embd, config.activation_function, bias=True)
+
+    def replace_ffns(
+        self, backbone: GPT2LMHeadModel, is_moe: Callable[[int], bool], make_moe: Callable[[nn.Module], nn.Module]
+    ) -> list[int]:
+        """Swap block i's mlp for make_moe(old_mlp) where is_moe(i); returns the replaced layer indices."""
+        replaced = []
+        for i, block in enumerate(backbone.transformer.h):
+            if is_moe(i):
+                block.mlp = make_moe(block.mlp)
+                replaced.append(i)
+        return replaced
+
+    def dense_ffn(self, ffn: nn.Module) -> DenseFFN:
+        return DenseFFN.from_gpt2_mlp(ffn)
+
+    def embedding_params(self, backbone: GPT2LMHeadModel) -> int:
+        """Token + position tables."""
+        return backbone.transformer.wte.weight.numel() + backbone.transformer.wpe.weight.numel()
+
+    def attention_layers(self, config: GPT2Config) -> int:
+        return config.n_layer
+
+    def token_embedding_key(self) -> str:
+        return "transformer.wte.weight"
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor], decoder_input_ids: Optional[torch.Tensor]
+    ) -> dict:
+        """Causal LM: the inputs are their own labels (HF shifts them inside the model)."""
+        return {"input_ids": input_ids, "labels": input_ids if labels is None else labels}
+
+
+FAMILY = GPT2Family()
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.d_model,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.d_ff,
-        activation_function=cfg.activation,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation=ATTENTION,
-    )
-
-
-def build_gpt2(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadModel:
-    """From scratch with our shape, or a local checkpoint's shape and weights (never fetched from a hub).
-
-    Dropout is a training choice, so `model.dropout` overrides the checkpoint's.
-    """
-    if cfg.pretrained:
-        from mpoe.models.build import check_pretrained
-
-        check_pretrained(cfg.pretrained, "gpt2")
-        p = cfg.dropout
-        return GPT2LMHeadModel.from_pretrained(
-            cfg.pretrained,
-            local_files_only=True,
-            resid_pdrop=p,
-            embd_pdrop=p,
-            attn_pdrop=p,
-            attn_implementation=ATTENTION,
-        )
-    return GPT2LMHeadModel(hf_config(cfg, vocab_size, eot_id))
-
-
-def replace_ffns(
-    model: GPT2LMHeadModel, is_moe: Callable[[int], bool], make_moe: Callable[[nn.Module], nn.Module]
-) -> list[int]:
-    """Swap block i's mlp for make_moe(old_mlp) where is_moe(i); returns the replaced layer indices."""
-    replaced = []
-    for i, block in enumerate(model.transformer.h):
-        if is_moe(i):
-            block.mlp = make_moe(block.mlp)
-            replaced.append(i)
-    return replaced
+    """`FAMILY.hf_config` with the arguments mpoe.models.export passes."""
+    return FAMILY.hf_config(cfg, vocab_size, eot_id, pad_id=eot_id)
 
 
 def embedding_params(model: GPT2LMHeadModel) -> int:
-    """Token + position tables; an untied LM head is counted apart (lm_head_params)."""
-    return model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
-
-
-def lm_head_params(model: GPT2LMHeadModel) -> int:
-    head = model.lm_head.weight
-    return 0 if head is model.transformer.wte.weight else head.numel()
+    """`FAMILY.embedding_params`, for callers that name the family's module."""
+    return FAMILY.embedding_params(model)

@@ -33,7 +33,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-TARGETS = ("central", "auxiliary", "all")
+from mpoe.models.experts import ExpertBank
 
 
 def _seed(*parts: int) -> int:
@@ -43,8 +43,6 @@ def _seed(*parts: int) -> int:
 
 class GradientMask:
     def __init__(self, params: list[nn.Parameter], keep_prob: float, rescale: bool = True, seed: int = 0):
-        if not 0.0 <= keep_prob <= 1.0:
-            raise ValueError(f"keep_prob={keep_prob} must be in [0, 1]")
         self.params, self.keep_prob, self.rescale, self.seed = list(params), keep_prob, rescale, seed
         self.step = 0
         self._masks: dict[int, Tensor] = {}
@@ -89,11 +87,9 @@ class GradientMask:
 
 
 def select_masked_params(model_or_banks: Union[nn.Module, Iterable[nn.Module]], target: str) -> list[nn.Parameter]:
-    """The MPO tensors of every expert bank in `model_or_banks` that the mask should act on, in module order."""
-    from mpoe.models.experts import ExpertBank
+    """The MPO tensors of every expert bank in `model_or_banks` that the mask should act on, in module order.
 
-    if target not in TARGETS:
-        raise ValueError(f"moe.grad_mask.target={target!r} is invalid: use one of {', '.join(TARGETS)}")
+    `target` is moe.grad_mask.target, checked when the config was built."""
     roots = [model_or_banks] if isinstance(model_or_banks, nn.Module) else list(model_or_banks)
     roles = ["central", "auxiliary"] if target == "all" else [target]
     chosen, seen = [], set()

@@ -23,11 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from transformers import T5Config, T5ForConditionalGeneration
 
-from mpoe.config import ModelConfig, MoEConfig
-from mpoe.models.gpt2 import ATTENTION
+from mpoe.config import ModelConfig
+from mpoe.models.experts import DenseFFN
+from mpoe.models.family import Family, FFNShape
 
 NUM_SENTINELS = 100
 VOCAB_MULTIPLE = 128
@@ -50,79 +52,93 @@ def feed_forward_activation(config: T5Config) -> str:
     return ("gated-" if config.is_gated_act else "") + config.dense_act_fn
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None) -> T5Config:
-    """`vocab_size` is the final embedding size (sentinels included)."""
-    return T5Config(
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.d_kv or cfg.d_model // cfg.num_heads,
-        d_ff=cfg.d_ff,
-        num_layers=cfg.num_layers,
-        num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
-        num_heads=cfg.num_heads,
-        dropout_rate=cfg.dropout,
-        feed_forward_proj=cfg.activation,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        pad_token_id=pad_id,
-        decoder_start_token_id=pad_id,
-        eos_token_id=pad_id if eos_id is None else eos_id,
-        attn_implementation=ATTENTION,
-    )
+class T5Family(Family):
+    name = "t5"
+    model_class = T5ForConditionalGeneration
+    config_class = T5Config
+    objective = "span_corruption"
 
-
-def build_t5(
-    cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None
-) -> T5ForConditionalGeneration:
-    """From scratch: `vocab_size` is the tokenizer's, sentinels are added. Pretrained: the checkpoint's shape."""
-    if cfg.pretrained:
-        from mpoe.models.build import check_pretrained
-
-        check_pretrained(cfg.pretrained, "t5")
-        # dropout is a training choice, the shape is the checkpoint's
-        return T5ForConditionalGeneration.from_pretrained(
-            cfg.pretrained, local_files_only=True, dropout_rate=cfg.dropout, attn_implementation=ATTENTION
+    def hf_config(self, cfg: ModelConfig, embedding_rows: int, eot_id: int, pad_id: int) -> T5Config:
+        """`embedding_rows` is the final embedding size (sentinels included); eot_id is T5's eos."""
+        return T5Config(
+            vocab_size=embedding_rows,
+            d_model=cfg.d_model,
+            d_kv=cfg.d_kv or cfg.d_model // cfg.num_heads,
+            d_ff=cfg.d_ff,
+            num_layers=cfg.num_layers,
+            num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
+            num_heads=cfg.num_heads,
+            dropout_rate=cfg.dropout,
+            feed_forward_proj=cfg.activation,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            pad_token_id=pad_id,
+            decoder_start_token_id=pad_id,
+            eos_token_id=eot_id,
+            attn_implementation="sdpa",
         )
-    return T5ForConditionalGeneration(hf_config(cfg, model_vocab_size(vocab_size), pad_id, eos_id))
+
+    def embedding_rows(self, tokenizer_vocab: int) -> int:
+        """From scratch the tokenizer has no sentinels: they are added (see the module docstring)."""
+        return model_vocab_size(tokenizer_vocab)
+
+    def pretrained_overrides(self, cfg: ModelConfig) -> dict:
+        return {"dropout_rate": cfg.dropout}  # dropout is a training choice, the shape is the checkpoint's
+
+    def ffn_shape(self, config: T5Config) -> FFNShape:
+        """T5's FFNs have no biases, so neither do experts built for them."""
+        return FFNShape(config.d_model, config.d_ff, feed_forward_activation(config), bias=False)
+
+    def replace_ffns(
+        self,
+        backbone: T5ForConditionalGeneration,
+        is_moe: Callable[[int], bool],
+        make_moe: Callable[[nn.Module], nn.Module],
+    ) -> list[tuple[str, int]]:
+        """Swap DenseReluDense for make_moe(it) in blocks i of each stack where is_moe(i).
+
+        Returns the (stack, block index) pairs replaced."""
+        replaced = []
+        for name, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
+            for i, block in enumerate(stack.block):
+                if is_moe(i):
+                    ff_layer = block.layer[-1]
+                    ff_layer.DenseReluDense = make_moe(ff_layer.DenseReluDense)
+                    replaced.append((name, i))
+        return replaced
+
+    def dense_ffn(self, ffn: nn.Module) -> DenseFFN:
+        return DenseFFN.from_t5_ff(ffn)
+
+    def embedding_params(self, backbone: T5ForConditionalGeneration) -> int:
+        """The token table (shared by encoder and decoder); T5 has no position table (relative attention
+        bias is counted with the layers, as in the published counts)."""
+        return backbone.shared.weight.numel()
+
+    def attention_layers(self, config: T5Config) -> int:
+        return config.num_layers + config.num_decoder_layers
+
+    def token_embedding_key(self) -> str:
+        return "shared.weight"
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor], decoder_input_ids: Optional[torch.Tensor]
+    ) -> dict:
+        """Span corruption: labels are the targets; HF shifts them into decoder inputs unless given."""
+        return {"input_ids": input_ids, "labels": labels, "decoder_input_ids": decoder_input_ids}
+
+    def pad_id(self, backbone: nn.Module, tokenizer_pad_id: int) -> int:
+        """T5 pads (and starts decoding) with its config's pad id."""
+        return backbone.config.pad_token_id
 
 
-def stacks(model: T5ForConditionalGeneration) -> list[nn.Module]:
-    return [s for s in (model.encoder, model.decoder) if s is not None]
+FAMILY = T5Family()
 
 
-def replace_ffns(
-    backbone: T5ForConditionalGeneration, moe_cfg: MoEConfig, groups, is_moe: Callable[[int], bool], upcycle: bool
-) -> list[tuple[str, int]]:
-    """Swap DenseReluDense for an MoE layer in blocks i of each stack where is_moe(i).
-
-    Upcycled: every expert starts as that block's FFN (Switch: copies; MPOE: one
-    decomposition, shared central tensor). From scratch: T5's FFNs have no
-    biases, so neither do the experts. Returns (stack, block index) pairs replaced.
-    """
-    from mpoe.models.experts import DenseFFN
-    from mpoe.models.moe_layer import build_moe_layer
-
-    config = backbone.config
-    activation = feed_forward_activation(config)
-    replaced = []
-    for name, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
-        for i, block in enumerate(stack.block):
-            if not is_moe(i):
-                continue
-            ff_layer = block.layer[-1]
-            dense = DenseFFN.from_t5_ff(ff_layer.DenseReluDense) if upcycle else None
-            ff_layer.DenseReluDense = build_moe_layer(
-                moe_cfg, config.d_model, config.d_ff, activation, groups, dense=dense, bias=False
-            )
-            replaced.append((name, i))
-    return replaced
+def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None) -> T5Config:
+    """`FAMILY.hf_config` with the arguments mpoe.models.export passes (`vocab_size`: sentinels included)."""
+    return FAMILY.hf_config(cfg, vocab_size, pad_id if eos_id is None else eos_id, pad_id)
 
 
 def embedding_params(model: T5ForConditionalGeneration) -> int:
-    """The token table (shared by encoder and decoder); T5 has no position table (relative attention bias
-    is counted with the layers, as in the published counts). An untied LM head is counted apart (lm_head_params)."""
-    return model.shared.weight.numel()
-
-
-def lm_head_params(model: T5ForConditionalGeneration) -> int:
-    head = model.lm_head.weight
-    return 0 if head is model.shared.weight else head.numel()
+    """`FAMILY.embedding_params`, for callers that name the family's module."""
+    return FAMILY.embedding_params(model)

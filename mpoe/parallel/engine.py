@@ -25,7 +25,7 @@ def check_precision_supported(precision: str) -> None:
     Why here and not in `config.validate`: it is a property of the hardware, not of
     the config, and the launch host that pre-checks a config may not be a compute
     node. DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16
-    kernels (e.g. Intel CPUs with AVX512-FP16/AMX; not the AMD EPYC CI machine),
+    kernels (e.g. Intel CPUs with AVX512-FP16/AMX, which many other CPUs lack),
     and otherwise fails inside `deepspeed.initialize`, after the process group
     started, with a traceback per rank.
     """
@@ -71,7 +71,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             },
         },
         "gradient_clipping": o.grad_clip,
-        # overlap_comm overlaps nothing on CPU and aborted at exit in 2 of 6 runs here (DESIGN.md).
+        # overlap_comm: nothing to overlap on CPU, and with gloo it has aborted processes at exit.
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},

@@ -14,6 +14,7 @@ e // (E / P) of every expert-parallel group.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,12 +42,12 @@ def keep_freed_cpu_memory() -> bool:
     """Let glibc reuse freed memory instead of returning it to the OS (no-op elsewhere; MPOE_MALLOC_DEFAULT=1 skips).
 
     Why: a training step on CPU allocates and frees the same large buffers every
-    step (activations, rebuilt MPO weights, expert weight gradients of ~100 MB).
-    glibc serves each one by a fresh mmap, so every step page-faults and
-    kernel-zeroes all of them again: measured, a fresh 75 MB buffer cost ~27 ms to
-    fill against ~5 ms for a reused one, and an MoE layer step (32 experts) ran
-    ~25% faster with freed memory kept (jemalloc/tcmalloc do the same by default).
-    The price is that the process keeps its peak heap instead of shrinking.
+    step (activations, rebuilt MPO weights, expert weight gradients). glibc serves
+    each large one by a fresh mmap and unmaps it when freed, so every step
+    page-faults and kernel-zeroes all of them again; reusing freed memory avoids
+    that, as jemalloc/tcmalloc do by default (the README's benchmark section gives
+    what it saved). The price is that the process keeps its peak heap instead of
+    shrinking.
     """
     if os.environ.get("MPOE_MALLOC_DEFAULT") == "1" or not sys.platform.startswith("linux"):
         return False
@@ -74,7 +75,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
     if "RANK" not in os.environ:  # a plain `python -m mpoe.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(cuda_device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
@@ -141,9 +142,8 @@ def _forget_deepspeed_groups() -> None:
         setattr(groups, name, None)
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it), for a rendezvous on this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -157,7 +157,6 @@ class ExpertGroups:
     ep_rank: int = 0
     name: str = "ep_size_1"  # DeepSpeed's group name: param.group_name of expert params
     ep_group: Optional[object] = None  # the all-to-all group (None: single process)
-    edp_group: Optional[object] = None  # expert-data-parallel group (reduces expert grads)
 
     def local_experts(self, num_experts: int) -> range:
         per_rank = num_experts // self.ep_size
@@ -180,7 +179,6 @@ def expert_groups(ep_size: int) -> ExpertGroups:
         ep_rank=groups._get_expert_parallel_rank(name),
         name=name,
         ep_group=groups._get_expert_parallel_group(name),
-        edp_group=groups._get_expert_data_parallel_group(name),
     )
 
 

@@ -11,17 +11,13 @@ so tests reuse one world for several checks.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mpoe.parallel.groups import free_port, init_distributed
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
@@ -34,10 +30,6 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
         DS_ACCELERATOR="cpu",
     )
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from mpoe.parallel.groups import init_distributed
-
     init_distributed(backend="gloo", timeout_s=120)
     try:
         fn(rank, *args)

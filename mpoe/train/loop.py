@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mpoe.config import TrainConfig, eval_sequences, global_batch_size, grad_accum_steps
+from mpoe.models import family as families
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
@@ -108,7 +109,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         token_data = _prepare_data(cfg, rank)
         vocab, eot, pad = token_data.vocab_size, token_data.eot_id, token_data.pad_id
     model = build_model(cfg, vocab, eot, pad, groups)
-    counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
+    embedding = families.get(model.family).embedding_params(model.backbone)
+    counts = count_params(model, embedding, cfg.moe.top_k, cfg.parallel.ep_size)
     logger = MetricsLogger(run_dir, rank == 0, None if t.dry_run else cfg.logging.wandb, run_config)
     if rank == 0:
         print(
@@ -309,22 +311,17 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     return token_data if rank == 0 else data_lib.prepare(cfg.data)
 
 
-def _embedding_params(model) -> int:
-    backbone = model.backbone
-    if model.family == "gpt2":
-        from mpoe.models.gpt2 import embedding_params
-    else:
-        from mpoe.models.t5 import embedding_params
-    return embedding_params(backbone)
-
-
 def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device: torch.device) -> tuple[float, Peak]:
     """Model FLOPs per token, and the peak FLOP/s of this device in the training dtype."""
     config = model.backbone.config
-    d_model = getattr(config, "n_embd", None) or config.d_model
-    layers = getattr(config, "n_layer", None) or (config.num_layers + config.num_decoder_layers)
+    family = families.get(model.family)
     per_token = flops_per_token(
-        counts["params_active"], counts["params_embedding"], config.vocab_size, d_model, layers, seq_len
+        counts["params_active"],
+        counts["params_embedding"],
+        config.vocab_size,
+        family.ffn_shape(config).d_model,
+        family.attention_layers(config),
+        seq_len,
     )
     return per_token, device_peak(cfg.trainer.precision, device)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from mpoe.models.accounting import is_expert_param
+from mpoe.train.rng import set_rng_state
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -138,7 +139,5 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
             group["lr"] = lr
     engine.global_steps = states[0]["global_steps"]
-    from mpoe.train.checkpoint import set_rng_state
-
     set_rng_state(states[rank]["rng"] if rank < len(states) else states[0]["rng"])
     return meta

@@ -11,7 +11,7 @@ neither side needs padding (the counts do not depend on the random draw).
 Choices:
 - Sentinels: the tokenizer's own `<extra_id_N>` if it has them (a pretrained T5
   checkpoint's tokenizer); otherwise the 100 ids just above the tokenizer's
-  vocabulary, highest first, which `mpoe.models.t5.build_t5` adds to the model.
+  vocabulary, highest first, which `mpoe.models.t5` adds to the model.
 - EOS: the tokenizer's `</s>` if it has one, else the end-of-text id that
   separates documents in the packed stream.
 - Randomness: each row's mask comes from a generator seeded by (trainer.seed,
@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from mpoe.config import ConfigError, TrainConfig
+from mpoe.models import t5
 
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
@@ -110,16 +111,12 @@ class SpanCorruption:
     @classmethod
     def for_config(cls, cfg: TrainConfig, token_data) -> SpanCorruption:
         """Sentinels and EOS from the run's tokenizer (see the module docstring)."""
-        from mpoe.models.t5 import NUM_SENTINELS, sentinel_ids
-
         tok = getattr(token_data, "tokenizer", None)
-        own = _token_ids(tok, [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
-        sentinels = own if own is not None else sentinel_ids(token_data.vocab_size)
+        own = _token_ids(tok, [f"<extra_id_{i}>" for i in range(t5.NUM_SENTINELS)])
+        sentinels = own if own is not None else t5.sentinel_ids(token_data.vocab_size)
         eos = _token_ids(tok, ["</s>"])
         if cfg.model.pretrained:
-            from mpoe.models.build import check_pretrained
-
-            rows = check_pretrained(cfg.model.pretrained, "t5").get("vocab_size", 0)
+            rows = t5.FAMILY.check_pretrained(cfg.model.pretrained).get("vocab_size", 0)
             if max(sentinels) >= rows:
                 raise ConfigError(
                     f"model.pretrained={cfg.model.pretrained!r} has {rows} token embeddings, too few for "
