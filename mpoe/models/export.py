@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mpoe.config import TrainConfig
+from mpoe.models import family as families
 from mpoe.models.build import LanguageModel, install_moe, moe_layers
 from mpoe.parallel.groups import ExpertGroups
 
@@ -80,29 +81,22 @@ def backbone_config(cfg: TrainConfig, state: dict):
 
         return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
     eot, pad = _special_ids(cfg)
-    if cfg.model.family == "gpt2":
-        from mpoe.models import gpt2
-
-        return gpt2.hf_config(cfg.model, state["backbone.transformer.wte.weight"].shape[0], eot)
-    from mpoe.models import t5
-
-    return t5.hf_config(cfg.model, state["backbone.shared.weight"].shape[0], pad, eot)
+    family = families.get(cfg.model.family)
+    rows = state["backbone." + family.token_embedding_key()].shape[0]
+    return family.hf_config(cfg.model, rows, eot, pad)
 
 
 def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGroups] = None) -> LanguageModel:
     """The model's structure (weights to be loaded): backbone from hf_config, MoE layers from cfg.moe."""
-    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
-
     groups = groups or ExpertGroups()
-    cls = GPT2LMHeadModel if cfg.model.family == "gpt2" else T5ForConditionalGeneration
-    backbone = cls(copy.deepcopy(hf_config))
+    family = families.get(cfg.model.family)
+    backbone = family.from_config(copy.deepcopy(hf_config))
     if cfg.moe.kind != "dense":
         with torch.device("meta"):  # no init (nor SVDs: see mpo.decompose); the state dict brings the values
             install_moe(backbone, cfg, groups, upcycle=False)
         for layer in moe_layers(backbone):
             layer.to_empty(device="cpu")
-    pad = hf_config.pad_token_id if cfg.model.family == "t5" else BPE_PAD_ID
-    return LanguageModel(backbone, cfg.model.family, pad)
+    return LanguageModel(backbone, cfg.model.family, family.pad_id(backbone, BPE_PAD_ID))
 
 
 def load_run_state(ckpt: Path, model: nn.Module) -> dict:
@@ -189,14 +183,13 @@ def save(model: LanguageModel, cfg: TrainConfig, out_dir: Union[str, Path]) -> P
 def load(out_dir: Union[str, Path]) -> tuple[LanguageModel, TrainConfig]:
     """A model exported by `save`, rebuilt and loaded (strict)."""
     from omegaconf import OmegaConf
-    from transformers import GPT2Config, T5Config
 
     blob = torch.load(Path(out_dir) / "model.pt", map_location="cpu", weights_only=False)
     if blob.get("format") != FORMAT:
         raise ValueError(f"{out_dir}/model.pt is not an {FORMAT} export")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), blob["config"]))
-    hf_cls = GPT2Config if blob["family"] == "gpt2" else T5Config
-    model = build_from_hf_config(cfg, hf_cls.from_dict(blob["hf_config"]))
+    hf_config = families.get(blob["family"]).config_class.from_dict(blob["hf_config"])
+    model = build_from_hf_config(cfg, hf_config)
     model.pad_id = blob["pad_id"]
     model.load_state_dict(blob["state_dict"])
     return model.eval(), cfg

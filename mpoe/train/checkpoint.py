@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mpoe.parallel.groups import rank_world
 from mpoe.train import faults, reshard
+from mpoe.train.rng import rng_state, set_rng_state
 
 STEP_PREFIX = "step_"
 
@@ -41,21 +40,6 @@ class CheckpointError(RuntimeError):
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():  # router jitter and dropout draw from the GPU's generator there
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():  # a CPU checkpoint resumed on a GPU keeps the GPU's seed
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
