@@ -210,7 +210,7 @@ def run_device(
     tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs)."""
     from mpoe.models.accounting import count_params
     from mpoe.models.build import build_model
-    from mpoe.models.gpt2 import embedding_params
+    from mpoe.models.gpt2 import FAMILY as GPT2
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import expert_groups, init_distributed
     from mpoe.train.flops import device_peak
@@ -231,7 +231,7 @@ def run_device(
         cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim)
         cfg.trainer.precision = precision
         model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
-        counts = count_params(model, embedding_params(model.backbone), cfg.moe.top_k, 1)
+        counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
         engine = ds_engine.initialize(model, cfg, 1)
         steps[kind] = timed_step(engine, batches, dev)
         rows[kind] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}

@@ -111,13 +111,13 @@ def test_sdpa_attention_gives_the_eager_results(family):
     torch.manual_seed(0)
     if family == "gpt2":
         cfg = ModelConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, vocab_size=100)
-        config = gpt2.hf_config(cfg, 100, 0)
+        config = gpt2.FAMILY.hf_config(cfg, 100, 0, 0)
         model_cls = GPT2LMHeadModel
     else:
         cfg = ModelConfig(
             family="t5", d_model=64, d_ff=128, num_layers=2, num_heads=4, vocab_size=100, activation="relu"
         )
-        config = t5.hf_config(cfg, 200, 0)
+        config = t5.FAMILY.hf_config(cfg, 200, 0, 0)
         model_cls = T5ForConditionalGeneration
     assert config._attn_implementation == "sdpa"
     sdpa = model_cls(config).eval()

@@ -84,13 +84,3 @@ class GPT2Family(Family):
 
 
 FAMILY = GPT2Family()
-
-
-def hf_config(cfg: ModelConfig, vocab_size: int, eot_id: int) -> GPT2Config:
-    """`FAMILY.hf_config` with the arguments mpoe.models.export passes."""
-    return FAMILY.hf_config(cfg, vocab_size, eot_id, pad_id=eot_id)
-
-
-def embedding_params(model: GPT2LMHeadModel) -> int:
-    """`FAMILY.embedding_params`, for callers that name the family's module."""
-    return FAMILY.embedding_params(model)

@@ -132,13 +132,3 @@ class T5Family(Family):
 
 
 FAMILY = T5Family()
-
-
-def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: Optional[int] = None) -> T5Config:
-    """`FAMILY.hf_config` with the arguments mpoe.models.export passes (`vocab_size`: sentinels included)."""
-    return FAMILY.hf_config(cfg, vocab_size, pad_id if eos_id is None else eos_id, pad_id)
-
-
-def embedding_params(model: T5ForConditionalGeneration) -> int:
-    """`FAMILY.embedding_params`, for callers that name the family's module."""
-    return FAMILY.embedding_params(model)
