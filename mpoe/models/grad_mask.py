@@ -33,6 +33,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from mpoe.models.param_tags import first_expert
+
 TARGETS = ("central", "auxiliary", "all")
 
 
@@ -60,7 +62,7 @@ class GradientMask:
         """The multiplier for parameter `index` at the current step (0, or 1 or 1/keep_prob)."""
         if index not in self._masks:
             p = self.params[index]
-            first = getattr(p, "first_expert", None)
+            first = first_expert(p)
             if first is None:
                 keep = self._draw(p.shape, _seed(self.seed, self.step, index))
             else:
@@ -101,7 +103,7 @@ def select_masked_params(model_or_banks: Union[nn.Module, Iterable[nn.Module]], 
         for module in root.modules():
             if isinstance(module, ExpertBank):
                 for role in roles:
-                    for p in module.param_roles()[role]:
+                    for p in module.param_roles().of(role):
                         if id(p) not in seen:
                             seen.add(id(p))
                             chosen.append(p)
