@@ -91,6 +91,17 @@ def test_grouped_float64_falls_back_and_still_equals_loop(kind):
     _assert_same(_run(loop, x, c), _run(grouped, x, torch.tensor(c)), rel=1e-12)
 
 
+@needs_grouped_mm
+def test_grouped_backward_takes_an_expanded_gradient():
+    """out.sum().backward() hands the last grouped GEMM a stride-0 gradient, which grouped_mm rejects as it is."""
+    loop, grouped = _banks("switch", gated=False, bias=False)
+    c = torch.tensor(COUNTS["mixed"])
+    x = torch.randn(int(c.sum()), D_MODEL)
+    grouped(x, c).sum().backward()
+    loop(x, c).sum().backward()
+    torch.testing.assert_close(grouped.w_out.grad, loop.w_out.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["switch", "mpoe"])
 def test_grouped_with_no_rows_gives_zero_gradients(kind):
     _, grouped = _banks(kind, gated=True, bias=True)

@@ -78,6 +78,19 @@ def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward rejects
+    stride-0 gradients (what `out.sum().backward()` hands it) and `.contiguous()` is free when it already is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class Groups:
     """Per-local-expert row counts on the device, and what the grouped ops derive from them (once per forward)."""
 
@@ -103,7 +116,7 @@ def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optio
         return out if bias is None else out + bias.sum(0)
     if not grouped_mm_fits(x, weight):
         return grouped_linear(x, groups.counts.tolist(), bias, stacked=weight)  # float64 / odd sizes: see module doc
-    out = GROUPED_MM(x, weight, offs=groups.offsets)
+    out = _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
     return out if bias is None else out + bias.index_select(0, groups.row_expert)
 
 
