@@ -6,12 +6,12 @@ bank (independent dense experts) and an MPOE bank (experts sharing one MPO
 central tensor per weight matrix) are interchangeable.
 
 Choices, and why:
-- Weights are in the ``x @ W`` layout (GPT-2 Conv1D's), per-expert weights are
-  stacked along a leading local-expert axis, and each forward `unbind`s them
-  once, so backward writes every expert's gradient into one stacked buffer.
+- Weights are in the ``x @ W`` layout (GPT-2 Conv1D's) and per-expert weights
+  are stacked along a leading local-expert axis, so every expert's gradient
+  lands in one stacked buffer.
 - An expert is ``act(x @ W_in + b_in) @ W_out + b_out``; gated (T5 v1.1) it is
   ``(act(x @ W_gate) * (x @ W_in)) @ W_out``. 'gated-gelu' means HF's gelu_new,
-  as in T5's config.
+  as in T5's config. The activation runs once over all rows.
 - Random initialisation (no dense FFN given) draws from generators seeded by
   one number taken from the global torch RNG and the *global* expert id, so an
   expert's initial weights do not depend on how experts are spread over ranks.
@@ -21,19 +21,11 @@ Choices, and why:
   from a dense FFN, every expert starts as that FFN (exactly, at full bonds).
   `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
   seeded per global expert, to break the experts' symmetry if wanted.
-- Each weight is applied to all local experts' rows by one grouped op
-  (`grouped_linear.py`): per-expert GEMMs written into one output, gradients
-  written straight into stacked buffers, no per-expert split / cat, and the
-  activation runs once over all tokens.
-- MPOE contracts each chain into its two halves (`mpo.split_halves`: small
-  outer tensors first, the shared central tensor last) for all local experts
-  at once, and `mpo_grouped_linear` builds each expert's W from them inside
-  the op, with rows or columns reordered so that no pass over W or grad W
-  reorders it (W_in's column order and W_out's row order cancel through h, so
-  the FFN's result is unchanged). When pushing an expert's tokens through the
-  chain costs less (few tokens, see `mpo.matmul_costs`) it falls back to
-  per-expert `mpo_matmul`.
-  With no tokens at all every parameter still gets a (zero) gradient.
+- How the experts compute is the bank's backend, `moe.expert_impl`:
+  `experts_loop.py` (per-expert GEMMs over host counts, the CPU's) or
+  `experts_grouped.py` (one grouped GEMM per weight, counts on the device, the
+  GPU's); `auto` picks by the rows' device at each call. Both give every
+  parameter a (zero) gradient when no rows come.
 """
 
 from __future__ import annotations
