@@ -7,9 +7,9 @@ applied to all rows by one `torch.nn.functional.grouped_mm` (`torch._grouped_mm`
 where only that exists) over the stacked weights [L, I, J]: as torchtitan's MoE
 does, and as Megatron-Core's GroupedMLP does with grouped_gemm's `gmm`
 (megablocks' kernel). Autograd through grouped_mm gives grad x and the stacked
-grad W; experts with no rows get zero gradients. Biases are added per row by
-indexing the stacked bias with each row's expert id (`repeat_interleave` of the
-counts with the output size given, so the length needs no sync).
+grad W; experts with no rows get zero gradients. Biases are added per row as
+one_hot(row's expert) @ bias, the one-hot built by comparing row numbers with the
+offsets (`add_bias`): no sync, and a GEMM rather than atomics in backward.
 
 What grouped_mm takes (torch 2.13), and what happens otherwise:
 - CUDA: the CUTLASS kernel runs for bf16 on sm90/sm100 (H100, B200). Other dtypes
@@ -46,7 +46,6 @@ per-expert loop anywhere.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Optional
 
@@ -97,12 +96,21 @@ class Groups:
     def __init__(self, counts: Tensor, num_rows: int):
         self.counts, self.num_rows = counts, num_rows
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # offsets[e] = end of expert e's rows
+        self._one_hot: dict[torch.dtype, Tensor] = {}
 
-    @functools.cached_property
-    def row_expert(self) -> Tensor:
-        """[N] local expert of each row; output_size keeps repeat_interleave from reading the counts' sum."""
-        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return torch.repeat_interleave(experts, self.counts, output_size=self.num_rows)
+    def one_hot(self, dtype: torch.dtype) -> Tensor:
+        """[N, L]: 1 where row n belongs to expert e, built from the offsets by comparison (no sync)."""
+        if dtype not in self._one_hot:
+            rows = torch.arange(self.num_rows, device=self.counts.device).unsqueeze(1)
+            ends = self.offsets.unsqueeze(0)
+            self._one_hot[dtype] = ((rows < ends) & (rows >= ends - self.counts.unsqueeze(0))).to(dtype)
+        return self._one_hot[dtype]
+
+
+def add_bias(out: Tensor, groups: Groups, bias: Tensor) -> Tensor:
+    """out + bias[expert of row]. As one_hot @ bias (one addmm) rather than an index: its backward is the
+    GEMM one_hot^T @ grad instead of an index_add whose atomics all rows of an expert aim at one bias row."""
+    return torch.addmm(out, groups.one_hot(out.dtype), bias)
 
 
 def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -117,7 +125,7 @@ def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optio
     if not grouped_mm_fits(x, weight):
         return grouped_linear(x, groups.counts.tolist(), bias, stacked=weight)  # float64 / odd sizes: see module doc
     out = _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
-    return out if bias is None else out + bias.index_select(0, groups.row_expert)
+    return out if bias is None else add_bias(out, groups, bias)
 
 
 class GroupedBackend:
