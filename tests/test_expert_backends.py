@@ -175,3 +175,17 @@ def test_gpu_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated):
     for name, g in grads.items():
         rel = (g.float() - expected[2][name]).norm() / expected[2][name].norm().clamp_min(1e-6)
         assert rel < 3e-2, (name, float(rel))
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_linear_seam_is_the_same_in_both_backends(kind):
+    """ExpertBank.linear, one weight for all local experts, agrees between backends (counts as list or tensor)."""
+    loop, grouped = _banks(kind, gated=True, bias=True)
+    c = COUNTS["mixed"]
+    x = torch.randn(sum(c), D_MODEL)
+    with torch.no_grad():
+        for name in ("w_in", "w_gate"):
+            torch.testing.assert_close(grouped.linear(x, torch.tensor(c), name), loop.linear(x, c, name))
+        h = torch.randn(sum(c), D_FF)
+        torch.testing.assert_close(grouped.linear(h, c, "w_out"), loop.linear(h, torch.tensor(c), "w_out"))
