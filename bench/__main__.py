@@ -1,6 +1,6 @@
 """All benchmarks in one process, one table of ratios against their peers.
 
-    python -m bench [--quick] [--json FILE] [--only experts moe_layer hf_switch train_step]
+    python -m bench [--quick] [--json FILE] [--only experts moe_layer hf_switch train_step] [--device cuda]
 
 Runs, in this order, each module's own `main`/`run` (their printed detail first):
   bench.experts     MPOE vs Switch expert bank (and Switch vs DeepSpeed's Experts)
@@ -8,6 +8,8 @@ Runs, in this order, each module's own `main`/`run` (their printed detail first)
   bench.hf_switch   our Switch MoE layer vs HF SwitchTransformersSparseMLP
   bench.train_step  GPT-2-small-shaped MoE training step: model FLOPs utilisation
 How long they take: the README's benchmark section, and --json's "seconds".
+--device cuda passes the device to every benchmark (their GPU tables, bf16, keys gpu.*);
+the default, cpu, runs the CPU rows and keys as before.
 --json writes {"results": {name: value}, "load_average": {...}, "seconds": {...}}.
 The machine may be shared: the load average before and after is printed;
 times are fastest-of or median-of repeats (see each module).
@@ -56,6 +58,16 @@ ROWS = {
     "train_step.mfu_switch": ("  ... GPT-2-small Switch model", "fraction of GEMM rate", None),
     "train_step.mfu_mpoe": ("  ... GPT-2-small MPOE model (full bonds)", "fraction of GEMM rate", None),
     "train_step.gemm_gflops": ("fp32 GEMM rate measured (denominator)", "GFLOP/s", None),
+    "gpu.experts.mpoe_vs_switch_time": ("GPU bf16: MPOE bank time / Switch bank (worse of 8, 64 E)", "lower", "<= 1.2"),
+    "gpu.moe_layer.vs_floor": ("GPU bf16: our MoE layer / dense floor (worst row)", "lower is better", None),
+    "gpu.moe_layer.vs_grouped_ref": ("GPU bf16: ours / 30-line grouped_mm MoE (worst row)", "lower", "<= 1.0"),
+    "gpu.moe_layer.speedup_vs_deepspeed": ("GPU bf16: DeepSpeed MoE time / ours (worst)", "higher", ">= 1.0"),
+    "train_step.gpu_mfu_dense": ("GPU bf16 GPT-2-small dense step: MFU vs datasheet peak", "higher", ">= 0.35"),
+    "train_step.gpu_mfu_switch": ("  ... Switch (8 experts every 2nd layer)", "higher is better", None),
+    "train_step.gpu_mfu_mpoe": ("  ... MPOE", "higher is better", None),
+    "train_step.gpu_switch_vs_dense": ("GPU bf16: Switch tokens/s / dense tokens/s", "higher", ">= 0.85"),
+    "train_step.gpu_mpoe_vs_switch": ("GPU bf16: MPOE tokens/s / Switch tokens/s", "higher", ">= 0.8"),
+    "gpu.hf_switch.speedup": ("GPU bf16: HF SwitchTransformersSparseMLP time / ours", "higher is better", None),
 }
 BENCHES = ("experts", "moe_layer", "hf_switch", "train_step")
 
@@ -64,24 +76,25 @@ def _banner(name: str) -> None:
     print(f"\n=== bench.{name} " + "=" * max(0, 60 - len(name)), flush=True)
 
 
-def run_bench(name: str, quick: bool) -> dict:
+def run_bench(name: str, quick: bool, device: str = "cpu") -> dict:
     flag = ["--quick"] if quick else []
+    on = [] if device == "cpu" else ["--device", device]  # the CPU runs keep exactly their old arguments
     if name == "experts":
         from bench import experts
 
-        return experts.main(flag)
+        return experts.main(flag + on)
     if name == "moe_layer":
         from bench import moe_layer
 
-        return moe_layer.main(flag)
+        return moe_layer.main(flag + on)
     if name == "hf_switch":
         from bench import hf_switch
 
-        return hf_switch.run(quick)["results"]
+        return hf_switch.run(quick, device=device)["results"]
     if name == "train_step":
         from bench import train_step
 
-        return train_step.run(quick)["results"]
+        return train_step.main(flag + on) if on else train_step.run(quick)["results"]
     raise ValueError(name)
 
 
@@ -106,6 +119,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small sizes (about 3-5 minutes on 2 cores)")
     ap.add_argument("--json", help="write {'results': {...}} here")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: passed to every benchmark")
     args = ap.parse_args(argv)
     load_start = os.getloadavg()[0]
     print(
@@ -118,7 +132,7 @@ def main(argv=None) -> dict:
         _banner(name)
         start = time.perf_counter()
         try:
-            results.update(run_bench(name, args.quick))
+            results.update(run_bench(name, args.quick, args.device))
         except Exception as e:  # one benchmark failing should not lose the others' numbers
             failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"bench.{name} failed: {failed[name]}", flush=True)
@@ -140,6 +154,7 @@ def main(argv=None) -> dict:
             "load_average": {"start": load_start, "end": load_end},
             "seconds": seconds,
             "quick": args.quick,
+            "device": args.device,
             "failed": failed,
         },
     )

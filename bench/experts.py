@@ -1,6 +1,11 @@
 """Expert banks side by side: MPOE vs Switch vs DeepSpeed's `Experts`, fwd+bwd time and parameters.
 
-    python -m bench.experts [--json FILE] [--quick] [--bond-dim B] [--tokens N]
+    python -m bench.experts [--json FILE] [--quick] [--bond-dim B] [--tokens N] [--impl loop|grouped]
+    python -m bench.experts --device cuda [--json FILE] [--quick]
+
+--device cuda: the Switch and MPOE banks alone on one GPU in bf16 with the grouped
+backend, 16384 tokens balanced over 8 and 64 experts (`run_gpu`);
+gpu.experts.mpoe_vs_switch_time is the worse of the two. What follows is the CPU run.
 
 Same shape for all three: GPT-2-small FFN (768 x 3072), 8 experts, tokens split
 evenly, tanh-GELU, input gradients on (as inside a model). Times are medians
@@ -77,7 +82,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--bond-dim", type=int, default=16, help="MPO bond cap for the MPOE bank (0 = full bonds)")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--impl", default="auto", choices=["auto", "loop", "grouped"], help="moe.expert_impl of both banks")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (bf16, grouped backend)")
+    ap.add_argument("--gpu-scale", type=int, default=1, help=argparse.SUPPRESS)  # dry run: GPU sizes / N
     args = ap.parse_args(argv)
+    if args.device != "cpu" or args.gpu_scale > 1:
+        dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+        out = run_gpu(args.device, args.quick, args.repeats, args.bond_dim or None, args.gpu_scale, dtype)
+        write_json(args.json, out)
+        return out["results"]
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = args.tokens
@@ -90,9 +103,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dense = DenseFFN.random(D_MODEL, D_FF)
     groups = ExpertGroups()
-    switch = build_expert_bank(MoEConfig(kind="switch", num_experts=E), D_MODEL, D_FF, "gelu_new", groups, dense)
+    impl = args.impl
+    switch = build_expert_bank(
+        MoEConfig(kind="switch", num_experts=E, expert_impl=impl), D_MODEL, D_FF, "gelu_new", groups, dense
+    )
     mpoe = build_expert_bank(
-        MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond), D_MODEL, D_FF, "gelu_new", groups, dense
+        MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond, expert_impl=impl), D_MODEL, D_FF, "gelu_new", groups, dense
     )
     ds = deepspeed_experts(dense, E)
     counts = [tokens // E] * E
@@ -113,7 +129,7 @@ def main(argv=None) -> dict:
 
     print(
         f"expert banks: {E} experts, FFN {D_MODEL}x{D_FF}, {tokens} tokens ({tokens // E} per expert), "
-        f"{torch.get_num_threads()} threads, median of {repeats} fwd+bwd after 1 warm-up"
+        f"{torch.get_num_threads()} threads, median of {repeats} fwd+bwd after 1 warm-up; expert_impl={impl}"
     )
     print(f"MPOE bond_dim = {bond or 'full'}; factors {mpo.factorize(D_MODEL)} x {mpo.factorize(D_FF)}")
     print(f"{'bank':<10}{'fwd+bwd ms':>12}{'params':>14}")
@@ -151,6 +167,47 @@ def main(argv=None) -> dict:
         },
     )
     return results
+
+
+def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None) -> dict:
+    """Switch vs MPOE bank fwd+bwd on one device, grouped backend, counts on the device; scale > 1 = dry run."""
+    from bench.gpu import step_stats
+
+    dev, dtype = torch.device(device), dtype or torch.bfloat16
+    repeats = repeats or (5 if quick else 10)
+    tokens, d_model, d_ff = 16384 // scale, D_MODEL // scale, D_FF // scale
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
+    print(f"expert banks on {name}, {dtype}, {d_model}x{d_ff}, {tokens} tokens balanced, bond {bond or 'full'}")
+    print(f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10}")
+    torch.manual_seed(0)
+    dense = DenseFFN.random(d_model, d_ff)
+    rows, ratios = [], []
+    for E in (8, 64):
+        counts = torch.full((E,), tokens // E, device=dev)
+        x = torch.randn(tokens // E * E, d_model, device=dev, dtype=dtype).requires_grad_()
+        stats = {}
+        for kind in ("switch", "mpoe"):
+            cfg = MoEConfig(kind=kind, num_experts=E, bond_dim=bond, expert_impl="grouped")
+            bank = build_expert_bank(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), dense).to(dev, dtype)
+
+            def step(bank=bank, x=x, counts=counts):
+                bank.zero_grad(set_to_none=True)
+                bank(x, counts).float().sum().backward()
+
+            stats[kind] = step_stats(step, dev, repeats, module=bank)
+            del bank
+        mb = lambda k, stats=stats: "-" if stats[k]["peak_mb"] is None else f"{stats[k]['peak_mb']:.0f}"
+        ratio = stats["mpoe"]["ms"] / stats["switch"]["ms"]
+        ratios.append(ratio)
+        rows.append({"experts": E, "switch": stats["switch"], "mpoe": stats["mpoe"]})
+        print(
+            f"{E:>3} {stats['switch']['ms']:>10.2f} {stats['mpoe']['ms']:>10.2f} {ratio:>12.2f} "
+            f"{mb('switch'):>10} {mb('mpoe'):>10}",
+            flush=True,
+        )
+    results = {"gpu.experts.mpoe_vs_switch_time": max(ratios)}
+    print("gpu.experts.mpoe_vs_switch_time (worse of 8 and 64 experts) =", f"{max(ratios):.3f}")
+    return {"results": results, "rows": rows}
 
 
 def _mpoe_params(num_experts: int, bond) -> int:

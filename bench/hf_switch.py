@@ -66,9 +66,12 @@ def build_pair(seq_len: int, experts: int = EXPERTS):
     return ours, hf
 
 
-def run(quick: bool = False, repeats: int = 5) -> dict:
+def run(quick: bool = False, repeats: int = 5, device: str = "cpu") -> dict:
+    """device cuda: bf16, medians of CUDA-event timings after warm-up, key gpu.hf_switch.speedup."""
     batch, seq = (4, 256) if quick else (8, 512)
     ours, hf = build_pair(seq)
+    if device != "cpu":
+        return _run_gpu(ours, hf, batch, seq, repeats, torch.device(device))
     x = torch.randn(batch, seq, D_MODEL)
     with torch.no_grad():
         max_diff = float((ours(x) - hf(x)).abs().max())
@@ -86,13 +89,30 @@ def run(quick: bool = False, repeats: int = 5) -> dict:
     }
 
 
+def _run_gpu(ours, hf, batch: int, seq: int, repeats: int, device: torch.device) -> dict:
+    from bench.gpu import fwd_bwd_step, step_stats
+
+    ours, hf = ours.to(device, torch.bfloat16), hf.to(device, torch.bfloat16)
+    x = torch.randn(batch, seq, D_MODEL, device=device, dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    times = {
+        name: step_stats(fwd_bwd_step(m, x, g), device, repeats, module=m) for name, m in (("ours", ours), ("hf", hf))
+    }
+    speedup = times["hf"]["ms"] / times["ours"]["ms"]
+    print(
+        f"{device} bf16 fwd+bwd ms: ours {times['ours']['ms']:.2f}, HF {times['hf']['ms']:.2f}; speedup {speedup:.2f}x"
+    )
+    return {"results": {"gpu.hf_switch.speedup": speedup}, "config": {"batch": batch, "seq": seq, **times}}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--quick", action="store_true", help="4 x 256 tokens instead of 8 x 512")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16)")
     args = ap.parse_args(argv)
-    out = run(args.quick, args.repeats)
+    out = run(args.quick, args.repeats, args.device)
     write_json(args.json, out)
     return out["results"]
 

@@ -1,6 +1,12 @@
 """MoE layer speed: our permutation dispatch vs DeepSpeed's padded einsum MoE vs the dense compute floor.
 
     python -m bench.moe_layer [--json FILE] [--quick] [--ep 1 2]
+    python -m bench.moe_layer --device cuda [--json FILE] [--quick]
+
+--device cuda runs the GPU table instead (`run_gpu`, below): one GPU, bf16, the
+grouped expert backend, our layer against the dense floor, a 30-line
+`torch._grouped_mm` reference (`bench.gpu.GroupedRefMoE`) and DeepSpeed's layer.
+What follows describes the CPU table.
 
 One training step (forward + backward of sum(out * g)) of a top-1 Switch layer,
 d_model 512, d_ff 2048, fastest of 3 rounds in which ours, the floor, the bank alone
@@ -36,6 +42,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -285,9 +292,150 @@ def print_row(r: dict) -> None:
         )
 
 
+# The GPU table: (tokens, experts, top_k, capacity factor or None = dropless, d_model, d_ff)
+GPU_ROWS = [
+    (16384, 8, 1, 1.0, 1024, 4096),
+    (16384, 8, 1, None, 1024, 4096),
+    (16384, 64, 1, None, 1024, 4096),
+    (65536, 64, 1, None, 1024, 4096),
+    (65536, 8, 2, None, 1024, 4096),
+    (65536, 64, 2, None, 2048, 8192),
+]
+
+
+def _ds_layer(ours, d_model: int, d_ff: int, num_experts: int, top_k: int, capacity_factor, device, dtype):
+    """DeepSpeed's MoE with our router's gate (its gate computes in fp32, as DeepSpeed keeps it)."""
+    from deepspeed.moe.layer import MoE
+
+    from mpoe.models.experts import activation_fn
+
+    expert = nn.Sequential(
+        nn.Linear(d_model, d_ff, bias=False), activation_fn("gelu_new"), nn.Linear(d_ff, d_model, bias=False)
+    )
+    ds = MoE(
+        d_model,
+        expert,
+        num_experts=num_experts,
+        ep_size=1,
+        k=top_k,
+        capacity_factor=capacity_factor or 1.0,
+        eval_capacity_factor=capacity_factor or 1.0,
+        min_capacity=0,
+        drop_tokens=capacity_factor is not None,
+        use_rts=False,
+    ).to(device, dtype)
+    gate = ds.deepspeed_moe.gate.wg
+    gate.float()
+    with torch.no_grad():
+        gate.weight.copy_(ours.router.gate.weight.float())
+    return ds
+
+
+def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int, ds_max_gb: float) -> dict:
+    """One row of the GPU table: ours (grouped backend, sync-free dispatch), floor, grouped reference, DeepSpeed."""
+    from bench.gpu import GroupedRefMoE, fwd_bwd_step, step_stats
+    from mpoe.models.experts import activation_fn
+
+    tokens, num_experts, top_k, capacity_factor, d_model, d_ff = row
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        kind="switch",
+        num_experts=num_experts,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        z_loss_coef=0.0,
+        expert_impl="grouped",
+    )
+    ours = build_moe_layer(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), bias=False).to(device, dtype)
+    ours.dispatcher.sync_free = True  # what CUDA gets by default; forced so that a CPU dry run takes the same path
+    act = activation_fn("gelu_new")
+    floor = nn.Sequential(  # the active FLOPs of a top-k layer: one FFN k times as wide
+        nn.Linear(d_model, top_k * d_ff, bias=False), act, nn.Linear(top_k * d_ff, d_model, bias=False)
+    ).to(device, dtype)
+    bank = ours.bank
+    ref = GroupedRefMoE(ours.router.gate.weight, bank.w_in, bank.w_out, top_k, act).to(device, dtype)
+    x = torch.randn(tokens, d_model, device=device, dtype=dtype).requires_grad_()
+    g = torch.randn_like(x)
+    modules = {"ours": ours, "floor": floor, "ref": ref}
+    with torch.no_grad():
+        counts = ours.router(x).tokens_per_expert
+    load = float(counts.max()) / float(counts.float().mean())
+    capacity = math.ceil(tokens * top_k / num_experts * capacity_factor) if capacity_factor else int(counts.max())
+    ds_gb = tokens * num_experts * capacity * 4 / 1e9  # one of its [tokens, experts, capacity] fp32 tensors
+    result = dict(
+        tokens=tokens, experts=num_experts, top_k=top_k, capacity_factor=capacity_factor, d_model=d_model, d_ff=d_ff
+    )
+    result.update(load_max_over_mean=load, ds_skipped=None)
+    if ds_gb > ds_max_gb:
+        result["ds_skipped"] = f"[tokens, experts, capacity] tensors of {ds_gb:.1f} GB each (> --ds-max-gb)"
+    else:
+        try:
+            modules["ds"] = _ds_layer(ours, d_model, d_ff, num_experts, top_k, capacity_factor, device, dtype)
+        except Exception as e:  # report, keep the other columns
+            result["ds_skipped"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    for name, module in modules.items():
+        try:
+            stats = step_stats(fwd_bwd_step(module, x, g), device, repeats, module=module)
+        except Exception as e:
+            if name != "ds":
+                raise
+            result["ds_skipped"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            continue
+        result[f"{name}_ms"], result[f"{name}_peak_mb"] = stats["ms"], stats["peak_mb"]
+    del modules, ours, floor, ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def print_gpu_row(r: dict) -> None:
+    mb = lambda name: "-" if r.get(f"{name}_peak_mb") is None else f"{r[f'{name}_peak_mb']:.0f}"
+    ms = lambda name: "-" if f"{name}_ms" not in r else f"{r[f'{name}_ms']:.2f}"
+    routing = "dropless" if r["capacity_factor"] is None else f"cf {r['capacity_factor']}"
+    ds_ratio = f"{r['ds_ms'] / r['ours_ms']:.2f}" if "ds_ms" in r else "-"
+    print(
+        f"{r['tokens']:>6} {r['d_model']:>5}/{r['d_ff']:<5} {r['experts']:>3} {r['top_k']:>2} {routing:>9} "
+        f"{r['load_max_over_mean']:>5.2f} {ms('ours'):>8} {ms('floor'):>8} {ms('ref'):>8} {ms('ds'):>8} "
+        f"{r['ours_ms'] / r['floor_ms']:>7.2f} {r['ours_ms'] / r['ref_ms']:>7.2f} {ds_ratio:>7} "
+        f"{mb('ours'):>8} {mb('floor'):>8} {mb('ref'):>8} {mb('ds'):>8}",
+        flush=True,
+    )
+    if r["ds_skipped"]:
+        print(f"        DeepSpeed not run: {r['ds_skipped']}", flush=True)
+
+
+def run_gpu(device: str, quick: bool, repeats: Optional[int], ds_max_gb: float, scale: int = 1, dtype=None) -> dict:
+    """The GPU table (bf16). scale > 1 divides tokens and widths: a dry run of the same code on a CPU."""
+    dev = torch.device(device)
+    dtype = dtype or torch.bfloat16
+    repeats = repeats or (5 if quick else 10)
+    rows = [(t // scale, e, k, cf, d // scale, f // scale) for t, e, k, cf, d, f in GPU_ROWS]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
+    print(f"MoE layer fwd+bwd on {name}, {dtype}, median of {repeats} after warm-up; peak MB = what a step adds")
+    print(
+        f"{'tokens':>6} {'d/d_ff':>11} {'E':>3} {'k':>2} {'routing':>9} {'load':>5} {'ours':>8} {'floor':>8} "
+        f"{'ref':>8} {'DS':>8} {'/floor':>7} {'/ref':>7} {'DS/ours':>7} {'ours MB':>8} {'floor MB':>8} "
+        f"{'ref MB':>8} {'DS MB':>8}"
+    )
+    results_rows = []
+    for row in rows:
+        results_rows.append(gpu_case(row, dev, dtype, repeats, ds_max_gb))
+        print_gpu_row(results_rows[-1])
+    with_ds = [r["ds_ms"] / r["ours_ms"] for r in results_rows if "ds_ms" in r]
+    results = {
+        "gpu.moe_layer.vs_floor": max(r["ours_ms"] / r["floor_ms"] for r in results_rows),
+        "gpu.moe_layer.vs_grouped_ref": max(r["ours_ms"] / r["ref_ms"] for r in results_rows),
+        "gpu.moe_layer.speedup_vs_deepspeed": min(with_ds) if with_ds else None,
+    }
+    print("headline (worst over the table):", json.dumps(results))
+    return {"results": results, "rows": results_rows}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the headline ratios here")
+    parser.add_argument("--device", default="cpu", help="cpu (the CPU table) or cuda (the GPU table, bf16)")
+    parser.add_argument("--gpu-scale", type=int, default=1, help=argparse.SUPPRESS)  # dry run: GPU table / N
     parser.add_argument("--quick", action="store_true", help="small token counts (about 2 minutes on 2 cores)")
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts (global, for every ep)")
     parser.add_argument(
@@ -296,6 +444,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ds-max-gb", type=float, default=4.0)
     args = parser.parse_args(argv)
+    if args.device != "cpu" or args.gpu_scale > 1:
+        dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+        out = run_gpu(args.device, args.quick, args.repeats, args.ds_max_gb, args.gpu_scale, dtype)
+        write_json(args.json, out)
+        return out["results"]
     repeats = args.repeats or 3
     modes = ("cf1", "dropless", "skewed")
 

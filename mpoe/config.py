@@ -30,6 +30,7 @@ GRAD_MASK_TARGETS = ("central", "auxiliary", "all")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DATA_SOURCES = ("embedded", "text", "hub")
+EXPERT_IMPLS = ("auto", "loop", "grouped")
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,7 @@ class MoEConfig:
     num_mpo_factors: int = 5  # mpoe: n local tensors per matrix
     aux_init_noise: float = 0.0  # mpoe: noise on auxiliary tensors to break symmetry
     grad_mask: GradMaskConfig = field(default_factory=GradMaskConfig)
+    expert_impl: str = "auto"  # auto | loop | grouped: per-expert GEMMs or one grouped GEMM; auto = by device
 
     def topk_normalized(self) -> bool:
         return self.top_k >= 2 if self.normalize_topk is None else self.normalize_topk
@@ -232,6 +234,7 @@ def check_moe(moe: MoEConfig) -> None:
             _fail(f"moe.{key}", value, "must be > 0, or null for dropless routing")
     _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
     _one_of("moe.score_function", moe.score_function, SCORE_FUNCTIONS)
+    _one_of("moe.expert_impl", moe.expert_impl, EXPERT_IMPLS)
     _positive("moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
     _positive("moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
     _positive("moe.jitter_eps", moe.jitter_eps, allow_zero=True)

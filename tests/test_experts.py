@@ -111,7 +111,8 @@ def test_mark_expert_params_tags_exactly_the_expert_params(kind):
     untagged = set(named) - tagged
     assert all(not hasattr(named[n], "allreduce") for n in untagged)
     roles = bank.param_roles()
-    assert sum(len(v) for v in roles.values()) == len(named)
+    assert len(roles.all()) == len(named)
+    assert {id(p) for p in roles.per_expert()} == {id(named[n]) for n in expected}
 
 
 def test_mpoe_param_count_follows_formulas():

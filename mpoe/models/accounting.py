@@ -27,10 +27,7 @@ import torch.nn as nn
 from mpoe.models import mpo
 from mpoe.models.build import moe_layers
 from mpoe.models.experts import MPOEExperts
-
-
-def is_expert_param(p: nn.Parameter) -> bool:
-    return getattr(p, "allreduce", True) is False
+from mpoe.models.param_tags import is_expert_param  # also read from here by export.py
 
 
 def _lm_head(model: nn.Module) -> int:
@@ -57,9 +54,9 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
         bank = layer.bank
         roles = bank.param_roles()
         own = sum(p.numel() for p in bank.parameters() if is_expert_param(p))
-        central = sum(p.numel() for p in roles.get("central", []))
+        central = sum(p.numel() for p in roles.central)
         counts["params_central"] += central
-        counts["params_auxiliary"] += sum(p.numel() for p in roles.get("auxiliary", [])) * ep_size
+        counts["params_auxiliary"] += sum(p.numel() for p in roles.auxiliary) * ep_size
         counts["params_router"] += sum(p.numel() for p in layer.router.parameters())
         counts["params_expert"] += central + own * ep_size
         active += top_k * own // bank.num_local_experts

@@ -6,12 +6,12 @@ bank (independent dense experts) and an MPOE bank (experts sharing one MPO
 central tensor per weight matrix) are interchangeable.
 
 Choices, and why:
-- Weights are in the ``x @ W`` layout (GPT-2 Conv1D's), per-expert weights are
-  stacked along a leading local-expert axis, and each forward `unbind`s them
-  once, so backward writes every expert's gradient into one stacked buffer.
+- Weights are in the ``x @ W`` layout (GPT-2 Conv1D's) and per-expert weights
+  are stacked along a leading local-expert axis, so every expert's gradient
+  lands in one stacked buffer.
 - An expert is ``act(x @ W_in + b_in) @ W_out + b_out``; gated (T5 v1.1) it is
   ``(act(x @ W_gate) * (x @ W_in)) @ W_out``. 'gated-gelu' means HF's gelu_new,
-  as in T5's config.
+  as in T5's config. The activation runs once over all rows.
 - Random initialisation (no dense FFN given) draws from generators seeded by
   one number taken from the global torch RNG and the *global* expert id, so an
   expert's initial weights do not depend on how experts are spread over ranks.
@@ -21,34 +21,25 @@ Choices, and why:
   from a dense FFN, every expert starts as that FFN (exactly, at full bonds).
   `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
   seeded per global expert, to break the experts' symmetry if wanted.
-- Each weight is applied to all local experts' rows by one grouped op
-  (`grouped_linear.py`): per-expert GEMMs written into one output, gradients
-  written straight into stacked buffers, no per-expert split / cat, and the
-  activation runs once over all tokens.
-- MPOE contracts each chain into its two halves (`mpo.split_halves`: small
-  outer tensors first, the shared central tensor last) for all local experts
-  at once, and `mpo_grouped_linear` builds each expert's W from them inside
-  the op, with rows or columns reordered so that no pass over W or grad W
-  reorders it (W_in's column order and W_out's row order cancel through h, so
-  the FFN's result is unchanged). When pushing an expert's tokens through the
-  chain costs less (few tokens, see `mpo.matmul_costs`) it falls back to
-  per-expert `mpo_matmul`.
-  With no tokens at all every parameter still gets a (zero) gradient.
+- How the experts compute is the bank's backend, `moe.expert_impl`:
+  `experts_loop.py` (per-expert GEMMs over host counts, the CPU's) or
+  `experts_grouped.py` (one grouped GEMM per weight, counts on the device, the
+  GPU's); `auto` picks by the rows' device at each call. Both give every
+  parameter a (zero) gradient when no rows come.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from mpoe.models import mpo
-from mpoe.models.grouped_linear import grouped_linear, mpo_grouped_linear
-
-TokenCounts = Union[Sequence[int], Tensor]
+from mpoe.models.interfaces import ExpertBackend, ParamRoles, TokenCounts, bias_of
+from mpoe.models.param_tags import tag_expert_params, tag_first_expert
 
 
 def activation_fn(activation: str) -> nn.Module:
@@ -127,9 +118,16 @@ class DenseFFN:
 
 
 class ExpertBank(nn.Module):
-    """The local experts of one MoE layer; subclasses say how an expert applies its weights."""
+    """The local experts of one MoE layer; subclasses hold the weights, a backend (`expert_impl`) computes.
 
-    def __init__(self, num_experts: int, local_experts: range, d_model: int, activation: str, gated: bool):
+    Backends (`experts_loop.LoopBackend`, `experts_grouped.GroupedBackend`) see a bank
+    through `stacked_weight(name)` / `bias(name)` (all local experts' W and bias for
+    one weight matrix) and, for the loop backend's MPO paths, the MPOE bank's chains.
+    """
+
+    def __init__(
+        self, num_experts: int, local_experts: range, d_model: int, activation: str, gated: bool, impl: str = "auto"
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.num_local_experts = len(local_experts)
@@ -137,57 +135,59 @@ class ExpertBank(nn.Module):
         self.d_model = d_model
         self.activation, self.gated = activation, gated
         self.act = activation_fn(activation)
+        self.impl = impl
 
-    def token_counts(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> list[int]:
-        """tokens_per_expert as a list of ints, checked against the local experts and the rows given."""
-        counts = [
-            int(c) for c in (tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else tokens_per_expert)
-        ]
-        if len(counts) != self.num_local_experts or sum(counts) != tokens.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert={counts} must have {self.num_local_experts} entries "
-                f"summing to {tokens.shape[0]} tokens"
-            )
-        return counts
+    def backend(self, tokens: Tensor) -> ExpertBackend:
+        """`moe.expert_impl`: auto is decided per call from the tokens' device, so a bank moved to CUDA
+        after it was built (DeepSpeed moves the module) picks the grouped GEMM."""
+        from mpoe.models.experts_grouped import GROUPED
+        from mpoe.models.experts_loop import LOOP
+
+        if self.impl == "auto":
+            return GROUPED if tokens.is_cuda else LOOP
+        if self.impl not in ("loop", "grouped"):
+            raise ValueError(f"moe.expert_impl={self.impl!r} is invalid: use one of auto, loop, grouped")
+        return GROUPED if self.impl == "grouped" else LOOP
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
-        counts = self.token_counts(tokens, tokens_per_expert)
-        # act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all tokens
-        h = self.linear(tokens, counts, "w_in")
-        h = self.act(self.linear(tokens, counts, "w_gate")) * h if self.gated else self.act(h)
-        return self.linear(h, counts, "w_out")
+        backend = self.backend(tokens)
+        return backend.forward(self, tokens, backend.counts(tokens, tokens_per_expert, self.num_local_experts))
 
-    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
+    def ffn(self, x: Tensor, linear) -> Tensor:
+        """act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all rows.
+
+        linear(x, name): every local expert's rows times its weight `name` (+ bias)."""
+        h = linear(x, "w_in")
+        h = self.act(linear(x, "w_gate")) * h if self.gated else self.act(h)
+        return linear(h, "w_out")
+
+    def linear(self, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
         """Rows of local expert e (consecutive, counts[e] of them) times expert e's weight `name` (+ its bias)."""
+        return self.backend(x).linear(self, x, counts, name)
+
+    def bias(self, name: str) -> Optional[Tensor]:
+        return bias_of(self, name)
+
+    def stacked_weight(self, name: str) -> Tensor:
+        """All local experts' weight `name`, [L, I, J] (x @ W layout)."""
         raise NotImplementedError
 
-    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+    def param_roles(self) -> ParamRoles:
         raise NotImplementedError
 
     def _tag_stacked(self) -> None:
         """Per-expert params are stacked on a leading local-expert axis; record whose slice 0 is."""
-        roles = self.param_roles()
-        for p in roles["auxiliary"] + roles["expert"]:
-            p.first_expert = self.first_expert
+        tag_first_expert(self.param_roles().per_expert(), self.first_expert)
 
     def mark_expert_params(self, group_name: str) -> None:
         """DeepSpeed: expert params are reduced over the expert-data-parallel group `group_name`."""
-        roles = self.param_roles()
-        for p in roles["auxiliary"] + roles["expert"]:
-            p.allreduce = False
-            p.group_name = group_name
+        tag_expert_params(self.param_roles().per_expert(), group_name)
 
 
 def _noise_seed(base: int, name: str, position: int, global_expert: int) -> int:
     """Deterministic across processes (Python's str hash is not)."""
     index = ("w_in", "w_out", "w_gate").index(name)
     return (base + 1_000_003 * global_expert + 1_009 * position + index) % (2**62)
-
-
-def _cheaper_path(n_tokens: int, chain: Sequence) -> str:
-    """chain: an expert's local tensors in chain order, or their shapes. The dense path is the grouped op's."""
-    dense, chain_cost = mpo.matmul_costs(n_tokens, [getattr(t, "shape", t) for t in chain], weight_passes=1)
-    return "chain" if chain_cost < dense else "dense"
 
 
 def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
@@ -197,8 +197,11 @@ def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
 class SwitchExperts(ExpertBank):
     """Independent dense experts, weights stacked [L, ...]."""
 
-    def __init__(self, num_experts: int, local_experts: range, denses: Sequence[DenseFFN], activation: str):
-        super().__init__(num_experts, local_experts, denses[0].d_model, activation, denses[0].w_gate is not None)
+    def __init__(
+        self, num_experts: int, local_experts: range, denses: Sequence[DenseFFN], activation: str, impl: str = "auto"
+    ):
+        gated = denses[0].w_gate is not None
+        super().__init__(num_experts, local_experts, denses[0].d_model, activation, gated, impl)
         assert len(denses) == self.num_local_experts
         self.w_in = _stack([d.w_in for d in denses])
         self.b_in = _stack([d.b_in for d in denses])
@@ -207,17 +210,21 @@ class SwitchExperts(ExpertBank):
         self.w_gate = _stack([d.w_gate for d in denses])
         self._tag_stacked()
 
-    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
-        bias = {"w_in": self.b_in, "w_out": self.b_out}.get(name)
-        return grouped_linear(x, counts, bias, stacked=getattr(self, name))
+    def stacked_weight(self, name: str) -> Tensor:
+        return getattr(self, name)
 
-    def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        expert = [p for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_gate) if p is not None]
-        return {"central": [], "auxiliary": [], "expert": expert}
+    def param_roles(self) -> ParamRoles:
+        return ParamRoles(
+            expert=[p for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_gate) if p is not None]
+        )
 
 
 class MPOEExperts(ExpertBank):
-    """Experts whose weight matrices share one MPO central tensor each and own their auxiliary tensors."""
+    """Experts whose weight matrices share one MPO central tensor each and own their auxiliary tensors.
+
+    `method` ('auto' | 'dense' | 'chain') is the loop backend's choice between
+    rebuilding W and pushing tokens through the chain; the grouped backend always rebuilds.
+    """
 
     def __init__(
         self,
@@ -230,8 +237,9 @@ class MPOEExperts(ExpertBank):
         aux_init_noise: float = 0.0,
         noise_seed: int = 0,
         method: str = "auto",
+        impl: str = "auto",
     ):
-        super().__init__(num_experts, local_experts, dense.d_model, activation, dense.w_gate is not None)
+        super().__init__(num_experts, local_experts, dense.d_model, activation, dense.w_gate is not None, impl)
         self.bond_dim, self.method = bond_dim, method
         model_f, ff_f = mpo.factorize(dense.d_model, num_factors), mpo.factorize(dense.d_ff, num_factors)
         self.factors = {"w_in": (model_f, ff_f), "w_out": (ff_f, model_f), "w_gate": (model_f, ff_f)}
@@ -268,65 +276,17 @@ class MPOEExperts(ExpertBank):
             for e in range(self.num_local_experts)
         ]
 
-    def linear(self, x: Tensor, counts: list[int], name: str) -> Tensor:
-        bias = {"w_in": self.b_in, "w_out": self.b_out}.get(name)
-        chains = self.expert_chains(name)
-        methods = [self.method if self.method != "auto" else _cheaper_path(n, chains[e]) for e, n in enumerate(counts)]
-        used = [e for e, n in enumerate(counts) if n > 0]
-        if used and all(methods[e] == "dense" for e in used):
-            left, right, perm = self.halves(name)
-            return mpo_grouped_linear(x.index_select(1, perm), counts, bias, left, right)
-        outputs = [
-            mpo.mpo_matmul(xe, chains[e], methods[e], None if bias is None else bias[e])
-            for e, xe in enumerate(x.split(counts))
-        ]
-        return torch.cat(outputs)
-
-    def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
-        counts = self.token_counts(tokens, tokens_per_expert)
-        used = [n for n in counts if n > 0]
-        shapes = {name: [t.shape[-4:] for t in self.stacked_chain(name)] for name in self.central}
-        all_dense = (
-            self.method == "dense"
-            or self.method == "auto"
-            and all(_cheaper_path(n, shapes[name]) == "dense" for name in shapes for n in used)
-        )
-        if used and all_dense:
-            return self._rebuilt_ffn(tokens, counts)
-        return super().forward(tokens, counts)
-
-    def _rebuilt_ffn(self, x: Tensor, counts: list[int]) -> Tensor:
-        """The FFN with every W rebuilt inside the grouped op, permutations cancelled between W_in and W_out.
-
-        W_in (and W_gate) are built transposed with their columns reordered by q
-        (`mpo.split_halves`), so h comes out with its d_ff columns in q's order
-        and b_in is reordered to match; W_out is built with its rows reordered by p.
-        When W_out's cut of the d_ff factors mirrors W_in's, q == p and h feeds W_out
-        as it is; otherwise one index_select over h maps q's order to p's. No pass
-        over any full weight matrix or its gradient reorders it.
-        """
-        left, right, q = self.halves("w_in", transposed=True)  # M: rows = W_in columns q
-        b_in = None if self.b_in is None else self.b_in.index_select(1, q)
-        h = mpo_grouped_linear(x, counts, b_in, left, right, transposed=True)
-        if self.gated:
-            left, right, q_gate = self.halves("w_gate", transposed=True)
-            if not torch.equal(q_gate, q):
-                raise AssertionError("w_gate and w_in share their factors, so their column orders must agree")
-            h = self.act(mpo_grouped_linear(x, counts, None, left, right, transposed=True)) * h
-        else:
-            h = self.act(h)
-        left, right, p = self.halves("w_out")  # M: rows = W_out rows p
-        where = torch.empty_like(q)
-        where[q] = torch.arange(q.numel(), device=q.device)  # column of h holding d_ff index f
-        index = where[p]
-        if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
-            h = h.index_select(1, index)
-        return mpo_grouped_linear(h, counts, self.b_out, left, right)
-
     def stacked_chain(self, name: str) -> list[Tensor]:
         """All local experts' chain for `name`: stacked auxiliaries [L, d, i, j, d'] around the shared central."""
         aux, c = list(self.auxiliary[name]), self.central_index
         return aux[:c] + [self.central[name]] + aux[c:]
+
+    def stacked_weight(self, name: str) -> Tensor:
+        """Every local expert's W for `name` at once, [L, I, J]: one batched contraction of the chains.
+
+        The central tensor has no expert axis and broadcasts, so autograd sums its
+        gradient over the experts; the auxiliaries' gradients come out stacked."""
+        return mpo.contract(self.stacked_chain(name))
 
     def halves(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """All local experts' chain for `name` as `mpo.split_halves` gives it.
@@ -343,12 +303,12 @@ class MPOEExperts(ExpertBank):
         """Expert `local_expert`'s dense weight `name` (x @ W layout)."""
         return mpo.contract(self.expert_chains(name)[local_expert])
 
-    def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "central": list(self.central.values()),
-            "auxiliary": [p for plist in self.auxiliary.values() for p in plist],
-            "expert": [p for p in (self.b_in, self.b_out) if p is not None],
-        }
+    def param_roles(self) -> ParamRoles:
+        return ParamRoles(
+            central=list(self.central.values()),
+            auxiliary=[p for plist in self.auxiliary.values() for p in plist],
+            expert=[p for p in (self.b_in, self.b_out) if p is not None],
+        )
 
 
 def build_expert_bank(
@@ -362,6 +322,7 @@ def build_expert_bank(
     if dense is not None and (dense.d_model, dense.d_ff) != (d_model, d_ff):
         raise ValueError(f"dense FFN is {dense.d_model}x{dense.d_ff}, expected d_model={d_model}, d_ff={d_ff}")
     local = groups.local_experts(cfg.num_experts)
+    impl = cfg.expert_impl
     base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # same on every rank: the global RNG is
     if cfg.kind == "switch":
         if dense is not None:
@@ -371,7 +332,7 @@ def build_expert_bank(
                 DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed + e))
                 for e in local
             ]
-        bank: ExpertBank = SwitchExperts(cfg.num_experts, local, denses, activation)
+        bank: ExpertBank = SwitchExperts(cfg.num_experts, local, denses, activation, impl=impl)
     elif cfg.kind == "mpoe":
         if dense is None:
             dense = DenseFFN.random(d_model, d_ff, gated, bias, generator=torch.Generator().manual_seed(base_seed))
@@ -384,6 +345,7 @@ def build_expert_bank(
             num_factors=cfg.num_mpo_factors,
             aux_init_noise=cfg.aux_init_noise,
             noise_seed=base_seed,
+            impl=impl,
         )
     else:
         raise ValueError(f"moe.kind={cfg.kind!r} has no expert bank: use 'switch' or 'mpoe'")

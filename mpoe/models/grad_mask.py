@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mpoe.models.experts import ExpertBank
+from mpoe.models.param_tags import first_expert
 
 
 def _seed(*parts: int) -> int:
@@ -58,7 +59,7 @@ class GradientMask:
         """The multiplier for parameter `index` at the current step (0, or 1 or 1/keep_prob)."""
         if index not in self._masks:
             p = self.params[index]
-            first = getattr(p, "first_expert", None)
+            first = first_expert(p)
             if first is None:
                 keep = self._draw(p.shape, _seed(self.seed, self.step, index))
             else:
@@ -97,7 +98,7 @@ def select_masked_params(model_or_banks: Union[nn.Module, Iterable[nn.Module]], 
         for module in root.modules():
             if isinstance(module, ExpertBank):
                 for role in roles:
-                    for p in module.param_roles()[role]:
+                    for p in module.param_roles().of(role):
                         if id(p) not in seen:
                             seen.add(id(p))
                             chosen.append(p)

@@ -1,4 +1,4 @@
-"""Grouped linear ops: consecutive row groups (one per local expert) times that expert's weight.
+"""The loop backend's grouped linear ops: consecutive row groups (one per local expert) times that expert's weight.
 
 Tokens arrive sorted by local expert, counts[k] rows for expert k. Both ops
 write every expert's rows into one output with per-expert GEMMs (no split /
@@ -14,9 +14,9 @@ cat) and return gradients for all experts in stacked buffers.
   passes stream through memory. Here the weight gradient of expert k lands in
   one scratch buffer that is reused for every expert (it stays in cache) and is
   contracted with the two halves right away; only the halves' gradients (~1/16
-  of W at bond 16) leave the op. On the GPT-2-small FFN at bond 16 this took
-  the MPOE bank from ~1.15x to ~1.08x the Switch bank's fwd+bwd time
-  (`python -m bench.experts`).
+  of W at bond 16) leave the op (`python -m bench.experts` measures what it buys).
+Counts are host ints and every expert is its own GEMM: the CPU path
+(`experts_loop.py`); the GPU path is `experts_grouped.py`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class _MPOGroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, counts, transposed, bias, left, right):
+    def forward(ctx, x, counts, transposed, bias, left, right, accumulate_max_blocks):
         L, a, b, d = left.shape
         c, e = right.shape[2], right.shape[3]
         left_rows = left.reshape(L, a * b, d)
@@ -112,6 +112,7 @@ class _MPOGroupedLinear(torch.autograd.Function):
             m = weights[k].view(c * a, b * e)
             _linear_into(out[rows], x[rows], m.t() if transposed else m, None if bias is None else bias[k])
         ctx.counts, ctx.transposed, ctx.dims = counts, transposed, (L, a, b, c, d, e)
+        ctx.accumulate_max_blocks = accumulate_max_blocks
         ctx.save_for_backward(x, bias, left_rows, right_by_c, weights)
         return out
 
@@ -138,8 +139,8 @@ class _MPOGroupedLinear(torch.autograd.Function):
                 else:
                     torch.mm(x[rows].t(), g, out=gm)
                 # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
-                # beats one bmm + sum while c is small (the bmm writes c partial results).
-                if c <= 64:
+                # beats one bmm + sum while c is small (the bmm writes c partial results): the caller's policy.
+                if c <= ctx.accumulate_max_blocks:
                     for i in range(c):
                         g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
                 else:
@@ -148,12 +149,18 @@ class _MPOGroupedLinear(torch.autograd.Function):
             if gb is not None:
                 torch.sum(g, 0, out=gb[k])
         if not need_halves:
-            return gx, None, None, gb, None, None
-        return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2)
+            return gx, None, None, gb, None, None, None
+        return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2), None
 
 
 def mpo_grouped_linear(
-    x: Tensor, counts: list[int], bias: Optional[Tensor], left: Tensor, right: Tensor, transposed: bool = False
+    x: Tensor,
+    counts: list[int],
+    bias: Optional[Tensor],
+    left: Tensor,
+    right: Tensor,
+    transposed: bool = False,
+    accumulate_max_blocks: int = 64,
 ) -> Tensor:
     """Rows of expert k @ M_k (transposed: @ M_k^T) + bias[k].
 
@@ -162,4 +169,4 @@ def mpo_grouped_linear(
     M_k is (c*a, b*e) with rows in (c, a) order: see `mpo.split_halves` for how
     that relates to the expert's W.
     """
-    return _MPOGroupedLinear.apply(x, counts, transposed, bias, left, right)
+    return _MPOGroupedLinear.apply(x, counts, transposed, bias, left, right, accumulate_max_blocks)

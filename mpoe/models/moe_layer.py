@@ -73,7 +73,7 @@ class MoELayer(MoE):
         self.router = TopKRouter(cfg, d_model)
         self.bank = experts
         self.bank.mark_expert_params(groups.name)
-        self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
+        self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups, top_k=cfg.top_k)
         self.stats: Optional[MoEStats] = None
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:

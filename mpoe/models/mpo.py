@@ -1,6 +1,6 @@
 """Matrix product operators (MPO): decompose a weight matrix, contract it back, count it.
 
-Choices (the paper leaves them to us; see /work/shared/papers/mpoe.md):
+Choices (the paper, Gao et al. COLING 2022, leaves them to us):
 
 - Layout. A weight is stored in the ``x @ W`` layout, shape (I, J) with
   I = prod(in_factors), J = prod(out_factors); row index = (i_1, ..., i_n)
@@ -280,21 +280,21 @@ def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, i
     return 2 * dense, 2 * chain
 
 
-# One element written to memory costs about as much time as this many FLOPs (2-core CPU,
-# measured: a pass over a 768x3072 matrix ~ 0.3x a 512-token GEMM with it). Pure FLOP
-# counts favour the chain path, whose every step rewrites a tokens-sized state.
+# One element written to memory costs about as much time as this many FLOPs on a CPU (a
+# default for `mpo_matmul`; the expert banks' loop backend sets its own, `experts_loop.POLICY`).
+# Pure FLOP counts favour the chain path, whose every step rewrites a tokens-sized state.
 MEMORY_COST = 100
 
 
-def matmul_costs(n_tokens: int, shapes: Sequence[Sequence[int]], weight_passes: int = 3) -> tuple[float, float]:
-    """(dense, chain) cost in FLOP-equivalents: FLOPs + MEMORY_COST x elements written.
+def matmul_costs(
+    n_tokens: int, shapes: Sequence[Sequence[int]], weight_passes: int = 3, memory_cost: float = MEMORY_COST
+) -> tuple[float, float]:
+    """(dense, chain) cost in FLOP-equivalents: FLOPs + memory_cost x elements written.
 
     weight_passes: full-size writes of W the dense path pays per step: 3 for `mpo_matmul`
     (W, its reordering pass, and grad W under autograd), 1 for the expert banks'
     `grouped_linear.mpo_grouped_linear` (W once; grad W stays in a reused buffer).
-    Measured for 768 x 3072 on this 2-core CPU, fwd+bwd of 8 experts: with 1 the
-    switch to the dense path falls at 12-16 tokens per expert at bond 16 and ~6 at
-    bond 64, where the measured times cross.
+    memory_cost: FLOP-equivalents per element written (machine-dependent; see MEMORY_COST).
     """
     dense_flops, chain_flops = matmul_flops(n_tokens, shapes)
     n = len(shapes)
@@ -302,7 +302,7 @@ def matmul_costs(n_tokens: int, shapes: Sequence[Sequence[int]], weight_passes: 
     d = [s[0] for s in shapes] + [1]
     dense_writes = weight_passes * math.prod(ins) * math.prod(outs) + n_tokens * math.prod(outs)
     chain_writes = sum(2 * n_tokens * math.prod(outs[: k + 1]) * math.prod(ins[k + 1 :]) * d[k + 1] for k in range(n))
-    return dense_flops + MEMORY_COST * dense_writes, chain_flops + MEMORY_COST * chain_writes
+    return dense_flops + memory_cost * dense_writes, chain_flops + memory_cost * chain_writes
 
 
 def mpo_matmul(x: Tensor, tensors: Sequence[Tensor], method: str = "auto", bias: Optional[Tensor] = None) -> Tensor:

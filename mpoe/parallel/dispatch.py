@@ -3,99 +3,153 @@
 Permutation-based, as in Megatron-Core's all-to-all dispatcher, rather than the
 padded one-hot einsum of GShard/DeepSpeed: a token is copied once per expert it is
 routed to, never padded to a capacity, so dropless routing and skewed loads cost
-only the tokens actually routed. Every step is differentiable: `moe_utils.permute`
-/ `unpermute` are index ops, and torch.distributed.nn's all_to_all_single sends the
-gradients back along the reverse splits (it works over gloo with uneven splits).
+only the tokens actually routed. Every step is differentiable: the permutation is
+an index_select, the combine a gate-weighted index_add (Megatron's `unpermute`
+arithmetic), and torch.distributed.nn's all_to_all_single sends the gradients back
+along the reverse splits (it works over gloo with uneven splits).
 
 Order of tokens at each stage, for P ranks with L local experts each:
   permute:      by global expert e = rank * L + local expert   (so by destination rank)
   all-to-all:   by (source rank, local expert)
   re-sort:      by (local expert, source rank): what the expert bank wants
 and the combine path walks the same stages backwards.
+
+Host syncs. The (expert, token) pairs are listed by `torch.nonzero_static`, whose
+output length is given, not read from the device:
+- ep_size 1 on CUDA (top_k known): the length is tokens * top_k, the most a top-k
+  router can keep. Pairs dropped for capacity leave rows at the end; they are
+  given to the last local expert with gate weight 0, so they change no output and
+  no gradient (a dropless step has none). Permutation, counts and offsets stay on
+  the device and nothing is read back.
+- ep_size > 1: the uneven all-to-all takes its split sizes as host ints, so the
+  per-expert counts (sent and received) are read to the host once per layer, in one
+  small device-to-host copy; everything else follows from those numbers.
+- ep_size 1 on the CPU: the kept count is read (free there) and no row is padding.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe import moe_utils
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
 
 from mpoe.parallel.groups import ExpertGroups
-
-# torch 2.13 deprecates torch.distributed.nn's all_to_all_single in favour of
-# torch.distributed._functional_collectives, a private module. We keep the public
-# one (autograd over uneven splits on gloo and nccl, tested) and silence only its notice.
-warnings.filterwarnings(
-    "ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated", category=FutureWarning
-)
 
 
 @dataclass
 class CommStats:
     """What the last dispatch + combine put through the all-to-all (both directions)."""
 
-    routed_tokens: int = 0  # (token, expert) copies this rank sent out: the minimum any dispatcher must send
+    routed: Union[int, Tensor] = 0  # kept (token, expert) pairs; a device tensor until read, so reading is lazy
     bytes_sent: int = 0  # token payload handed to the all-to-all, dispatch + combine (0 when ep_size=1)
     bytes_to_peers: int = 0  # the part of bytes_sent that left this rank
 
+    @property
+    def routed_tokens(self) -> int:
+        """(token, expert) copies this rank sent out: the minimum any dispatcher must send (reads the device)."""
+        return int(self.routed)
+
+
+def _sort_chunks(x: Tensor, sizes: list[int], order: list[int]) -> Tensor:
+    """x's consecutive chunks (host sizes) concatenated in `order` (differentiable, no sync)."""
+    chunks = torch.split(x, sizes)
+    return torch.cat([chunks[i] for i in order])
+
 
 class AllToAllDispatcher:
-    """Stateful between `dispatch` and `combine` of one forward (like Megatron's dispatchers)."""
+    """Stateful between `dispatch` and `combine` of one forward (like Megatron's dispatchers).
 
-    def __init__(self, num_experts: int, groups: ExpertGroups):
+    top_k: the router's k, which bounds the kept pairs by tokens * k and so lets
+    ep_size 1 on CUDA dispatch without reading anything back (None: read the count).
+    sync_free: force that path on (tests run it on the CPU) or off; None = on CUDA only.
+    """
+
+    def __init__(
+        self, num_experts: int, groups: ExpertGroups, top_k: Optional[int] = None, sync_free: Optional[bool] = None
+    ):
         if num_experts % groups.ep_size:
             raise ValueError(f"parallel.ep_size={groups.ep_size} is invalid: must divide moe.num_experts={num_experts}")
         self.num_experts = num_experts
         self.groups = groups
         self.ep_size = groups.ep_size
         self.num_local_experts = num_experts // groups.ep_size
+        self.top_k, self.sync_free = top_k, sync_free
         self.stats = CommStats()
         self._saved: Optional[dict] = None
 
-    def dispatch(self, tokens: Tensor, probs: Tensor, routing_map: Tensor) -> tuple[Tensor, list[int]]:
-        """tokens [N, d], routing_map [N, E] -> (tokens for this rank's experts sorted by local expert, counts)."""
-        permuted, _, sorted_indices = moe_utils.permute(tokens, routing_map)
-        tokens_per_expert = routing_map.sum(dim=0).long()
-        self._saved = dict(shape=tokens.shape, probs=probs, routing_map=routing_map, sorted_indices=sorted_indices)
-        row_bytes = tokens.shape[-1] * tokens.element_size()
-        self.stats = CommStats(routed_tokens=int(tokens_per_expert.sum()))
-        if self.groups.ep_group is None or self.ep_size == 1:
-            return permuted, tokens_per_expert.tolist()
+    def _pairs(self, routing_map: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(token index, global expert, is-kept) of each dispatch row, expert-major; rows past the kept pairs
+        are padding (token 0, last expert)."""
+        pairs = torch.nonzero_static(routing_map.t(), size=num_rows, fill_value=-1)
+        expert, token = pairs.unbind(1)
+        kept = expert >= 0
+        return token.clamp_min(0), torch.where(kept, expert, self.num_experts - 1), kept
 
+    def dispatch(self, tokens: Tensor, probs: Tensor, routing_map: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [N, d], routing_map [N, E] -> (rows for this rank's experts sorted by local expert, counts [L]).
+
+        counts is an int64 tensor on the rows' device (summing to the rows given)."""
+        tokens_per_expert = routing_map.sum(dim=0)
+        self.stats = CommStats(routed=tokens_per_expert.sum())
+        if self.groups.ep_group is None or self.ep_size == 1:
+            return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert)
+        return self._dispatch_all_to_all(tokens, probs, routing_map, tokens_per_expert)
+
+    def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
+        sync_free = self.sync_free if self.sync_free is not None else tokens.is_cuda
+        if sync_free and self.top_k is not None:
+            num_rows = tokens.shape[0] * self.top_k
+        else:
+            num_rows = int(tokens_per_expert.sum())  # the CPU path: reading it is free there
+        token, expert, kept = self._pairs(routing_map, num_rows)
+        self._save(tokens, probs, token, expert, kept)
+        counts = tokens_per_expert.clone()
+        counts[-1] += num_rows - tokens_per_expert.sum()  # padding rows (dropped pairs) go to the last expert
+        return tokens.index_select(0, token), counts
+
+    def _dispatch_all_to_all(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
         P, L, group = self.ep_size, self.num_local_experts, self.groups.ep_group
         sent_counts = tokens_per_expert.view(P, L)  # [destination rank, its local expert]
         received_counts = torch.empty_like(sent_counts)  # [source rank, my local expert]
         dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)
-        input_splits = sent_counts.sum(dim=1).tolist()
-        output_splits = received_counts.sum(dim=1).tolist()
-        received = all_to_all_single(
+        # The uneven all-to-all wants its split sizes on the host: one device-to-host copy per layer.
+        host = torch.cat([sent_counts.flatten(), received_counts.flatten()]).tolist()
+        sent, received = host[: P * L], host[P * L :]
+        input_splits = [sum(sent[r * L : (r + 1) * L]) for r in range(P)]
+        output_splits = [sum(received[r * L : (r + 1) * L]) for r in range(P)]
+        token, expert, kept = self._pairs(routing_map, sum(input_splits))
+        self._save(tokens, probs, token, expert, kept)
+        received_rows = all_to_all_single(
             tokens.new_empty(sum(output_splits), tokens.shape[-1]),
-            permuted.contiguous(),
+            tokens.index_select(0, token),
             output_splits,
             input_splits,
             group=group,
         )
-
-        by_expert, _ = moe_utils.sort_chunks_by_idxs(
-            received, received_counts.flatten(), torch.arange(P * L).view(P, L).t().flatten()
-        )
+        by_source = received  # rows' chunk sizes: (source rank r, local expert e) at index r * L + e
+        by_expert = [r * L + e for e in range(L) for r in range(P)]
         self._saved.update(
             input_splits=input_splits,
             output_splits=output_splits,
-            resorted_counts=received_counts.t().flatten(),
-            restore_order=torch.arange(L * P).view(L, P).t().flatten(),
+            resorted_sizes=[by_source[i] for i in by_expert],
+            restore_order=[e * P + r for r in range(P) for e in range(L)],
         )
-        me = self.groups.ep_rank
-        sent_rows, recv_rows = sum(input_splits), sum(output_splits)
+        row_bytes = tokens.shape[-1] * tokens.element_size()
+        me, sent_rows, recv_rows = self.groups.ep_rank, sum(input_splits), sum(output_splits)
+        self.stats.routed = sent_rows
         self.stats.bytes_sent = (sent_rows + recv_rows) * row_bytes
         self.stats.bytes_to_peers = (sent_rows - input_splits[me] + recv_rows - output_splits[me]) * row_bytes
-        return by_expert, received_counts.sum(dim=0).tolist()
+        rows = _sort_chunks(received_rows, by_source, by_expert)
+        return rows, received_counts.sum(dim=0)
+
+    def _save(self, tokens: Tensor, probs: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> None:
+        # Each row's gate weight, 0 for padding rows; gradients reach probs through the gather.
+        row_probs = torch.where(kept, probs[token, expert], probs.new_zeros(()))
+        self._saved = dict(shape=tokens.shape, token=token, row_probs=row_probs)
 
     def combine(self, expert_output: Tensor) -> Tensor:
         """Expert outputs (order of `dispatch`'s result) -> [N, d]: each token's gate-weighted sum over its experts."""
@@ -103,20 +157,16 @@ class AllToAllDispatcher:
         if saved is None:
             raise RuntimeError("combine() called without a matching dispatch()")
         if "input_splits" in saved:
-            by_source, _ = moe_utils.sort_chunks_by_idxs(
-                expert_output, saved["resorted_counts"], saved["restore_order"]
-            )
+            by_source = _sort_chunks(expert_output, saved["resorted_sizes"], saved["restore_order"])
             expert_output = all_to_all_single(
                 expert_output.new_empty(sum(saved["input_splits"]), expert_output.shape[-1]),
-                by_source.contiguous(),
+                by_source,
                 saved["input_splits"],
                 saved["output_splits"],
                 group=self.groups.ep_group,
             )
-        return moe_utils.unpermute(
-            expert_output,
-            saved["sorted_indices"],
-            saved["shape"],
-            probs=saved["probs"],
-            routing_map=saved["routing_map"],
-        )
+        # Megatron's unpermute: weight in the probs' dtype (promotes bf16 rows to fp32), sum, cast back.
+        weighted = expert_output * saved["row_probs"].unsqueeze(-1)
+        out = weighted.new_zeros(saved["shape"])
+        out.index_add_(0, saved["token"], weighted)
+        return out.to(expert_output.dtype)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from mpoe.models.accounting import is_expert_param
 from mpoe.models.build import moe_layers
+from mpoe.models.param_tags import is_expert_param
 from mpoe.parallel.collectives import all_reduce
 
 
@@ -22,8 +22,8 @@ def role_params(model) -> dict[str, list]:
     roles: dict[str, list] = {"central": [], "auxiliary": [], "router": []}
     for layer in moe_layers(model):
         bank_roles = layer.bank.param_roles()
-        roles["central"] += bank_roles.get("central", [])
-        roles["auxiliary"] += bank_roles.get("auxiliary", [])
+        roles["central"] += bank_roles.central
+        roles["auxiliary"] += bank_roles.auxiliary
         roles["router"] += list(layer.router.parameters())
     return roles
 

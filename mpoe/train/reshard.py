@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mpoe.models.accounting import is_expert_param
+from mpoe.models.param_tags import is_expert_param
 from mpoe.train.rng import set_rng_state
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")

@@ -1,0 +1,94 @@
+"""What the `--device cuda` benchmarks share: timing by CUDA events, peak memory, and the grouped-GEMM reference.
+
+On a CPU device the same functions time with perf_counter and report no peak
+memory, so the GPU code paths can be dry-run on a CPU with small sizes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mpoe.models.experts_grouped import GROUPED_MM
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_stats(
+    step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3, module: nn.Module = None
+) -> dict:
+    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps} of one fwd+bwd `step`.
+
+    Warm-up first (the first GEMMs of a shape are far slower; allocator pools fill).
+    CUDA: one pair of events per step, read after the last one (no sync in between).
+    peak_mb counts what a step adds (activations, gradients) above what was allocated
+    before it (all modules' weights, inputs): `module`'s gradients are dropped first.
+    """
+    for _ in range(warmup):
+        step()
+    if module is not None:
+        module.zero_grad(set_to_none=True)
+    sync(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - start))
+        return {"ms": statistics.median(times), "peak_mb": None}
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    return {"ms": statistics.median(s.elapsed_time(e) for s, e in events), "peak_mb": peak / 2**20}
+
+
+def fwd_bwd_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """One training step of `module` on x: forward, backward of sum(out * g), gradients dropped."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * g).sum().backward()
+
+    return step
+
+
+class GroupedRefMoE(nn.Module):
+    """The 30-line reference: a dropless top-k MoE that sorts (token, expert) pairs by expert and calls
+    `torch._grouped_mm` twice. Same gate and expert weights as the layer it is compared with (no biases)."""
+
+    def __init__(self, gate: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, top_k: int, act: nn.Module):
+        super().__init__()
+        self.gate = nn.Parameter(gate.detach().clone())  # [E, d]
+        self.w_in = nn.Parameter(w_in.detach().clone())  # [E, d, f]
+        self.w_out = nn.Parameter(w_out.detach().clone())  # [E, f, d]
+        self.top_k, self.act = top_k, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax((x @ self.gate.t()).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.w_in.shape[0])
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = self.act(GROUPED_MM(x.index_select(0, token), self.w_in, offs=offs))
+        y = GROUPED_MM(h, self.w_out, offs=offs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)

@@ -1,0 +1,156 @@
+"""The `grouped` expert backend: all local experts at once, one grouped GEMM per weight matrix, no host sync.
+
+`moe.expert_impl=grouped` (and `auto` on CUDA). Tokens arrive sorted by local
+expert with their per-expert counts as a device tensor; the group offsets are
+their int32 cumulative sum, computed on the device, and each weight matrix is
+applied to all rows by one `torch.nn.functional.grouped_mm` (`torch._grouped_mm`
+where only that exists) over the stacked weights [L, I, J]: as torchtitan's MoE
+does, and as Megatron-Core's GroupedMLP does with grouped_gemm's `gmm`
+(megablocks' kernel). Autograd through grouped_mm gives grad x and the stacked
+grad W; experts with no rows get zero gradients. Biases are added per row as
+one_hot(row's expert) @ bias, the one-hot built by comparing row numbers with the
+offsets (`add_bias`): no sync, and a GEMM rather than atomics in backward.
+
+What grouped_mm takes (torch 2.13), and what happens otherwise:
+- CUDA: the CUTLASS kernel runs for bf16 on sm90/sm100 (H100, B200). Other dtypes
+  or GPUs go to torch's own fallback, which copies the offsets to the host and
+  loops over groups: correct, but one sync per call, like the loop backend.
+- CPU: float32 / bfloat16 / float16 (a loop inside the op), not float64.
+- Both: every row stride 16-byte aligned (d_model and d_ff * element size
+  multiples of 16), and at least one row.
+Where it cannot run (float64, unaligned sizes) this backend hands the call to
+the loop backend's op (`grouped_linear`, counts read to the host): a padded
+`bmm` would need the largest count on the host too, so it would sync as well
+and move more bytes. Zero rows: a plain matmul with the experts' summed weight,
+which gives every parameter its (zero) gradient without a grouped op.
+
+MPOE: `MPOEExperts.stacked_weight` rebuilds every local expert's W from its MPO
+chain in one batched contraction per weight matrix (auxiliaries [L, ...] around
+the shared central tensor, which broadcasts), in the parameters' dtype; the
+grouped GEMM then runs as for a Switch bank. Autograd sums the central tensor's
+gradient over the experts and gives the auxiliaries' gradients stacked: no
+per-expert loop anywhere.
+- Memory: the rebuilt W of all local experts, L*I*J per matrix, exactly a Switch
+  bank's weights, lives from forward to backward (grouped_mm keeps it for grad x),
+  plus the chain's two halves (L*(I_L*J_L + I_R*J_R)*bond) and, in backward, a
+  grad W of the same L*I*J transiently. The parameters stay MPO-sized.
+- Time: the rebuild is ~2*L*I*J*bond FLOPs per matrix against 2*N*I*J for the
+  GEMM over N rows, so it costs about bond / (rows per expert) of the GEMM (3% at
+  bond 16 and 512 rows per expert) plus one pass over W.
+- Pushing tokens through the chain instead (`mpo.apply_chain`, the loop backend's
+  'chain' path) costs about N * sum_k (width of step k) and never forms W: it
+  wins only when an expert has fewer rows than about the bond dimension (decoding
+  one token at a time), and it is a sequence of small per-expert ops, launch-bound
+  on a GPU; training batches are far past that point, so this backend always rebuilds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mpoe.models.grouped_linear import grouped_linear
+from mpoe.models.interfaces import TokenCounts
+
+GROUPED_MM: Optional[Callable] = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ALIGN_BYTES = 16
+
+
+def _aligned(t: Tensor, *sizes: int) -> bool:
+    return t.data_ptr() % _ALIGN_BYTES == 0 and all(s * t.element_size() % _ALIGN_BYTES == 0 for s in sizes)
+
+
+def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether grouped_mm takes rows x [N, I] and weights [L, I, J] (shapes and dtypes only: no sync)."""
+    return (
+        GROUPED_MM is not None
+        and x.dtype in _GROUPED_MM_DTYPES
+        and weight.dtype == x.dtype
+        and x.shape[0] > 0
+        and x.is_contiguous()
+        and _aligned(x, x.shape[1])
+        and _aligned(weight, weight.shape[1], weight.shape[2])
+    )
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward rejects
+    stride-0 gradients (what `out.sum().backward()` hands it) and `.contiguous()` is free when it already is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class Groups:
+    """Per-local-expert row counts on the device, and what the grouped ops derive from them (once per forward)."""
+
+    def __init__(self, counts: Tensor, num_rows: int):
+        self.counts, self.num_rows = counts, num_rows
+        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # offsets[e] = end of expert e's rows
+        self._one_hot: dict[torch.dtype, Tensor] = {}
+
+    def one_hot(self, dtype: torch.dtype) -> Tensor:
+        """[N, L]: 1 where row n belongs to expert e, built from the offsets by comparison (no sync)."""
+        if dtype not in self._one_hot:
+            rows = torch.arange(self.num_rows, device=self.counts.device).unsqueeze(1)
+            ends = self.offsets.unsqueeze(0)
+            self._one_hot[dtype] = ((rows < ends) & (rows >= ends - self.counts.unsqueeze(0))).to(dtype)
+        return self._one_hot[dtype]
+
+
+def add_bias(out: Tensor, groups: Groups, bias: Tensor) -> Tensor:
+    """out + bias[expert of row]. As one_hot @ bias (one addmm) rather than an index: its backward is the
+    GEMM one_hot^T @ grad instead of an index_add whose atomics all rows of an expert aim at one bias row."""
+    return torch.addmm(out, groups.one_hot(out.dtype), bias)
+
+
+def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Rows of expert e (consecutive, counts[e]) @ weight[e] + bias[e]; counts stay on the device."""
+    if weight.dtype != x.dtype:  # e.g. fp32 master weights under autocast: compute in the rows' dtype
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    if x.shape[0] == 0:
+        # No rows: every weight and bias still gets a (zero) gradient, as in the loop backend.
+        out = x @ weight.sum(0)
+        return out if bias is None else out + bias.sum(0)
+    if not grouped_mm_fits(x, weight):
+        return grouped_linear(x, groups.counts.tolist(), bias, stacked=weight)  # float64 / odd sizes: see module doc
+    out = _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
+    return out if bias is None else add_bias(out, groups, bias)
+
+
+class GroupedBackend:
+    name = "grouped"
+
+    def counts(self, tokens: Tensor, tokens_per_expert: TokenCounts, num_local_experts: int) -> Tensor:
+        """Counts as an integer tensor on the tokens' device. Only the length is checked: checking the sum
+        against the rows would read the counts to the host (the dispatcher builds them from the same rows)."""
+        counts = torch.as_tensor(tokens_per_expert, device=tokens.device)
+        if counts.dim() != 1 or counts.shape[0] != num_local_experts or counts.is_floating_point():
+            raise ValueError(
+                f"tokens_per_expert must be {num_local_experts} integer counts (one per local expert), "
+                f"got shape {tuple(counts.shape)} {counts.dtype}"
+            )
+        return counts
+
+    def forward(self, bank, tokens: Tensor, counts: Tensor) -> Tensor:
+        groups = Groups(counts, tokens.shape[0])
+        return bank.ffn(
+            tokens, lambda x, name: grouped_linear_device(x, groups, bank.stacked_weight(name), bank.bias(name))
+        )
+
+    def linear(self, bank, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
+        groups = Groups(self.counts(x, counts, bank.num_local_experts), x.shape[0])
+        return grouped_linear_device(x, groups, bank.stacked_weight(name), bank.bias(name))
+
+
+GROUPED = GroupedBackend()

@@ -1,0 +1,105 @@
+"""The sync-free dispatch path (ep_size 1 on CUDA) computes what the exact path computes; importing is inert.
+
+The sync-free path lists tokens * top_k dispatch rows whatever was dropped; rows of
+dropped pairs go to the last expert with gate weight 0. Run here on the CPU (forced),
+with capacity dropping and dropless, Switch and MPOE, with both expert backends:
+outputs, the input's and every parameter's gradients equal the exact path's with
+the loop backend (today's CPU code).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpoe.config import MoEConfig
+from mpoe.models.moe_layer import build_moe_layer
+from mpoe.parallel.groups import ExpertGroups
+
+D_MODEL, D_FF = 16, 32
+
+CASES = {
+    "switch_top2_capacity": dict(kind="switch", num_experts=4, top_k=2, capacity_factor=1.0),
+    "switch_top1_dropless": dict(kind="switch", num_experts=4, top_k=1),
+    "mpoe_top1_capacity": dict(kind="mpoe", num_experts=4, top_k=1, capacity_factor=0.5, aux_init_noise=0.2),
+}
+
+
+def _step(layer, x, w):
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    ((out * w).sum() + layer.stats.aux_loss).backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sync_free_dispatch_equals_exact_dispatch(case, impl):
+    torch.manual_seed(0)
+    exact = build_moe_layer(MoEConfig(**CASES[case], expert_impl="loop"), D_MODEL, D_FF, "gelu_new", ExpertGroups())
+    free = copy.deepcopy(exact)
+    free.dispatcher.sync_free, free.bank.impl = True, impl
+    x, w = torch.randn(24, D_MODEL), torch.randn(24, D_MODEL)
+    (out_e, gx_e, grads_e), (out_f, gx_f, grads_f) = _step(exact, x, w), _step(free, x, w)
+    if "capacity" in case:
+        assert free.stats.tokens_dropped > 0  # the padding rows are exercised
+    torch.testing.assert_close(out_f, out_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_e, rtol=1e-5, atol=1e-5)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sync_free_dispatch_rows_and_counts():
+    """tokens * top_k rows; counts on the rows' device, summing to them; padding on the last expert only."""
+    from mpoe.parallel.dispatch import AllToAllDispatcher
+
+    d = AllToAllDispatcher(3, ExpertGroups(), top_k=2, sync_free=True)
+    tokens = torch.arange(4.0).unsqueeze(1).repeat(1, 2)  # token i is [i, i]
+    routing = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]).bool()  # 5 kept pairs of 8
+    probs = routing * 0.5
+    rows, counts = d.dispatch(tokens, probs, routing)
+    assert isinstance(counts, torch.Tensor) and counts.tolist() == [2, 2, 4]
+    assert rows[:, 0].tolist() == [0, 2, 0, 1, 2, 0, 0, 0]  # by expert, then token; 3 padding rows (token 0)
+    out = d.combine(rows * 10)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0], [5.0, 5.0], [20.0, 20.0], [0.0, 0.0]]))
+    assert d.stats.routed_tokens == 5
+
+
+def test_importing_dispatch_changes_no_warning_filter():
+    # Its imports first: what torch or groups.py do at import time is not dispatch.py's doing.
+    code = (
+        "import warnings, torch.distributed.nn.functional, mpoe.parallel.groups; before = list(warnings.filters); "
+        "import mpoe.parallel.dispatch; assert warnings.filters == before, 'dispatch changed the warning filters'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_gpu_dispatch_bank_combine_run_without_host_sync(kind):
+    """ep_size 1 on CUDA, bf16, capacity dropping: dispatch -> grouped bank -> combine, fwd+bwd, never syncs.
+
+    (The router is left out: its statistics are read to the host.)"""
+    torch.manual_seed(0)
+    cfg = MoEConfig(kind=kind, num_experts=8, top_k=2, capacity_factor=1.0)
+    layer = build_moe_layer(cfg, 64, 128, "gelu_new", ExpertGroups()).cuda().to(torch.bfloat16)
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    routed = layer.router(x)
+
+    def step():
+        rows, counts = layer.dispatcher.dispatch(x, routed.probs, routed.routing_map)
+        layer.dispatcher.combine(layer.bank(rows, counts)).float().pow(2).sum().backward(retain_graph=True)
+
+    step()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.bank.backend(x).name == "grouped"

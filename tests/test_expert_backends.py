@@ -1,0 +1,191 @@
+"""Expert backends: `grouped` (one grouped GEMM per weight, counts on the device) computes what `loop` computes.
+
+For Switch and MPOE banks, plain and gated FFNs, with and without biases, with idle
+experts and with every row on one expert: outputs and every parameter's and the
+input's gradients equal the loop backend's. grouped_mm has no float64 kernel, so the
+comparison is in float32 with a tight tolerance (both sides run the same GEMMs in a
+different grouping); float64 takes the documented fallback and is checked too.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from mpoe.config import MoEConfig
+from mpoe.models import experts_grouped
+from mpoe.models.experts import DenseFFN, build_expert_bank
+from mpoe.models.experts_grouped import GROUPED_MM, grouped_mm_fits
+from mpoe.parallel.groups import ExpertGroups
+
+D_MODEL, D_FF = 16, 32  # row strides 16-byte aligned in float32 and bfloat16, as grouped_mm requires
+COUNTS = {
+    "mixed": [5, 0, 9, 2],
+    "one_expert": [0, 0, 16, 0],
+    "first_idle_last_busy": [0, 3, 0, 13],
+}
+needs_grouped_mm = pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
+
+
+def _banks(kind: str, gated: bool, bias: bool, dtype=torch.float32, bond_dim=None):
+    torch.manual_seed(0)
+    dense = DenseFFN.random(D_MODEL, D_FF, gated=gated, bias=bias, std=0.3)
+    if bias:  # non-zero biases, so that a bias added to the wrong rows shows
+        dense.b_in.normal_(std=0.3)
+        dense.b_out.normal_(std=0.3)
+    activation = "gated-gelu" if gated else "gelu_new"
+    cfg = MoEConfig(kind=kind, num_experts=4, bond_dim=bond_dim, aux_init_noise=0.3, expert_impl="loop")
+    loop = build_expert_bank(cfg, D_MODEL, D_FF, activation, ExpertGroups(), dense).to(dtype)
+    if kind == "switch":  # distinct experts
+        with torch.no_grad():
+            for p in loop.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    grouped = copy.deepcopy(loop)
+    grouped.impl = "grouped"
+    return loop, grouped
+
+
+def _run(bank, x, counts):
+    x = x.detach().clone().requires_grad_()
+    out = bank(x, counts)
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    (out * g).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in bank.named_parameters()}
+
+
+def _assert_same(loop_result, grouped_result, rel: float):
+    """Equal up to rounding: elementwise within rel of the tensor's largest entry (sums run in another order)."""
+    (out_l, gx_l, grads_l), (out_g, gx_g, grads_g) = loop_result, grouped_result
+    pairs = {"output": (out_g, out_l), "grad x": (gx_g, gx_l)}
+    assert grads_g.keys() == grads_l.keys()
+    pairs.update({name: (grads_g[name], grads_l[name]) for name in grads_l})
+    for name, (got, want) in pairs.items():
+        assert got is not None, name
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=0, atol=rel * max(scale, 1e-3), msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("counts", list(COUNTS))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_grouped_equals_loop(kind, gated, bias, counts, monkeypatch):
+    loop, grouped = _banks(kind, gated, bias)
+    c = COUNTS[counts]
+    x = torch.randn(sum(c), D_MODEL)
+    calls = []
+    monkeypatch.setattr(experts_grouped, "GROUPED_MM", lambda *a, **k: calls.append(1) or GROUPED_MM(*a, **k))
+    monkeypatch.setattr(experts_grouped, "grouped_linear", None)  # the fallback must not be taken here
+    result = _run(grouped, x, torch.tensor(c))
+    assert len(calls) == (3 if gated else 2)  # one grouped GEMM per weight matrix
+    _assert_same(_run(loop, x, c), result, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_grouped_float64_falls_back_and_still_equals_loop(kind):
+    loop, grouped = _banks(kind, gated=False, bias=True, dtype=torch.float64)
+    c = COUNTS["mixed"]
+    x = torch.randn(sum(c), D_MODEL, dtype=torch.float64)
+    assert not grouped_mm_fits(x, loop.stacked_weight("w_in"))
+    _assert_same(_run(loop, x, c), _run(grouped, x, torch.tensor(c)), rel=1e-12)
+
+
+@needs_grouped_mm
+def test_grouped_backward_takes_an_expanded_gradient():
+    """out.sum().backward() hands the last grouped GEMM a stride-0 gradient, which grouped_mm rejects as it is."""
+    loop, grouped = _banks("switch", gated=False, bias=False)
+    c = torch.tensor(COUNTS["mixed"])
+    x = torch.randn(int(c.sum()), D_MODEL)
+    grouped(x, c).sum().backward()
+    loop(x, c).sum().backward()
+    torch.testing.assert_close(grouped.w_out.grad, loop.w_out.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_grouped_with_no_rows_gives_zero_gradients(kind):
+    _, grouped = _banks(kind, gated=True, bias=True)
+    x = torch.zeros(0, D_MODEL, requires_grad=True)
+    out = grouped(x, torch.zeros(4, dtype=torch.long))
+    assert out.shape == (0, D_MODEL)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in grouped.parameters())
+
+
+def test_grouped_mpoe_central_gradient_is_summed_over_experts():
+    """Independent truth: the central tensor's gradient is the sum of what each expert alone would give."""
+    _, bank = _banks("mpoe", gated=False, bias=False)
+    c = COUNTS["mixed"]
+    x = torch.randn(sum(c), D_MODEL)
+    bank(x, torch.tensor(c)).pow(2).sum().backward()
+    total = {n: p.grad.clone() for n, p in bank.central.items()}
+    per_expert = {n: torch.zeros_like(g) for n, g in total.items()}
+    for e, xe in enumerate(x.split(c)):
+        bank.zero_grad(set_to_none=True)
+        only = [n if k == e else 0 for k, n in enumerate(c)]
+        bank(xe, torch.tensor(only)).pow(2).sum().backward()
+        for n, p in bank.central.items():
+            per_expert[n] += p.grad
+    for n in total:
+        torch.testing.assert_close(total[n], per_expert[n], rtol=1e-4, atol=1e-6)
+
+
+def test_expert_impl_auto_is_loop_on_cpu_and_bad_impl_is_one_line():
+    loop, _ = _banks("switch", gated=False, bias=True)
+    loop.impl = "auto"
+    assert loop.backend(torch.zeros(1, D_MODEL)).name == "loop"
+    loop.impl = "fused"
+    with pytest.raises(ValueError, match="moe.expert_impl='fused' is invalid"):
+        loop(torch.zeros(1, D_MODEL), [1, 0, 0, 0])
+
+
+def test_grouped_rejects_counts_of_the_wrong_length():
+    _, grouped = _banks("switch", gated=False, bias=True)
+    with pytest.raises(ValueError, match="4 integer counts"):
+        grouped(torch.zeros(3, D_MODEL), torch.tensor([3, 0]))
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_gpu_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated):
+    """On CUDA in bf16, the grouped bank runs fwd+bwd without a device-to-host sync and matches fp32 loop."""
+    loop, grouped = _banks(kind, gated, bias=True)
+    loop, grouped = loop.cuda(), grouped.cuda().to(torch.bfloat16)
+    c = [40, 0, 100, 16]
+    x = torch.randn(sum(c), D_MODEL, device="cuda")
+    counts = torch.tensor(c, device="cuda")
+    expected = _run(loop, x, c)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    grouped(xb, counts)  # warm-up: first calls may initialise kernels / cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grouped(xb, counts)
+        out.float().pow(2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out, gx, grads = _run(grouped, xb, counts)
+    torch.testing.assert_close(out.float(), expected[0], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gx.float(), expected[1], rtol=3e-2, atol=3e-2)
+    for name, g in grads.items():
+        rel = (g.float() - expected[2][name]).norm() / expected[2][name].norm().clamp_min(1e-6)
+        assert rel < 3e-2, (name, float(rel))
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_linear_seam_is_the_same_in_both_backends(kind):
+    """ExpertBank.linear, one weight for all local experts, agrees between backends (counts as list or tensor)."""
+    loop, grouped = _banks(kind, gated=True, bias=True)
+    c = COUNTS["mixed"]
+    x = torch.randn(sum(c), D_MODEL)
+    with torch.no_grad():
+        for name in ("w_in", "w_gate"):
+            torch.testing.assert_close(grouped.linear(x, torch.tensor(c), name), loop.linear(x, c, name))
+        h = torch.randn(sum(c), D_FF)
+        torch.testing.assert_close(grouped.linear(h, c, "w_out"), loop.linear(h, torch.tensor(c), "w_out"))
