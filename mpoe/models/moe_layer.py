@@ -8,18 +8,16 @@ and counts of the last forward are left in `self.stats` for the training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from mpoe.config import MoEConfig
+from mpoe.config import MoEConfig, check_ep_divides_experts
+from mpoe.models.experts import ExpertBank, build_expert_bank
 from mpoe.models.router import TopKRouter
 from mpoe.parallel.dispatch import AllToAllDispatcher
 from mpoe.parallel.groups import ExpertGroups, expert_groups
-
-if TYPE_CHECKING:
-    from mpoe.models.experts import ExpertBank
 
 
 @dataclass
@@ -52,10 +50,7 @@ class MoELayer(MoE):
 
     def __init__(self, cfg: MoEConfig, d_model: int, experts: ExpertBank, groups: ExpertGroups):
         nn.Module.__init__(self)
-        if cfg.num_experts % groups.ep_size:
-            raise ValueError(
-                f"parallel.ep_size={groups.ep_size} is invalid: must divide moe.num_experts={cfg.num_experts}"
-            )
+        check_ep_divides_experts(groups.ep_size, cfg.num_experts)
         if experts.num_experts != cfg.num_experts or experts.num_local_experts != cfg.num_experts // groups.ep_size:
             raise ValueError(
                 f"expert bank holds {experts.num_local_experts} of {experts.num_experts} experts; "
@@ -105,8 +100,6 @@ def build_moe_layer(
     """An MoE layer with the expert bank cfg.kind asks for ('switch' or 'mpoe'), upcycled from `dense` if given.
 
     `bias=False` builds experts without biases (T5's FFNs have none)."""
-    from mpoe.models.experts import build_expert_bank
-
     return MoELayer(
         cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense, bias=bias), groups
     )

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
 
+from mpoe.config import check_ep_divides_experts
 from mpoe.parallel.groups import ExpertGroups
 
 
@@ -71,8 +72,7 @@ class AllToAllDispatcher:
     def __init__(
         self, num_experts: int, groups: ExpertGroups, top_k: Optional[int] = None, sync_free: Optional[bool] = None
     ):
-        if num_experts % groups.ep_size:
-            raise ValueError(f"parallel.ep_size={groups.ep_size} is invalid: must divide moe.num_experts={num_experts}")
+        check_ep_divides_experts(groups.ep_size, num_experts)
         self.num_experts = num_experts
         self.groups = groups
         self.ep_size = groups.ep_size
