@@ -54,6 +54,7 @@ configure_accelerator()  # before deepspeed is imported (by our layer or here)
 from bench import interleaved_times, write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
+from mpoe.parallel.collectives import all_reduce, all_reduce_floats  # noqa: E402
 from mpoe.parallel.groups import ExpertGroups  # noqa: E402
 
 D_MODEL, D_FF = 512, 2048
@@ -131,13 +132,7 @@ class CountAllToAll:
 
 def _over_ranks(value: float, op: str = "sum") -> float:
     """value reduced over the world ("sum" or "max"); as it is without a process group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor(float(value), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return float(t)
+    return all_reduce_floats([float(value)], op)[0]
 
 
 class _BankOnly(nn.Module):
@@ -184,7 +179,7 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     with CountAllToAll() as ours_comm:
         _one_step(ours, x)
     hook.remove()  # the bank's rows of this step are what the bank-alone timing reuses
-    counts = ours.stats.tokens_per_expert  # over the ep group, before dropping
+    counts = all_reduce(ours.stats.tokens_per_expert.double())  # every rank's tokens, before dropping
     routed = _over_ranks(ours.dispatcher.stats.routed_tokens)  # kept (token, expert) pairs, all ranks
     # The expert bank alone on its sorted rows: per-expert GEMMs + activation, no routing or dispatch.
     bank_rows, bank_counts = rows["bank_args"]
@@ -200,7 +195,7 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
         experts=num_experts,
         mode=mode,
         ep=ep,
-        load_max_over_mean=float(counts.max() / counts.float().mean()),
+        load_max_over_mean=float(counts.max() / counts.mean()),
         routed=int(routed),
         ours_rows=int(_over_ranks(rows["ours"])),
         tokens_dropped=int(_over_ranks(ours.stats.tokens_dropped)),
