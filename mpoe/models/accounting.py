@@ -12,7 +12,10 @@ an untied LM head is `params_lm_head`, apart from them. Both are inside the tota
 
 MPOE vs Switch: a model with MPOE layers also reports `params_switch_equivalent`,
 the total the same model would have with Switch experts (E dense FFNs per MoE
-layer), and `mpoe_vs_switch_total_ratio` = that / params_total.
+layer), and `switch_over_mpoe_params` = that / params_total (Switch's total over
+MPOE's: 1.31 means the Switch model is 1.31x larger). `mpoe_vs_switch_total_ratio`
+is the same number under its old name, whose direction read backwards; it stays
+for one release so existing reports keep working, then goes.
 `mpoe_vs_switch_ratio(...)` gives the same by formula for any shape, for the
 paper's settings without building anything (`python -m mpoe.models.accounting`).
 """
@@ -78,7 +81,8 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
     }
     if mpoe_bank_params:
         out["params_switch_equivalent"] = total - mpoe_bank_params + switch_bank_params
-        out["mpoe_vs_switch_total_ratio"] = round(out["params_switch_equivalent"] / total, 3)
+        out["switch_over_mpoe_params"] = round(out["params_switch_equivalent"] / total, 3)
+        out["mpoe_vs_switch_total_ratio"] = out["switch_over_mpoe_params"]  # deprecated alias, one release
     return out
 
 
