@@ -117,6 +117,29 @@ def test_broken_run_dirs_are_skipped_in_one_line(tmp_path, capsys):
     assert good.exists()
 
 
+def test_validation_without_tokens_is_never_ranked(tmp_path, capsys):
+    """Issue 15 finding 1: a validation split smaller than one batch reported val_loss 0.0 (ppl 1), ranked best."""
+    real = make_run(tmp_path / "real", "dense", 0, 3.0)
+    empty = make_run(tmp_path / "empty", "dense", 1, 0.0)  # an old run: val_loss exactly 0.0, no val_tokens
+    zero = make_run(tmp_path / "zero", "dense", 2, 0.5)
+    summary = json.loads((zero / "summary.json").read_text())
+    (zero / "summary.json").write_text(json.dumps({**summary, "val_tokens": 0}))
+    counted = make_run(tmp_path / "counted", "dense", 3, 2.0)
+    summary = json.loads((counted / "summary.json").read_text())
+    (counted / "summary.json").write_text(json.dumps({**summary, "val_tokens": 4096}))
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert err[0].startswith(
+        f"mpoe-report: {empty}: skipped: val_loss is exactly 0.0 and summary.json has no val_tokens"
+    )
+    assert err[1].startswith(f"mpoe-report: {zero}: skipped: val_tokens=0: its validation evaluated no tokens")
+    text = (out / "report.md").read_text()
+    assert "| 2 (3,0) | " in text and "| 2.5000 ± 0.7071 |" in text  # only the two real runs, as two seeds
+    assert real.exists() and empty.exists()
+
+
 def test_no_usable_run_exits_2(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad"
     (bad / ".hydra").mkdir(parents=True)

@@ -9,7 +9,9 @@ resume, cache paths), so each row of the table is one configuration, its
 validation loss and perplexity given as mean +- sample std over its seeds.
 
 A run that cannot be read (no or corrupt summary.json, unreadable
-metrics.jsonl, no config) is named on stderr in one line and skipped; with no
+metrics.jsonl, no config), or whose validation covered no tokens (its
+`val_tokens` is 0, or an older run's val_loss is exactly 0.0 with no
+`val_tokens`), is named on stderr in one line and skipped, never ranked; with no
 usable run the command says so in one line and exits 2. Files are written
 atomically (a temporary file, then a rename), so a report is never half-written.
 """
@@ -138,6 +140,7 @@ def load_run(path: Path) -> Run:
         raise RunError("a dry run (parameter counts only, no validation loss)")
     if not _finite(summary.get("val_loss")):
         raise RunError(f"summary.json has no finite val_loss ({summary.get('val_loss')!r})")
+    _check_validation_covered_tokens(summary)
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.is_file():
         raise RunError("no metrics.jsonl")
@@ -157,6 +160,25 @@ def load_run(path: Path) -> Run:
             raise RunError(f"metrics.jsonl line {number} has no integer 'step'")
         by_step[record["step"]] = record  # a resumed run logs replayed steps again: the last one counts
     return Run(path, config, summary, [by_step[s] for s in sorted(by_step)])
+
+
+def _check_validation_covered_tokens(summary: dict) -> None:
+    """A validation that saw no tokens reports loss 0 (ppl 1): a perfect model that never was.
+
+    Runs that log `val_tokens` are judged by it; older runs, which did not, by their
+    val_loss, which a language model's cross-entropy never reaches exactly.
+    """
+    tokens = summary.get("val_tokens")
+    if tokens is None and summary.get("val_loss") == 0.0:
+        raise RunError(
+            "val_loss is exactly 0.0 and summary.json has no val_tokens: its validation evaluated no tokens "
+            "(a run from before val_tokens was logged); rerun it with more data or a lower trainer.micro_batch_size"
+        )
+    if tokens is not None and (not _finite(tokens) or tokens <= 0):
+        raise RunError(
+            f"val_tokens={tokens!r}: its validation evaluated no tokens, so its val_loss means nothing; "
+            "rerun it with more data or a lower trainer.micro_batch_size"
+        )
 
 
 def _first_line(e: BaseException) -> str:
