@@ -27,6 +27,7 @@ from mpoe.config import ConfigError, DataConfig
 from mpoe.train import corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen explicitly (as null does by default)
 _DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -80,7 +81,7 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
     """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the corpus and cached."""
     from tokenizers import Tokenizer
 
-    if cfg.tokenizer:
+    if cfg.tokenizer and cfg.tokenizer != TRAIN_BPE:
         path = Path(cfg.tokenizer).expanduser()
         if path.is_dir():  # a Hugging Face checkpoint directory (model.pretrained's): its tokenizer files
             return _checkpoint_tokenizer(path)

@@ -8,6 +8,7 @@ files and shows the progress bar.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from pathlib import Path
@@ -21,12 +22,14 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.groups import expert_groups, rank_world
-from mpoe.train import checkpoint, faults
+from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
 from mpoe.train.flops import flops_per_token, gemm_flops_per_s
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import MetricsLogger
 from mpoe.train.objectives import build_objective
+
+log = logging.getLogger("mpoe.train")
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -136,12 +139,11 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     model = build_model(cfg, vocab, eot, pad, groups)
     counts = count_params(model, _embedding_params(model), cfg.moe.top_k, cfg.parallel.ep_size)
     logger = MetricsLogger(run_dir, rank == 0, None if cfg.trainer.dry_run else cfg.logging.wandb, run_config)
-    if rank == 0:
-        print(
+    if rank == 0:  # through logging: Hydra writes it to the console and main.log
+        log.info(
             f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), "
-            f"{world} process(es):"
+            f"{world} process(es):\n{format_table(counts)}"
         )
-        print(format_table(counts), flush=True)
     if cfg.trainer.dry_run:
         logger.summary({**counts, "dry_run": True})
         logger.close()
@@ -181,7 +183,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
         )
         start_step = meta["step"]
         if rank == 0:
-            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+            log.info(f"resumed from {resume_from} at step {start_step}")
 
     tokens_per_step = global_batch_size(cfg, world) * raw_len
     flops_per_token, gemm_rate = _flops_reference(cfg, model, counts, raw_len)
@@ -192,6 +194,8 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     train_start = time.perf_counter()
     skipped_total, bad_in_a_row = 0, 0
     for step in range(start_step, t.max_steps):
+        if interrupt.stop_agreed():  # SIGINT/SIGTERM on any rank: stop before this step (interrupt.py)
+            break
         faults.maybe_kill_at_step(step + 1)
         if grad_mask is not None:
             grad_mask.set_step(step)
@@ -249,6 +253,10 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             checkpoint.save(engine, ckpt_dir, done, identity, t.keep_last)
     if progress is not None:
         progress.close()
+    if interrupt.stopped():  # checkpoint the `step` steps done; main.py says where it is and how to resume
+        logger.close()
+        saved = checkpoint.save(engine, ckpt_dir, step, identity, t.keep_last) if step > start_step else resume_from
+        raise interrupt.Interrupted(interrupt.requested(), step, t.max_steps, saved)
     train_s = time.perf_counter() - train_start
 
     if val_loss is None:  # evaluate-only run, or a resumed run that had already finished
@@ -259,6 +267,7 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     steps_run = max(t.max_steps - start_step, 0)
     summary = {
         **counts,
+        "train_loss": rec["loss"] if steps_run else None,  # the last logged interval's (console.py prints it)
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50.0)),
         "tokens_seen": final_step * tokens_per_step,

@@ -552,6 +552,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def cli() -> None:
+    from mpoe.process import quiet_library_notices
+
+    quiet_library_notices()  # no DeepSpeed or torch here: only the library notices (matplotlib's among them)
     sys.exit(main())
 
 

@@ -1,0 +1,192 @@
+"""Issue 15, a user's first hour: what mpoe-train says and does at the edges a new user meets first.
+
+Each test runs the command as the user did (tests/_cli.py) and checks what they saw:
+the exit code, the one line on stderr, what the run directory holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _cli import FAST, env, metrics, summary, train
+
+from mpoe.train import interrupt
+
+
+def _start(run_dir: Path, cache: str, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mpoe.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    return subprocess.Popen(cmd, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 400) -> None:
+    """Until metrics.jsonl holds `steps` rows (log_every=1: one per step)."""
+    deadline = time.monotonic() + timeout
+    file = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if file.is_file() and len(file.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the run did not reach its first steps")
+
+
+def _python_argv(command: str) -> list[str]:
+    """A printed `mpoe-train ...` command, run with this interpreter and this worktree's code."""
+    argv = shlex.split(command)
+    assert argv[0] == "mpoe-train", command
+    return [sys.executable, "-m", "mpoe.train", *argv[1:]]
+
+
+def test_stop_signal_sets_the_flag_and_a_second_is_not_a_traceback():
+    """In-process: SIGTERM (a scheduler's preemption notice) only asks the loop to stop."""
+    with interrupt.stop_on_signals():
+        assert interrupt.requested() is None and not interrupt.stop_agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.requested() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored while stopping (torchrun forwards one after Ctrl-C)
+        assert interrupt.stop_agreed() and interrupt.stopped()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_run_ends_with_its_numbers(tmp_path, mpoe_cache):
+    """Finding 4 (Ctrl-C: checkpoint, one line, resumable) and finding 9 (the end-of-run block)."""
+    run = tmp_path / "run"
+    proc = _start(run, mpoe_cache, "trainer.max_steps=100000", "trainer.eval_every=100000")
+    _wait_for_steps(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mpoe-train: stopped after step "), err[-3000:]
+    step = int(last.split("stopped after step ")[1].split()[0])
+    assert step >= 2
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    assert (ckpt / "meta.json").is_file() and f"checkpoint {ckpt}" in last
+    resume = _python_argv(last.split("resume with: ", 1)[1])
+    assert f"hydra.run.dir={run}" in resume and "trainer.resume=auto" in resume
+    resume = [a if not a.startswith("trainer.max_steps=") else f"trainer.max_steps={step + 2}" for a in resume]
+    resume = [a if not a.startswith("trainer.eval_every=") else f"trainer.eval_every={step + 2}" for a in resume]
+    done = subprocess.run(resume, env=env(mpoe_cache), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert rows[-1]["step"] == step + 2 and [r["step"] for r in rows].count(step + 1) == 1  # went on, not over
+
+    s = summary(run)
+    block = done.stdout[done.stdout.index("mpoe-train: trained to step") :].splitlines()
+    assert block[0].startswith(f"mpoe-train: trained to step {step + 2} ({s['tokens_seen']:,} tokens) in ")
+    assert block[0].endswith(" tokens/s")
+    assert (
+        f"final train loss {s['train_loss']:.4f}; val loss {s['val_loss']:.4f}, val ppl {s['val_ppl']:.2f}"
+        in (block[1])
+    )
+    assert block[2] == f"  run directory: {run}"
+    further = _python_argv(block[3].split("train further: ", 1)[1])
+    assert f"hydra.run.dir={run}" in further and "trainer.resume=auto" in further
+    assert block[4] == f"  report:        mpoe-report {run}"
+    sync = shlex.split(block[5].split("W&B upload:", 1)[1])
+    assert sync[:2] == ["wandb", "sync"] and Path(sync[2]).is_dir() and Path(sync[2]).parent == run / "wandb"
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    proc = _start(run, mpoe_cache, "trainer.max_steps=100000", "logging.wandb.mode=disabled")
+    _wait_for_steps(proc, run, 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_only_run_prints_its_validation_loss(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    proc = train(run, mpoe_cache, "trainer.max_steps=0", "logging.wandb.mode=disabled")
+    s = summary(run)
+    assert f"mpoe-train: evaluated at step 0: val loss {s['val_loss']:.4f}, val ppl {s['val_ppl']:.2f}" in proc.stdout
+    assert f"  run directory: {run}" in proc.stdout
+
+
+def _in(cwd: Path, cache: str, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """mpoe-train run from `cwd` with Hydra's default run directory (outputs/DATE/TIME under cwd)."""
+    cmd = [sys.executable, "-m", "mpoe.train", *FAST, "logging.wandb.mode=disabled", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_resume_auto_finds_the_run_of_the_same_config(tmp_path, mpoe_cache):
+    """Finding 3: the same command plus trainer.resume=auto continues the run, not a new one from step 0."""
+    first = _in(tmp_path, mpoe_cache, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    again = _in(tmp_path, mpoe_cache, "trainer.max_steps=4", "trainer.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"mpoe-train: trainer.resume=auto: continuing {run}\n" in again.stdout
+    assert list((tmp_path / "outputs").glob("*/*")) == [run]  # no new run directory
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert summary(run)["steps"] == 4
+
+
+def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mpoe.config import TrainConfig
+    from mpoe.train import autoresume
+
+    def fake_run(name: str, lr: float, max_steps: int) -> Path:
+        run = tmp_path / "outputs" / "day" / name
+        (run / ".hydra").mkdir(parents=True)
+        config = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))
+        config["optim"]["lr"], config["trainer"]["max_steps"] = lr, max_steps
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+        (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+        (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")
+        return run
+
+    other = fake_run("a", 2e-3, 10)
+    same = fake_run("b", 1e-3, 10)
+    want = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))  # lr 1e-3, max_steps 200
+    assert autoresume.find_run(want, tmp_path / "outputs") == (same, 2)
+    (same / "checkpoints" / "step_00000002" / "meta.json").unlink()  # no complete checkpoint: nothing to resume
+    assert autoresume.find_run(want, tmp_path / "outputs") == (None, 2)
+    assert other.exists()
+    assert autoresume.outputs_root("outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}") == Path("outputs").absolute()
+
+
+@pytest.mark.slow
+def test_resume_auto_says_when_it_finds_nothing(tmp_path, mpoe_cache):
+    proc = _in(tmp_path, mpoe_cache, "trainer.resume=auto", "trainer.dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "outputs"
+    line = f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {root} (0 run(s) looked at)"
+    assert line in proc.stdout
+
+
+def test_bad_resume_path_stops_before_any_setup(tmp_path, mpoe_cache):
+    """Finding 16: a wrong trainer.resume path is one line, exit 2, before Hydra makes a run directory."""
+    run = tmp_path / "run"
+    proc = train(run, mpoe_cache, f"trainer.resume={tmp_path / 'nowhere'}", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mpoe-train: error: trainer.resume={str(tmp_path / 'nowhere')!r} is not a complete checkpoint (no meta.json): "
+        "give a step_N directory, a run directory, 'auto' or null"
+    ]
+    assert not run.exists()
+    wrong = tmp_path / "ckpt" / "step_00000002"
+    wrong.mkdir(parents=True)
+    (wrong / "meta.json").write_text('{"model": "gpt2_tiny", "moe": "switch", "num_experts": 4, "step": 2}')
+    proc = train(run, mpoe_cache, f"trainer.resume={wrong}", check=False, timeout=120)
+    assert proc.returncode == 2 and not run.exists()
+    assert proc.stderr.strip().splitlines()[-1].endswith("this run has moe='mpoe': resume with the same setting")
