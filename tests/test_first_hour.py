@@ -174,6 +174,7 @@ def test_resume_auto_says_when_it_finds_nothing(tmp_path, mpoe_cache):
     assert line in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_resume_path_stops_before_any_setup(tmp_path, mpoe_cache):
     """Finding 16: a wrong trainer.resume path is one line, exit 2, before Hydra makes a run directory."""
     run = tmp_path / "run"
@@ -190,3 +191,68 @@ def test_bad_resume_path_stops_before_any_setup(tmp_path, mpoe_cache):
     proc = train(run, mpoe_cache, f"trainer.resume={wrong}", check=False, timeout=120)
     assert proc.returncode == 2 and not run.exists()
     assert proc.stderr.strip().splitlines()[-1].endswith("this run has moe='mpoe': resume with the same setting")
+
+
+def _bad_files(tmp_path: Path) -> dict:
+    """The three files of finding 5: an empty .txt, a binary file named .txt, a JSONL with one bad line."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"first line\n" + bytes(range(128, 256)) * 8)
+    jsonl = tmp_path / "docs.jsonl"
+    lines = [f'{{"text": "document number {i} with some words in it"}}' for i in range(2500)]
+    lines[1999] = '{"text": "a quote never closed}'
+    jsonl.write_text("\n".join(lines) + "\n")
+    return {
+        "empty": (empty, f"data.paths entry {str(empty)!r} is empty"),
+        "binary": (binary, f"data.paths entry {str(binary)!r} cannot be read as text: line 2 is not UTF-8 text"),
+        "jsonl": (jsonl, f"data.paths entry {str(jsonl)!r} cannot be read as json: line 2000 is not JSON"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty", "binary", "jsonl"])
+def test_unreadable_data_is_one_line_and_leaves_no_run_directory(tmp_path, mpoe_cache, case):
+    """Findings 5 (one line naming the file and line), 13 (data.paths=FILE without brackets), 14 (no half-made
+    run directory for mpoe-report to list)."""
+    path, message = _bad_files(tmp_path)[case]
+    proc = _in(tmp_path, mpoe_cache, "data=text", f"data.paths={path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]  # one line
+    assert proc.stderr.startswith(f"mpoe-train: error: {message}"), proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_unreadable_data_names_the_file_in_process(tmp_path):
+    from mpoe.config import ConfigError, DataConfig
+    from mpoe.train import data
+
+    for path, message in _bad_files(tmp_path).values():
+        with pytest.raises(ConfigError) as e:
+            data.load_documents(DataConfig(name="text", paths=[str(path)]))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_text_and_json_files_can_be_mixed(tmp_path):
+    """Finding 12: the README's data.paths=[a.txt,b.jsonl] works: datasets reads each kind, in the order given."""
+    import json
+
+    from mpoe.train import data
+
+    (tmp_path / "a.txt").write_text("alpha line one\nalpha line two\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta document"}) + "\n")
+    (tmp_path / "c.txt").write_text("gamma line\n")
+    docs = data.local_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text")
+    assert docs == ["alpha line one", "alpha line two", "gamma line", "beta document"]
+
+
+@pytest.mark.slow
+def test_single_data_path_without_brackets_trains(tmp_path, mpoe_cache):
+    """Finding 13: data.paths=FILE is the list [FILE]."""
+    from mpoe.train import corpus
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(corpus.pydoc_topics()[:150]))
+    run = tmp_path / "run"
+    train(run, mpoe_cache, "data=text", f"data.paths={text}", "trainer.max_steps=1", "logging.wandb.mode=disabled")
+    assert summary(run)["steps"] == 1

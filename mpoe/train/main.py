@@ -9,6 +9,7 @@ place, and the other ranks' Hydra writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -244,6 +245,8 @@ def _task(dict_cfg) -> None:
         with interrupt.stop_on_signals(), logging_redirect_tqdm():  # log lines go above the progress bar
             summary = run(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError) as e:
+        if is_rank0 and isinstance(e, ConfigError):
+            _remove_unstarted_run_dir(run_dir)
         _fail(str(e))
     except interrupt.Interrupted as stop:
         if is_rank0:
@@ -255,6 +258,20 @@ def _task(dict_cfg) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _remove_unstarted_run_dir(run_dir: Path) -> None:
+    """A run that stopped on bad input (data that cannot be read, too little of it) before its first step leaves
+    no directory behind, where mpoe-report would list it as unfinished: there is nothing in it to keep."""
+    metrics = run_dir / "metrics.jsonl"
+    started = (run_dir / "checkpoints").exists() or (run_dir / "summary.json").exists()
+    if started or (metrics.is_file() and metrics.stat().st_size > 0):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()  # Hydra's outputs/DATE, when this was its only run
 
 
 def cli() -> None:
