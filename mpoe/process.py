@@ -29,11 +29,30 @@ _QUIET_WARNINGS = (
 _QUIET_LOGGERS = ("megatron", "compilers", "distutils", "torch.distributed.elastic.multiprocessing.redirects")
 
 
+# (logger, message part): single log records that describe a library default, not a problem of the run.
+_QUIET_RECORDS = (
+    # the default it falls back to (ForCausalLMLoss) is the loss our GPT-2 means to use
+    ("transformers.modeling_utils", "` was set in the config but it is unrecognized"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, parts: tuple[str, ...]):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(part in message for part in self.parts)
+
+
 def quiet_library_notices() -> None:
     for message, category, module in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name, part in _QUIET_RECORDS:
+        logging.getLogger(name).addFilter(_DropMessages((part,)))
     logging.captureWarnings(True)  # the rest reach Hydra's handlers (console and main.log) as 'py.warnings'
 
 

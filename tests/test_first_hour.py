@@ -97,6 +97,14 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_run_ends_with_its_numbers
     sync = shlex.split(block[5].split("W&B upload:", 1)[1])
     assert sync[:2] == ["wandb", "sync"] and Path(sync[2]).is_dir() and Path(sync[2]).parent == run / "wandb"
 
+    # Finding 10: no library notices on the terminal; main.log holds the config, the parameters and each eval.
+    for noise in ("Transformer Engine", "Megatron Core", "gcc ", "built successfully", "Warning"):
+        assert noise not in done.stdout + done.stderr, noise
+    log = (run / "main.log").read_text()
+    assert "config: model gpt2_tiny" in log and "params_total" in log and "torch uses" in log
+    assert f"step {step + 2}: train loss {s['train_loss']:.4f}, val loss {s['val_loss']:.4f}" in log
+    assert "mpoe-train: trained to step" in log  # the end block too
+
 
 @pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path, mpoe_cache):
@@ -256,3 +264,102 @@ def test_single_data_path_without_brackets_trains(tmp_path, mpoe_cache):
     run = tmp_path / "run"
     train(run, mpoe_cache, "data=text", f"data.paths={text}", "trainer.max_steps=1", "logging.wandb.mode=disabled")
     assert summary(run)["steps"] == 1
+
+
+def _cli(cwd: Path, cache: str, *args: str, module: str = "mpoe.train", timeout: int = 300):
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_pretrained_without_weights_or_tokenizer_is_one_line(tmp_path, mpoe_cache):
+    """Finding 6: config.json alone, then weights without tokenizer files: one line each, before any run dir."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 4096}')
+    proc = _in(tmp_path, mpoe_cache, f"model.pretrained={ckpt}")
+    line = _one_error_line(proc, f"mpoe-train: error: model.pretrained={str(ckpt)!r} has config.json but no weights")
+    assert "save_pretrained" in line
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    proc = _in(tmp_path, mpoe_cache, f"model.pretrained={ckpt}")
+    line = _one_error_line(proc, f"mpoe-train: error: model.pretrained={str(ckpt)!r} holds no tokenizer")
+    assert "data.tokenizer=bpe" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, mpoe_cache):
+    """Finding 7."""
+    (tmp_path / "notes").mkdir()
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "notes"), str(tmp_path / "out"), module="mpoe.models.export")
+    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'notes'} is neither a checkpoint")
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "gone"), str(tmp_path / "out"), module="mpoe.models.export")
+    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'gone'} does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sweep_validates_every_job_before_the_first_starts(tmp_path, mpoe_cache):
+    """Finding 8: a typo, an unknown +key, and a bad value in job 1 all stop before job 0 runs, in one line."""
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    proc = _cli(tmp_path, mpoe_cache, "-m", "trainer.max_step=5", sweep)
+    line = _one_error_line(proc, "mpoe-train: error: ")
+    assert "trainer.max_step is not a config key" in line and "+trainer" not in line
+    proc = _cli(tmp_path, mpoe_cache, "-m", "+foo=bar", "trainer.max_steps=1", sweep)
+    _one_error_line(proc, "mpoe-train: error: +foo=bar: foo is not a config key, so the run would ignore it")
+    proc = _cli(tmp_path, mpoe_cache, "-m", "optim.lr=0.001,-1", "trainer.max_steps=1", sweep)
+    line = _one_error_line(proc, "mpoe-train: error: sweep job 1 of 2 (optim.lr=-1 trainer.max_steps=1): optim.lr=")
+    assert "must be > 0" in line
+    assert not (tmp_path / "sweep").exists()  # job 0 never started
+
+
+def test_unknown_added_key_is_refused_in_a_single_run_too():
+    from mpoe.config import ConfigError
+    from mpoe.train.main import check_added_keys
+
+    check_added_keys(["+trainer.max_steps=3", "+experiment=switch_vs_mpoe", "+hydra.job.name=x"])  # real keys
+    with pytest.raises(ConfigError, match=r"^\+trainer.max_step=3: trainer.max_step is not a config key"):
+        check_added_keys(["+trainer.max_step=3"])
+
+
+@pytest.mark.slow
+def test_help_describes_the_tool(tmp_path, mpoe_cache):
+    """Finding 11."""
+    proc = _cli(tmp_path, mpoe_cache, "--help")
+    assert proc.returncode == 0
+    assert "powered by Hydra" not in proc.stdout
+    assert proc.stdout.startswith("mpoe-train: pretrain a GPT-2 or T5")
+    assert "moe: dense, mpoe, switch" in proc.stdout and "model: gpt2_medium" in proc.stdout
+    assert proc.stdout.count("\n  mpoe-train") == 3  # three example commands
+
+
+def test_torch_threads_fit_the_cpus_of_this_process(monkeypatch):
+    """Finding 17: the pool is lowered to the process's share of its CPUs, and the log line says so."""
+    import torch
+
+    from mpoe.train import threads
+
+    assert threads.share(2, 2) == 1 and threads.share(16, 4) == 4 and threads.share(1, 8) == 1
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cpus_available", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    try:
+        torch.set_num_threads(3)
+        assert threads.fit_threads() == (
+            "torch threads lowered from 3 to 1 (4 CPU(s) in this process's affinity, 4 process(es) on this node; "
+            "set OMP_NUM_THREADS to choose)"
+        )
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert threads.fit_threads().startswith("torch uses 3 thread(s) (OMP_NUM_THREADS=3;")
+        assert torch.get_num_threads() == 3  # the user's choice is kept
+    finally:
+        torch.set_num_threads(before)
