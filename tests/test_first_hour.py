@@ -145,6 +145,22 @@ def test_resume_auto_finds_the_run_of_the_same_config(tmp_path, mpoe_cache):
     assert list((tmp_path / "outputs").glob("*/*")) == [run]  # no new run directory
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
     assert summary(run)["steps"] == 4
+    _check_optimizer_stored_once(run / "checkpoints" / "step_00000004" / "rank_00000.pt")
+
+
+def _check_optimizer_stored_once(rank_file: Path) -> None:
+    """Finding 15: at ZeRO 0 Adam's state is stored once (native, with names); the portable form is derived."""
+    import torch
+
+    from mpoe.train import reshard
+
+    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    assert "portable_optimizer" not in state and "optimizer" in state
+    portable = reshard.portable_state(state)
+    assert portable["step"] == 4
+    assert portable["params"] and set(portable["params"]) <= set(state["optimizer_param_names"])
+    for name, adam in portable["params"].items():  # a shifted name <-> index mapping would mismatch shapes
+        assert adam["exp_avg"].shape == adam["exp_avg_sq"].shape == state["module"][name].shape, name
 
 
 def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
