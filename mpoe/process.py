@@ -69,8 +69,10 @@ def configure_process() -> None:
 def library_stdout_to_log(name: str = "mpoe.libraries"):
     """What a library prints (DeepSpeed: "op ... built successfully") goes to the log at DEBUG, not the terminal."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    for line in buffer.getvalue().splitlines():
-        if line.strip():
-            logging.getLogger(name).debug(line)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger(name).debug(line)

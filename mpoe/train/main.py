@@ -264,8 +264,10 @@ def _remove_unstarted_run_dir(run_dir: Path) -> None:
     """A run that stopped on bad input (data that cannot be read, too little of it) before its first step leaves
     no directory behind, where mpoe-report would list it as unfinished: there is nothing in it to keep."""
     metrics = run_dir / "metrics.jsonl"
-    started = (run_dir / "checkpoints").exists() or (run_dir / "summary.json").exists()
-    if started or (metrics.is_file() and metrics.stat().st_size > 0):
+    ours = {".hydra", "main.log", "metrics.jsonl", "wandb", ".wandb_id"}  # what a run makes before its first step
+    if not run_dir.is_dir() or any(p.name not in ours for p in run_dir.iterdir()):
+        return  # a checkpoint, a summary, or files that are not ours (hydra.run.dir=an existing folder): keep all
+    if metrics.is_file() and metrics.stat().st_size > 0:
         return
     import shutil
 
