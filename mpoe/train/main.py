@@ -242,7 +242,9 @@ def _task(dict_cfg) -> None:
     is_rank0 = dist.get_rank() == 0
     log.info(console.config_summary(cfg, dist.get_world_size(), run_dir))
     try:
-        with interrupt.stop_on_signals(), logging_redirect_tqdm():  # log lines go above the progress bar
+        # Log lines go above the progress bar, also those of libraries with their own console handler.
+        libraries = [logging.getLogger(name) for name in ("DeepSpeed", "transformers")]
+        with interrupt.stop_on_signals(), logging_redirect_tqdm(loggers=[logging.root, *libraries]):
             summary = run(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError) as e:
         if is_rank0 and isinstance(e, ConfigError):
