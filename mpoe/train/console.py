@@ -46,10 +46,9 @@ def _num(x, spec: str) -> str:
 def run_end_lines(summary: dict, run_dir: Path, overrides: list[str], max_steps: int) -> list[str]:
     if summary.get("dry_run"):
         return [f"mpoe-train: dry run: parameter counts above, nothing trained; run directory {run_dir}"]
-    val = (
-        f"val loss {_num(summary.get('val_loss'), '.4f')}, val ppl {_num(summary.get('val_ppl'), '.2f')} "
-        f"over {_num(summary.get('val_tokens'), ',')} tokens"
-    )
+    val = f"val loss {_num(summary.get('val_loss'), '.4f')}, val ppl {_num(summary.get('val_ppl'), '.2f')}"
+    if summary.get("val_tokens") is not None:
+        val += f" over {summary['val_tokens']:,} tokens"
     if not summary.get("tokens_per_s"):  # evaluate-only (max_steps=0), or a run that had already finished
         lines = [f"mpoe-train: evaluated at step {summary.get('steps', 0)}: {val}"]
     else:
