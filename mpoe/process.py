@@ -63,6 +63,8 @@ def configure_process() -> None:
     configure_accelerator()
     quiet_library_notices()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warning from tokenizers in workers
+    # datasets' "Generating train split" bars would print beside ours, and stay on screen above a data error
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 @contextlib.contextmanager

@@ -274,8 +274,9 @@ def _remove_unstarted_run_dir(run_dir: Path) -> None:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        run_dir.parent.rmdir()  # Hydra's outputs/DATE, when this was its only run
+    with contextlib.suppress(OSError):  # Hydra's outputs/DATE and outputs/, when this was their only run
+        run_dir.parent.rmdir()
+        run_dir.parent.parent.rmdir()
 
 
 def cli() -> None:
