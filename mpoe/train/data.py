@@ -13,8 +13,10 @@ is a pure function of the optimizer step, which is what makes resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +86,8 @@ def _load_kind(kind: str, files: list[Path], field: str) -> list[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        with _quiet_logger("datasets"):  # it logs the failure before raising; we say it once, in one line
+            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     except Exception as e:  # datasets/pyarrow raise many kinds for one bad file: find it and say where
         raise ConfigError(_unreadable(kind, files, e)) from None
     if field not in ds.column_names:
@@ -92,6 +95,17 @@ def _load_kind(kind: str, files: list[Path], field: str) -> list[str]:
             f"data.text_field={field!r} is not a column of {', '.join(map(str, files))}: use one of {ds.column_names}"
         )
     return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _unreadable(kind: str, files: list[Path], error: Exception) -> str:

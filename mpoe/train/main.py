@@ -147,7 +147,9 @@ def validate_sweep(overrides: list[str], world_size: int) -> int:
     """Every job of a sweep composed and validated before the first starts; returns the number of jobs."""
     from mpoe.parallel.engine import check_precision_supported
 
-    jobs = sweep_jobs(normalize_overrides(overrides))
+    overrides = normalize_overrides(overrides)
+    check_added_keys(overrides)  # wrong for every job: said once, without a job number
+    jobs = sweep_jobs(overrides)
     for number, job in enumerate(jobs):
         try:
             cfg = compose_and_validate(job, world_size)
