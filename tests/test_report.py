@@ -271,6 +271,7 @@ def test_multirun_then_report(tmp_path, mpoe_cache):
     for line in table:
         cells = line.strip("|").split(" | ")
         assert all(c.strip() for c in cells)
-        assert cells[5].strip().replace(".", "").isdigit()  # val loss of one seed
+        assert cells[report.COLUMNS.index("val loss")].strip().replace(".", "").isdigit()  # val loss of one seed
+        assert cells[report.COLUMNS.index("steps")].strip() == "3"  # the budget every configuration had
     for name in PLOTS + ("expert_load_1_moe_mpoe.png",):
         assert (out / name).stat().st_size > 1000
