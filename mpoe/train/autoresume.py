@@ -1,4 +1,9 @@
-"""`trainer.resume=auto` without `hydra.run.dir`: find the run to continue under the outputs root.
+"""Resuming, decided before any setup: `trainer.resume=PATH` checked, `trainer.resume=auto` given its run.
+
+A wrong resume path used to fail after model and engine setup; `check_resume_path`
+reads the checkpoint's meta.json first.
+
+`trainer.resume=auto` without `hydra.run.dir`: find the run to continue under the outputs root.
 
 Hydra gives every run a new timestamped directory, so `resume=auto` on its own
 looked for checkpoints in a directory made a moment ago, found none, and
@@ -17,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from mpoe.config import TrainConfig
 from mpoe.train.checkpoint import complete_checkpoints
 from mpoe.train.report import _ignored, flatten
 
@@ -65,3 +71,48 @@ def find_run(config: dict, root: Path) -> tuple[Optional[Path], int]:
         if when > best_time:
             best, best_time = run_dir, when
     return best, looked
+
+
+def check_resume_path(cfg: TrainConfig) -> None:
+    """`trainer.resume=PATH`: a complete checkpoint of this model, checked before any setup (CheckpointError)."""
+    from mpoe.train import checkpoint
+
+    resume = cfg.trainer.resume
+    if resume is None or resume == "auto":
+        return
+    path = checkpoint.resolve(resume, Path(resume))
+    meta = checkpoint.read_meta(path)
+    for key, value in checkpoint_identity(cfg).items():
+        if meta.get(key) != value:
+            raise checkpoint.CheckpointError(
+                f"trainer.resume={resume!r}: checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
+                f"{key}={value!r}: resume with the same setting"
+            )
+
+
+def checkpoint_identity(cfg: TrainConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it (its layout may differ: it is resharded)."""
+    return {"model": cfg.model.name, "moe": cfg.moe.kind, "num_experts": cfg.moe.num_experts}
+
+
+def auto_resume_run_dir(cfg: TrainConfig, args: list[str]) -> list[str]:
+    """`trainer.resume=auto` without hydra.run.dir: the override that points Hydra at the run to continue."""
+    if cfg.trainer.resume != "auto" or any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
+        return []
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mpoe.train.main import CONF_DIR
+
+    pattern = yaml.safe_load((Path(CONF_DIR) / "train.yaml").read_text())["hydra"]["run"]["dir"]
+    root = outputs_root(pattern)
+    found, looked = find_run(OmegaConf.to_container(OmegaConf.structured(cfg)), root)
+    if found is None:
+        print(
+            f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {root} "
+            f"({looked} run(s) looked at): starting a new run",
+            flush=True,
+        )
+        return []
+    print(f"mpoe-train: trainer.resume=auto: continuing {found}", flush=True)
+    return [f"hydra.run.dir={found}"]

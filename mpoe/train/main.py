@@ -122,107 +122,18 @@ def compose_and_validate(overrides: list[str], world_size: int) -> TrainConfig:
     return validate(cfg, world_size)
 
 
-def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """The overrides of every job of `mpoe-train -m ...`, expanded by Hydra's BasicSweeper as it will run them
-    (the config's `hydra.sweeper.params`, an experiment's sweep, first; the command line's after)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    _register_schema()
-    parser = OverridesParser.create()
-    try:
-        parsed = parser.parse_overrides(overrides)
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            composed = compose("train", overrides=fixed, return_hydra_config=True)
-        params = [f"{k}={v}" for k, v in (composed.hydra.sweeper.get("params") or {}).items()]
-        jobs = BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
-    except Exception as e:  # Hydra's parser and composition raise many kinds; all are bad input here
-        raise ConfigError(_one_line(e)) from None
-    return [list(job) for job in jobs]
-
-
-def validate_sweep(overrides: list[str], world_size: int) -> int:
-    """Every job of a sweep composed and validated before the first starts; returns the number of jobs."""
-    from mpoe.parallel.engine import check_precision_supported
-
-    overrides = normalize_overrides(overrides)
-    check_added_keys(overrides)  # wrong for every job: said once, without a job number
-    jobs = sweep_jobs(overrides)
-    for number, job in enumerate(jobs):
-        try:
-            cfg = compose_and_validate(job, world_size)
-            check_precision_supported(cfg.trainer.precision)
-            check_pretrained(cfg)
-            check_resume_path(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"sweep job {number} of {len(jobs)} ({' '.join(job)}): {e}") from None
-    return len(jobs)
-
-
-def check_pretrained(cfg: TrainConfig) -> None:
-    from mpoe.train import pretrained
-
-    pretrained.check(cfg)
-
-
-def check_resume_path(cfg: TrainConfig) -> None:
-    """`trainer.resume=PATH`: a complete checkpoint of this model, checked before any setup (CheckpointError)."""
-    from mpoe.train import checkpoint
-
-    resume = cfg.trainer.resume
-    if resume is None or resume == "auto":
-        return
-    path = checkpoint.resolve(resume, Path(resume))
-    meta = checkpoint.read_meta(path)
-    for key, value in checkpoint_identity(cfg).items():
-        if meta.get(key) != value:
-            raise checkpoint.CheckpointError(
-                f"trainer.resume={resume!r}: checkpoint {path} was saved with {key}={meta.get(key)!r}, this run has "
-                f"{key}={value!r}: resume with the same setting"
-            )
-
-
-def checkpoint_identity(cfg: TrainConfig) -> dict:
-    """What a checkpoint must share with the run that resumes it (its layout may differ: it is resharded)."""
-    return {"model": cfg.model.name, "moe": cfg.moe.kind, "num_experts": cfg.moe.num_experts}
-
-
-def _auto_resume_run_dir(cfg: TrainConfig, args: list[str]) -> list[str]:
-    """`trainer.resume=auto` without hydra.run.dir: the override that points Hydra at the run to continue."""
-    if cfg.trainer.resume != "auto" or any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
-        return []
-    import yaml
-    from omegaconf import OmegaConf
-
-    from mpoe.train import autoresume
-
-    pattern = yaml.safe_load((Path(CONF_DIR) / "train.yaml").read_text())["hydra"]["run"]["dir"]
-    root = autoresume.outputs_root(pattern)
-    found, looked = autoresume.find_run(OmegaConf.to_container(OmegaConf.structured(cfg)), root)
-    if found is None:
-        print(
-            f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {root} "
-            f"({looked} run(s) looked at): starting a new run",
-            flush=True,
-        )
-        return []
-    print(f"mpoe-train: trainer.resume=auto: continuing {found}", flush=True)
-    return [f"hydra.run.dir={found}"]
-
-
 def _task(dict_cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from mpoe.parallel.engine import check_precision_supported
+    from mpoe.train import pretrained
 
     world = world_size_from_env()
     try:
         cfg = validate(OmegaConf.to_object(dict_cfg), world)
         check_precision_supported(cfg.trainer.precision)  # again: a sweep job's config is composed here
-        check_pretrained(cfg)
+        pretrained.check(cfg)
     except ConfigError as e:
         _fail(str(e))
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -287,11 +198,12 @@ def cli() -> None:
     sys.argv = [sys.argv[0], *args]
     multirun = any(a in ("-m", "--multirun") for a in args)
     runs = not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args)
+    from mpoe.train import autoresume, pretrained, sweep
     from mpoe.train.checkpoint import CheckpointError
 
     if multirun and runs:
         try:  # every job, before the first starts (Hydra would compose each only when its turn comes)
-            validate_sweep([a for a in args if a not in ("-m", "--multirun")], world_size_from_env())
+            sweep.validate_sweep([a for a in args if a not in ("-m", "--multirun")], world_size_from_env())
         except (ConfigError, CheckpointError) as e:
             _fail(str(e))
     elif runs:
@@ -300,10 +212,10 @@ def cli() -> None:
         try:
             cfg = compose_and_validate(args, world_size_from_env())
             check_precision_supported(cfg.trainer.precision)  # before Hydra makes a run directory
-            check_pretrained(cfg)
-            check_resume_path(cfg)
+            pretrained.check(cfg)
+            autoresume.check_resume_path(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
-                args = args + _auto_resume_run_dir(cfg, args)
+                args = args + autoresume.auto_resume_run_dir(cfg, args)
                 sys.argv = [sys.argv[0], *args]
         except (ConfigError, CheckpointError) as e:
             _fail(str(e))
