@@ -50,5 +50,6 @@ def validate_sweep(overrides: list[str], world_size: int) -> int:
             pretrained.check(cfg)
             autoresume.check_resume_path(cfg)
         except ConfigError as e:
-            raise ConfigError(f"sweep job {number} of {len(jobs)} ({' '.join(job)}): {e}") from None
+            shown = " ".join(o for o in job if not o.lstrip("+~").startswith("hydra"))
+            raise ConfigError(f"sweep job {number} of {len(jobs)} ({shown}): {e}") from None
     return len(jobs)
