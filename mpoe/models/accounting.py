@@ -126,9 +126,13 @@ def mpoe_vs_switch_ratio(
     }
 
 
+DEPRECATED_KEYS = ("mpoe_vs_switch_total_ratio",)  # in summary.json for one release; not shown in the table
+
+
 def format_table(counts: dict) -> str:
-    width = max(map(len, counts))
-    return "\n".join(f"  {k:<{width}}  {v:>14,}" for k, v in counts.items())
+    shown = {k: v for k, v in counts.items() if k not in DEPRECATED_KEYS}
+    width = max(map(len, shown))
+    return "\n".join(f"  {k:<{width}}  {v:>14,}" for k, v in shown.items())
 
 
 # Shapes of the paper's base models: (d_model, d_ff, FFN layers, other params = published total minus FFNs).
