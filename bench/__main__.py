@@ -164,4 +164,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from mpoe.process import configure_process
+
+    configure_process()
     main()

@@ -178,7 +178,9 @@ def test_gpt2_tiny_counts_by_hand():
     assert mpoe["params_total"] == dense_total - 2 * _ffn(d, ff, True) + 2 * per_moe_layer
     assert mpoe["params_active"] == dense_total - 2 * _ffn(d, ff, True) + 2 * (central + aux + ff + d + d * E)
     assert mpoe["params_switch_equivalent"] == switch["params_total"]
-    assert mpoe["mpoe_vs_switch_total_ratio"] == round(switch["params_total"] / mpoe["params_total"], 3)
+    assert mpoe["switch_over_mpoe_params"] == round(switch["params_total"] / mpoe["params_total"], 3)
+    assert mpoe["switch_over_mpoe_params"] > 1  # Switch is the larger one: the name says which way it divides
+    assert mpoe["mpoe_vs_switch_total_ratio"] == mpoe["switch_over_mpoe_params"]  # the old key, kept one release
     ratio = mpoe_vs_switch_ratio(d, ff, 2, E, dense_total - 2 * _ffn(d, ff, True), bias=True)
     assert (ratio["switch_total"], ratio["mpoe_total"]) == (switch["params_total"], mpoe["params_total"])
 

@@ -57,6 +57,7 @@ def make_run(
         "val_ppl": 2.0**val_loss,
         "tokens_per_s": 100.0,
         "tokens_seen": 4000,
+        "steps": 4,
         "moe": kind,
         "model": "gpt2_tiny",
     }
@@ -91,8 +92,8 @@ def test_mean_std_over_seeds(tmp_path):
     out = tmp_path / "out"
     assert report.main([str(tmp_path), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    assert "| moe=switch, optim.lr=0.001 | switch | 3 (0,1,2) | 1,000 | 500 | 3.0000 ± 1.0000 |" in text
-    assert "| moe=mpoe, optim.lr=0.0003 | mpoe | 1 (0) | 400 | 200 | 6.0000 |" in text
+    assert "| moe=switch, optim.lr=0.001 | switch | 3 (0,1,2) | 4 | 4,000 | 1,000 | 500 | 3.0000 ± 1.0000 |" in text
+    assert "| moe=mpoe, optim.lr=0.0003 | mpoe | 1 (0) | 4 | 4,000 | 400 | 200 | 6.0000 |" in text
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(out.glob("expert_load_*.png"))) == 3
@@ -115,6 +116,75 @@ def test_broken_run_dirs_are_skipped_in_one_line(tmp_path, capsys):
         assert line.startswith(f"mpoe-report: {bad}: skipped: ")
     assert "| 1 (0) |" in (tmp_path / "out" / "report.md").read_text()
     assert good.exists()
+
+
+def test_validation_without_tokens_is_never_ranked(tmp_path, capsys):
+    """Issue 15 finding 1: a validation split smaller than one batch reported val_loss 0.0 (ppl 1), ranked best."""
+    real = make_run(tmp_path / "real", "dense", 0, 3.0)
+    empty = make_run(tmp_path / "empty", "dense", 1, 0.0)  # an old run: val_loss exactly 0.0, no val_tokens
+    zero = make_run(tmp_path / "zero", "dense", 2, 0.5)
+    summary = json.loads((zero / "summary.json").read_text())
+    (zero / "summary.json").write_text(json.dumps({**summary, "val_tokens": 0}))
+    counted = make_run(tmp_path / "counted", "dense", 3, 2.0)
+    summary = json.loads((counted / "summary.json").read_text())
+    (counted / "summary.json").write_text(json.dumps({**summary, "val_tokens": 4096}))
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert err[0].startswith(
+        f"mpoe-report: {empty}: skipped: val_loss is exactly 0.0 and summary.json has no val_tokens"
+    )
+    assert err[1].startswith(f"mpoe-report: {zero}: skipped: val_tokens=0: its validation evaluated no tokens")
+    text = (out / "report.md").read_text()
+    assert "| 2 (3,0) | " in text and "| 2.5000 ± 0.7071 |" in text  # only the two real runs, as two seeds
+    assert real.exists() and empty.exists()
+
+
+def test_plots_show_what_they_claim(tmp_path):
+    """Issue 15 finding 18: legends beside the axes, coinciding markers apart, one seed's expert load (indices are
+    not comparable between seeds), training loss beside validation loss, labels without quotes, budgets in the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    make_run(tmp_path / "on0", "mpoe", 0, 3.0, params=1000)
+    on1 = make_run(tmp_path / "on1", "mpoe", 1, 3.4, params=1000)
+    rows = [json.loads(line) for line in (on1 / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["expert_load"] = [[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]  # seed 1 routes to other indices
+    (on1 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_run(tmp_path / "off0", "mpoe", 0, 3.2, lr=3e-4, params=1000)  # the same size: markers coincide
+    groups = report.group_runs(report.collect([tmp_path], lambda line: pytest.fail(line)))
+    rows = [report.summarize(g) for g in groups]
+
+    fig = report.params_vs_loss_figure(rows)
+    ax = fig.axes[0]
+    xs = [c.lines[0].get_xdata()[0] for c in ax.containers]
+    assert len(xs) == len(set(xs)) == 4  # total and active of two configurations of equal size, all apart
+    fig.canvas.draw()
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes_box.x1  # beside the axes: covers no error bar
+    plt.close(fig)
+
+    fig = report.val_curves_figure(groups)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert [g.label + " (train)" in labels for g in groups] == [True, True]
+    fig.canvas.draw()
+    assert fig.axes[0].get_legend().get_window_extent().x0 >= fig.axes[0].get_window_extent().x1
+    plt.close(fig)
+
+    seed, series = report.expert_load_series(groups[0])
+    assert seed == 0 and series[4][0] == [0.1, 0.2, 0.3, 0.4]  # seed 0's own loads, not a mean with seed 1's
+
+    single = report.group_runs(report.collect([tmp_path / "off0"], print))
+    assert single[0].label == "gpt2_tiny moe=mpoe"  # no JSON quotes
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "on0"), str(tmp_path / "on1"), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| configuration | moe | seeds | steps | tokens |" in text
+    assert "| gpt2_tiny moe=mpoe | mpoe | 2 (0,1) | 4 | 4,000 |" in text
 
 
 def test_no_usable_run_exits_2(tmp_path, capsys, monkeypatch):
@@ -201,6 +271,7 @@ def test_multirun_then_report(tmp_path, mpoe_cache):
     for line in table:
         cells = line.strip("|").split(" | ")
         assert all(c.strip() for c in cells)
-        assert cells[5].strip().replace(".", "").isdigit()  # val loss of one seed
+        assert cells[report.COLUMNS.index("val loss")].strip().replace(".", "").isdigit()  # val loss of one seed
+        assert cells[report.COLUMNS.index("steps")].strip() == "3"  # the budget every configuration had
     for name in PLOTS + ("expert_load_1_moe_mpoe.png",):
         assert (out / name).stat().st_size > 1000

@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -56,20 +57,34 @@ def find_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
     from mpoe.train import checkpoint
 
     path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ExportError(f"{path} does not exist or is not a directory: give a run directory or its step_N checkpoint")
     if (path / "meta.json").is_file():
-        return path.parent.parent, path
-    found = checkpoint.complete_checkpoints(path / "checkpoints")
-    if not found:
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints/step_*"
+        run_dir = path.parent.parent
+    else:
+        found = checkpoint.complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise ExportError(
+                f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints/step_*: "
+                "give the directory mpoe-train wrote (outputs/DATE/TIME) or one of its checkpoints/step_N"
+            )
+        run_dir, path = path, found[-1]
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise ExportError(
+            f"{run_dir} has no .hydra/config.yaml, so the model's config is unknown: "
+            "export from inside the run directory mpoe-train wrote"
         )
-    return path, found[-1]
+    return run_dir, path
+
+
+class ExportError(FileNotFoundError):
+    """A source that cannot be exported; the message is one line naming the path and the fix."""
 
 
 def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
-    if cfg.data.tokenizer:
-        from mpoe.train import data as data_lib
+    from mpoe.train import data as data_lib
 
+    if cfg.data.tokenizer and cfg.data.tokenizer != data_lib.TRAIN_BPE:
         return data_lib.special_ids(data_lib.get_tokenizer(cfg.data, []))
     return BPE_EOT_ID, BPE_PAD_ID
 
@@ -214,12 +229,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--merge", action="store_true", help="MPOE experts -> dense (Switch) expert weights")
     args = parser.parse_args(argv)
-    out = export(args.source, args.out_dir, args.merge)
+    try:
+        out = export(args.source, args.out_dir, args.merge)
+    except ExportError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"exported to {out}")
 
 
 if __name__ == "__main__":
-    from mpoe.parallel.groups import configure_accelerator
+    from mpoe.process import configure_process
 
-    configure_accelerator()
+    configure_process()
     main()

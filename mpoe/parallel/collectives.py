@@ -46,5 +46,7 @@ def all_reduce_floats(
     values: Sequence[float], op: str = "sum", group: Optional[dist.ProcessGroup] = None
 ) -> list[float]:
     """Host numbers reduced over `group` in float64: one collective and one host read for all of them."""
+    if not _distributed() or dist.get_world_size(group) == 1:
+        return [float(v) for v in values]  # no round trip through a device for a world of one
     t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
     return all_reduce(t, op, group).tolist()

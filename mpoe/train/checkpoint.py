@@ -71,11 +71,10 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     _barrier()
     state = {
         "module": engine.module.state_dict(),
-        "optimizer": engine.optimizer.state_dict(),
+        **reshard.optimizer_fields(engine),  # Adam's state once where it is per parameter; collective at ZeRO 1/2
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "global_steps": engine.global_steps,
         "rng": rng_state(),
-        "portable_optimizer": reshard.portable_optimizer_state(engine),  # collective at ZeRO 1/2
     }
     part = tmp / f"rank_{rank:05d}.pt.partial"
     torch.save(state, part)

@@ -13,8 +13,10 @@ is a pure function of the optimizer step, which is what makes resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from mpoe.config import ConfigError, DataConfig
 from mpoe.train import corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
+TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen explicitly (as null does by default)
 _DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -44,27 +47,114 @@ def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     import datasets
 
     if cfg.name == "text":
-        paths = [Path(p).expanduser() for p in cfg.paths]
-        for p in paths:
-            if not p.is_file():
-                raise ConfigError(
-                    f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files"
-                )
-        kinds = {_DATA_EXTENSIONS.get(p.suffix.lower()) for p in paths}
-        if None in kinds or len(kinds) != 1:
-            raise ConfigError(
-                f"data.paths={cfg.paths!r} mixes or uses unknown file types: "
-                "give only one of .txt, .json/.jsonl or .parquet"
-            )
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+        docs = local_documents([Path(p).expanduser() for p in cfg.paths], cfg.text_field)
     else:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
-    if cfg.text_field not in ds.column_names:
-        raise ConfigError(
-            f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}"
-        )
-    docs = [t for t in ds[cfg.text_field] if t and t.strip()]
+        if cfg.text_field not in ds.column_names:
+            raise ConfigError(
+                f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}"
+            )
+        docs = [t for t in ds[cfg.text_field] if t and t.strip()]
     return corpus.split_documents(docs, cfg.val_fraction)
+
+
+def local_documents(paths: list[Path], text_field: str) -> list[str]:
+    """The documents of local files, in the order given; text, JSON and parquet files may be mixed.
+
+    Files of one kind are read by one `datasets` loader call; a file it cannot read
+    is named in a one-line ConfigError, with the line or row where the format has one.
+    """
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(
+                f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files"
+            )
+        if _DATA_EXTENSIONS.get(p.suffix.lower()) is None:
+            raise ConfigError(
+                f"data.paths entry {str(p)!r} has an unknown type {p.suffix!r}: "
+                f"use {', '.join(sorted(_DATA_EXTENSIONS))} files"
+            )
+        if p.stat().st_size == 0:
+            raise ConfigError(f"data.paths entry {str(p)!r} is empty: remove it from data.paths or give it text")
+    docs: list[str] = []
+    for kind in dict.fromkeys(_DATA_EXTENSIONS[p.suffix.lower()] for p in paths):  # first-seen order
+        files = [p for p in paths if _DATA_EXTENSIONS[p.suffix.lower()] == kind]
+        docs.extend(_load_kind(kind, files, "text" if kind == "text" else text_field))
+    return docs
+
+
+def _load_kind(kind: str, files: list[Path], field: str) -> list[str]:
+    import datasets
+
+    try:
+        with _quiet_logger("datasets"):  # it logs the failure before raising; we say it once, in one line
+            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    except Exception as e:  # datasets/pyarrow raise many kinds for one bad file: find it and say where
+        raise ConfigError(_unreadable(kind, files, e)) from None
+    if field not in ds.column_names:
+        raise ConfigError(
+            f"data.text_field={field!r} is not a column of {', '.join(map(str, files))}: use one of {ds.column_names}"
+        )
+    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unreadable(kind: str, files: list[Path], error: Exception) -> str:
+    """One line naming the first file (and line) that `kind`'s loader cannot read."""
+    for p in files:
+        where = _first_bad_line(kind, p)
+        if where:
+            return f"data.paths entry {str(p)!r} cannot be read as {kind}: {where}"
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return f"data.paths {', '.join(map(str, files))} cannot be read as {kind}: {type(cause).__name__}: {detail}"
+
+
+def _first_bad_line(kind: str, path: Path) -> str | None:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+        except Exception as e:  # pyarrow's errors for a foreign or truncated file
+            return f"not a parquet file ({(str(e).splitlines() or [''])[0][:120]})"
+        return None
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}): is it a binary file?"
+    if kind != "json":
+        return None
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            json.loads(text)
+            return None
+        except ValueError:
+            pass  # perhaps JSON Lines under a .json name: check line by line
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            return f"line {number} is not JSON ({e.msg})"
+        if not isinstance(record, dict):
+            return f"line {number} is a JSON {type(record).__name__}, not an object with a text field"
+    return None
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -81,7 +171,7 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
     """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the corpus and cached."""
     from tokenizers import Tokenizer
 
-    if cfg.tokenizer:
+    if cfg.tokenizer and cfg.tokenizer != TRAIN_BPE:
         path = Path(cfg.tokenizer).expanduser()
         if path.is_dir():  # a Hugging Face checkpoint directory (model.pretrained's): its tokenizer files
             return _checkpoint_tokenizer(path)

@@ -9,6 +9,7 @@ device; statistics stay on the device and are read once per logged step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,14 @@ from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce
 from mpoe.parallel.groups import ExpertGroups, expert_groups, rank_world
-from mpoe.train import checkpoint, faults
+from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
 from mpoe.train.flops import Peak, device_peak, flops_per_token
 from mpoe.train.grad_norms import grad_norms, role_params
 from mpoe.train.metrics import Interval, MetricsLogger
 from mpoe.train.objectives import build_objective
+
+log = logging.getLogger("mpoe.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,6 +59,7 @@ class Training:
     ckpt_dir: Path
     identity: dict
     start_step: int
+    resumed_from: Optional[Path]
     tokens_per_step: int
     flops_per_token: float
     peak: Peak
@@ -79,7 +83,10 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
     progress = _progress(cfg, tr.rank, tr.start_step)
     interval = Interval(tr.device)
     train_start = time.perf_counter()
+    step = tr.start_step
     for step in range(tr.start_step, cfg.trainer.max_steps):
+        if interrupt.stop_agreed():  # SIGINT/SIGTERM on any rank: stop before this step (interrupt.py)
+            break
         done = step + 1
         evaluate_now = done % cfg.trainer.eval_every == 0 or done == cfg.trainer.max_steps
         log_now = done % cfg.trainer.log_every == 0 or evaluate_now
@@ -94,6 +101,13 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             checkpoint.save(tr.engine, tr.ckpt_dir, done, tr.identity, cfg.trainer.keep_last)
     if progress is not None:
         progress.close()
+    if interrupt.stopped():  # checkpoint the `step` steps done; main.py says where it is and how to resume
+        tr.logger.close()
+        t = cfg.trainer
+        saved = (
+            checkpoint.save(tr.engine, tr.ckpt_dir, step, tr.identity, t.keep_last) if step > tr.start_step else None
+        )
+        raise interrupt.Interrupted(interrupt.requested(), step, t.max_steps, saved or tr.resumed_from)
     return _finish(tr, t0, time.perf_counter() - train_start)
 
 
@@ -112,12 +126,11 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
     embedding = families.get(model.family).embedding_params(model.backbone)
     counts = count_params(model, embedding, cfg.moe.top_k, cfg.parallel.ep_size)
     logger = MetricsLogger(run_dir, rank == 0, None if t.dry_run else cfg.logging.wandb, run_config)
-    if rank == 0:
-        print(
+    if rank == 0:  # through logging: Hydra writes it to the console and main.log
+        log.info(
             f"model {cfg.model.name} with moe={cfg.moe.kind} ({len(moe_layers(model))} MoE layers), "
-            f"{world} process(es):"
+            f"{world} process(es):\n{format_table(counts)}"
         )
-        print(format_table(counts), flush=True)
     if t.dry_run:
         logger.summary({**counts, "dry_run": True})
         logger.close()
@@ -143,7 +156,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         "moe": cfg.moe.kind,
         "num_experts": cfg.moe.num_experts,
     }
-    start_step = _resume(cfg, engine, ckpt_dir, identity, groups, rank)
+    start_step, resumed_from = _resume(cfg, engine, ckpt_dir, identity, groups, rank)
     per_token, peak = _flops_reference(cfg, model, counts, raw_len, engine.device)
     return Training(
         cfg=cfg,
@@ -161,6 +174,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         ckpt_dir=ckpt_dir,
         identity=identity,
         start_step=start_step,
+        resumed_from=resumed_from,
         tokens_per_step=global_batch_size(cfg, world) * raw_len,
         flops_per_token=per_token,
         peak=peak,
@@ -168,11 +182,13 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
     )
 
 
-def _resume(cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: ExpertGroups, rank: int) -> int:
-    """The step to start from: 0, or the resumed checkpoint's."""
+def _resume(
+    cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: ExpertGroups, rank: int
+) -> tuple[int, Optional[Path]]:
+    """The step to start from and the checkpoint it comes from: (0, None), or the resumed checkpoint's."""
     resume_from = checkpoint.resolve(cfg.trainer.resume, ckpt_dir)
     if resume_from is None:
-        return 0
+        return 0, None
     layout_keys = ("world_size", "ep_size", "zero_stage")
     meta = checkpoint.load(
         engine,
@@ -183,8 +199,8 @@ def _resume(cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: Ex
         cfg.moe.num_experts,
     )
     if rank == 0:
-        print(f"resumed from {resume_from} at step {meta['step']}", flush=True)
-    return meta["step"]
+        log.info(f"resumed from {resume_from} at step {meta['step']}")
+    return meta["step"], resume_from
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -258,6 +274,7 @@ def _finish(tr: Training, t0: float, train_s: float) -> dict:
     steps_run = max(t.max_steps - tr.start_step, 0)
     summary = {
         **tr.counts,
+        "train_loss": tr.last.get("loss") if steps_run else None,  # the last logged interval's (console.py prints it)
         "val_loss": tr.val_loss,
         "val_ppl": math.exp(min(tr.val_loss, 50.0)),
         "val_tokens": tr.val_tokens,

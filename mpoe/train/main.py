@@ -9,12 +9,17 @@ place, and the other ranks' Hydra writes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 from mpoe.config import ConfigError, TrainConfig, validate
-from mpoe.parallel.groups import configure_accelerator, world_size_from_env
+from mpoe.parallel.groups import world_size_from_env
+from mpoe.process import configure_process
+
+log = logging.getLogger("mpoe.train")
 
 # The configs ship inside the package, so `pip install .` and a wheel find them from any directory.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -63,12 +68,50 @@ def _one_line(exc: BaseException) -> str:
     return f"{full_key}: {msg}" if full_key else msg
 
 
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """`data.paths=a.txt` means the list `[a.txt]` (a single file is the common case; Hydra would refuse it)."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if key.lstrip("+") == "data.paths" and sep and value and not value.startswith("["):
+            o = f"{key}=[{value}]"
+        out.append(o)
+    return out
+
+
+def _schema_key_exists(key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(TrainConfig)
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """`+key=value` adds a key Hydra's struct check would refuse; one that the schema lacks would be ignored."""
+    for o in overrides:
+        if not o.startswith("+"):
+            continue
+        key = o.lstrip("+").split("=", 1)[0]
+        if key.startswith("hydra") or (Path(CONF_DIR) / key).is_dir() or _schema_key_exists(key):
+            continue
+        raise ConfigError(
+            f"{o}: {key} is not a config key, so the run would ignore it "
+            "(check the spelling, without '+'; `mpoe-train --cfg job` lists the keys)"
+        )
+
+
 def compose_and_validate(overrides: list[str], world_size: int) -> TrainConfig:
     """Compose conf/train.yaml with overrides exactly as Hydra will, and validate it (ConfigError on failure)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     _register_schema()
+    overrides = normalize_overrides(overrides)
+    check_added_keys(overrides)
     plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -84,19 +127,26 @@ def _task(dict_cfg) -> None:
     from omegaconf import OmegaConf
 
     from mpoe.parallel.engine import check_precision_supported
+    from mpoe.train import pretrained
 
     world = world_size_from_env()
     try:
         cfg = validate(OmegaConf.to_object(dict_cfg), world)
-        check_precision_supported(cfg.trainer.precision)  # again for -m sweeps, which skip cli()'s check
+        check_precision_supported(cfg.trainer.precision)  # again: a sweep job's config is composed here
+        pretrained.check(cfg)
     except ConfigError as e:
         _fail(str(e))
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from mpoe.parallel.groups import init_distributed
-    from mpoe.train import checkpoint
+    from mpoe.process import library_stdout_to_log
+    from mpoe.train import checkpoint, console, interrupt, threads
     from mpoe.train.loop import NonFiniteLossError, run
 
+    log.info(threads.fit_threads())
     try:
-        init_distributed(cfg.parallel.backend)  # under NCCL, also picks this process's GPU
+        with library_stdout_to_log():  # DeepSpeed prints its op builds
+            init_distributed(cfg.parallel.backend)  # under NCCL, also picks this process's GPU
     except ConfigError as e:
         _fail(str(e))
     import torch.distributed as dist
@@ -104,26 +154,73 @@ def _task(dict_cfg) -> None:
     shared = [HydraConfig.get().runtime.output_dir]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(shared, src=0)
+    run_dir, overrides = Path(shared[0]), list(HydraConfig.get().overrides.task)
+    is_rank0 = dist.get_rank() == 0
+    log.info(console.config_summary(cfg, dist.get_world_size(), run_dir))
     try:
-        run(cfg, Path(shared[0]), OmegaConf.to_container(dict_cfg, resolve=True))
+        # Log lines go above the progress bar, also those of libraries with their own console handler.
+        libraries = [logging.getLogger(name) for name in ("DeepSpeed", "transformers")]
+        with interrupt.stop_on_signals(), logging_redirect_tqdm(loggers=[logging.root, *libraries]):
+            summary = run(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError) as e:
+        if is_rank0 and isinstance(e, ConfigError):
+            _remove_unstarted_run_dir(run_dir)
         _fail(str(e))
+    except interrupt.Interrupted as stop:
+        if is_rank0:
+            print(console.interrupted_line(stop, run_dir, overrides), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)  # 130 for SIGINT, 143 for SIGTERM, as the shell reports a killed process
+    else:
+        if is_rank0:
+            console.print_run_end(summary, run_dir, overrides, cfg.trainer.max_steps)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _remove_unstarted_run_dir(run_dir: Path) -> None:
+    """A run that stopped on bad input (data that cannot be read, too little of it) before its first step leaves
+    no directory behind, where mpoe-report would list it as unfinished: there is nothing in it to keep."""
+    metrics = run_dir / "metrics.jsonl"
+    ours = {".hydra", "main.log", "metrics.jsonl", "wandb", ".wandb_id"}  # what a run makes before its first step
+    if not run_dir.is_dir() or any(p.name not in ours for p in run_dir.iterdir()):
+        return  # a checkpoint, a summary, or files that are not ours (hydra.run.dir=an existing folder): keep all
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # Hydra's outputs/DATE and outputs/, when this was their only run
+        run_dir.parent.rmdir()
+        run_dir.parent.parent.rmdir()
+
+
 def cli() -> None:
-    configure_accelerator()
-    args = sys.argv[1:]
+    configure_process()
+    args = normalize_overrides(sys.argv[1:])
+    sys.argv = [sys.argv[0], *args]
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun and not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
+    runs = not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args)
+    from mpoe.train import autoresume, pretrained, sweep
+    from mpoe.train.checkpoint import CheckpointError
+
+    if multirun and runs:
+        try:  # every job, before the first starts (Hydra would compose each only when its turn comes)
+            sweep.validate_sweep([a for a in args if a not in ("-m", "--multirun")], world_size_from_env())
+        except (ConfigError, CheckpointError) as e:
+            _fail(str(e))
+    elif runs:
         from mpoe.parallel.engine import check_precision_supported
 
         try:
             cfg = compose_and_validate(args, world_size_from_env())
             check_precision_supported(cfg.trainer.precision)  # before Hydra makes a run directory
-        except ConfigError as e:
+            pretrained.check(cfg)
+            autoresume.check_resume_path(cfg)
+            if int(os.environ.get("RANK", "0")) == 0:
+                args = args + autoresume.auto_resume_run_dir(cfg, args)
+                sys.argv = [sys.argv[0], *args]
+        except (ConfigError, CheckpointError) as e:
             _fail(str(e))
     if int(os.environ.get("RANK", "0")) > 0:
         # Only rank 0 writes the run directory; rank 0 broadcasts its path.

@@ -8,6 +8,7 @@ the Hydra config as the run config.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -79,6 +80,8 @@ class MetricsLogger:
             return
         record = _jsonable(record)
         self._file.write(json.dumps(record) + "\n")
+        if "val_loss" in record:  # one line per evaluation in main.log (and above the progress bar)
+            logging.getLogger("mpoe.train").info(eval_line(record))
         if self._wandb is not None:
             self._wandb.log(_flatten_for_wandb(record), step=record["step"])
 
@@ -95,6 +98,18 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def eval_line(record: dict) -> str:
+    def num(key: str, spec: str) -> str:
+        value = record.get(key)
+        return "-" if not isinstance(value, (int, float)) else format(value, spec)
+
+    return (
+        f"step {record['step']}: train loss {num('loss', '.4f')}, val loss {num('val_loss', '.4f')}, "
+        f"val ppl {num('val_ppl', '.2f')}, {num('tokens_per_s', ',.0f')} tokens/s, "
+        f"{num('tokens_seen', ',')} tokens seen"
+    )
 
 
 def _flatten_for_wandb(record: dict) -> dict:

@@ -45,14 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostfile", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    from mpoe.train import autoresume, pretrained
+    from mpoe.train.checkpoint import CheckpointError
     from mpoe.train.main import compose_and_validate
 
     try:
         world = args.world_size
         if args.hostfile:
             world = sum(hostfile_slots(args.hostfile).values())
-        compose_and_validate(args.overrides, world or 1)
-    except ConfigError as e:
+        cfg = compose_and_validate(args.overrides, world or 1)
+        pretrained.check(cfg)  # on the launching node, before any process starts: one line instead of one per rank
+        autoresume.check_resume_path(cfg)
+    except (ConfigError, CheckpointError) as e:
         print(f"mpoe-train: error: {e}", file=sys.stderr)
         return 2
     if args.hostfile:

@@ -9,7 +9,9 @@ resume, cache paths), so each row of the table is one configuration, its
 validation loss and perplexity given as mean +- sample std over its seeds.
 
 A run that cannot be read (no or corrupt summary.json, unreadable
-metrics.jsonl, no config) is named on stderr in one line and skipped; with no
+metrics.jsonl, no config), or whose validation covered no tokens (its
+`val_tokens` is 0, or an older run's val_loss is exactly 0.0 with no
+`val_tokens`), is named on stderr in one line and skipped, never ranked; with no
 usable run the command says so in one line and exits 2. Files are written
 atomically (a temporary file, then a rename), so a report is never half-written.
 """
@@ -138,6 +140,7 @@ def load_run(path: Path) -> Run:
         raise RunError("a dry run (parameter counts only, no validation loss)")
     if not _finite(summary.get("val_loss")):
         raise RunError(f"summary.json has no finite val_loss ({summary.get('val_loss')!r})")
+    _check_validation_covered_tokens(summary)
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.is_file():
         raise RunError("no metrics.jsonl")
@@ -157,6 +160,25 @@ def load_run(path: Path) -> Run:
             raise RunError(f"metrics.jsonl line {number} has no integer 'step'")
         by_step[record["step"]] = record  # a resumed run logs replayed steps again: the last one counts
     return Run(path, config, summary, [by_step[s] for s in sorted(by_step)])
+
+
+def _check_validation_covered_tokens(summary: dict) -> None:
+    """A validation that saw no tokens reports loss 0 (ppl 1): a perfect model that never was.
+
+    Runs that log `val_tokens` are judged by it; older runs, which did not, by their
+    val_loss, which a language model's cross-entropy never reaches exactly.
+    """
+    tokens = summary.get("val_tokens")
+    if tokens is None and summary.get("val_loss") == 0.0:
+        raise RunError(
+            "val_loss is exactly 0.0 and summary.json has no val_tokens: its validation evaluated no tokens "
+            "(a run from before val_tokens was logged); rerun it with more data or a lower trainer.micro_batch_size"
+        )
+    if tokens is not None and (not _finite(tokens) or tokens <= 0):
+        raise RunError(
+            f"val_tokens={tokens!r}: its validation evaluated no tokens, so its val_loss means nothing; "
+            "rerun it with more data or a lower trainer.micro_batch_size"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -207,7 +229,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
         if varying:
             g.label = ", ".join(f"{_short(k)}={_plain(flat.get(k))}" for k in varying)
         else:
-            g.label = f"{flat.get('model.name', '?')} moe={_plain(flat.get('moe.kind'))}"
+            g.label = (
+                f"{_plain(flat.get('model.name')) if 'model.name' in flat else '?'} moe={_plain(flat.get('moe.kind'))}"
+            )
     return out
 
 
@@ -276,6 +300,8 @@ def summarize(group: Group) -> dict:
         "val_ppl": mean_std([x.get("val_ppl") for x in s]),
         "tokens_per_s": mean_of([x.get("tokens_per_s") for x in s]),
         "tokens_seen": mean_of([x.get("tokens_seen") for x in s]),
+        "steps_range": _range([x.get("steps") for x in s]),
+        "tokens_range": _range([x.get("tokens_seen") for x in s]),
         "mfu": mean_of([run_mfu(r) for r in runs]),
         "tokens_dropped": mean_of([run_tokens_dropped(r) for r in runs]),
         "load_imbalance": mean_of([run_load_imbalance(r) for r in runs]),
@@ -284,6 +310,18 @@ def summarize(group: Group) -> dict:
 
 
 # ---------------------------------------------------------------- writing
+
+
+def _range(values: list) -> Optional[tuple[float, float]]:
+    """(min, max) over the seeds: the table shows one number when the runs had equal budgets."""
+    values = [v for v in values if _finite(v)]
+    return (min(values), max(values)) if values else None
+
+
+def _fmt_range(r: Optional[tuple[float, float]]) -> str:
+    if r is None:
+        return "-"
+    return _fmt_int(r[0]) if r[0] == r[1] else f"{_fmt_int(r[0])}–{_fmt_int(r[1])}"
 
 
 def _fmt_int(x: Optional[float]) -> str:
@@ -308,6 +346,8 @@ COLUMNS = [
     "configuration",
     "moe",
     "seeds",
+    "steps",
+    "tokens",
     "params total",
     "params active",
     "val loss",
@@ -326,6 +366,8 @@ def table(rows: list[dict]) -> str:
             r["label"],
             str(r["moe"]),
             f"{len(r['seeds'])} ({','.join(map(str, r['seeds']))})",
+            _fmt_range(r["steps_range"]),
+            _fmt_range(r["tokens_range"]),
             _fmt_int(r["params_total"]),
             _fmt_int(r["params_active"]),
             _fmt_pm(r["val_loss"], 4),
@@ -356,45 +398,84 @@ def _slug(text: str) -> str:
     return "_".join(filter(None, keep.split("_")))[:80] or "run"
 
 
-def plot_val_curves(groups: list[Group], path: Path) -> bool:
+def val_curves_figure(groups: list[Group]):
+    """Validation loss (markers) and training loss (thin dashed) per seed, one colour per configuration;
+    None when no run logged a validation loss."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     drew = False
     for i, g in enumerate(groups):
         color = f"C{i % 10}"
         for j, run in enumerate(g.runs):
+            train = [(r["step"], r["loss"]) for r in run.metrics if _finite(r.get("loss"))]
+            if train:
+                ax.plot(
+                    *zip(*train),
+                    color=color,
+                    ls="--",
+                    lw=0.8,
+                    alpha=0.6,
+                    label=f"{g.label} (train)" if j == 0 else None,
+                )
             pts = [(r["step"], r["val_loss"]) for r in run.metrics if _finite(r.get("val_loss"))]
             if pts:
                 ax.plot(
                     *zip(*pts), color=color, marker="o", ms=3, lw=1.2, alpha=0.85, label=g.label if j == 0 else None
                 )
                 drew = True
-    if drew:
-        ax.set(xlabel="step", ylabel="validation loss", title="Validation loss (one line per seed)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _save_figure(fig, path)
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="loss", title="Validation loss (solid) and training loss (dashed), one line per seed")
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def _legend_outside(ax) -> None:
+    """Right of the axes, where it cannot cover a curve, a marker or an error bar."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def plot_val_curves(groups: list[Group], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig = val_curves_figure(groups)
+    if fig is None:
+        return False
+    _save_figure(fig, path)
     plt.close(fig)
-    return drew
+    return True
 
 
-def plot_params_vs_loss(rows: list[dict], path: Path) -> bool:
+def _dodge(xs: list[float], spread: float = 0.04) -> list[float]:
+    """Points at the same x (configurations of equal size, e.g. gradient mask on/off) moved apart a little,
+    symmetrically and in proportion (the axis is logarithmic), so no marker hides another."""
+    out = list(xs)
+    for x in set(xs):
+        same = [i for i, v in enumerate(xs) if v == x]
+        for k, i in enumerate(same):
+            out[i] = x * (1 + spread * (k - (len(same) - 1) / 2))
+    return out
+
+
+def params_vs_loss_figure(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     pts = [r for r in rows if r["params_total"] and r["val_loss"][0] is not None]
     if not pts:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    totals = _dodge([r["params_total"] for r in pts])
+    actives = _dodge([r["params_active"] or 0 for r in pts])
     for i, r in enumerate(pts):
         color = f"C{i % 10}"
         mean, std = r["val_loss"]
-        ax.errorbar(
-            r["params_total"], mean, yerr=std or 0, fmt="o", color=color, capsize=3, label=f"{r['label']} (total)"
-        )
+        ax.errorbar(totals[i], mean, yerr=std or 0, fmt="o", color=color, capsize=3, label=f"{r['label']} (total)")
         if r["params_active"] and r["params_active"] != r["params_total"]:
             ax.errorbar(
-                r["params_active"],
+                actives[i],
                 mean,
                 yerr=std or 0,
                 fmt="s",
@@ -403,34 +484,55 @@ def plot_params_vs_loss(rows: list[dict], path: Path) -> bool:
                 capsize=3,
                 label=f"{r['label']} (active)",
             )
+    ax.set_xscale("log")
     ax.set(xlabel="parameters", ylabel="validation loss (mean ± std over seeds)", title="Parameters vs validation loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
+    return fig
+
+
+def plot_params_vs_loss(rows: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig = params_vs_loss_figure(rows)
+    if fig is None:
+        return False
     _save_figure(fig, path)
     plt.close(fig)
     return True
 
 
-def plot_expert_load(group: Group, path: Path) -> bool:
-    """Heatmap per MoE layer: experts (rows) x logged steps (columns), the fraction of routed tokens,
-    averaged over the seeds that logged the same steps."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+def expert_load_series(group: Group) -> tuple[Any, dict[int, list]]:
+    """(seed, {step: load per layer}) of the group's first seed that logged expert loads.
 
-    series: dict[int, list] = {}
+    One seed, not a mean over seeds: expert i of one seed and expert i of another
+    share an index, not a role (which expert learns what depends on the seed).
+    """
     for run in group.runs:
+        series = {}
         for r in run.metrics:
             load = r.get("expert_load")
             if isinstance(load, list) and load and all(isinstance(layer, list) for layer in load):
-                series.setdefault(r["step"], []).append(load)
-    shapes = {(len(loads[0]), tuple(len(x) for x in loads[0])) for loads in series.values()}
+                series[r["step"]] = load
+        if series:
+            return run.seed, series
+    return None, {}
+
+
+def plot_expert_load(group: Group, path: Path) -> bool:
+    """Heatmap per MoE layer: experts (rows) x logged steps (columns), the fraction of routed tokens, one seed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    seed, series = expert_load_series(group)
+    shapes = {(len(load), tuple(len(x) for x in load)) for load in series.values()}
     if not series or len(shapes) != 1:
         return False
     steps = sorted(series)
-    num_layers = len(series[steps[0]][0])
+    num_layers = len(series[steps[0]])
     fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.2 + 1.6 * num_layers), squeeze=False)
     for layer in range(num_layers):
-        grid = np.array([np.mean([load[layer] for load in series[s]], axis=0) for s in steps]).T  # [E, steps]
+        grid = np.array([series[s][layer] for s in steps]).T  # [E, steps]
         ax = axes[layer][0]
         im = ax.imshow(
             grid,
@@ -445,7 +547,8 @@ def plot_expert_load(group: Group, path: Path) -> bool:
         ax.set_ylabel(f"MoE layer {layer}\nexpert")
         fig.colorbar(im, ax=ax, label="load fraction")
     axes[-1][0].set_xlabel("step")
-    fig.suptitle(f"Expert load: {group.label}")
+    others = f" (of {len(group.runs)} seeds: expert indices differ between seeds)" if len(group.runs) > 1 else ""
+    fig.suptitle(f"Expert load: {group.label}, seed {seed}{others}")
     _save_figure(fig, path)
     plt.close(fig)
     return True
@@ -467,7 +570,8 @@ def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
         "",
         table(rows),
         "",
-        "- params total/active: parameter counts (active = used per token); val loss/ppl: final validation;",
+        "- steps, tokens: the training budget (optimizer steps, tokens seen), one number when all seeds had the same;",
+        "  params total/active: parameter counts (active = used per token); val loss/ppl: final validation;",
         "  tokens/s: training throughput; MFU: model FLOPs utilisation (`-` when the run did not log it);",
         "  tokens dropped: over capacity, summed over training (share of tokens seen);",
         "  load max/mean: the most loaded expert over the mean, worst MoE layer, averaged over logged steps.",
@@ -530,6 +634,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def cli() -> None:
+    from mpoe.process import quiet_library_notices
+
+    quiet_library_notices()  # no DeepSpeed or torch here: only the library notices (matplotlib's among them)
     sys.exit(main())
 
 

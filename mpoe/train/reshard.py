@@ -7,13 +7,15 @@ rank p holds global experts [p*L, (p+1)*L), so the first ep_size rank files
 their expert tensors gives all E experts in global order, which a new layout
 slices again. Shared parameters are the same on every rank; rank 0's are used.
 
-The optimizer follows its parameters through a *portable* copy of Adam's state
-(`exp_avg`, `exp_avg_sq` per parameter name, full tensors, and the step count)
-written next to the native state at save: DeepSpeed's own ZeRO state is flat,
-padded partitions that only fit the layout they were written with. DeepSpeed's
-tensor-fragment API (`safe_get/set_full_*`) reads and writes those partitions
-per parameter at ZeRO 1/2; at ZeRO 0 the torch optimizer's state is per
-parameter already.
+The optimizer follows its parameters through a *portable* form of Adam's state
+(`exp_avg`, `exp_avg_sq` per parameter name, full tensors, and the step count).
+At ZeRO 1/2 it is written next to the native state at save: DeepSpeed's own
+ZeRO state is flat, padded partitions that only fit the layout they were
+written with, and DeepSpeed's tensor-fragment API (`safe_get/set_full_*`) reads
+and writes them per parameter. At ZeRO 0 with torch's optimizer the native
+state is per parameter already, so the checkpoint stores it once, with the
+parameter names in the optimizer's order, and the portable form is derived from
+it on load (`portable_state`): the same tensors, not a second copy on disk.
 """
 
 from __future__ import annotations
@@ -70,6 +72,48 @@ def portable_optimizer_state(engine) -> dict:
     return {"step": _adam_step(engine), "params": per_param}
 
 
+def native_is_per_parameter(engine) -> bool:
+    """ZeRO 0 with torch's own optimizer (fp32): its state_dict holds Adam's state per parameter."""
+    return not _zero_partitioned(engine) and isinstance(engine.optimizer, torch.optim.Optimizer)
+
+
+def optimizer_param_names(engine) -> list[str]:
+    """Parameter names in the order torch's `Optimizer.state_dict` numbers them (groups in order, then params)."""
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_fields(engine) -> dict:
+    """What a rank file stores of the optimizer: the native state, and the portable form where it is not the
+    same tensors (ZeRO 1/2) or the names that make the native state portable (ZeRO 0). Collective at ZeRO 1/2."""
+    fields = {"optimizer": engine.optimizer.state_dict()}
+    if native_is_per_parameter(engine):
+        fields["optimizer_param_names"] = optimizer_param_names(engine)
+    else:
+        fields["portable_optimizer"] = portable_optimizer_state(engine)
+    return fields
+
+
+def portable_state(state: dict) -> dict | None:
+    """The portable optimizer form of a rank file: stored (ZeRO 1/2), or derived from the native per-parameter
+    state and its names (ZeRO 0); None for a file that has neither (an older ZeRO 0 checkpoint has the first)."""
+    if "portable_optimizer" in state:
+        return state["portable_optimizer"]
+    names = state.get("optimizer_param_names")
+    if names is None:
+        return None
+    native = state["optimizer"]
+    indices = [i for group in native["param_groups"] for i in group["params"]]
+    per_param, step = {}, None
+    for index, name in zip(indices, names):
+        adam = native["state"].get(index, {})
+        if all(adam.get(k) is not None for k in ADAM_KEYS):
+            per_param[name] = {k: adam[k] for k in ADAM_KEYS}
+            if step is None and "step" in adam:
+                step = int(adam["step"])
+    return {"step": step or 0, "params": per_param}
+
+
 def _expert_names(module: nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if is_expert_param(p)}
 
@@ -92,7 +136,8 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
 
     old_ep = meta["ep_size"]
     states = [torch.load(path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_ep)]
-    if any("portable_optimizer" not in s for s in states):
+    portable = [portable_state(s) for s in states]
+    if any(p is None for p in portable):
         raise RuntimeError(
             f"checkpoint {path} has no portable optimizer state: it can only be resumed on its own layout"
         )
@@ -106,13 +151,13 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
         )
     engine.module.load_state_dict(module_state)
 
-    step = states[0]["portable_optimizer"]["step"]
+    step = portable[0]["step"]
     _link_optimizer_fragments(engine)
     for name, p in engine.module.named_parameters():
         adam = {
             k: _relayout(
                 name,
-                [s["portable_optimizer"]["params"].get(name, {}).get(k) for s in states],
+                [p["params"].get(name, {}).get(k) for p in portable],
                 name in experts,
                 lo,
                 num_local,

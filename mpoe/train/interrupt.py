@@ -1,0 +1,98 @@
+"""SIGINT/SIGTERM stop a run cleanly: the current step finishes, a checkpoint is saved, the run says how to resume.
+
+Why: Ctrl-C used to raise KeyboardInterrupt wherever the process was (a
+traceback per process, no checkpoint with the default `save_every=0`), and a
+cluster scheduler's SIGTERM before preemption killed the run the same way.
+
+`stop_on_signals()` (the entry point wraps the run in it) installs handlers that
+only set a flag; the step loop asks `stop_agreed()` once per step, which agrees
+on the flag over all ranks (a checkpoint is a collective, so every rank must
+stop after the same step, whichever of them got the signal). A second SIGINT
+while stopping exits at once (exit code 130) for a user who does not want to
+wait; a SIGTERM then is ignored, since torchrun forwards SIGTERM to its workers
+after the terminal's SIGINT reached them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Raised by the step loop after an agreed stop and its checkpoint; main.py turns it into one line."""
+
+    def __init__(self, signum: int, step: int, max_steps: int, checkpoint: Optional[Path]):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.max_steps, self.checkpoint = signum, step, max_steps, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process killed by that signal
+
+
+class _State:
+    signum: Optional[int] = None  # the first stop signal this process received
+    agreed: bool = False  # every rank has seen a stop request (set by stop_agreed)
+
+
+_state = _State()
+
+
+def requested() -> Optional[int]:
+    """The signal number that asked this process to stop, or None."""
+    return _state.signum
+
+
+def _handle(signum, frame) -> None:
+    if _state.signum is None:
+        _state.signum = signum
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"\nmpoe-train: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                "(Ctrl-C again to quit at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
+    if signum == signal.SIGINT:
+        os._exit(128 + signum)  # the user asked twice: no cleanup, no checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Install the stop handlers for the duration of a run (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handle) for s in _STOP_SIGNALS}
+    _state.signum, _state.agreed = None, False
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_agreed() -> bool:
+    """Collective, once per step on every rank: has any rank been asked to stop? (sticky once true)"""
+    if not _state.agreed:
+        from mpoe.parallel.collectives import all_reduce_floats
+
+        signum = all_reduce_floats([_state.signum or 0], op="max")[0]
+        if signum:
+            _state.agreed = True
+            _state.signum = _state.signum or int(signum)
+    return _state.agreed
+
+
+def stopped() -> bool:
+    """Did the step loop stop on a signal? (no collective: the answer of the last `stop_agreed`)"""
+    return _state.agreed

@@ -1,0 +1,381 @@
+"""Issue 15, a user's first hour: what mpoe-train says and does at the edges a new user meets first.
+
+Each test runs the command as the user did (tests/_cli.py) and checks what they saw:
+the exit code, the one line on stderr, what the run directory holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _cli import FAST, env, metrics, summary, train
+
+from mpoe.train import interrupt
+
+
+def _start(run_dir: Path, cache: str, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mpoe.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    return subprocess.Popen(cmd, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 400) -> None:
+    """Until metrics.jsonl holds `steps` rows (log_every=1: one per step)."""
+    deadline = time.monotonic() + timeout
+    file = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if file.is_file() and len(file.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the run did not reach its first steps")
+
+
+def _python_argv(command: str) -> list[str]:
+    """A printed `mpoe-train ...` command, run with this interpreter and this worktree's code."""
+    argv = shlex.split(command)
+    assert argv[0] == "mpoe-train", command
+    return [sys.executable, "-m", "mpoe.train", *argv[1:]]
+
+
+def test_stop_signal_sets_the_flag_and_a_second_is_not_a_traceback():
+    """In-process: SIGTERM (a scheduler's preemption notice) only asks the loop to stop."""
+    with interrupt.stop_on_signals():
+        assert interrupt.requested() is None and not interrupt.stop_agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.requested() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored while stopping (torchrun forwards one after Ctrl-C)
+        assert interrupt.stop_agreed() and interrupt.stopped()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_run_ends_with_its_numbers(tmp_path, mpoe_cache):
+    """Finding 4 (Ctrl-C: checkpoint, one line, resumable) and finding 9 (the end-of-run block)."""
+    run = tmp_path / "run"
+    proc = _start(run, mpoe_cache, "trainer.max_steps=100000", "trainer.eval_every=100000")
+    _wait_for_steps(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mpoe-train: stopped after step "), err[-3000:]
+    step = int(last.split("stopped after step ")[1].split()[0])
+    assert step >= 2
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    assert (ckpt / "meta.json").is_file() and f"checkpoint {ckpt}" in last
+    resume = _python_argv(last.split("resume with: ", 1)[1])
+    assert f"hydra.run.dir={run}" in resume and "trainer.resume=auto" in resume
+    resume = [a if not a.startswith("trainer.max_steps=") else f"trainer.max_steps={step + 2}" for a in resume]
+    resume = [a if not a.startswith("trainer.eval_every=") else f"trainer.eval_every={step + 2}" for a in resume]
+    done = subprocess.run(resume, env=env(mpoe_cache), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert rows[-1]["step"] == step + 2 and [r["step"] for r in rows].count(step + 1) == 1  # went on, not over
+
+    s = summary(run)
+    block = done.stdout[done.stdout.index("mpoe-train: trained to step") :].splitlines()
+    assert block[0].startswith(f"mpoe-train: trained to step {step + 2} ({s['tokens_seen']:,} tokens) in ")
+    assert block[0].endswith(" tokens/s")
+    assert (
+        f"final train loss {s['train_loss']:.4f}; val loss {s['val_loss']:.4f}, val ppl {s['val_ppl']:.2f}"
+        in (block[1])
+    )
+    assert block[2] == f"  run directory: {run}"
+    further = _python_argv(block[3].split("train further: ", 1)[1])
+    assert f"hydra.run.dir={run}" in further and "trainer.resume=auto" in further
+    assert block[4] == f"  report:        mpoe-report {run}"
+    sync = shlex.split(block[5].split("W&B upload:", 1)[1])
+    assert sync[:2] == ["wandb", "sync"] and Path(sync[2]).is_dir() and Path(sync[2]).parent == run / "wandb"
+
+    # Finding 10: no library notices on the terminal; main.log holds the config, the parameters and each eval.
+    for noise in ("Transformer Engine", "Megatron Core", "gcc ", "built successfully", "Warning"):
+        assert noise not in done.stdout + done.stderr, noise
+    log = (run / "main.log").read_text()
+    assert "config: model gpt2_tiny" in log and "params_total" in log and "torch uses" in log
+    assert f"step {step + 2}: train loss {s['train_loss']:.4f}, val loss {s['val_loss']:.4f}" in log
+    assert "mpoe-train: trained to step" in log  # the end block too
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    proc = _start(run, mpoe_cache, "trainer.max_steps=100000", "logging.wandb.mode=disabled")
+    _wait_for_steps(proc, run, 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_only_run_prints_its_validation_loss(tmp_path, mpoe_cache):
+    run = tmp_path / "run"
+    proc = train(run, mpoe_cache, "trainer.max_steps=0", "logging.wandb.mode=disabled")
+    s = summary(run)
+    assert f"mpoe-train: evaluated at step 0: val loss {s['val_loss']:.4f}, val ppl {s['val_ppl']:.2f}" in proc.stdout
+    assert f"  run directory: {run}" in proc.stdout
+
+
+def _in(cwd: Path, cache: str, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """mpoe-train run from `cwd` with Hydra's default run directory (outputs/DATE/TIME under cwd)."""
+    cmd = [sys.executable, "-m", "mpoe.train", *FAST, "logging.wandb.mode=disabled", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_resume_auto_finds_the_run_of_the_same_config(tmp_path, mpoe_cache):
+    """Finding 3: the same command plus trainer.resume=auto continues the run, not a new one from step 0."""
+    first = _in(tmp_path, mpoe_cache, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    again = _in(tmp_path, mpoe_cache, "trainer.max_steps=4", "trainer.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"mpoe-train: trainer.resume=auto: continuing {run}\n" in again.stdout
+    assert list((tmp_path / "outputs").glob("*/*")) == [run]  # no new run directory
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert summary(run)["steps"] == 4
+    _check_optimizer_stored_once(run / "checkpoints" / "step_00000004" / "rank_00000.pt")
+
+
+def _check_optimizer_stored_once(rank_file: Path) -> None:
+    """Finding 15: at ZeRO 0 Adam's state is stored once (native, with names); the portable form is derived."""
+    import torch
+
+    from mpoe.train import reshard
+
+    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    assert "portable_optimizer" not in state and "optimizer" in state
+    portable = reshard.portable_state(state)
+    assert portable["step"] == 4
+    assert portable["params"] and set(portable["params"]) <= set(state["optimizer_param_names"])
+    for name, adam in portable["params"].items():  # a shifted name <-> index mapping would mismatch shapes
+        assert adam["exp_avg"].shape == adam["exp_avg_sq"].shape == state["module"][name].shape, name
+
+
+def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mpoe.config import TrainConfig
+    from mpoe.train import autoresume
+
+    def fake_run(name: str, lr: float, max_steps: int) -> Path:
+        run = tmp_path / "outputs" / "day" / name
+        (run / ".hydra").mkdir(parents=True)
+        config = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))
+        config["optim"]["lr"], config["trainer"]["max_steps"] = lr, max_steps
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+        (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+        (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")
+        return run
+
+    other = fake_run("a", 2e-3, 10)
+    same = fake_run("b", 1e-3, 10)
+    want = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))  # lr 1e-3, max_steps 200
+    assert autoresume.find_run(want, tmp_path / "outputs") == (same, 2)
+    (same / "checkpoints" / "step_00000002" / "meta.json").unlink()  # no complete checkpoint: nothing to resume
+    assert autoresume.find_run(want, tmp_path / "outputs") == (None, 2)
+    assert other.exists()
+    assert autoresume.outputs_root("outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}") == Path("outputs").absolute()
+
+
+@pytest.mark.slow
+def test_resume_auto_says_when_it_finds_nothing(tmp_path, mpoe_cache):
+    proc = _in(tmp_path, mpoe_cache, "trainer.resume=auto", "trainer.dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "outputs"
+    line = f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {root} (0 run(s) looked at)"
+    assert line in proc.stdout
+
+
+@pytest.mark.slow
+def test_bad_resume_path_stops_before_any_setup(tmp_path, mpoe_cache):
+    """Finding 16: a wrong trainer.resume path is one line, exit 2, before Hydra makes a run directory."""
+    run = tmp_path / "run"
+    proc = train(run, mpoe_cache, f"trainer.resume={tmp_path / 'nowhere'}", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mpoe-train: error: trainer.resume={str(tmp_path / 'nowhere')!r} is not a complete checkpoint (no meta.json): "
+        "give a step_N directory, a run directory, 'auto' or null"
+    ]
+    assert not run.exists()
+    wrong = tmp_path / "ckpt" / "step_00000002"
+    wrong.mkdir(parents=True)
+    (wrong / "meta.json").write_text('{"model": "gpt2_tiny", "moe": "switch", "num_experts": 4, "step": 2}')
+    proc = train(run, mpoe_cache, f"trainer.resume={wrong}", check=False, timeout=120)
+    assert proc.returncode == 2 and not run.exists()
+    assert proc.stderr.strip().splitlines()[-1].endswith("this run has moe='mpoe': resume with the same setting")
+
+
+def _bad_files(tmp_path: Path) -> dict:
+    """The three files of finding 5: an empty .txt, a binary file named .txt, a JSONL with one bad line."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"first line\n" + bytes(range(128, 256)) * 8)
+    jsonl = tmp_path / "docs.jsonl"
+    lines = [f'{{"text": "document number {i} with some words in it"}}' for i in range(2500)]
+    lines[1999] = '{"text": "a quote never closed}'
+    jsonl.write_text("\n".join(lines) + "\n")
+    return {
+        "empty": (empty, f"data.paths entry {str(empty)!r} is empty"),
+        "binary": (binary, f"data.paths entry {str(binary)!r} cannot be read as text: line 2 is not UTF-8 text"),
+        "jsonl": (jsonl, f"data.paths entry {str(jsonl)!r} cannot be read as json: line 2000 is not JSON"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty", "binary", "jsonl"])
+def test_unreadable_data_is_one_line_and_leaves_no_run_directory(tmp_path, mpoe_cache, case):
+    """Findings 5 (one line naming the file and line), 13 (data.paths=FILE without brackets), 14 (no half-made
+    run directory for mpoe-report to list)."""
+    path, message = _bad_files(tmp_path)[case]
+    proc = _in(tmp_path, mpoe_cache, "data=text", f"data.paths={path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]  # one line
+    assert proc.stderr.startswith(f"mpoe-train: error: {message}"), proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_unreadable_data_names_the_file_in_process(tmp_path):
+    from mpoe.config import ConfigError, DataConfig
+    from mpoe.train import data
+
+    for path, message in _bad_files(tmp_path).values():
+        with pytest.raises(ConfigError) as e:
+            data.load_documents(DataConfig(name="text", paths=[str(path)]))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_text_and_json_files_can_be_mixed(tmp_path):
+    """Finding 12: the README's data.paths=[a.txt,b.jsonl] works: datasets reads each kind, in the order given."""
+    import json
+
+    from mpoe.train import data
+
+    (tmp_path / "a.txt").write_text("alpha line one\nalpha line two\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta document"}) + "\n")
+    (tmp_path / "c.txt").write_text("gamma line\n")
+    docs = data.local_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text")
+    assert docs == ["alpha line one", "alpha line two", "gamma line", "beta document"]
+
+
+@pytest.mark.slow
+def test_single_data_path_without_brackets_trains(tmp_path, mpoe_cache):
+    """Finding 13: data.paths=FILE is the list [FILE]."""
+    from mpoe.train import corpus
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(corpus.pydoc_topics()[:150]))
+    run = tmp_path / "run"
+    train(run, mpoe_cache, "data=text", f"data.paths={text}", "trainer.max_steps=1", "logging.wandb.mode=disabled")
+    assert summary(run)["steps"] == 1
+
+
+def _cli(cwd: Path, cache: str, *args: str, module: str = "mpoe.train", timeout: int = 300):
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_pretrained_without_weights_or_tokenizer_is_one_line(tmp_path, mpoe_cache):
+    """Finding 6: config.json alone, then weights without tokenizer files: one line each, before any run dir."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 4096}')
+    proc = _in(tmp_path, mpoe_cache, f"model.pretrained={ckpt}")
+    line = _one_error_line(proc, f"mpoe-train: error: model.pretrained={str(ckpt)!r} has config.json but no weights")
+    assert "save_pretrained" in line
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    proc = _in(tmp_path, mpoe_cache, f"model.pretrained={ckpt}")
+    line = _one_error_line(proc, f"mpoe-train: error: model.pretrained={str(ckpt)!r} holds no tokenizer")
+    assert "data.tokenizer=bpe" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, mpoe_cache):
+    """Finding 7."""
+    (tmp_path / "notes").mkdir()
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "notes"), str(tmp_path / "out"), module="mpoe.models.export")
+    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'notes'} is neither a checkpoint")
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "gone"), str(tmp_path / "out"), module="mpoe.models.export")
+    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'gone'} does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sweep_validates_every_job_before_the_first_starts(tmp_path, mpoe_cache):
+    """Finding 8: a typo, an unknown +key, and a bad value in job 1 all stop before job 0 runs, in one line."""
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    proc = _cli(tmp_path, mpoe_cache, "-m", "trainer.max_step=5", sweep)
+    line = _one_error_line(proc, "mpoe-train: error: ")
+    assert "trainer.max_step is not a config key" in line and "+trainer" not in line
+    proc = _cli(tmp_path, mpoe_cache, "-m", "+foo=bar", "trainer.max_steps=1", sweep)
+    _one_error_line(proc, "mpoe-train: error: +foo=bar: foo is not a config key, so the run would ignore it")
+    proc = _cli(tmp_path, mpoe_cache, "-m", "optim.lr=0.001,-1", "trainer.max_steps=1", sweep)
+    line = _one_error_line(proc, "mpoe-train: error: sweep job 1 of 2 (optim.lr=-1 trainer.max_steps=1): optim.lr=")
+    assert "must be > 0" in line
+    assert not (tmp_path / "sweep").exists()  # job 0 never started
+
+
+def test_unknown_added_key_is_refused_in_a_single_run_too():
+    from mpoe.config import ConfigError
+    from mpoe.train.main import check_added_keys
+
+    check_added_keys(["+trainer.max_steps=3", "+experiment=switch_vs_mpoe", "+hydra.job.name=x"])  # real keys
+    with pytest.raises(ConfigError, match=r"^\+trainer.max_step=3: trainer.max_step is not a config key"):
+        check_added_keys(["+trainer.max_step=3"])
+
+
+@pytest.mark.slow
+def test_help_describes_the_tool(tmp_path, mpoe_cache):
+    """Finding 11."""
+    proc = _cli(tmp_path, mpoe_cache, "--help")
+    assert proc.returncode == 0
+    assert "powered by Hydra" not in proc.stdout
+    assert proc.stdout.startswith("mpoe-train: pretrain a GPT-2 or T5")
+    assert "moe: dense, mpoe, switch" in proc.stdout and "model: gpt2_medium" in proc.stdout
+    assert proc.stdout.count("\n  mpoe-train") == 3  # three example commands
+
+
+def test_torch_threads_fit_the_cpus_of_this_process(monkeypatch):
+    """Finding 17: the pool is lowered to the process's share of its CPUs, and the log line says so."""
+    import torch
+
+    from mpoe.train import threads
+
+    assert threads.share(2, 2) == 1 and threads.share(16, 4) == 4 and threads.share(1, 8) == 1
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cpus_available", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    try:
+        torch.set_num_threads(3)
+        assert threads.fit_threads() == (
+            "torch threads lowered from 3 to 1 (4 CPU(s) in this process's affinity, 4 process(es) on this node; "
+            "set OMP_NUM_THREADS to choose)"
+        )
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert threads.fit_threads().startswith("torch uses 3 thread(s) (OMP_NUM_THREADS=3;")
+        assert torch.get_num_threads() == 3  # the user's choice is kept
+    finally:
+        torch.set_num_threads(before)
