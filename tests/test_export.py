@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_models import VOCAB, tiny_batch, tiny_cfg
 
-from mpoe.models import export
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.experts import MPOEExperts, SwitchExperts
 from mpoe.parallel.groups import ExpertGroups
+from mpoe.tools import export
 
 
 def _trained(family, kind, steps=3, **moe):
@@ -71,7 +71,7 @@ def test_merge_keeps_outputs(tmp_path, family):
 
 @pytest.mark.slow
 def test_cli_exports_a_training_run(tmp_path, mpoe_cache):
-    """mpoe-train -> checkpoints/step_N -> python -m mpoe.models.export RUN OUT [--merge] -> same logits."""
+    """mpoe-train -> checkpoints/step_N -> python -m mpoe.tools.export RUN OUT [--merge] -> same logits."""
     import _cli
 
     run = tmp_path / "run"
@@ -81,7 +81,7 @@ def test_cli_exports_a_training_run(tmp_path, mpoe_cache):
     plain, merged = tmp_path / "plain", tmp_path / "merged"
     for out, extra in ((plain, []), (merged, ["--merge"])):
         subprocess.run(
-            [sys.executable, "-m", "mpoe.models.export", str(run), str(out), *extra],
+            [sys.executable, "-m", "mpoe.tools.export", str(run), str(out), *extra],
             check=True,
             env=_cli.env(mpoe_cache),
             capture_output=True,

@@ -313,10 +313,10 @@ def test_pretrained_without_weights_or_tokenizer_is_one_line(tmp_path, mpoe_cach
 def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, mpoe_cache):
     """Finding 7."""
     (tmp_path / "notes").mkdir()
-    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "notes"), str(tmp_path / "out"), module="mpoe.models.export")
-    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'notes'} is neither a checkpoint")
-    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "gone"), str(tmp_path / "out"), module="mpoe.models.export")
-    _one_error_line(proc, f"python -m mpoe.models.export: error: {tmp_path / 'gone'} does not exist")
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "notes"), str(tmp_path / "out"), module="mpoe.tools.export")
+    _one_error_line(proc, f"python -m mpoe.tools.export: error: {tmp_path / 'notes'} is neither a checkpoint")
+    proc = _cli(tmp_path, mpoe_cache, str(tmp_path / "gone"), str(tmp_path / "out"), module="mpoe.tools.export")
+    _one_error_line(proc, f"python -m mpoe.tools.export: error: {tmp_path / 'gone'} does not exist")
     assert not (tmp_path / "out").exists()
 
 

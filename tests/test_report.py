@@ -11,7 +11,7 @@ import pytest
 import yaml
 from _cli import env as cli_env
 
-from mpoe.train import report
+from mpoe.tools import report
 
 PLOTS = ("val_loss.png", "params_vs_val_loss.png")
 
@@ -253,7 +253,7 @@ def test_multirun_then_report(tmp_path, mpoe_cache):
     (broken / "summary.json").write_text("{")
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "mpoe.train.report", str(sweep), "--out", str(out)],
+        [sys.executable, "-m", "mpoe.tools.report", str(sweep), "--out", str(out)],
         env=cli_env(mpoe_cache),
         capture_output=True,
         text=True,

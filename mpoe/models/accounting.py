@@ -30,7 +30,7 @@ import torch.nn as nn
 from mpoe.models import mpo
 from mpoe.models.build import moe_layers
 from mpoe.models.experts import MPOEExperts
-from mpoe.models.param_tags import is_expert_param  # also read from here by export.py
+from mpoe.models.param_tags import is_expert_param
 
 
 def _lm_head(model: nn.Module) -> int:

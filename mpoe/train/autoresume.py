@@ -24,7 +24,7 @@ from typing import Optional
 
 from mpoe.config import TrainConfig
 from mpoe.train.checkpoint import complete_checkpoints
-from mpoe.train.report import _ignored, flatten
+from mpoe.train.run_keys import flatten, is_ignored
 
 IGNORED_FOR_RESUME = ("trainer.max_steps",)
 DEFAULT_RUN_DIR = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
@@ -40,7 +40,7 @@ def identity(config: dict) -> dict:
     return {
         k: json.dumps(v, sort_keys=True)
         for k, v in flatten(config).items()
-        if not _ignored(k) and k not in IGNORED_FOR_RESUME
+        if not is_ignored(k) and k not in IGNORED_FOR_RESUME
     }
 
 

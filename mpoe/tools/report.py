@@ -29,17 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-# Keys that do not change what a run computes: not part of a configuration's identity.
-IGNORED_KEYS = (
-    "trainer.seed",
-    "trainer.resume",
-    "trainer.save_every",
-    "trainer.keep_last",
-    "trainer.log_every",
-    "trainer.max_bad_steps",
-    "logging.",
-    "data.cache_dir",
-)
+from mpoe.train.run_keys import flatten, is_ignored
+
 _SKIP_DIRS = {"checkpoints", "wandb", ".hydra", "__pycache__"}
 
 
@@ -61,7 +52,7 @@ class Run:
     @property
     def key(self) -> tuple:
         return tuple(
-            sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items() if not _ignored(k))
+            sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items() if not is_ignored(k))
         )
 
 
@@ -73,19 +64,6 @@ class Group:
     @property
     def config(self) -> dict:
         return self.runs[0].config
-
-
-def flatten(tree: Any, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
 
 
 # ---------------------------------------------------------------- reading runs
