@@ -20,6 +20,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 GRAD_MASK_TARGETS = ("central", "auxiliary", "all")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+EMBEDDED_PARTS = ("all", "pydoc_topics", "docstrings")  # data=embedded: which of CPython's texts (mpoe.train.corpus)
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # a tokenizer.json path; None = train BPE on the corpus
     vocab_size: int = 4096
     cache_dir: Optional[str] = None  # None = ~/.cache/mpoe
+    embedded_part: str = "all"  # data=embedded: all | pydoc_topics | docstrings (e.g. a domain shift between runs)
 
 
 @dataclass
@@ -228,6 +230,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("data.hub_name", None, "data=hub needs data.hub_name=<dataset on the hub>")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in (0, 1)")
+    _one_of("data.embedded_part", cfg.data.embedded_part, EMBEDDED_PARTS)
+    if cfg.data.embedded_part != "all" and cfg.data.name != "embedded":
+        _fail("data.embedded_part", cfg.data.embedded_part, "selects part of data=embedded only: use all here")
 
     _positive("trainer.max_steps", t.max_steps, allow_zero=True)
     for key in ("micro_batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"):
