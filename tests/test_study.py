@@ -83,6 +83,12 @@ def test_a_study_with_another_plan_is_not_mixed_in(tmp_path, capsys):
     assert json.loads(plan.read_text()) == {"seeds": 5}
 
 
+def test_report_only_needs_a_study(tmp_path, capsys):
+    assert study_main(["upcycle", "--out", str(tmp_path), "--report-only"]) == 2
+    assert "holds no study (no plan.json)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_toy_study_end_to_end(tmp_path, mpoe_cache):
     """The whole study at toy size: every stage is an ordinary run, upcycling is exact at full bonds,
@@ -149,3 +155,6 @@ def test_toy_study_end_to_end(tmp_path, mpoe_cache):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "mpoe.train" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")} == mtimes
+    (out / "report" / "study.md").unlink()
+    assert study_main(["upcycle", "--out", str(out), "--report-only"]) == 0  # from the recorded plan
+    assert (out / "report" / "study.md").read_text() == study

@@ -36,6 +36,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an mpoe-train override for every stage (repeatable), e.g. --set trainer.seq_len=64",
     )
+    up.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write OUT/report from the runs already finished in OUT (its recorded plan)",
+    )
     return ap
 
 
@@ -52,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides=list(args.overrides),
     )
     try:
-        run_study(Path(args.out), plan)
+        run_study(Path(args.out), plan, report_only=args.report_only)
     except StudyError as e:
         print(f"mpoe-study: error: {e}", file=sys.stderr)
         return 2

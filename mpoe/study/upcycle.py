@@ -211,11 +211,17 @@ def continue_runs(out: Path, plan: Plan, hf: Path) -> None:
         _mpoe_train(args, f"continue {','.join(variants)} x seeds {','.join(map(str, seeds))}")
 
 
-def run_study(out: Path, plan: Plan) -> Path:
-    """All stages (each skipped when already done), then the report; returns OUT/report/study.md."""
+def run_study(out: Path, plan: Plan, report_only: bool = False) -> Path:
+    """All stages (each skipped when already done), then the report; returns OUT/report/study.md.
+
+    report_only: run nothing, report the finished runs in OUT (e.g. a study stopped at its deadline)."""
     from mpoe.study.compare import write_study_report
 
     out = out.resolve()
+    if report_only:
+        if not (out / "plan.json").is_file():
+            raise StudyError(f"--out={out} holds no study (no plan.json): run the study first")
+        return write_study_report(out, Plan(**json.loads((out / "plan.json").read_text())))
     check_plan(plan)
     record_plan(out, plan)
     start = time.perf_counter()
