@@ -221,7 +221,8 @@ def run_study(out: Path, plan: Plan, report_only: bool = False) -> Path:
     if report_only:
         if not (out / "plan.json").is_file():
             raise StudyError(f"--out={out} holds no study (no plan.json): run the study first")
-        return write_study_report(out, Plan(**json.loads((out / "plan.json").read_text())))
+        recorded = json.loads((out / "plan.json").read_text())
+        return write_study_report(out, Plan(**{k: v for k, v in recorded.items() if k in Plan.__dataclass_fields__}))
     check_plan(plan)
     record_plan(out, plan)
     start = time.perf_counter()
