@@ -43,7 +43,7 @@ def test_embedded_part_is_validated():
 
 
 def _fake_runs(losses):
-    return [base.Run(Path(f"r{i}"), {}, {"val_loss": v}, []) for i, v in enumerate(losses)]
+    return [base.Run(Path(f"r{i}"), {"trainer": {"seed": i}}, {"val_loss": v}, []) for i, v in enumerate(losses)]
 
 
 def test_comparison_sentence_says_whether_the_difference_exceeds_the_spread():
@@ -53,6 +53,11 @@ def test_comparison_sentence_says_whether_the_difference_exceeds_the_spread():
     # means 2.0 and 2.05, stds 0.1 each: 0.05 < 0.2 -> not larger
     close = compare.compare_sentence("A", _fake_runs([1.9, 2.0, 2.1]), "B", _fake_runs([1.95, 2.05, 2.15]), "Q?")
     assert "not larger than the seeds' spread" in close and "no difference is shown" in close
+    # the same seed's losses move together (data order): the unpaired spread hides what pairing shows;
+    # per-seed differences 0.01, 0.02, 0.03: mean 0.02 > std 0.01 -> larger when paired
+    paired = compare.compare_sentence("A", _fake_runs([2.01, 2.52, 3.03]), "B", _fake_runs([2.0, 2.5, 3.0]), "Q?")
+    assert "not larger than the seeds' spread" in paired
+    assert "paired by seed (same data order), the difference is +0.0200 ± 0.0100 over 3 seeds, larger" in paired
     single = compare.compare_sentence("A", _fake_runs([1.0]), "B", _fake_runs([2.0]), "Q?")
     assert "single seed" in single
 

@@ -8,7 +8,8 @@ and `study.md`, which adds
   (total, active, expert, MPOE central/auxiliary), tokens/s;
 - one sentence per comparison saying whether the difference of the means is larger than the seeds'
   spread, taken as the sum of the two sample standard deviations: "larger" means the two
-  mean +- std intervals do not overlap;
+  mean +- std intervals do not overlap; and the same paired by seed (a seed is the same data order
+  in every variant): the per-seed differences' mean against their sample std;
 - plots: validation curves with the seed band, and expert load balance (max/mean load over experts,
   worst MoE layer) over training steps.
 """
@@ -78,7 +79,30 @@ def compare_sentence(name_a: str, runs_a: list, name_b: str, runs_b: list, quest
         verdict = f"{'larger' if larger else 'not larger'} than the seeds' spread ({spread:.4f} = sum of the stds)" + (
             f": {better} is lower" if larger else ": no difference is shown"
         )
-    return f"**{question}** {name_a} {ma:.4f} vs {name_b} {mb:.4f} validation loss: difference {diff:+.4f}, {verdict}."
+    return (
+        f"**{question}** {name_a} {ma:.4f} vs {name_b} {mb:.4f} validation loss: "
+        f"difference {diff:+.4f}, {verdict}{paired_clause(runs_a, runs_b)}."
+    )
+
+
+def paired_diffs(runs_a: list, runs_b: list) -> list[float]:
+    """Per-seed differences a - b over the seeds both ran: a seed is the same data order in every variant,
+    so pairing removes the part of the spread that the data order causes alike in both."""
+    a = {json.dumps(r.seed): r.summary.get("val_loss") for r in runs_a}
+    b = {json.dumps(r.seed): r.summary.get("val_loss") for r in runs_b}
+    return [a[s] - b[s] for s in sorted(set(a) & set(b)) if base._finite(a[s]) and base._finite(b[s])]
+
+
+def paired_clause(runs_a: list, runs_b: list) -> str:
+    diffs = paired_diffs(runs_a, runs_b)
+    if len(diffs) < 2:
+        return ""
+    mean, std = base.mean_std(diffs)
+    larger = abs(mean) > std
+    return (
+        f"; paired by seed (same data order), the difference is {mean:+.4f} ± {std:.4f} over {len(diffs)} seeds, "
+        f"{'larger' if larger else 'not larger'} than its spread"
+    )
 
 
 def plot_curves_with_band(groups: dict[str, list], labels: dict[str, str], path: Path, pretrain=None) -> bool:
