@@ -105,8 +105,11 @@ def paired_clause(runs_a: list, runs_b: list) -> str:
     )
 
 
-def plot_curves_with_band(groups: dict[str, list], labels: dict[str, str], path: Path, pretrain=None) -> bool:
-    """Mean validation loss over seeds with a min-max band per variant (and the pre-training curve apart)."""
+def plot_curves_with_band(
+    groups: dict[str, list], labels: dict[str, str], path: Path, pretrain=None, step0: Optional[dict] = None
+) -> bool:
+    """Mean validation loss over seeds with a min-max band per variant, from the step-0 evaluation when
+    there is one (and the pre-training curve apart)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -115,7 +118,12 @@ def plot_curves_with_band(groups: dict[str, list], labels: dict[str, str], path:
     ax = axes[0][-1]
     drew = False
     for i, (variant, runs) in enumerate(groups.items()):
-        curves = [{r["step"]: r["val_loss"] for r in run.metrics if base._finite(r.get("val_loss"))} for run in runs]
+        start = (step0 or {}).get(variant)
+        first = {0: start.summary["val_loss"]} if start is not None else {}
+        curves = [
+            {**first, **{r["step"]: r["val_loss"] for r in run.metrics if base._finite(r.get("val_loss"))}}
+            for run in runs
+        ]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
@@ -242,7 +250,7 @@ def write_study_report(out: Path, plan) -> Path:
             parts.append("- " + compare_sentence(labels[a], groups[a], labels[b], groups[b], question))
     parts.append("")
     plots = []
-    if plot_curves_with_band(groups, labels, report_dir / "study_val_loss.png", pretrain):
+    if plot_curves_with_band(groups, labels, report_dir / "study_val_loss.png", pretrain, step0):
         plots.append(("Validation loss (mean over seeds, band = min..max)", "study_val_loss.png"))
     if plot_load_balance(groups, labels, report_dir / "study_load_balance.png"):
         plots.append(("Expert load balance over time", "study_load_balance.png"))
