@@ -31,6 +31,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DATA_SOURCES = ("embedded", "text", "hub")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
+EMBEDDED_PARTS = ("all", "pydoc_topics", "docstrings")  # data=embedded: which of CPython's texts (mpoe.train.corpus)
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # a tokenizer.json path; None = train BPE on the corpus
     vocab_size: int = 4096
     cache_dir: Optional[str] = None  # None = ~/.cache/mpoe
+    embedded_part: str = "all"  # data=embedded: all | pydoc_topics | docstrings (e.g. a domain shift between runs)
 
     def __post_init__(self) -> None:
         check_data(self)
@@ -256,6 +258,9 @@ def check_data(d: DataConfig) -> None:
     _one_of("data.name", d.name, DATA_SOURCES)
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _one_of("data.embedded_part", d.embedded_part, EMBEDDED_PARTS)
+    if d.embedded_part != "all" and d.name != "embedded":
+        _fail("data.embedded_part", d.embedded_part, "selects part of data=embedded only: use all here")
 
 
 def check_parallel(p: ParallelConfig) -> None:

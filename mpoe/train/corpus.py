@@ -49,7 +49,12 @@ def stdlib_docstrings(root: str | None = None) -> list[str]:
     return docs
 
 
-def embedded_documents() -> list[str]:
+def embedded_documents(part: str = "all") -> list[str]:
+    """`all`, or one source alone (`pydoc_topics`, `docstrings`): two domains for a continued-training shift."""
+    if part == "pydoc_topics":
+        return pydoc_topics()
+    if part == "docstrings":
+        return stdlib_docstrings()
     return pydoc_topics() + stdlib_docstrings()
 
 

@@ -1,0 +1,3 @@
+from mpoe.study.cli import cli
+
+cli()
