@@ -1,6 +1,7 @@
 """The package installs as GPU users install it: a built wheel, in a fresh environment, run from another
 directory (the Hydra configs travel inside the package)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,19 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_built_wheel_trains_from_another_directory(tmp_path, mpoe_cache):
+    # Built from a copy of what the package is made of, so no stale build/ folder of the checkout can leak in.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "mpoe", source / "mpoe", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     dist = tmp_path / "dist"
-    build = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-build-isolation",
-        "-q",
-        "-w",
-        str(dist),
-        str(ROOT),
-    ]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)]
+    build.append(str(source))
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     wheel = next(dist.glob("mpoe-*.whl"))
     with zipfile.ZipFile(wheel) as z:

@@ -27,10 +27,10 @@ def check(cfg: TrainConfig) -> None:
     path = cfg.model.pretrained
     if not path:
         return
-    from mpoe.models.build import check_pretrained
+    from mpoe.models.family import read_pretrained_config
     from mpoe.train import data as data_lib
 
-    check_pretrained(path, cfg.model.family)  # config.json of the right family
+    read_pretrained_config(path, cfg.model.family)  # config.json of the right family
     directory = Path(path).expanduser()
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         raise ConfigError(
