@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Small enough for 2 CPU cores: a few steps, few validation batches, no progress bar.
 FAST = [
@@ -26,9 +27,18 @@ def env(cache: str) -> dict:
 
 
 def train(
-    run_dir: Path, cache: str, *overrides: str, nproc: int = 1, timeout: int = 400, check: bool = True
+    run_dir: Path,
+    cache: str,
+    *overrides: str,
+    nproc: int = 1,
+    timeout: int = 400,
+    check: bool = True,
+    fast: bool = True,
+    environment: Optional[dict] = None,
 ) -> subprocess.CompletedProcess:
-    args = [f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    """`mpoe-train` (under torchrun when nproc > 1) with FAST's small settings unless fast=False, in `env(cache)`
+    unless an `environment` is given."""
+    args = [f"hydra.run.dir={run_dir}", *(FAST if fast else []), *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "mpoe.train", *args]
     else:
@@ -42,7 +52,7 @@ def train(
             "mpoe.train",
             *args,
         ]
-    proc = subprocess.run(cmd, env=env(cache), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=environment or env(cache), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -5,12 +5,10 @@ Each test is a real run in a subprocess with DeepSpeed's CUDA accelerator and NC
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from _cli import FAST, metrics, summary
+from _cli import metrics, summary, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,24 +26,17 @@ def gpu_env(cache: str, cpu_only: bool = False) -> dict:
 
 
 def run(run_dir, cache, *overrides, cpu_only=False, nproc=1, check=True, fast=True):
-    args = [f"hydra.run.dir={run_dir}", *(FAST if fast else []), "logging.progress=false", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "mpoe.train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "mpoe.train",
-            *args,
-        ]
-    proc = subprocess.run(cmd, env=gpu_env(cache, cpu_only), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
-    return proc
+    return train(
+        run_dir,
+        cache,
+        *overrides,
+        "logging.progress=false",
+        nproc=nproc,
+        timeout=900,
+        check=check,
+        fast=fast,
+        environment=gpu_env(cache, cpu_only),
+    )
 
 
 def _mfu_is_possible(run_dir):
