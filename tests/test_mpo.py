@@ -101,17 +101,17 @@ def test_factorize():
     assert mpo.factorize(7) == [1, 1, 7, 1, 1]
 
 
-def test_layer_paths_agree_and_merge():
+def test_dense_and_chain_paths_agree_with_the_matrix():
     torch.manual_seed(0)
     w, b = torch.randn(24, 36, dtype=torch.float64), torch.randn(36, dtype=torch.float64)
-    layer = mpo.MPOLinear(w, [2, 3, 4], [3, 4, 3], bias=b)
-    torch.testing.assert_close(layer.merge(), w)
-    x = torch.randn(2, 5, 24, dtype=torch.float64)
-    dense, chain = layer(x, method="dense"), layer(x, method="chain")
+    tensors = mpo.decompose(w, [2, 3, 4], [3, 4, 3])
+    torch.testing.assert_close(mpo.contract(tensors), w)
+    x = torch.randn(10, 24, dtype=torch.float64)
+    dense, chain = mpo.mpo_matmul(x, tensors, "dense", b), mpo.mpo_matmul(x, tensors, "chain", b)
     torch.testing.assert_close(dense, chain)
     torch.testing.assert_close(dense, x @ w + b)
-    torch.testing.assert_close(layer(x), dense)
-    assert layer(x[:0, :0]).shape == (0, 0, 36)
+    torch.testing.assert_close(mpo.mpo_matmul(x, tensors, "auto", b), dense)
+    assert mpo.mpo_matmul(x[:0], tensors, "auto", b).shape == (0, 36)
 
 
 def test_paths_give_equal_gradients():

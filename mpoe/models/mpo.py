@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 # The released code's factorisations (n = 5), plus T5-small's sizes.
 PAPER_FACTORS = {
@@ -348,36 +348,3 @@ def factorize(dim: int, n: int = 5) -> list[int]:
     for pos, f in zip(positions, ordered):
         out[pos] = f
     return out
-
-
-class MPOLinear(nn.Module):
-    """y = x @ W (+ bias) with W held only as its MPO local tensors."""
-
-    def __init__(
-        self,
-        weight: Tensor,
-        in_factors=None,
-        out_factors=None,
-        bond_dim=None,
-        bias: Optional[Tensor] = None,
-        n: int = 5,
-    ):
-        super().__init__()
-        in_factors = list(in_factors or factorize(weight.shape[0], n))
-        out_factors = list(out_factors or factorize(weight.shape[1], len(in_factors)))
-        self.in_factors, self.out_factors = in_factors, out_factors
-        self.tensors = nn.ParameterList([nn.Parameter(t) for t in decompose(weight, in_factors, out_factors, bond_dim)])
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    @property
-    def central(self) -> nn.Parameter:
-        return self.tensors[central_index(len(self.tensors))]
-
-    def forward(self, x: Tensor, method: str = "auto") -> Tensor:
-        lead = x.shape[:-1]
-        y = mpo_matmul(x.reshape(-1, x.shape[-1]), list(self.tensors), method, self.bias)
-        return y.reshape(*lead, y.shape[-1])
-
-    def merge(self) -> Tensor:
-        """The dense W (I, J) that this layer applies."""
-        return contract(list(self.tensors))
