@@ -151,3 +151,32 @@ def skipped_step(optimizer):
     finally:
         del optimizer.step
         optimizer.overflow = False
+
+
+def deepspeed_expert_group(ep_size: int) -> tuple[str, int, object]:
+    """(name, this rank's position, all-to-all group) of DeepSpeed's expert-parallel group of `ep_size`,
+    created on first use. DeepSpeed owns these groups (its engine reduces expert gradients over their
+    expert-data-parallel twins), but offers them only through private functions."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return name, groups._get_expert_parallel_rank(name), groups._get_expert_parallel_group(name)
+
+
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its expert/data groups in module globals; groups of an earlier, destroyed world
+    (the previous job of a Hydra multirun in this process) must not be reused by the new one."""
+    from deepspeed.utils import groups
+
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
+        getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+        setattr(groups, name, None)

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mpoe.parallel import engine as ds_engine
+
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -71,7 +73,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
 
     if dist.is_available() and dist.is_initialized():
         return
-    _forget_deepspeed_groups()
+    ds_engine.forget_deepspeed_groups()
     if "RANK" not in os.environ:  # a plain `python -m mpoe.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -125,23 +127,6 @@ def _init_on_agent_store(backend: str, timeout: timedelta) -> None:
     )
 
 
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches its expert/data groups in module globals; groups of an earlier, destroyed world
-    (the previous job of a Hydra multirun in this process) must not be reused by the new one."""
-    from deepspeed.utils import groups
-
-    for name in (
-        "_EXPERT_PARALLEL_GROUP",
-        "_EXPERT_PARALLEL_GROUP_RANKS",
-        "_EXPERT_DATA_PARALLEL_GROUP",
-        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
-        "_ALL_TO_ALL_GROUP",
-    ):
-        getattr(groups, name).clear()
-    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
-        setattr(groups, name, None)
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the OS picks it), for a rendezvous on this machine."""
     with socket.socket() as s:
@@ -169,17 +154,8 @@ def expert_groups(ep_size: int) -> ExpertGroups:
         if ep_size != 1:
             raise RuntimeError(f"parallel.ep_size={ep_size} needs a process group: launch with torchrun or deepspeed")
         return ExpertGroups()
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return ExpertGroups(
-        ep_size=ep_size,
-        ep_rank=groups._get_expert_parallel_rank(name),
-        name=name,
-        ep_group=groups._get_expert_parallel_group(name),
-    )
+    name, ep_rank, ep_group = ds_engine.deepspeed_expert_group(ep_size)
+    return ExpertGroups(ep_size=ep_size, ep_rank=ep_rank, name=name, ep_group=ep_group)
 
 
 def rank_world() -> tuple[int, int]:
