@@ -26,15 +26,17 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
 
 from mpoe.config import TrainConfig
 from mpoe.models import family as families
-from mpoe.models.build import LanguageModel, install_moe, moe_layers
-from mpoe.parallel.groups import ExpertGroups
+
+if TYPE_CHECKING:
+    from mpoe.models.build import LanguageModel
+    from mpoe.parallel.groups import ExpertGroups
 
 FORMAT = "mpoe-export-1"
 BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
@@ -103,6 +105,11 @@ def backbone_config(cfg: TrainConfig, state: dict):
 
 def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGroups] = None) -> LanguageModel:
     """The model's structure (weights to be loaded): backbone from hf_config, MoE layers from cfg.moe."""
+    # Imported here, not at the top: `python -m mpoe.tools.export` configures the process (quiet library
+    # notices) in its __main__ block, which runs after the module's own imports.
+    from mpoe.models.build import LanguageModel, install_moe, moe_layers
+    from mpoe.parallel.groups import ExpertGroups
+
     groups = groups or ExpertGroups()
     family = families.get(cfg.model.family)
     backbone = family.from_config(copy.deepcopy(hf_config))
@@ -136,6 +143,8 @@ def merge_mpoe(model: nn.Module) -> int:
     from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts
 
     merged = 0
+    from mpoe.models.build import moe_layers
+
     for layer in moe_layers(model):
         bank = layer.bank
         if not isinstance(bank, MPOEExperts):
