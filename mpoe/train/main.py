@@ -107,7 +107,8 @@ def check_added_keys(overrides: list[str]) -> None:
 def compose_and_validate(overrides: list[str], world_size: int) -> TrainConfig:
     """Compose conf/train.yaml with overrides exactly as Hydra will, and validate it (ConfigError on failure)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
 
     _register_schema()
     overrides = normalize_overrides(overrides)
@@ -115,7 +116,11 @@ def compose_and_validate(overrides: list[str], world_size: int) -> TrainConfig:
     plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            composed = compose("train", overrides=plain)
+            composed = compose("train", overrides=plain, return_hydra_config=True)
+        # Values may interpolate Hydra's own (${hydra:runtime.choices.X}): resolve them as Hydra's run will.
+        HydraConfig.instance().set_config(composed)
+        with open_dict(composed):
+            del composed["hydra"]
         cfg = OmegaConf.to_object(composed)
     except Exception as e:  # Hydra and OmegaConf raise many kinds; all are bad input here
         raise ConfigError(_one_line(e)) from None
