@@ -143,6 +143,7 @@ def test_cli_evaluates_upcycled_checkpoints_at_the_dense_val_loss(tmp_path, mpoe
             mpoe_cache,
             "model=gpt2_tiny",
             f"model.pretrained={ckpt}",
+            "data.tokenizer=bpe",  # the checkpoint ships no tokenizer; the BPE trained here is the one it saw
             f"moe={kind}",
             "moe.top_k=2",
             "trainer.max_steps=0",
