@@ -417,9 +417,13 @@ def _legend_outside(ax) -> None:
 
 
 def plot_val_curves(groups: list[Group], path: Path) -> bool:
+    return _write_figure(val_curves_figure(groups), path)
+
+
+def _write_figure(fig, path: Path) -> bool:
+    """Save and close `fig`; False when there was nothing to plot (fig is None)."""
     import matplotlib.pyplot as plt
 
-    fig = val_curves_figure(groups)
     if fig is None:
         return False
     _save_figure(fig, path)
@@ -470,14 +474,7 @@ def params_vs_loss_figure(rows: list[dict]):
 
 
 def plot_params_vs_loss(rows: list[dict], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    fig = params_vs_loss_figure(rows)
-    if fig is None:
-        return False
-    _save_figure(fig, path)
-    plt.close(fig)
-    return True
+    return _write_figure(params_vs_loss_figure(rows), path)
 
 
 def expert_load_series(group: Group) -> tuple[Any, dict[int, list]]:
