@@ -19,6 +19,25 @@ def test_corpus_is_deterministic_and_split_disjoint():
     assert set(val_rev) == set(val)
 
 
+def test_cached_docstrings_equal_a_fresh_parse_and_follow_the_sources(tmp_path):
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "test").mkdir()
+    doc = "A long docstring. " * 20
+    (root / "a.py").write_text(f'"""{doc}"""\n\ndef f():\n    """short"""\n')
+    (root / "pkg" / "b.py").write_text(f'class C:\n    """{doc}B"""\n')
+    (root / "test" / "t.py").write_text(f'"""{doc}T"""\n')  # a skipped folder
+    truth = [doc.strip(), (doc + "B").strip()]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert corpus.stdlib_docstrings(str(root)) == truth
+    assert corpus.stdlib_docstrings(str(root), cache_dir=cache) == truth  # written
+    assert len(list(cache.iterdir())) == 1
+    assert corpus.stdlib_docstrings(str(root), cache_dir=cache) == truth  # read back
+    (root / "pkg" / "b.py").write_text(f'class C:\n    """{doc}Changed"""\n')
+    assert corpus.stdlib_docstrings(str(root), cache_dir=cache) == [doc.strip(), (doc + "Changed").strip()]
+
+
 def test_bpe_training_is_deterministic():
     docs = corpus.pydoc_topics()[:80]
     a = data.train_tokenizer(docs, 600)

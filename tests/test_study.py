@@ -23,7 +23,7 @@ def test_embedded_part_selects_one_source(monkeypatch):
     from mpoe.train.data import load_documents
 
     topics = corpus.pydoc_topics()
-    monkeypatch.setattr(corpus, "stdlib_docstrings", lambda: ["a docstring"])  # walking the stdlib is slow
+    monkeypatch.setattr(corpus, "stdlib_docstrings", lambda **_: ["a docstring"])  # walking the stdlib is slow
     assert corpus.embedded_documents("pydoc_topics") == topics
     assert corpus.embedded_documents("docstrings") == ["a docstring"]
     assert corpus.embedded_documents("all") == topics + ["a docstring"]

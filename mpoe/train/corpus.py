@@ -7,13 +7,19 @@ importing every stdlib module has side effects, `antigravity` opens a browser).
 Documents come in a fixed order (sorted file paths), so the corpus, and the
 train/validation split made from it, are the same on every machine running
 the same Python version.
+
+Parsing the whole standard library costs seconds at every start, so the
+docstrings are cached beside the token cache, keyed by the Python version and
+the name, size and modification time of every file read.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -28,34 +34,61 @@ def pydoc_topics() -> list[str]:
     return [topics[key].strip() for key in sorted(topics)]
 
 
-def stdlib_docstrings(root: str | None = None) -> list[str]:
-    """Module, class and function docstrings of at least _MIN_DOC_CHARS characters, per file in path order."""
+def stdlib_docstrings(root: str | None = None, cache_dir: Path | None = None) -> list[str]:
+    """Module, class and function docstrings of at least _MIN_DOC_CHARS characters, per file in path order.
+
+    With a `cache_dir`, the list is read from (or written to) a file there whose key covers every source file.
+    """
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    docs: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        for filename in sorted(f for f in filenames if f.endswith(".py")):
-            try:
-                tree = ast.parse((Path(dirpath) / filename).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            nodes = [tree] + [
-                n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            ]
-            for node in nodes:
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= _MIN_DOC_CHARS:
-                    docs.append(doc.strip())
+    files = _stdlib_sources(root)
+    if cache_dir is None:
+        return _docstrings_of(files)
+    key = hashlib.sha1(json.dumps([sys.version, str(root), _MIN_DOC_CHARS, sorted(_SKIP_DIRS)]).encode())
+    for path in files:
+        stat = path.stat()
+        key.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    cached = Path(cache_dir) / f"stdlib-docstrings-{key.hexdigest()[:16]}.json"
+    if cached.exists():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    docs = _docstrings_of(files)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")  # atomic: ranks building it at once never see half
+    tmp.write_text(json.dumps(docs), encoding="utf-8")
+    os.replace(tmp, cached)
     return docs
 
 
-def embedded_documents(part: str = "all") -> list[str]:
+def _stdlib_sources(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in sorted(f for f in filenames if f.endswith(".py")))
+    return files
+
+
+def _docstrings_of(files: list[Path]) -> list[str]:
+    docs: list[str] = []
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= _MIN_DOC_CHARS:
+                docs.append(doc.strip())
+    return docs
+
+
+def embedded_documents(part: str = "all", cache_dir: Path | None = None) -> list[str]:
     """`all`, or one source alone (`pydoc_topics`, `docstrings`): two domains for a continued-training shift."""
     if part == "pydoc_topics":
         return pydoc_topics()
     if part == "docstrings":
-        return stdlib_docstrings()
-    return pydoc_topics() + stdlib_docstrings()
+        return stdlib_docstrings(cache_dir=cache_dir)
+    return pydoc_topics() + stdlib_docstrings(cache_dir=cache_dir)
 
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:

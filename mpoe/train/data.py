@@ -43,7 +43,7 @@ def cache_root(cfg: DataConfig) -> Path:
 def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(train, validation) documents for the configured source."""
     if cfg.name == "embedded":
-        return corpus.split_documents(corpus.embedded_documents(cfg.embedded_part), cfg.val_fraction)
+        return corpus.split_documents(corpus.embedded_documents(cfg.embedded_part, cache_root(cfg)), cfg.val_fraction)
     import datasets
 
     if cfg.name == "text":
