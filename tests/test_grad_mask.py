@@ -111,3 +111,50 @@ def test_select_masked_params():
     assert select_masked_params(switch, "all") == []
     with pytest.raises(ConfigError, match="moe.grad_mask.target"):  # the config refuses other targets
         GradMaskConfig(target="biases")
+
+
+def _lowbias32_reference(x: int) -> int:
+    """Wellons' lowbias32 in plain Python integers, the truth for the int64 tensor version."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_tensor_hash_equals_the_plain_integer_hash():
+    from mpoe.models.grad_mask import _mix32
+
+    xs = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + torch.randint(0, 2**32, (500,)).tolist()
+    assert _mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_lowbias32_reference(x) for x in xs]
+
+
+def test_masks_of_different_steps_and_experts_are_independent():
+    a, b = _masked_ones_grad(0.5, step=7) != 0, _masked_ones_grad(0.5, step=8) != 0
+    assert abs((a & b).float().mean().item() - 0.25) < 0.01  # independent draws overlap at p**2
+    # neighbouring entries of one mask are uncorrelated too
+    assert abs((a.flatten()[1:] & a.flatten()[:-1]).float().mean().item() - 0.25) < 0.01
+    stacked = nn.Parameter(torch.zeros(2, 300, 300))
+    stacked.first_expert = 0
+    GradientMask([stacked], 0.5).set_step(0)
+    stacked.sum().backward()
+    e0, e1 = stacked.grad[0] != 0, stacked.grad[1] != 0
+    assert abs((e0 & e1).float().mean().item() - 0.25) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mask_on_the_gpu_is_the_cpu_mask_drawn_without_host_sync():
+    def grad_on(device):
+        p = nn.Parameter(torch.zeros(3, 64, 96, device=device))
+        p.first_expert = 5
+        GradientMask([p], 0.3, seed=2).set_step(11)
+        p.sum().backward()
+        return p.grad
+
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read in the draw raises
+    try:
+        on_gpu = grad_on("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(on_gpu.cpu(), grad_on("cpu"))

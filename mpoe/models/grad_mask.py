@@ -15,12 +15,14 @@ Choices (configurable through `moe.grad_mask.*`):
 - Where: a tensor hook (`param.register_hook`), which acts on the gradient
   before it is accumulated into `.grad`, hence before DeepSpeed's reduction
   hooks (ZeRO 1/2 included) see it.
-- Identical replicas: the mask comes from a CPU torch.Generator seeded by
-  (seed, step, parameter index), so every data-parallel replica of a tensor
-  draws the same mask and replicas of the shared central tensor never drift.
-  A stacked per-expert tensor (attribute `first_expert`, leading axis = local
-  experts) draws one mask per slice seeded by the *global* expert id, so the
-  mask does not depend on how experts are spread over ranks.
+- Identical replicas: every entry's draw is a counter-based hash of
+  (seed, step, parameter index, global expert id, entry index), computed with
+  integer ops on the parameter's own device. Integer math is exact, so every
+  data-parallel replica, on any device, draws the same mask (replicas of the
+  shared central tensor never drift), and a stacked per-expert tensor
+  (attribute `first_expert`, leading axis = local experts) gets masks that do
+  not depend on how experts are spread over ranks. One vectorized draw per
+  tensor: no host RNG, no host-to-device copy, no per-expert loop.
 - keep_prob = 1 leaves gradients untouched; keep_prob = 0 zeros them.
 """
 
@@ -42,6 +44,34 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so no product overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons' integer hash): a bijection of [0, 2**32) whose output bits all depend on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def bernoulli_hash(key: int, slices: Tensor, numel: int, keep_prob: float) -> Tensor:
+    """Boolean (len(slices), numel): entry j of slice s is kept iff hash(key, s, j) < keep_prob * 2**32.
+
+    `slices` (int64, on the target device) names each slice, e.g. by global expert id."""
+    lo, hi = key & _M32, (key >> 32) & _M32
+    slice_key = _mix32(_mix32(slices & _M32) ^ lo)[:, None]
+    entries = torch.arange(numel, device=slices.device, dtype=torch.int64) & _M32
+    draws = _mix32(_mix32(entries[None, :] ^ slice_key) ^ hi)
+    return draws < round(keep_prob * 2**32)
+
+
 class GradientMask:
     def __init__(self, params: list[nn.Parameter], keep_prob: float, rescale: bool = True, seed: int = 0):
         self.params, self.keep_prob, self.rescale, self.seed = list(params), keep_prob, rescale, seed
@@ -60,18 +90,14 @@ class GradientMask:
         if index not in self._masks:
             p = self.params[index]
             first = first_expert(p)
-            if first is None:
-                keep = self._draw(p.shape, _seed(self.seed, self.step, index))
-            else:
-                keep = torch.stack(
-                    [self._draw(p.shape[1:], _seed(self.seed, self.step, index, first + e)) for e in range(p.shape[0])]
-                )
+            if first is None:  # one slice: the whole tensor
+                slices, shape = torch.zeros(1, dtype=torch.int64, device=p.device), p.shape
+            else:  # one slice per local expert, named by its global id
+                slices, shape = torch.arange(first, first + p.shape[0], device=p.device), p.shape[1:]
+            keep = bernoulli_hash(_seed(self.seed, self.step, index), slices, shape.numel(), self.keep_prob)
             scale = 1.0 / self.keep_prob if self.rescale and self.keep_prob > 0 else 1.0
-            self._masks[index] = (keep.to(p.dtype) * scale).to(p.device)
+            self._masks[index] = (keep.to(p.dtype) * scale).view(p.shape)
         return self._masks[index]
-
-    def _draw(self, shape, seed: int) -> Tensor:
-        return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < self.keep_prob
 
     def _hook(self, index: int):
         def hook(grad: Tensor):
