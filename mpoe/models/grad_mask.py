@@ -53,7 +53,7 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 
 
 def _mix32(x: Tensor) -> Tensor:
-    """lowbias32 (C. Wellons' integer hash): a bijection of [0, 2**32) whose output bits all depend on every input bit."""
+    """lowbias32 (C. Wellons' integer hash): a bijection of [0, 2**32); every output bit depends on every input bit."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
