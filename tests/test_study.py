@@ -88,6 +88,14 @@ def test_a_study_with_another_plan_is_not_mixed_in(tmp_path, capsys):
     assert json.loads(plan.read_text()) == {"seeds": 5}
 
 
+def test_the_readme_gives_the_study_command_and_its_options():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The upcycling study") :]
+    assert "mpoe-study upcycle --out" in section
+    for option in ("--seeds", "--pretrain-steps", "--steps", "--variants", "--set", "--report-only"):
+        assert option in section, option
+
+
 def test_report_only_needs_a_study(tmp_path, capsys):
     assert study_main(["upcycle", "--out", str(tmp_path), "--report-only"]) == 2
     assert "holds no study (no plan.json)" in capsys.readouterr().err
