@@ -87,7 +87,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mpoe_cache):
         os.environ.pop("MPOE_FAULT_NAN_AT_STEPS")
     rows = _by_step(metrics(run))
     assert [rows[s]["steps_skipped"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
-    assert rows[2]["lr"] == rows[1]["lr"] == rows[3]["lr"]  # no schedule step while skipping
+    # each row logs the lr its step used: skipped steps 2 and 3 do not move the schedule, so step 4 runs at theirs
+    assert rows[2]["lr"] == rows[3]["lr"] == rows[4]["lr"] > rows[1]["lr"]
     stopped = tmp_path / "stopped"
     os.environ["MPOE_FAULT_NAN_AT_STEPS"] = "3,4,5"
     try:

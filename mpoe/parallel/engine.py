@@ -102,6 +102,12 @@ def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
         config=deepspeed_config(cfg, world_size),
         dist_init_required=False,
     )
+    # WarmupCosineLR starts at iteration -1 (lr 0) and its iteration 0 has lr 0 as well, so the first two
+    # updates would both have lr 0. One step here makes update k run at iteration k-1: the first update has
+    # lr 0 (as HF's and Megatron's warmups start), the second lr / warmup_steps. A resumed run loads the
+    # scheduler's iteration from its checkpoint afterwards.
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
     return engine
 
 

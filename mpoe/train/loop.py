@@ -66,6 +66,7 @@ class Training:
     counts: dict
     skipped_total: int = 0
     bad_in_a_row: int = 0
+    lr_used: float = 0.0  # the learning rate of the last optimizer step, for its log record
     val_loss: Optional[float] = None
     val_tokens: int = 0
     last: dict = field(default_factory=dict)  # the last logged record
@@ -217,6 +218,7 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
         tr.grad_mask.set_step(step)
     norms: dict = {}
     skipped_before = engine.skipped_steps
+    tr.lr_used = engine.get_lr()[0]  # the scheduler moves on inside engine.step(): log the lr this step used
     for micro in range(tr.accum):
         batch = _to_device(tr.objective.batch(tr.sampler.batch(step, micro)), tr.device)
         out = engine(**batch)
@@ -247,7 +249,7 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
 def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now: bool, progress) -> None:
     """One metrics record: the interval's statistics, gradient norms, MFU, and validation when due."""
     grad_norm = norms.pop("grad_norm", None) or ds_engine.global_grad_norm(tr.engine)
-    rec = interval.record(done, tr.engine.get_lr()[0], grad_norm)
+    rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
     rec["mfu"] = rec["tokens_per_s"] * tr.flops_per_token / (tr.peak.flops_per_s * tr.world)
