@@ -129,7 +129,8 @@ def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
         )
     a, b = metrics(runs[1]), metrics(runs[2])
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
-    assert [r["aux_loss"] for r in a] == pytest.approx([r["aux_loss"] for r in b], rel=1e-5)
+    # the aux loss is ~0.02: fp32 reduction order (all-to-all vs local) leaves ~3e-7 after a few updates
+    assert [r["aux_loss"] for r in a] == pytest.approx([r["aux_loss"] for r in b], rel=1e-5, abs=1e-6)
 
 
 def test_dry_run_writes_counts_and_trains_nothing(tmp_path, mpoe_cache):
