@@ -140,11 +140,10 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
 
 def merge_mpoe(model: nn.Module) -> int:
     """Replace every MPOE expert bank by a SwitchExperts bank with the contracted weights; returns how many."""
+    from mpoe.models.build import moe_layers
     from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts
 
     merged = 0
-    from mpoe.models.build import moe_layers
-
     for layer in moe_layers(model):
         bank = layer.bank
         if not isinstance(bank, MPOEExperts):
