@@ -143,3 +143,39 @@ def test_gate_weights_carry_gradient_to_the_router():
     out = router(torch.randn(10, 8))
     (out.probs.pow(2).sum() + out.aux_loss + out.z_loss).backward()
     assert router.gate.weight.grad.abs().sum() > 0
+
+
+def _jitter_seen_by_the_gate(router: TopKRouter, tokens: torch.Tensor) -> torch.Tensor:
+    """The tokens the gate multiplies after jitter (the router's input to gate_logits)."""
+    seen = []
+    gate_logits = router.gate_logits
+    router.gate_logits = lambda t: seen.append(t.detach().clone()) or gate_logits(t)
+    router(tokens)
+    return seen[0]
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.001])
+def test_jitter_of_bf16_tokens_is_drawn_in_float32(eps):
+    """Truth: the noise is uniform on (1 - eps, 1 + eps), as Switch / HF draw it in float32 (bf16 rounds it to
+    a few values, none above 1, and to exactly 1 for eps = 0.001)."""
+    torch.manual_seed(0)
+    router = identity_router(jitter_eps=eps).to(torch.bfloat16).train()
+    noise = _jitter_seen_by_the_gate(router, torch.ones(4096, 4, dtype=torch.bfloat16))
+    assert noise.min() >= 1 - eps and noise.max() <= 1 + eps
+    assert noise.max() > 1 + 0.99 * eps and noise.min() < 1 - 0.99 * eps  # 16k draws reach both ends
+    assert (noise > 1).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert noise.unique().numel() > 10_000  # continuous, not a handful of bf16 values
+    assert noise.std().item() == pytest.approx(eps / math.sqrt(3), rel=0.03)  # uniform's standard deviation
+    assert noise.dtype == torch.float32
+
+
+def test_jitter_of_float32_tokens_is_unchanged():
+    """float32 tokens get the same draw as before: tokens * uniform(1 - eps, 1 + eps) from the global generator."""
+    router = identity_router(jitter_eps=0.1).train()
+    x = torch.randn(64, 4)
+    torch.manual_seed(3)
+    seen = _jitter_seen_by_the_gate(router, x)
+    torch.manual_seed(3)
+    assert torch.equal(seen, x * torch.empty(64, 4).uniform_(0.9, 1.1))
+    router.eval()
+    assert torch.equal(_jitter_seen_by_the_gate(router, x), x)

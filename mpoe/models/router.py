@@ -59,8 +59,11 @@ class TopKRouter(nn.Module):
     def forward(self, tokens: Tensor) -> RouterOutput:
         """tokens [N, d_model] -> RouterOutput; routing runs in float32 whatever the input dtype."""
         cfg = self.cfg
+        tokens = tokens.float()  # the gate's input in float32 (gate_logits), jittered there as HF's Switch router does
         if self.training and cfg.jitter_eps > 0:
-            # Switch Transformer's multiplicative jitter: explore routings near the current one.
+            # Switch Transformer's multiplicative jitter: explore routings near the current one. Drawn in float32:
+            # in bf16 (8 significant bits) uniform(1 - eps, 1 + eps) rounds to a few values, never above 1 for
+            # eps = 0.01 and only 1.0 for eps = 0.001, i.e. no jitter.
             noise = torch.empty_like(tokens).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
             tokens = tokens * noise
         logits = self.gate_logits(tokens)
