@@ -42,8 +42,28 @@ def test_same_mask_for_every_micro_batch_of_a_step():
     g1, g2 = torch.randn(1000), torch.randn(1000)
     (p * g1).sum().backward()
     (p * g2).sum().backward()
-    torch.testing.assert_close(p.grad, mask.mask(0) * (g1 + g2))
-    assert set(mask.mask(0).unique().tolist()) == {0.0, 2.0}
+    torch.testing.assert_close(p.grad, mask.mask(0) * mask.scale * (g1 + g2))
+    assert set(mask.mask(0).unique().tolist()) == {0.0, 1.0} and mask.scale == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rescaled_half_precision_gradient_is_rounded_once(dtype):
+    """Truth: float32 math on the gradient's own values, times the 0/1 mask and 1/keep_prob, rounded once to the
+    gradient's dtype. The old bf16 multiplier 1/0.3 -> 3.328 missed it on most kept entries and biased them by 0.2%."""
+    keep_prob = 0.3
+    g = torch.randn(200, 500, generator=torch.Generator().manual_seed(0)).to(dtype)
+    p = nn.Parameter(torch.zeros(200, 500, dtype=dtype))
+    mask = GradientMask([p], keep_prob, seed=5)
+    mask.set_step(2)
+    (p * g).sum().backward()
+    keep = p.grad != 0
+    assert keep.float().mean().item() == pytest.approx(keep_prob, abs=0.01)
+    assert torch.equal(p.grad, (g.float() * keep * (1 / keep_prob)).to(dtype))
+
+    # Unbiased: over the 30k kept entries, masked / (g / keep_prob) averages 1 up to rounding (4e-5 here);
+    # the rounded multiplier gave 0.9985 in bf16 and 1.0002 in float16.
+    ratio = p.grad[keep].double() / (g[keep].double() / keep_prob)
+    assert ratio.mean().item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_keep_prob_one_is_a_no_op_and_zero_freezes():

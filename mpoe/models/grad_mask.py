@@ -8,7 +8,10 @@ Choices (configurable through `moe.grad_mask.*`):
 - Target: 'central' (default), 'auxiliary' or 'all' MPO tensors, found through
   each bank's `param_roles()` (biases and Switch weights are never masked).
 - Rescale: kept entries are divided by keep_prob, so the masked gradient is an
-  unbiased estimate of the full one (Child-Tuning's choice).
+  unbiased estimate of the full one (Child-Tuning's choice). The mask is 0/1 in
+  the parameter's dtype and the gradient is multiplied by the Python float
+  1/keep_prob, which torch applies in float32 for bf16/fp16 gradients and rounds
+  once: a bf16 multiplier would itself be rounded (1/0.3 -> 3.328, biased by 0.2%).
 - When: one mask per optimizer step, the same for every micro-batch of the
   accumulation window (call `set_step(step)` before the window). Masking is
   linear, so this equals masking the accumulated gradient.
@@ -75,6 +78,7 @@ def bernoulli_hash(key: int, slices: Tensor, numel: int, keep_prob: float) -> Te
 class GradientMask:
     def __init__(self, params: list[nn.Parameter], keep_prob: float, rescale: bool = True, seed: int = 0):
         self.params, self.keep_prob, self.rescale, self.seed = list(params), keep_prob, rescale, seed
+        self.scale = 1.0 / keep_prob if rescale and keep_prob > 0 else 1.0  # a Python float: see the docstring
         self.step = 0
         self._masks: dict[int, Tensor] = {}
         self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
@@ -86,7 +90,8 @@ class GradientMask:
         self.step = step
 
     def mask(self, index: int) -> Tensor:
-        """The multiplier for parameter `index` at the current step (0, or 1 or 1/keep_prob)."""
+        """The 0/1 keep mask of parameter `index` at the current step, in its dtype (the gradient is
+        multiplied by it and then by `self.scale`)."""
         if index not in self._masks:
             p = self.params[index]
             first = first_expert(p)
@@ -95,15 +100,15 @@ class GradientMask:
             else:  # one slice per local expert, named by its global id
                 slices, shape = torch.arange(first, first + p.shape[0], device=p.device), p.shape[1:]
             keep = bernoulli_hash(_seed(self.seed, self.step, index), slices, shape.numel(), self.keep_prob)
-            scale = 1.0 / self.keep_prob if self.rescale and self.keep_prob > 0 else 1.0
-            self._masks[index] = (keep.to(p.dtype) * scale).view(p.shape)
+            self._masks[index] = keep.to(p.dtype).view(p.shape)
         return self._masks[index]
 
     def _hook(self, index: int):
         def hook(grad: Tensor):
             if self.keep_prob == 1.0:
                 return None
-            return grad * self.mask(index)
+            masked = grad * self.mask(index)  # exact: each entry is 0 or the gradient's own value
+            return masked if self.scale == 1.0 else masked.mul_(self.scale)  # one rounding, from float32 math
 
         return hook
 
