@@ -87,7 +87,10 @@ class GroupedRefMoE(nn.Module):
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k
-        counts = torch.bincount(flat, minlength=self.w_in.shape[0])
+        # Counts by scatter_add into a fixed-size buffer: torch.bincount sizes its output by reading the max to the
+        # host, a sync per call that would slow the reference (our layer has none) and flatter vs_grouped_ref.
+        counts = torch.zeros(self.w_in.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = self.act(GROUPED_MM(x.index_select(0, token), self.w_in, offs=offs))
         y = GROUPED_MM(h, self.w_out, offs=offs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)

@@ -104,15 +104,18 @@ def measure(cfg: TrainConfig, repeats: int) -> dict:
     from mpoe.models.build import build_model
     from mpoe.models.gpt2 import FAMILY as GPT2
     from mpoe.parallel import engine as ds_engine
-    from mpoe.parallel.groups import expert_groups, init_distributed
+    from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
 
-    init_distributed("gloo")
+    configure_accelerator("cpu")  # the CPU rows, also on a GPU machine (see `run_device`)
+    init_distributed()
     model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
     counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
     engine = ds_engine.initialize(model, cfg, 1)
     t = cfg.trainer
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, VOCAB, (t.micro_batch_size, t.seq_len), generator=gen) for _ in range(2)]
+    batches = [
+        torch.randint(0, VOCAB, (t.micro_batch_size, t.seq_len), generator=gen).to(engine.device) for _ in range(2)
+    ]
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -212,11 +215,16 @@ def run_device(
     from mpoe.models.build import build_model
     from mpoe.models.gpt2 import FAMILY as GPT2
     from mpoe.parallel import engine as ds_engine
-    from mpoe.parallel.groups import expert_groups, init_distributed
+    from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
     from mpoe.train.flops import device_peak
 
     dev = torch.device(device)
-    init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    # DeepSpeed puts the model on the accelerator it chose at import, whatever `device` says: make that `device`.
+    # It cannot change once chosen, so a process that already runs DeepSpeed elsewhere gets one line saying so
+    # (configure_accelerator's RuntimeError) rather than a subprocess: the command line runs one device per
+    # process, so only a caller mixing devices in one process meets it, and it can start a process per device.
+    configure_accelerator(device)
+    init_distributed()  # the backend follows the accelerator: nccl on CUDA, gloo on the CPU
     peak = device_peak(precision, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(
@@ -225,7 +233,7 @@ def run_device(
         flush=True,
     )
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, VOCAB, (batch, seq), generator=gen).to(dev) for _ in range(2)]
+    batches = [torch.randint(0, VOCAB, (batch, seq), generator=gen) for _ in range(2)]
     steps, rows = {}, {}
     for kind in kinds:
         cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim)
@@ -233,7 +241,7 @@ def run_device(
         model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
         counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
         engine = ds_engine.initialize(model, cfg, 1)
-        steps[kind] = timed_step(engine, batches, dev)
+        steps[kind] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
         rows[kind] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -1,6 +1,7 @@
 """The benchmarks run end to end at toy sizes (their numbers are only meaningful at full size)."""
 
 import pytest
+import torch
 
 from bench import experts, moe_layer
 
@@ -68,3 +69,73 @@ def test_grouped_reference_moe_equals_our_layer():
         ref = GroupedRefMoE(ours.router.gate.weight, b.w_in, b.w_out, top_k, activation_fn("gelu_new"))
         x = torch.randn(40, 16)
         torch.testing.assert_close(ref(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_train_step_rows_refuse_a_device_deepspeed_does_not_run_on(monkeypatch, device):
+    """DeepSpeed puts the model on the accelerator it chose at import: a row asked for another device says so in
+    one line before building anything (before: the CPU row on a GPU machine crashed on CPU batches, CUDA model)."""
+    from deepspeed.accelerator import real_accelerator
+
+    from bench import train_step
+
+    other = "cuda" if device == "cpu" else "cpu"
+
+    class Chosen:
+        def device_name(self, device_index=None):
+            return other
+
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", Chosen())
+    match = f"device {device} asked for, but DeepSpeed already runs on its {other} accelerator.*DS_ACCELERATOR={device}"
+    with pytest.raises(RuntimeError, match=match):
+        train_step.run_device(device, kinds=("dense",), layers=2, seq=8, batch=1, repeats=1)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=match):
+            train_step.measure(train_step.make_config("switch", 2, 8, 1), repeats=1)
+
+
+def _reference_and_input(device, dtype=torch.float32, top_k=2):
+    from bench.gpu import GroupedRefMoE
+    from mpoe.models.experts import activation_fn
+
+    g = torch.Generator().manual_seed(0)
+    E, d, f = 4, 16, 32
+    ref = GroupedRefMoE(
+        torch.randn(E, d, generator=g),
+        torch.randn(E, d, f, generator=g) * 0.3,
+        torch.randn(E, f, d, generator=g) * 0.3,
+        top_k,
+        activation_fn("gelu_new"),
+    ).to(device, dtype)
+    return ref, torch.randn(64, d, generator=g).to(device, dtype)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped_mm")
+def test_grouped_reference_counts_without_bincount(monkeypatch):
+    """bincount reads its max to the host on CUDA (a sync the reference must not have). Truth: each token's
+    top-2 experts applied one token at a time with their normalised gate weights."""
+    ref, x = _reference_and_input("cpu")
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("torch.bincount syncs on CUDA"))
+    out = ref(x)
+    probs = torch.softmax(x @ ref.gate.t(), -1)
+    w, e = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    act = ref.act
+    want = sum(
+        w[:, j : j + 1] * (act(x.unsqueeze(1) @ ref.w_in[e[:, j]]) @ ref.w_out[e[:, j]]).squeeze(1) for j in range(2)
+    )
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_reference_runs_without_host_sync_on_the_gpu():
+    ref, x = _reference_and_input("cuda", torch.bfloat16)
+    x.requires_grad_()
+    ref(x).float().pow(2).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ref(x).float().pow(2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mpoe.config import ConfigError, ModelConfig, MoEConfig
 from mpoe.models.router import TopKRouter
+from mpoe.parallel import groups
 from mpoe.parallel.collectives import all_reduce_floats, comm_device
 from mpoe.parallel.groups import cuda_device_for_rank
 from mpoe.parallel.local_world import spawn_world
@@ -58,6 +59,77 @@ def test_a_process_takes_the_gpu_of_its_local_rank():
         cuda_device_for_rank(1, 1)
     with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA devices.*parallel.backend=gloo"):
         cuda_device_for_rank(0, 0)
+
+
+class _Accelerator:
+    """What `groups` reads of DeepSpeed's chosen accelerator."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def device_name(self, device_index=None):
+        return self.name
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine: whether torch sees CUDA, DS_ACCELERATOR, and the accelerator DeepSpeed chose (None: not yet)."""
+    from deepspeed.accelerator import real_accelerator
+
+    def setup(cuda: bool, ds_env=None, chosen=None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        if ds_env is None:
+            monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+        else:
+            monkeypatch.setenv("DS_ACCELERATOR", ds_env)
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", None if chosen is None else _Accelerator(chosen))
+        monkeypatch.setattr(groups, "keep_freed_cpu_memory", lambda: True)
+
+    return setup
+
+
+@pytest.mark.parametrize(
+    "cuda, ds_env, chosen, backend",
+    [
+        (True, "cpu", None, "gloo"),  # the CLI tests on a GPU machine: DeepSpeed on the CPU, so gloo
+        (True, None, None, "nccl"),  # DeepSpeed will pick CUDA by itself
+        (True, "cuda", None, "nccl"),
+        (False, None, None, "gloo"),
+        (False, "cpu", None, "gloo"),
+        (True, "cuda", "cpu", "gloo"),  # DeepSpeed already runs on the CPU: that is where the model goes
+        (True, "cpu", "cuda", "nccl"),
+    ],
+)
+def test_the_backend_follows_deepspeeds_accelerator(machine, cuda, ds_env, chosen, backend):
+    machine(cuda, ds_env, chosen)
+    assert groups.default_backend() == backend
+    assert groups.accelerator_name() == ("cuda" if backend == "nccl" else "cpu")
+
+
+def test_configure_accelerator_makes_deepspeed_use_the_device_asked_for(machine):
+    import os
+
+    machine(cuda=True)
+    groups.configure_accelerator()  # a GPU machine, nothing asked: DeepSpeed's own choice, CUDA
+    assert "DS_ACCELERATOR" not in os.environ and groups.default_backend() == "nccl"
+    groups.configure_accelerator("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "cpu" and groups.default_backend() == "gloo"
+    machine(cuda=False)
+    groups.configure_accelerator()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    machine(cuda=True, ds_env="cpu", chosen="cuda")
+    with pytest.raises(RuntimeError, match="already runs on its cuda accelerator.*DS_ACCELERATOR=cpu"):
+        groups.configure_accelerator("cpu")
+    groups.configure_accelerator("cuda")  # what it already runs on: fine
+
+
+def test_nccl_asked_for_with_deepspeed_on_the_cpu_is_one_line(machine):
+    machine(cuda=True, ds_env="cpu")
+    assert groups.resolve_backend(None) == "gloo" and groups.resolve_backend("gloo") == "gloo"
+    with pytest.raises(ConfigError, match="parallel.backend=nccl needs DeepSpeed's CUDA accelerator.*gloo"):
+        groups.resolve_backend("nccl")
+    machine(cuda=True, ds_env="cuda")
+    assert groups.resolve_backend("nccl") == "nccl" and groups.resolve_backend(None) == "nccl"
 
 
 def _collective_devices(rank: int, out_dir: str) -> None:
@@ -132,10 +204,23 @@ def test_sdpa_attention_gives_the_eager_results(family):
 
 @pytest.mark.slow
 def test_the_gpu_train_step_row_runs_through_on_the_cpu():
-    """`python -m bench.train_step --device cuda`'s code path, small and on the CPU, so GPU minutes go to numbers."""
-    from bench.train_step import run_device
+    """`python -m bench.train_step --device cuda`'s code path, small and on the CPU, so GPU minutes go to numbers.
 
-    out = run_device("cpu", layers=2, seq=32, batch=2, repeats=1, precision="fp32")
+    In its own process with DS_ACCELERATOR=cpu: on a GPU machine DeepSpeed in this pytest process runs on CUDA,
+    and cannot be moved to the CPU once chosen."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from bench.train_step import run_device; "
+        "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32')))"
+    )
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     results = out["results"]
     for key in ("train_step.gpu_mfu_dense", "train_step.gpu_switch_vs_dense", "train_step.gpu_mpoe_vs_switch"):
         assert results[key] > 0, key

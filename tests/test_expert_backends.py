@@ -48,7 +48,8 @@ def _banks(kind: str, gated: bool, bias: bool, dtype=torch.float32, bond_dim=Non
 def _run(bank, x, counts):
     x = x.detach().clone().requires_grad_()
     out = bank(x, counts)
-    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    # drawn on the CPU (a CPU generator cannot fill a CUDA tensor) in float32, then moved: the same g on every device
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     (out * g).sum().backward()
     return out.detach(), x.grad, {n: p.grad for n, p in bank.named_parameters()}
 
@@ -161,7 +162,7 @@ def test_gpu_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated):
     counts = torch.tensor(c, device="cuda")
     expected = _run(loop, x, c)
     xb = x.to(torch.bfloat16).requires_grad_()
-    grouped(xb, counts)  # warm-up: first calls may initialise kernels / cuBLAS handles
+    grouped(xb, counts).float().pow(2).sum().backward()  # warm-up: first calls initialise kernels, cuBLAS handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -169,6 +170,7 @@ def test_gpu_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated):
         out.float().pow(2).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    grouped.zero_grad(set_to_none=True)  # the comparison below must see one backward's gradients, not three
     out, gx, grads = _run(grouped, xb, counts)
     torch.testing.assert_close(out.float(), expected[0], rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(gx.float(), expected[1], rtol=3e-2, atol=3e-2)

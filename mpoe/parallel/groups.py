@@ -26,14 +26,58 @@ import torch.distributed as dist
 from mpoe.parallel import engine as ds_engine
 
 
+def _deepspeed_accelerator() -> Optional[str]:
+    """The device name of DeepSpeed's accelerator if this process has fixed it already, else None."""
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(real, "ds_accelerator", None)
+    return None if chosen is None else chosen.device_name()
+
+
+def accelerator_name() -> str:
+    """The accelerator this process trains on: 'cuda' or 'cpu' (or another name DS_ACCELERATOR gives).
+
+    The one place the device is decided: the DeepSpeed engine puts the model on its
+    accelerator's device, so the process group's backend (`default_backend`) and
+    the benchmarks' batches follow this. DeepSpeed fixes its accelerator on first
+    use (`import deepspeed` uses it): DS_ACCELERATOR if set, else CUDA when torch
+    sees a device, else the CPU. Before that, this predicts the same choice; after
+    it, it reports the choice made.
+    """
+    chosen = _deepspeed_accelerator()
+    if chosen is not None:
+        return chosen
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"]
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """NCCL when the model is on CUDA, gloo otherwise (DS_ACCELERATOR=cpu on a GPU machine included: DeepSpeed
+    then broadcasts CPU parameters, which NCCL refuses)."""
+    return "nccl" if accelerator_name() == "cuda" else "gloo"
 
 
-def configure_accelerator() -> None:
-    """DeepSpeed picks its accelerator at import: make it the CPU when there is no CUDA device."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def configure_accelerator(device: Optional[str] = None) -> None:
+    """Fix the accelerator DeepSpeed will use, before it is imported.
+
+    device None (entry points): the CPU when there is no CUDA device, else DS_ACCELERATOR or DeepSpeed's own
+    choice. 'cpu' or 'cuda' (benchmarks with --device): that one; a one-line RuntimeError when DeepSpeed
+    already runs on another in this process, since it cannot change accelerator once it has chosen.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        want = torch.device(device).type
+        chosen = _deepspeed_accelerator()
+        if chosen is None:
+            os.environ["DS_ACCELERATOR"] = want
+        elif chosen != want:
+            raise RuntimeError(
+                f"device {device} asked for, but DeepSpeed already runs on its {chosen} accelerator in this "
+                f"process (it is chosen once, at import): run this in its own process, with DS_ACCELERATOR={want}"
+            )
+    if accelerator_name() == "cpu":
         keep_freed_cpu_memory()
 
 
@@ -78,13 +122,28 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    backend = backend or default_backend()
+    backend = resolve_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(cuda_device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_on_agent_store(backend, timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+def resolve_backend(backend: Optional[str]) -> str:
+    """parallel.backend, or the default for this process's accelerator; one line when NCCL is asked for while
+    DeepSpeed runs on the CPU of a GPU machine (it would fail broadcasting CPU parameters over NCCL)."""
+    backend = backend or default_backend()
+    if backend == "nccl" and torch.cuda.is_available() and accelerator_name() != "cuda":
+        from mpoe.config import ConfigError
+
+        raise ConfigError(
+            f"parallel.backend=nccl needs DeepSpeed's CUDA accelerator, but this process runs on its "
+            f"{accelerator_name()} accelerator (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}): "
+            "use parallel.backend=gloo, or unset DS_ACCELERATOR"
+        )
+    return backend
 
 
 def cuda_device_for_rank(local_rank: int, device_count: int) -> int:
