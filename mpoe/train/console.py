@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
+from mpoe.parallel.engine import zero_stage
 from mpoe.train.interrupt import Interrupted
 
 # Overrides that the printed commands set themselves.
@@ -68,6 +69,14 @@ def run_end_lines(summary: dict, run_dir: Path, overrides: list[str], max_steps:
     return lines
 
 
+def _zero(cfg) -> str:
+    """The ZeRO stage run, and why where it is not the configured one."""
+    run, asked = zero_stage(cfg), cfg.parallel.zero_stage
+    if run == asked:
+        return str(run)
+    return f"{run} (parallel.zero_stage={asked}: {cfg.trainer.precision} runs DeepSpeed's ZeRO 1 optimizer)"
+
+
 def config_summary(cfg, world: int, run_dir: Path) -> str:
     """One line for main.log: what this run trains, on what, for how long, and where it writes."""
     m, moe, t, o = cfg.model, cfg.moe, cfg.trainer, cfg.optim
@@ -77,7 +86,7 @@ def config_summary(cfg, world: int, run_dir: Path) -> str:
         f"config: model {m.name} (d_model {m.d_model}, {m.num_layers} layers), moe {moe.kind}{experts}, data {data}, "
         f"{t.max_steps} steps x {t.global_batch_size or t.micro_batch_size * world} sequences x {t.seq_len} tokens, "
         f"lr {o.lr}, precision {t.precision}, {world} process(es), ep_size {cfg.parallel.ep_size}, "
-        f"ZeRO {cfg.parallel.zero_stage}, seed {t.seed}; run directory {run_dir}"
+        f"ZeRO {_zero(cfg)}, seed {t.seed}; run directory {run_dir}"
     )
 
 

@@ -152,7 +152,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
     identity = {
         "world_size": world,
         "ep_size": cfg.parallel.ep_size,
-        "zero_stage": cfg.parallel.zero_stage,
+        "zero_stage": ds_engine.zero_stage(cfg),  # the stage run (bf16/fp16 run at least 1)
         "model": cfg.model.name,
         "moe": cfg.moe.kind,
         "num_experts": cfg.moe.num_experts,
@@ -226,7 +226,7 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
             out.loss = out.loss * float("nan")
         engine.backward(out.loss)
         skip = False
-        if micro == tr.accum - 1 and cfg.parallel.zero_stage == 0:
+        if micro == tr.accum - 1 and engine.zero_optimization_stage() == 0:
             norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
             skip = not ds_engine.gradients_finite(engine)
         with ds_engine.skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
@@ -248,7 +248,8 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
 
 def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now: bool, progress) -> None:
     """One metrics record: the interval's statistics, gradient norms, MFU, and validation when due."""
-    grad_norm = norms.pop("grad_norm", None) or ds_engine.global_grad_norm(tr.engine)
+    # At ZeRO 0 the loop's own norms (a 0.0 one too); ZeRO 1/2 keep no p.grad: DeepSpeed's norm
+    grad_norm = norms.pop("grad_norm") if "grad_norm" in norms else ds_engine.global_grad_norm(tr.engine)
     rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
