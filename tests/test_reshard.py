@@ -80,3 +80,42 @@ def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_
     )
     assert _losses(four, [5, 6]) == pytest.approx(_losses(base, [5, 6]), rel=1e-5)
     assert summary(four)["val_loss"] == pytest.approx(summary(base)["val_loss"], rel=1e-5)  # the same 32 sequences
+
+
+def _portable(checkpoint):
+    import torch
+
+    from mpoe.train.reshard import portable_state
+
+    state = torch.load(checkpoint / "rank_00000.pt", map_location="cpu", weights_only=False)
+    return state["module"], portable_state(state)
+
+
+def _assert_same_training_state(a, b):
+    """Module weights, and per parameter Adam's moments and float32 master weight, bit for bit."""
+    import torch
+
+    (module_a, adam_a), (module_b, adam_b) = _portable(a), _portable(b)
+    assert module_a.keys() == module_b.keys()
+    for name, tensor in module_a.items():
+        assert torch.equal(tensor, module_b[name]), name
+    assert adam_a["step"] == adam_b["step"]
+    assert adam_a["params"].keys() == adam_b["params"].keys() and adam_a["params"]
+    for name, values in adam_a["params"].items():
+        assert values.keys() == {"exp_avg", "exp_avg_sq", "master"}, name  # bf16: the master is not the weight
+        for key, tensor in values.items():
+            assert torch.equal(tensor, adam_b["params"][name][key]), f"{name}.{key}"
+
+
+def test_bf16_training_state_crosses_zero_stages_exactly(tmp_path, mpoe_cache):
+    """bf16 keeps float32 master weights beside the bf16 model: a checkpoint moved from ZeRO 1 to ZeRO 2 and back,
+    each time saved again without a step, holds the same weights, masters and Adam moments, bit for bit."""
+    bf16 = [*COMMON, "trainer.max_steps=2", "trainer.precision=bf16", "trainer.micro_batch_size=8"]
+    bf16 += ["trainer.eval_sequences=8", "parallel.ep_size=1"]
+    zero1, zero2, back = tmp_path / "zero1", tmp_path / "zero2", tmp_path / "back"
+    step = "checkpoints/step_00000002"
+    train(zero1, mpoe_cache, *bf16, "parallel.zero_stage=1")
+    train(zero2, mpoe_cache, *bf16, "parallel.zero_stage=2", f"trainer.resume={zero1 / step}")
+    _assert_same_training_state(zero1 / step, zero2 / step)
+    train(back, mpoe_cache, *bf16, "parallel.zero_stage=1", f"trainer.resume={zero2 / step}")
+    _assert_same_training_state(zero1 / step, back / step)

@@ -136,3 +136,21 @@ def test_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_checkpoin
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     a, b = _by_step(metrics(whole)), _by_step(metrics(crashed))
     assert [b[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]
+
+
+def test_data_parallel_zero1_checkpoint_stores_replicated_state_once_and_resumes_exactly(tmp_path, mpoe_cache):
+    """2 data-parallel ranks at ZeRO 1: rank 1's file holds only its own partition (weights and the portable
+    Adam state live in rank 0's file, once), and resuming on the same layout continues the curve exactly."""
+    import torch
+
+    layout = ["parallel.ep_size=1", "parallel.zero_stage=1", "trainer.micro_batch_size=4", "trainer.max_steps=4"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(whole, mpoe_cache, *COMMON, *layout, nproc=2)
+    step2 = whole / "checkpoints" / "step_00000002"
+    files = [torch.load(step2 / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
+    assert {"module", "portable_optimizer", "optimizer"} <= files[0].keys()
+    assert "module" not in files[1] and "portable_optimizer" not in files[1] and "optimizer" in files[1]
+    train(resumed, mpoe_cache, *COMMON, *layout, f"trainer.resume={step2}", nproc=2)
+    a, b = _by_step(metrics(whole)), _by_step(metrics(resumed))
+    assert [b[s]["loss"] for s in (3, 4)] == [a[s]["loss"] for s in (3, 4)]
+    assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]

@@ -3,7 +3,9 @@
 Layout: `RUN_DIR/checkpoints/step_00000100/{meta.json, rank_00000.pt, ...}`.
 Every rank writes its own state (its module state: shared parameters plus its
 local experts; its optimizer state, a ZeRO partition at stage 1/2; the LR
-scheduler; its RNG states) into a hidden temporary directory; after a barrier
+scheduler; its RNG states; what a data-parallel replica holds exactly as the
+first replica does is stored by the first only: `reshard.rank_file_fields`)
+into a hidden temporary directory; after a barrier
 rank 0 writes `meta.json` last and renames the directory into place, so a
 `step_*` directory either is complete or does not exist: a crash mid-save
 leaves the previous checkpoint as it was.
@@ -70,8 +72,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
         tmp.mkdir()
     _barrier()
     state = {
-        "module": engine.module.state_dict(),
-        **reshard.optimizer_fields(engine),  # Adam's state once where it is per parameter; collective at ZeRO 1/2
+        **reshard.rank_file_fields(engine, rank, meta["ep_size"]),  # collective at ZeRO 1/2
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "global_steps": engine.global_steps,
         "rng": rng_state(),
@@ -145,7 +146,9 @@ def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_ex
             ) from None
     file = path / f"rank_{rank:05d}.pt"
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = reshard.with_replica_fields(
+            torch.load(file, map_location="cpu", weights_only=False), path, rank, meta["ep_size"]
+        )
     except Exception as e:  # torch raises many kinds on a truncated or foreign file
         raise CheckpointError(
             f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint"

@@ -7,14 +7,14 @@ rank p holds global experts [p*L, (p+1)*L), so the first ep_size rank files
 their expert tensors gives all E experts in global order, which a new layout
 slices again. Shared parameters are the same on every rank; rank 0's are used.
 
-The optimizer follows its parameters through a *portable* form of Adam's state
-(`exp_avg`, `exp_avg_sq` per parameter name, full tensors, and the step count).
-At ZeRO 1/2 it is written next to the native state at save: DeepSpeed's own
-ZeRO state is flat, padded partitions that only fit the layout they were
-written with, and DeepSpeed's tensor-fragment API (`safe_get/set_full_*`) reads
-and writes them per parameter. At ZeRO 0 with torch's optimizer the native
-state is per parameter already, so the checkpoint stores it once, with the
-parameter names in the optimizer's order, and the portable form is derived from
+The optimizer follows its parameters through a *portable* form of Adam's state:
+per parameter name, full tensors of `exp_avg`, `exp_avg_sq` and, for a bf16/fp16
+model, the float32 master weight, plus the step count (`adam_state.py` reads and
+writes it whichever DeepSpeed optimizer holds it). At ZeRO 1/2 it is written next
+to the native state at save: DeepSpeed's own ZeRO state is flat, padded
+partitions that only fit the layout they were written with. At ZeRO 0 (float32)
+the native state is torch's AdamW's, per parameter already, so the checkpoint
+stores it once, with the parameter names in the optimizer's order, and the portable form is derived from
 it on load (`portable_state`): the same tensors, not a second copy on disk.
 """
 
@@ -26,72 +26,70 @@ import torch
 import torch.nn as nn
 
 from mpoe.models.param_tags import is_expert_param
+from mpoe.train import adam_state
+from mpoe.train.adam_state import ADAM_KEYS
 from mpoe.train.rng import set_rng_state
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _zero_partitioned(engine) -> bool:
-    return engine.zero_optimization_stage() > 0
-
-
-def _adam_step(engine) -> int:
-    opt = engine.optimizer.optimizer if _zero_partitioned(engine) else engine.optimizer
-    for state in opt.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def _link_optimizer_fragments(engine) -> None:
-    """ZeRO 1/2 link each parameter's view of the Adam state lazily, possibly before torch's Adam
-    created exp_avg/exp_avg_sq; link again so the tensor-fragment API sees them."""
-    optimizer = engine.optimizer
-    if _zero_partitioned(engine) and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        for flat in optimizer.single_partition_of_fp32_groups:  # torch Adam's lazy state, made now
-            state = optimizer.optimizer.state[flat]
-            if "exp_avg" not in state:
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def portable_optimizer_state(engine) -> dict:
-    """{name: {exp_avg, exp_avg_sq}} for this rank's parameters, plus the step. Collective at ZeRO 1/2."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    _link_optimizer_fragments(engine)
+    """{"step", "params": {name: {exp_avg, exp_avg_sq[, master]}}} for this rank's parameters, on the CPU.
+    The master weight is kept only where it is not the module's weight itself (bf16/fp16). Collective at ZeRO 1/2."""
+    adam = adam_state.holder(engine)
     per_param = {}
     for name, p in engine.module.named_parameters():
-        if _zero_partitioned(engine):
-            values = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}
-        else:
-            values = {k: engine.optimizer.state.get(p, {}).get(k) for k in ADAM_KEYS}
-        if all(v is not None for v in values.values()):
+        values = adam.read(p)
+        if p.dtype == torch.float32:
+            values.pop("master", None)
+        if all(values.get(k) is not None for k in ADAM_KEYS):
             per_param[name] = {k: v.detach().cpu().clone() for k, v in values.items()}
-    return {"step": _adam_step(engine), "params": per_param}
+    return {"step": adam.step(), "params": per_param}
 
 
 def native_is_per_parameter(engine) -> bool:
-    """ZeRO 0 with torch's own optimizer (fp32): its state_dict holds Adam's state per parameter."""
-    return not _zero_partitioned(engine) and isinstance(engine.optimizer, torch.optim.Optimizer)
+    """ZeRO 0 (float32, torch's AdamW): the optimizer's state_dict holds Adam's state per parameter."""
+    return engine.zero_optimization_stage() == 0
 
 
 def optimizer_param_names(engine) -> list[str]:
-    """Parameter names in the order torch's `Optimizer.state_dict` numbers them (groups in order, then params)."""
+    """Parameter names in the order the native `state_dict` numbers them (groups in order, then params)."""
     names = {id(p): name for name, p in engine.module.named_parameters()}
-    return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
+    return [names[id(p)] for p in adam_state.holder(engine).params_in_order()]
 
 
-def optimizer_fields(engine) -> dict:
-    """What a rank file stores of the optimizer: the native state, and the portable form where it is not the
-    same tensors (ZeRO 1/2) or the names that make the native state portable (ZeRO 0). Collective at ZeRO 1/2."""
-    fields = {"optimizer": engine.optimizer.state_dict()}
+def rank_file_fields(engine, rank: int, ep_size: int) -> dict:
+    """The model and optimizer state rank `rank`'s checkpoint file holds. Collective at ZeRO 1/2.
+
+    Data-parallel replicas hold the same weights and, at ZeRO 0, the same optimizer state,
+    so only the first replica (ranks 0..ep_size-1, which hold every expert once) stores
+    them; a later replica's file holds what is its own (its ZeRO 1/2 partition), and
+    `with_replica_fields` fills in the rest from rank % ep_size's file. The portable form
+    (ZeRO 1/2) is read by `load_resharded` from ranks 0..ep_size-1 only, and for shared
+    parameters from rank 0 only, so that is where it is stored.
+    """
+    first_replica = rank < ep_size
     if native_is_per_parameter(engine):
-        fields["optimizer_param_names"] = optimizer_param_names(engine)
-    else:
-        fields["portable_optimizer"] = portable_optimizer_state(engine)
+        if not first_replica:
+            return {}
+        return {
+            "module": engine.module.state_dict(),
+            "optimizer": engine.optimizer.state_dict(),
+            "optimizer_param_names": optimizer_param_names(engine),
+        }
+    portable = portable_optimizer_state(engine)  # every rank takes part in the collective reads
+    fields = {"optimizer": engine.optimizer.state_dict()}
+    if first_replica:
+        experts = _expert_names(engine.module)
+        kept = {n: v for n, v in portable["params"].items() if n in experts or rank == 0}
+        fields.update(module=engine.module.state_dict(), portable_optimizer={**portable, "params": kept})
     return fields
+
+
+def with_replica_fields(state: dict, path: Path, rank: int, ep_size: int) -> dict:
+    """Rank `rank`'s file `state` completed by what its first-replica twin stored for both (see rank_file_fields)."""
+    if "module" in state:
+        return state
+    twin = torch.load(path / f"rank_{rank % ep_size:05d}.pt", map_location="cpu", weights_only=False, mmap=True)
+    return {**twin, **state}
 
 
 def portable_state(state: dict) -> dict | None:
@@ -132,8 +130,6 @@ def _relayout(name: str, saved: list, expert: bool, lo: int, count: int, num_exp
 
 def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int, num_experts: int, rank: int) -> dict:
     """Restore module, optimizer, schedule and RNG from a checkpoint written on another layout."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     old_ep = meta["ep_size"]
     states = [torch.load(path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_ep)]
     portable = [portable_state(s) for s in states]
@@ -152,30 +148,21 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
     engine.module.load_state_dict(module_state)
 
     step = portable[0]["step"]
-    _link_optimizer_fragments(engine)
+    adam = adam_state.holder(engine)
     for name, p in engine.module.named_parameters():
-        adam = {
+        if not p.requires_grad:  # frozen: not in the optimizer, its weight is the module's
+            continue
+        values = {
             k: _relayout(
-                name,
-                [p["params"].get(name, {}).get(k) for p in portable],
-                name in experts,
-                lo,
-                num_local,
-                num_experts,
+                name, [q["params"].get(name, {}).get(k) for q in portable], name in experts, lo, num_local, num_experts
             )
-            for k in ADAM_KEYS
+            for k in (*ADAM_KEYS, "master")
         }
-        if _zero_partitioned(engine):
-            safe_set_full_fp32_param(p, p.data)  # the optimizer's fp32 master partition, from the loaded weight
-            for k, v in adam.items():
-                if v is not None:
-                    safe_set_full_optimizer_state(p, v, k)
-        elif adam["exp_avg"] is not None:
-            engine.optimizer.state[p] = {"step": torch.tensor(float(step)), **adam}
-    if _zero_partitioned(engine):
-        for state in engine.optimizer.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+        if values["master"] is None:  # a float32 run's master is its saved weight (not the rounded one loaded into p)
+            values["master"] = module_state[name]
+        values["master"] = values["master"].to(torch.float32)
+        adam.write(p, values, step)
+    adam.finish(step)
 
     if engine.lr_scheduler is not None and states[0]["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(states[0]["lr_scheduler"])

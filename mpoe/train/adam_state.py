@@ -1,0 +1,110 @@
+"""Adam's state per parameter, whichever DeepSpeed optimizer holds it: read for the portable checkpoint form, written
+when a checkpoint is resharded.
+
+Per parameter that is `exp_avg`, `exp_avg_sq` and, where the model's weights are
+not float32, the float32 master copy the optimizer updates (`master`): the
+weight a bf16 or fp16 run really trains, which its bf16/fp16 module weight only
+rounds. DeepSpeed keeps these in two shapes (bf16/fp16 always run ZeRO >= 1,
+`engine.zero_stage`):
+
+- ZeRO 0 (float32): our torch AdamW itself; its state is keyed by the module's
+  parameters, which are their own masters (`TorchAdam`).
+- ZeRO 1/2: flat padded partitions, read and written per parameter through
+  DeepSpeed's tensor-fragment API (`safe_get/set_full_*`), collective (`ZeroAdam`).
+
+`holder(engine)` picks the shape. The checkpoint stores Adam's state by name
+through it, so a checkpoint written in one shape resumes in the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _step_of(optimizer: torch.optim.Optimizer) -> int:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+class TorchAdam:
+    """ZeRO 0 (float32): torch's AdamW keyed by the module's parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def params_in_order(self) -> list[nn.Parameter]:
+        """The module parameters in the order the native `state_dict` numbers them."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self) -> int:
+        return _step_of(self.optimizer)
+
+    def read(self, p: nn.Parameter) -> dict[str, Tensor]:
+        return {k: v for k in ADAM_KEYS if (v := self.optimizer.state.get(p, {}).get(k)) is not None}
+
+    def write(self, p: nn.Parameter, values: dict[str, Tensor], step: int) -> None:
+        # The master is the parameter itself, loaded with the module.
+        adam = {k: values[k].to(p.device, torch.float32) for k in ADAM_KEYS if values.get(k) is not None}
+        if len(adam) == len(ADAM_KEYS):
+            self.optimizer.state[p] = {"step": torch.tensor(float(step)), **adam}
+
+    def finish(self, step: int) -> None:
+        pass
+
+
+class ZeroAdam:
+    """ZeRO 1/2: per-parameter views of the flat partitions (DeepSpeed's tensor-fragment API; collective)."""
+
+    def __init__(self, wrapper):
+        self.wrapper = wrapper
+        self._link_fragments()
+
+    def _link_fragments(self) -> None:
+        """ZeRO 1/2 link each parameter's view of the Adam state lazily, possibly before torch's Adam
+        created exp_avg/exp_avg_sq; create them and link again so the tensor-fragment API sees them."""
+        wrapper = self.wrapper
+        if not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            return
+        for flat in wrapper.single_partition_of_fp32_groups:
+            state = wrapper.optimizer.state[flat]
+            if "exp_avg" not in state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+    def step(self) -> int:
+        return _step_of(self.wrapper.optimizer)
+
+    def read(self, p: nn.Parameter) -> dict[str, Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        values = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}
+        return {**{k: v for k, v in values.items() if v is not None}, "master": safe_get_full_fp32_param(p)}
+
+    def write(self, p: nn.Parameter, values: dict[str, Tensor], step: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        safe_set_full_fp32_param(p, values["master"].to(p.device))
+        for k in ADAM_KEYS:
+            if values.get(k) is not None:
+                safe_set_full_optimizer_state(p, values[k].to(p.device), k)
+
+    def finish(self, step: int) -> None:
+        for state in self.wrapper.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def holder(engine):
+    """The view of Adam's state that fits `engine`'s optimizer (see the module doc)."""
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() > 0:
+        return ZeroAdam(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return TorchAdam(optimizer)
+    raise TypeError(f"no per-parameter view of Adam's state in DeepSpeed's {type(optimizer).__name__}")
