@@ -1,0 +1,154 @@
+"""The GPU training path reads nothing from the device to the host, checked on the CPU in CI.
+
+On CUDA, an op whose result the host must see (`.item()`, `bool(t)`, `.tolist()`) or
+whose output size depends on the data (`nonzero`, boolean-mask indexing, `unique`,
+`bincount`, `repeat_interleave` without `output_size`, `masked_select`) waits for the
+GPU: `torch.cuda.set_sync_debug_mode("error")` catches those, but only on a GPU. Here a
+dispatch mode (and a function mode, for `.tolist()`) refuses the same ops on CPU
+tensors, so the ep_size-1 path that CUDA takes (grouped expert backend, sync-free
+dispatch) is checked in CI: one MoE layer, and whole GPT-2 and T5 models, forward and
+backward. The guard itself is tested first, so that a silent guard cannot pass the rest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mpoe.config import ModelConfig, MoEConfig, TrainConfig, TrainerConfig
+from mpoe.models.build import build_model
+from mpoe.models.experts_grouped import GROUPED_MM
+from mpoe.parallel.groups import ExpertGroups
+
+aten = torch.ops.aten
+# Ops that read device data on the host: their result is a host value or their output's size is the data's.
+HOST_READS = {
+    aten._local_scalar_dense.default,  # .item(), bool(t), float(t), int(t), `if t:`
+    aten.nonzero.default,
+    aten.nonzero_static.default if hasattr(aten, "nonzero_static") else aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.bincount.default,
+    aten.repeat_interleave.Tensor,
+}
+HOST_READS.discard(aten.nonzero_static.default if hasattr(aten, "nonzero_static") else None)  # static: no read
+
+
+class HostRead(AssertionError):
+    pass
+
+
+class _NoHostReadsDispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_READS and not (func is aten.repeat_interleave.Tensor and kwargs.get("output_size")):
+            raise HostRead(f"{func} reads device data on the host")
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                raise HostRead(f"{func} with a boolean mask (a nonzero: its size is the data's)")
+        return func(*args, **kwargs)
+
+
+class _NoHostReadsFunction(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            raise HostRead("Tensor.tolist reads device data on the host")
+        return func(*args, **(kwargs or {}))
+
+
+class no_host_reads:
+    """Within: any op that would make the host wait for CUDA raises HostRead (CPU tensors included)."""
+
+    def __enter__(self):
+        self._modes = [_NoHostReadsFunction(), _NoHostReadsDispatch()]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        return False
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda t: t.sum().item(),
+        lambda t: bool((t > 0).any()),
+        lambda t: float(t.max()),
+        lambda t: t.tolist(),
+        lambda t: t[t > 0],
+        lambda t: torch.nonzero(t),
+        lambda t: torch.unique(t),
+        lambda t: torch.bincount((t.abs() * 3).long()),
+        lambda t: torch.repeat_interleave(torch.arange(3), (t[:3].abs() * 2).long()),
+    ],
+    ids=["item", "bool", "float", "tolist", "mask-index", "nonzero", "unique", "bincount", "repeat_interleave"],
+)
+def test_the_guard_refuses_every_kind_of_host_read(read):
+    t = torch.randn(8)
+    read(t)  # fine outside
+    with pytest.raises(HostRead), no_host_reads():
+        read(t)
+
+
+def test_the_guard_lets_device_only_work_through():
+    t = torch.randn(8, 4, requires_grad=True)
+    with no_host_reads():
+        counts = torch.zeros(3, dtype=torch.long).scatter_add_(
+            0, torch.tensor([0, 2, 2]), torch.ones(3, dtype=torch.long)
+        )
+        y = (t.softmax(-1) @ torch.randn(4, 4)).cumsum(0)[torch.tensor([1, 3])]
+        y.sum().backward()
+        torch.repeat_interleave(torch.arange(3), counts, output_size=3)
+    assert t.grad is not None
+
+
+def _train_model(kind: str, family: str) -> TrainConfig:
+    model = ModelConfig(
+        name=f"{family}_tiny", family=family, d_model=32, d_ff=64, num_layers=2, num_heads=2,
+        vocab_size=256, max_position_embeddings=32, dropout=0.0,
+    )  # fmt: skip
+    moe = MoEConfig(kind=kind, num_experts=4, top_k=1, every=1, expert_impl="grouped", capacity_factor=1.0)
+    return TrainConfig(model=model, moe=moe, trainer=TrainerConfig(seq_len=16, micro_batch_size=2))
+
+
+def _gpu_path(model: torch.nn.Module) -> torch.nn.Module:
+    """What CUDA at ep_size 1 runs: the sync-free dispatch (the grouped backend is the config's)."""
+    for module in model.modules():
+        if hasattr(module, "dispatcher"):
+            module.dispatcher.sync_free = True
+    return model
+
+
+@pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind):
+    """The whole model (HF attention, the LM loss, every MoE layer's router, dispatch, experts and losses), the
+    MPOE gradient mask's draw in backward, and the step's statistics added up for the next log line."""
+    from mpoe.models.grad_mask import GradientMask, select_masked_params
+    from mpoe.train.metrics import Interval
+
+    torch.manual_seed(0)
+    model = _gpu_path(build_model(_train_model(kind, family), 256, 0, 0, ExpertGroups())).train()
+    mask = GradientMask(select_masked_params(model, "central"), keep_prob=0.5) if kind == "mpoe" else None
+    tokens = torch.randint(1, 250, (2, 16))
+    batch = {"input_ids": tokens, **({"labels": tokens.roll(1, 1)} if family == "t5" else {})}
+    model(**batch).loss.backward()  # warm-up outside the guard: lazy initialisation may read once
+    model.zero_grad(set_to_none=True)
+    interval = Interval(torch.device("cpu"))
+    with no_host_reads():
+        if mask is not None:
+            mask.set_step(1)
+        out = model(**batch)
+        out.loss.backward()
+        interval.add(out, tokens.numel())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert mask is None or any((p.grad == 0).any() for p in mask.params)  # the mask ran
