@@ -119,3 +119,14 @@ def test_bf16_training_state_crosses_zero_stages_exactly(tmp_path, mpoe_cache):
     _assert_same_training_state(zero1 / step, zero2 / step)
     train(back, mpoe_cache, *bf16, "parallel.zero_stage=1", f"trainer.resume={zero2 / step}")
     _assert_same_training_state(zero1 / step, back / step)
+
+
+def test_a_checkpoint_without_optimizer_state_by_name_is_refused_not_resumed_with_fresh_adam(tmp_path):
+    """Older bf16/fp16 ZeRO-0 checkpoints stored an empty portable form: resharding must not start Adam afresh."""
+    import torch
+
+    from mpoe.train.reshard import load_resharded
+
+    torch.save({"portable_optimizer": {"step": 3, "params": {}}, "module": {}}, tmp_path / "rank_00000.pt")
+    with pytest.raises(RuntimeError, match="holds no optimizer state by parameter name"):
+        load_resharded(None, tmp_path, {"ep_size": 1}, 0, 4, 4, 0)

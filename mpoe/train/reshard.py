@@ -137,6 +137,11 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
         raise RuntimeError(
             f"checkpoint {path} has no portable optimizer state: it can only be resumed on its own layout"
         )
+    if portable[0]["step"] > 0 and not portable[0]["params"]:  # bf16/fp16 at ZeRO 0 saved none before adam_state.py
+        raise RuntimeError(
+            f"checkpoint {path} holds no optimizer state by parameter name (a bf16/fp16 ZeRO-0 checkpoint of an "
+            "older mpoe), so it cannot be resumed: start a new run (python -m mpoe.tools.export still reads it)"
+        )
     experts = _expert_names(engine.module)
     lo = ep_rank * num_local
 
