@@ -20,6 +20,7 @@ Switch loss; data parallelism averages them like the LM loss.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,7 +100,14 @@ class TopKRouter(nn.Module):
         in bf16 the gate's matmul rounds logits enough to send some tokens to another expert.
         Autocast is switched off so that it cannot turn the float32 matmul back into bf16.
         """
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
+        device = tokens.device.type
+        # (no autocast to switch off on devices without one, e.g. meta: shape-only runs)
+        off = (
+            torch.autocast(device, enabled=False)
+            if torch.amp.is_autocast_available(device)
+            else contextlib.nullcontext()
+        )
+        with off:
             return F.linear(tokens.float(), self.gate.weight.float())
 
     def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:

@@ -1,13 +1,19 @@
-"""The GPU training path reads nothing from the device to the host, checked on the CPU in CI.
+"""The path CUDA takes at ep_size 1 (grouped expert backend, sync-free dispatch), checked on the CPU in CI.
 
-On CUDA, an op whose result the host must see (`.item()`, `bool(t)`, `.tolist()`) or
-whose output size depends on the data (`nonzero`, boolean-mask indexing, `unique`,
-`bincount`, `repeat_interleave` without `output_size`, `masked_select`) waits for the
-GPU: `torch.cuda.set_sync_debug_mode("error")` catches those, but only on a GPU. Here a
-dispatch mode (and a function mode, for `.tolist()`) refuses the same ops on CPU
-tensors, so the ep_size-1 path that CUDA takes (grouped expert backend, sync-free
-dispatch) is checked in CI: one MoE layer, and whole GPT-2 and T5 models, forward and
-backward. The guard itself is tested first, so that a silent guard cannot pass the rest.
+1. It reads nothing from the device to the host. On CUDA, an op whose result the
+   host must see (`.item()`, `bool(t)`, `.tolist()`) or whose output size depends on
+   the data (`nonzero`, boolean-mask indexing, `unique`, `bincount`,
+   `repeat_interleave` without `output_size`, `masked_select`) waits for the GPU:
+   `torch.cuda.set_sync_debug_mode("error")` catches those, but only on a GPU. Here a
+   dispatch mode (and a function mode, for `.tolist()`) refuses the same ops on CPU
+   tensors. The guard itself is tested first, so that a silent guard cannot pass.
+2. It makes no tensor off the model's device. On the `meta` device, as on CUDA, an
+   op mixing a device tensor with a CPU tensor of one or more dimensions fails, so a
+   bf16 model moved to `meta` runs forward and backward only if every tensor made
+   inside follows the inputs' device (`Expected all tensors to be on the same device`
+   is what the first GPU run of mpoe met).
+
+Both for one MoE layer's parts and for whole GPT-2 and T5 models, forward and backward.
 """
 
 from __future__ import annotations
@@ -152,3 +158,25 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind)
         interval.add(out, tokens.numel())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert mask is None or any((p.grad == 0).any() for p in mask.params)  # the mask ran
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_a_bf16_training_forward_and_backward_makes_no_tensor_off_the_models_device(family, kind):
+    torch.manual_seed(0)
+    model = build_model(_train_model(kind, family), 256, 0, 0, ExpertGroups())
+    model = _gpu_path(model.to(device="meta", dtype=torch.bfloat16)).train()
+    tokens = torch.randint(1, 250, (2, 16), device="meta")
+    batch = {"input_ids": tokens, **({"labels": tokens} if family == "t5" else {})}
+    out = model(**batch)
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and out.loss.dtype == torch.float32
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # (which exist: the CPU test above)
+    assert grads and all(g.device.type == "meta" for g in grads)
+
+
+def test_meta_catches_a_cpu_tensor_made_inside_forward():
+    """The check above can fail: a tensor made without device= meets the model's."""
+    x = torch.randn(4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="device"):
+        x + torch.arange(3.0)
