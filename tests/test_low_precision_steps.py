@@ -200,7 +200,7 @@ def test_fp16_non_finite_steps_in_a_row_stop_the_run(fp16_on_cpu, monkeypatch):
 
 def test_fp16_step_sees_the_true_gradients(fp16_on_cpu):
     """AdamW's first moment after one step is (1 - beta1) x the gradient it was given: with no clipping, the true
-    gradient of the half-precision model, however the loss was scaled. The logged norm is that gradient's."""
+    gradient of the half-precision model, however the loss was scaled. The logged norms are that gradient's."""
     from mpoe.train import adam_state
 
     cfg = _cfg("fp16", grad_clip=0.0)
@@ -215,7 +215,7 @@ def test_fp16_step_sees_the_true_gradients(fp16_on_cpu):
     for p in params:
         p.grad = None
 
-    _step(tr, 0)
+    norms = _step(tr, 0, log_now=True)
 
     assert tr.skipped_total == 0 and _adam_steps(tr) == 1
     adam = adam_state.holder(engine)  # DeepSpeed's per-parameter view of its flat partitions
@@ -223,8 +223,13 @@ def test_fp16_step_sees_the_true_gradients(fp16_on_cpu):
         given = adam.read(p)["exp_avg"].double() / (1 - cfg.optim.beta1)
         want = truth.get(id(p), torch.zeros_like(given))
         torch.testing.assert_close(given, want, rtol=2e-2, atol=2e-3 * max(want.abs().max().item(), 1e-6))
-    norm = math.sqrt(sum(g.pow(2).sum().item() for g in truth.values()))
-    assert engine.get_global_grad_norm() == pytest.approx(norm, rel=1e-2)
+
+    def norm(ps):
+        return math.sqrt(sum(truth[id(p)].pow(2).sum().item() for p in ps if id(p) in truth))
+
+    assert engine.get_global_grad_norm() == pytest.approx(norm(params), rel=1e-2)
+    for role, ps in tr.roles.items():  # from the ZeRO partitions, the loss scale divided out
+        assert ps and norms[f"grad_norm_{role}"] == pytest.approx(norm(ps), rel=1e-2), role
 
 
 def test_bf16_non_finite_step_is_skipped_by_deepspeed_and_counted(monkeypatch):
@@ -277,3 +282,4 @@ def test_fp16_on_a_gpu_recovers_from_an_overflow_and_logs_unscaled_norms(tmp_pat
     assert len(fp16) == 8 and all(math.isfinite(r["loss"]) for r in fp16 if r["step"] != 3)
     assert fp16[1]["steps_skipped"] < fp16[2]["steps_skipped"] == fp16[-1]["steps_skipped"]  # step 3 only
     assert fp16[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=0.05)
+    assert fp16[0]["grad_norm_central"] == pytest.approx(fp32[0]["grad_norm_central"], rel=0.05)

@@ -113,7 +113,9 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path, mpoe_cache
 
 
 def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
-    """Same 2 processes, same seed and tokens: experts split over ranks (all-to-all) or replicated."""
+    """Same 2 processes, same seed and tokens: experts split over ranks (all-to-all, at ZeRO 2) or replicated
+    (ZeRO 0). The gradient norms per role come from param.grad at ZeRO 0 and from each rank's gradient
+    partition at ZeRO 2: the same numbers."""
     runs = {}
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
@@ -122,6 +124,7 @@ def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
             mpoe_cache,
             "moe=mpoe",
             f"parallel.ep_size={ep}",
+            f"parallel.zero_stage={0 if ep == 1 else 2}",
             "trainer.global_batch_size=8",
             "trainer.micro_batch_size=4",
             "logging.wandb.mode=disabled",
@@ -131,6 +134,9 @@ def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     # the aux loss is ~0.02: fp32 reduction order (all-to-all vs local) leaves ~3e-7 after a few updates
     assert [r["aux_loss"] for r in a] == pytest.approx([r["aux_loss"] for r in b], rel=1e-5, abs=1e-6)
+    for role in ("central", "auxiliary", "router"):
+        key = f"grad_norm_{role}"
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5), key
 
 
 def test_dry_run_writes_counts_and_trains_nothing(tmp_path, mpoe_cache):

@@ -11,6 +11,7 @@ expert-data-parallel group only.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -153,6 +154,24 @@ def gradients_finite(engine) -> bool:
         return True
     bad = torch.logical_not(torch.stack([g.isfinite().all() for g in grads]).all()).to(torch.float32)
     return all_reduce(bad).item() == 0  # any rank's NaN reaches all ranks
+
+
+def loss_scale(engine) -> float:
+    """The loss scale this step's gradients carry until `engine.step()` divides it out: fp16's dynamic scale
+    (DeepSpeed's public `loss_scale` of its optimizer), 1.0 otherwise. A host float: no device read."""
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+
+
+def local_grad_fragment(param: nn.Parameter) -> Optional[torch.Tensor]:
+    """ZeRO 1/2, after the last backward of a step and before `engine.step()`: the part of `param`'s reduced
+    gradient that this rank's optimizer partition owns (None if it owns none). Every entry of every
+    parameter is owned by exactly one rank of its data-parallel group (experts: of their expert-data-parallel
+    group), so squares summed over these fragments and over the world give the global squared norm.
+    DeepSpeed's `safe_get_full_grad` would all-reduce a full gradient per parameter instead."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.get_lp_grad_fragment(param._index_in_param_group)
 
 
 @contextlib.contextmanager

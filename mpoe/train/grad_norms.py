@@ -6,7 +6,9 @@ the same reduced gradient on every rank; expert parameters differ across the
 expert-parallel group, so their squared norms are summed over it.
 
 At ZeRO stage 1/2 the reduced gradients live in the optimizer's partitions,
-not in `param.grad`: there only the overall norm (DeepSpeed's own) is known.
+not in `param.grad`: `zero_role_norms` sums the squares of each rank's own
+fragments per role and adds them up over the world in one all-reduce (the
+overall norm is DeepSpeed's own, the one it clips with).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from mpoe.models.build import moe_layers
 from mpoe.models.param_tags import is_expert_param
+from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce
 
 
@@ -52,3 +55,22 @@ def grad_norms(model, roles: dict[str, list], ep_group) -> dict[str, float]:
     groups = [list(model.parameters())] + [params for params in roles.values() if params]
     squares = torch.stack([_sq(params, ep_group, device) for params in groups])
     return dict(zip(names, squares.sqrt().tolist()))
+
+
+def zero_role_norms(engine, roles: dict[str, list]) -> dict[str, float]:
+    """{'grad_norm_central', ...} at ZeRO 1/2 from this rank's gradient partition (see the module doc), read to
+    the host once. fp16 gradients still carry the loss scale until `engine.step()`: it is divided out."""
+    names = [f"grad_norm_{role}" for role, params in roles.items() if params]
+    if not names:
+        return {}
+    device = engine.device
+    squares = []
+    for params in (params for params in roles.values() if params):
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:
+            fragment = ds_engine.local_grad_fragment(p)
+            if fragment is not None:
+                sq += fragment.double().pow(2).sum()
+        squares.append(sq)
+    norms = all_reduce(torch.stack(squares)).sqrt() / ds_engine.loss_scale(engine)
+    return dict(zip(names, norms.tolist()))

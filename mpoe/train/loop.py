@@ -29,7 +29,7 @@ from mpoe.parallel.groups import ExpertGroups, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
 from mpoe.train.flops import Peak, device_peak, flops_per_token
-from mpoe.train.grad_norms import grad_norms, role_params
+from mpoe.train.grad_norms import grad_norms, role_params, zero_role_norms
 from mpoe.train.metrics import Interval, MetricsLogger
 from mpoe.train.objectives import build_objective
 
@@ -229,6 +229,8 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
         if micro == tr.accum - 1 and engine.zero_optimization_stage() == 0:
             norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
             skip = not ds_engine.gradients_finite(engine)
+        elif micro == tr.accum - 1 and log_now:
+            norms = zero_role_norms(engine, tr.roles)
         with ds_engine.skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
             engine.step()
         interval.add(out, cfg.trainer.micro_batch_size * tr.objective.raw_length)
