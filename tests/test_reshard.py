@@ -108,17 +108,16 @@ def _assert_same_training_state(a, b):
 
 
 def test_bf16_training_state_crosses_zero_stages_exactly(tmp_path, mpoe_cache):
-    """bf16 keeps float32 master weights beside the bf16 model: a checkpoint moved from ZeRO 1 to ZeRO 2 and back,
-    each time saved again without a step, holds the same weights, masters and Adam moments, bit for bit."""
+    """bf16 keeps float32 master weights beside the bf16 model: a checkpoint moved from ZeRO 1 to ZeRO 2 (another
+    partitioning, so the portable form is what is loaded) and saved again without a step holds the same weights,
+    masters and Adam moments, bit for bit."""
     bf16 = [*COMMON, "trainer.max_steps=2", "trainer.precision=bf16", "trainer.micro_batch_size=8"]
     bf16 += ["trainer.eval_sequences=8", "parallel.ep_size=1"]
-    zero1, zero2, back = tmp_path / "zero1", tmp_path / "zero2", tmp_path / "back"
+    zero1, zero2 = tmp_path / "zero1", tmp_path / "zero2"
     step = "checkpoints/step_00000002"
     train(zero1, mpoe_cache, *bf16, "parallel.zero_stage=1")
     train(zero2, mpoe_cache, *bf16, "parallel.zero_stage=2", f"trainer.resume={zero1 / step}")
     _assert_same_training_state(zero1 / step, zero2 / step)
-    train(back, mpoe_cache, *bf16, "parallel.zero_stage=1", f"trainer.resume={zero2 / step}")
-    _assert_same_training_state(zero1 / step, back / step)
 
 
 def test_a_checkpoint_without_optimizer_state_by_name_is_refused_not_resumed_with_fresh_adam(tmp_path):
