@@ -116,12 +116,18 @@ def test_the_guard_lets_device_only_work_through():
     assert t.grad is not None
 
 
-def _train_model(kind: str, family: str) -> TrainConfig:
+ROUTINGS = {  # Switch's top-1 with capacity dropping (training and evaluation), and dropless top-2
+    "top1-capacity": dict(top_k=1, capacity_factor=1.0, eval_capacity_factor=1.0),
+    "top2-dropless": dict(top_k=2, capacity_factor=None, eval_capacity_factor=None),
+}
+
+
+def _train_model(kind: str, family: str, routing: str = "top1-capacity") -> TrainConfig:
     model = ModelConfig(
         name=f"{family}_tiny", family=family, d_model=32, d_ff=64, num_layers=2, num_heads=2,
         vocab_size=256, max_position_embeddings=32, dropout=0.0,
     )  # fmt: skip
-    moe = MoEConfig(kind=kind, num_experts=4, top_k=1, every=1, expert_impl="grouped", capacity_factor=1.0)
+    moe = MoEConfig(kind=kind, num_experts=4, every=1, expert_impl="grouped", **ROUTINGS[routing])
     return TrainConfig(model=model, moe=moe, trainer=TrainerConfig(seq_len=16, micro_batch_size=2))
 
 
@@ -134,16 +140,18 @@ def _gpu_path(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 @pytest.mark.parametrize("kind", ["switch", "mpoe"])
-def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind):
+def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind, routing):
     """The whole model (HF attention, the LM loss, every MoE layer's router, dispatch, experts and losses), the
-    MPOE gradient mask's draw in backward, and the step's statistics added up for the next log line."""
+    MPOE gradient mask's draw in backward, the step's statistics added up for the next log line, and an
+    evaluation forward."""
     from mpoe.models.grad_mask import GradientMask, select_masked_params
     from mpoe.train.metrics import Interval
 
     torch.manual_seed(0)
-    model = _gpu_path(build_model(_train_model(kind, family), 256, 0, 0, ExpertGroups())).train()
+    model = _gpu_path(build_model(_train_model(kind, family, routing), 256, 0, 0, ExpertGroups())).train()
     mask = GradientMask(select_masked_params(model, "central"), keep_prob=0.5) if kind == "mpoe" else None
     tokens = torch.randint(1, 250, (2, 16))
     batch = {"input_ids": tokens, **({"labels": tokens.roll(1, 1)} if family == "t5" else {})}
@@ -156,6 +164,9 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind)
         out = model(**batch)
         out.loss.backward()
         interval.add(out, tokens.numel())
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert mask is None or any((p.grad == 0).any() for p in mask.params)  # the mask ran
 
