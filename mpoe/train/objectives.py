@@ -17,7 +17,6 @@ import torch
 
 from mpoe.config import TrainConfig
 from mpoe.models import family
-from mpoe.train.span_corruption import SpanCorruption
 
 
 @dataclass
@@ -32,7 +31,14 @@ class CausalLM:
         return {"input_ids": raw}
 
 
-OBJECTIVES = {"causal_lm": CausalLM.for_config, "span_corruption": SpanCorruption.for_config}
+def _span_corruption(cfg: TrainConfig, token_data):
+    # Imported here: span_corruption.py imports transformers' T5 (the sentinel layout), which GPT-2 runs never use.
+    from mpoe.train.span_corruption import SpanCorruption
+
+    return SpanCorruption.for_config(cfg, token_data)
+
+
+OBJECTIVES = {"causal_lm": CausalLM.for_config, "span_corruption": _span_corruption}
 
 
 def build_objective(cfg: TrainConfig, token_data):
