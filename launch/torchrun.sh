@@ -7,7 +7,10 @@
 # Arguments are Hydra overrides for mpoe-train. Give every node the same hydra.run.dir on a shared
 # file system (checkpoints are written there by every rank). gloo on CPU, nccl on GPUs (automatic).
 # RDZV_TIMEOUT (s, default 300): how long a node waits for the others before it gives up with one line.
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT (s, default here 300; torchrun's own is 30): after Ctrl-C or SIGTERM, how long
+# torchrun lets the workers finish their step and save a checkpoint before it SIGKILLs them.
 set -euo pipefail
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}

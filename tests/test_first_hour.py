@@ -57,6 +57,58 @@ def test_stop_signal_sets_the_flag_and_a_second_is_not_a_traceback():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
+class _Exited(Exception):
+    pass
+
+
+def _second_sigint(monkeypatch, torchrun: bool, after_s: float) -> None:
+    """Two SIGINTs `after_s` apart (the clock moved on by hand); os._exit raises _Exited instead of exiting."""
+    monkeypatch.setattr(interrupt.os, "_exit", lambda code: (_ for _ in ()).throw(_Exited(code)))
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    now = [100.0]
+    monkeypatch.setattr(interrupt.time, "monotonic", lambda: now[0])
+    with interrupt.stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested() == signal.SIGINT
+        now[0] += after_s
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_torchruns_copy_of_a_ctrl_c_does_not_quit_at_once(monkeypatch):
+    """Under torchrun a terminal's Ctrl-C reaches a worker directly and again from torchrun, ms later."""
+    _second_sigint(monkeypatch, torchrun=True, after_s=0.005)  # no _Exited: still stopping with a checkpoint
+
+
+@pytest.mark.parametrize("torchrun, after_s", [(True, 5.0), (False, 0.005)], ids=["torchrun-later", "alone"])
+def test_a_second_ctrl_c_quits_at_once(monkeypatch, torchrun, after_s):
+    with pytest.raises(_Exited):
+        _second_sigint(monkeypatch, torchrun, after_s)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_and_says_how_to_resume(tmp_path, mpoe_cache):
+    """A terminal's Ctrl-C reaches torchrun and both workers (one process group): the workers stop after the same
+    step, save one checkpoint and rank 0 says how to resume; torchrun then reports the signal its own way."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mpoe.train"]
+    cmd += [f"hydra.run.dir={run}", *FAST, "trainer.max_steps=100000", "trainer.eval_every=100000"]
+    proc = subprocess.Popen(
+        cmd, env=env(mpoe_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for_steps(proc, run, 2)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    out, err = proc.communicate(timeout=300)
+    stopped = [line for line in err.splitlines() if line.startswith("mpoe-train: stopped after step")]
+    assert len(stopped) == 1, err[-3000:]  # rank 0 only
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert f"checkpoint {run / 'checkpoints' / f'step_{step:08d}'}" in stopped[0]
+    assert (run / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
+    assert "trainer.resume=auto" in stopped[0]
+
+
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_says_how_to_resume_and_the_run_ends_with_its_numbers(tmp_path, mpoe_cache):
     """Finding 4 (Ctrl-C: checkpoint, one line, resumable) and finding 9 (the end-of-run block)."""

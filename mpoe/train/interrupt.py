@@ -9,8 +9,16 @@ only set a flag; the step loop asks `stop_agreed()` once per step, which agrees
 on the flag over all ranks (a checkpoint is a collective, so every rank must
 stop after the same step, whichever of them got the signal). A second SIGINT
 while stopping exits at once (exit code 130) for a user who does not want to
-wait; a SIGTERM then is ignored, since torchrun forwards SIGTERM to its workers
-after the terminal's SIGINT reached them.
+wait; a SIGTERM then is ignored.
+
+Under torchrun a terminal's Ctrl-C reaches every worker twice: directly (the
+workers share the terminal's process group) and, milliseconds later, from
+torchrun, which sends each worker the signal it received itself before it waits
+for them (`--shutdown-timeout`, 30 s by default, then SIGKILL). So a second
+SIGINT within `FORWARD_WINDOW_S` of the first is taken as that copy, not as the
+user's second Ctrl-C. Python runs a handler once for signals that arrive while
+the main thread is inside one C call, so on a CPU, busy in long kernels, the two
+usually merge; on a GPU the main thread runs Python most of the time and they do not.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +47,12 @@ class Interrupted(Exception):
         return 128 + self.signum  # what a shell reports for a process killed by that signal
 
 
+FORWARD_WINDOW_S = 2.0  # torchrun's copy of a Ctrl-C comes within milliseconds; a person's second press later
+
+
 class _State:
     signum: Optional[int] = None  # the first stop signal this process received
+    at: float = 0.0  # when (time.monotonic)
     agreed: bool = False  # every rank has seen a stop request (set by stop_agreed)
 
 
@@ -53,7 +66,7 @@ def requested() -> Optional[int]:
 
 def _handle(signum, frame) -> None:
     if _state.signum is None:
-        _state.signum = signum
+        _state.signum, _state.at = signum, time.monotonic()
         if int(os.environ.get("RANK", "0")) == 0:
             print(
                 f"\nmpoe-train: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
@@ -62,8 +75,14 @@ def _handle(signum, frame) -> None:
                 flush=True,
             )
         return
-    if signum == signal.SIGINT:
+    if signum == signal.SIGINT and not _forwarded_copy():
         os._exit(128 + signum)  # the user asked twice: no cleanup, no checkpoint
+
+
+def _forwarded_copy() -> bool:
+    """Is this second SIGINT torchrun's copy of the first (see the module doc)?"""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return under_torchrun and _state.signum == signal.SIGINT and time.monotonic() - _state.at < FORWARD_WINDOW_S
 
 
 @contextlib.contextmanager
