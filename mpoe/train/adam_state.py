@@ -83,8 +83,10 @@ class ZeroAdam:
     def read(self, p: nn.Parameter) -> dict[str, Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        values = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}
-        return {**{k: v for k, v in values.items() if v is not None}, "master": safe_get_full_fp32_param(p)}
+        values = {k: v for k in ADAM_KEYS if (v := safe_get_full_optimizer_state(p, k)) is not None}
+        if p.dtype != torch.float32:  # a float32 weight is its own master: no collective read of a copy
+            values["master"] = safe_get_full_fp32_param(p)
+        return values
 
     def write(self, p: nn.Parameter, values: dict[str, Tensor], step: int) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

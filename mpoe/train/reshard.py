@@ -33,13 +33,11 @@ from mpoe.train.rng import set_rng_state
 
 def portable_optimizer_state(engine) -> dict:
     """{"step", "params": {name: {exp_avg, exp_avg_sq[, master]}}} for this rank's parameters, on the CPU.
-    The master weight is kept only where it is not the module's weight itself (bf16/fp16). Collective at ZeRO 1/2."""
+    The master weight is there only where it is not the module's weight itself (bf16/fp16). Collective at ZeRO 1/2."""
     adam = adam_state.holder(engine)
     per_param = {}
     for name, p in engine.module.named_parameters():
         values = adam.read(p)
-        if p.dtype == torch.float32:
-            values.pop("master", None)
         if all(values.get(k) is not None for k in ADAM_KEYS):
             per_param[name] = {k: v.detach().cpu().clone() for k, v in values.items()}
     return {"step": adam.step(), "params": per_param}
