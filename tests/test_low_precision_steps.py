@@ -22,7 +22,9 @@ from mpoe.train import loop
 SEQ, BATCH, VOCAB = 16, 2, 64
 
 
-def _cfg(precision: str, zero: int = 0, grad_clip: float = 1.0, max_bad_steps: int = 10) -> TrainConfig:
+def _cfg(
+    precision: str, zero: int = 0, grad_clip: float = 1.0, max_bad_steps: int = 10, accum: int = 1, world: int = 1
+) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(
             d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ
@@ -31,7 +33,12 @@ def _cfg(precision: str, zero: int = 0, grad_clip: float = 1.0, max_bad_steps: i
         optim=OptimConfig(warmup_steps=1, grad_clip=grad_clip),
         parallel=ParallelConfig(zero_stage=zero),
         trainer=TrainerConfig(
-            max_steps=100, micro_batch_size=BATCH, seq_len=SEQ, precision=precision, max_bad_steps=max_bad_steps
+            max_steps=100,
+            micro_batch_size=BATCH,
+            global_batch_size=BATCH * accum * world,
+            seq_len=SEQ,
+            precision=precision,
+            max_bad_steps=max_bad_steps,
         ),
     )
 
@@ -46,8 +53,10 @@ def fp16_on_cpu(monkeypatch):
         monkeypatch.setattr(type(accelerator), "is_fp16_supported", lambda self: True)
 
 
-def _build(cfg: TrainConfig) -> loop.Training:
-    """What `loop._setup` builds, on random tokens: the model, the DeepSpeed engine, the sampler (one process)."""
+def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
+    """What `loop._setup` builds, on random tokens: the model, the DeepSpeed engine, the sampler. With world > 1
+    the process group must exist; otherwise this starts a world of one (conftest tears it down after the test)."""
+    from mpoe.config import grad_accum_steps
     from mpoe.models.build import build_model
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import expert_groups, init_distributed
@@ -55,29 +64,31 @@ def _build(cfg: TrainConfig) -> loop.Training:
     from mpoe.train.grad_norms import role_params
     from mpoe.train.objectives import CausalLM
 
-    init_distributed("gloo")  # a world of one; conftest tears it down after the test
+    if world == 1:
+        init_distributed("gloo")
     groups = expert_groups(1)
     model = build_model(cfg, VOCAB, 0, 0, groups)
-    engine = ds_engine.initialize(model, cfg, 1)
+    engine = ds_engine.initialize(model, cfg, world)
     tokens = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))
+    accum = grad_accum_steps(cfg, world)
     return loop.Training(
         cfg=cfg,
         engine=engine,
         objective=CausalLM(SEQ),
-        sampler=SequenceSampler(tokens, BATCH, 1, 1, 0, 0),
+        sampler=SequenceSampler(tokens, BATCH, accum, world, rank, 0),
         val=[],
         logger=None,
         groups=groups,
         grad_mask=None,
         roles=role_params(model),
-        accum=1,
-        world=1,
-        rank=0,
+        accum=accum,
+        world=world,
+        rank=rank,
         ckpt_dir=None,
         identity={},
         start_step=0,
         resumed_from=None,
-        tokens_per_step=BATCH * SEQ,
+        tokens_per_step=BATCH * accum * world * SEQ,
         flops_per_token=1.0,
         peak=None,
         counts={},
@@ -119,6 +130,7 @@ def test_low_precision_runs_deepspeeds_zero_optimizer_from_a_clean_start(fp16_on
     """bf16/fp16 at parallel.zero_stage=0 run ZeRO 1: no AdamW step before the first update (DeepSpeed's
     ZeRO-0 fp16/bf16 wrapper takes one with zero gradients when built), master weights equal the model's."""
     import torch.distributed as dist
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -131,7 +143,9 @@ def test_low_precision_runs_deepspeeds_zero_optimizer_from_a_clean_start(fp16_on
         tr = _build(cfg)
         assert tr.engine.zero_optimization_stage() == stage
         if precision != "fp32":
-            assert isinstance(tr.engine.optimizer, DeepSpeedZeroOptimizer)
+            # bf16 ZeRO 1 with float32 gradient accumulation is DeepSpeed's BF16_Optimizer
+            wrapper = BF16_Optimizer if (precision, stage) == ("bf16", 1) else DeepSpeedZeroOptimizer
+            assert isinstance(tr.engine.optimizer, wrapper)
             assert _adam_steps(tr) == 0, "AdamW stepped before the first update"
             for p in tr.engine.module.parameters():
                 assert torch.equal(safe_get_full_fp32_param(p), p.float())
@@ -232,10 +246,88 @@ def test_fp16_step_sees_the_true_gradients(fp16_on_cpu):
         assert ps and norms[f"grad_norm_{role}"] == pytest.approx(norm(ps), rel=1e-2), role
 
 
+def _true_step_gradient(tr: loop.Training) -> dict[str, torch.Tensor]:
+    """The step's gradient by plain autograd on a twin of the engine's bf16 module, outside DeepSpeed (whose
+    gradient hooks sit on the module's parameters): each micro-batch's loss / accum (as `engine.backward` scales
+    it), summed in float64, averaged over the ranks."""
+    import torch.distributed as dist
+
+    from mpoe.models.build import build_model
+
+    twin = build_model(tr.cfg, VOCAB, 0, 0, tr.groups).to(torch.bfloat16)
+    twin.load_state_dict(tr.engine.module.state_dict())
+    names, params = zip(*twin.named_parameters())
+    truth = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    rng = torch.random.get_rng_state()
+    for micro in range(tr.accum):
+        batch = loop._to_device(tr.objective.batch(tr.sampler.batch(0, micro)), tr.device)
+        grads = torch.autograd.grad(twin(**batch).loss / tr.accum, params, allow_unused=True)
+        for t, g in zip(truth, grads):
+            if g is not None:
+                t += g.double()
+    torch.random.set_rng_state(rng)
+    if tr.world > 1:
+        flat = torch.cat([t.flatten() for t in truth])
+        dist.all_reduce(flat)
+        truth = [part.view_as(t) / tr.world for part, t in zip(flat.split([t.numel() for t in truth]), truth)]
+    return dict(zip(names, truth))
+
+
+def _check_step_gradient(tr: loop.Training, truth: dict[str, torch.Tensor], norms: dict) -> None:
+    """AdamW's first moment after one unclipped step is (1 - beta1) x the step's gradient, and the logged per-role
+    norms are that gradient's. Collective (DeepSpeed's per-parameter reads of its partitions)."""
+    from mpoe.train import adam_state
+
+    adam = adam_state.holder(tr.engine)
+    names = {id(p): name for name, p in tr.engine.module.named_parameters()}
+    for name, p in tr.engine.module.named_parameters():
+        given = adam.read(p)["exp_avg"].double() / (1 - tr.cfg.optim.beta1)
+        want = truth[name]
+        torch.testing.assert_close(given, want, rtol=1e-5, atol=1e-6 * max(want.abs().max().item(), 1e-12))
+    for role, ps in tr.roles.items():
+        want = math.sqrt(sum(truth[names[id(p)]].pow(2).sum().item() for p in ps))
+        assert norms[f"grad_norm_{role}"] == pytest.approx(want, rel=1e-5), role
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_bf16_gradients_accumulate_in_float32(zero):
+    """Over 8 bf16 micro-batches, the step's gradient is the float32 sum of the micro-batches' bf16 gradients
+    (a bf16 sum would round each partial sum to 8 bits: ~1e-3 off)."""
+    tr = _build(_cfg("bf16", zero, grad_clip=0.0, accum=8))
+    truth = _true_step_gradient(tr)
+    norms = _step(tr, 0, log_now=True)
+    assert _adam_steps(tr) == 1
+    _check_step_gradient(tr, truth, norms)
+
+
+def _three_ranks_bf16_zero1(rank: int) -> None:
+    import torch.distributed as dist
+
+    tr = _build(_cfg("bf16", 1, grad_clip=0.0, world=3), world=3, rank=rank)
+    # The norms' check covers a parameter split between two ranks' partitions only if a role has one.
+    mappings = [(p._hp_mapping, p.numel()) for ps in tr.roles.values() for p in ps]
+    split = [m for m, numel in mappings if m is not None and m.lp_fragment_address.numel < numel]
+    any_split = torch.tensor(float(len(split)))
+    dist.all_reduce(any_split)
+    assert any_split.item() > 0, "no role parameter is split between partitions: change the model"
+    truth = _true_step_gradient(tr)
+    norms = _step(tr, 0, log_now=True)
+    _check_step_gradient(tr, truth, norms)
+
+
+def test_bf16_zero1_over_three_ranks_sums_in_float32_and_logs_each_gradient_entry_once():
+    """bf16 ZeRO 1 runs DeepSpeed's BF16_Optimizer, where every rank holds whole float32 gradients: the step's
+    gradient is the float32 mean of the ranks' bf16 gradients (bf16 would round it: ~1e-3 off), and the per-role
+    norms count each entry once, on the rank whose partition owns it (a parameter split between partitions
+    included)."""
+    from mpoe.parallel.local_world import spawn_world
+
+    spawn_world(_three_ranks_bf16_zero1, 3)
+
+
 def test_bf16_non_finite_step_is_skipped_by_deepspeed_and_counted(monkeypatch):
     tr = _build(_cfg("bf16"))
     _no_own_check(monkeypatch)
-    assert tr.engine.optimizer.loss_scale == 1.0  # bf16: no loss scaling
     _step(tr, 0)
     monkeypatch.setenv("MPOE_FAULT_NAN_AT_STEPS", "2")
     before, lr = _weights(tr), tr.engine.get_lr()[0]

@@ -9,11 +9,12 @@ layers every-1, 2*every-1, ... (with every=2, the odd layers, as in Switch).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from mpoe.config import ConfigError, TrainConfig
 from mpoe.models import family as families
@@ -22,16 +23,21 @@ from mpoe.parallel.groups import ExpertGroups
 
 
 @dataclass
-class LMOutput:
+class LMOutput(ModelOutput):
+    """A dict as well as a dataclass (HF's `ModelOutput`): DeepSpeed's engine finds the loss in a tuple, list or
+    dict only, and hooks its backward there. Without that hook `engine.backward` skips the optimizer's backward
+    prologue, where BF16_Optimizer (bf16 ZeRO 1) clears the bf16 gradients it has copied into its float32 sum;
+    each micro-batch would then add in all earlier ones again."""
+
     loss: torch.Tensor
-    lm_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    z_loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     # Routing statistics of this rank, on the device (read once per logged step, not per forward).
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, [E]
+    tokens_per_expert: Optional[list[torch.Tensor]] = None  # per MoE layer, [E]
     tokens_dropped: Optional[torch.Tensor] = None  # scalar, summed over MoE layers
-    router_entropy: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, scalar
+    router_entropy: Optional[list[torch.Tensor]] = None  # per MoE layer, scalar
 
 
 def is_moe_layer(index: int, every: int) -> bool:

@@ -65,7 +65,7 @@ def zero_stage(cfg: TrainConfig) -> int:
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     t, o = cfg.trainer, cfg.optim
     total = max(t.max_steps, 1)
-    return {
+    config = {
         "train_batch_size": global_batch_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
@@ -98,6 +98,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16":
+        # bf16 gradients are summed in float32, over micro-batches and over ranks, as Megatron does for bf16:
+        # a bf16 sum keeps 8 significant bits, so each addition rounds away part of what came before. DeepSpeed
+        # then runs ZeRO 1 as its BF16_Optimizer (float32 gradient buffers) and ZeRO 2 with float32 gradient
+        # partitions; without `communication_data_type` it would still round them to bf16 to reduce them.
+        config.update(data_types={"grad_accum_dtype": "fp32"}, communication_data_type="fp32")
+    return config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -115,12 +122,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world_size),
-        dist_init_required=False,
-    )
+    from mpoe.process import library_stdout_to_log
+
+    with library_stdout_to_log():  # BF16_Optimizer prints memory usage
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=deepspeed_config(cfg, world_size),
+            dist_init_required=False,
+        )
     # WarmupCosineLR starts at iteration -1 (lr 0) and its iteration 0 has lr 0 as well, so the first two
     # updates would both have lr 0. One step here makes update k run at iteration k-1: the first update has
     # lr 0 (as HF's and Megatron's warmups start), the second lr / warmup_steps. A resumed run loads the
@@ -171,7 +181,11 @@ def local_grad_fragment(param: nn.Parameter) -> Optional[torch.Tensor]:
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is None:
         return None
-    return mapping.get_lp_grad_fragment(param._index_in_param_group)
+    grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+    owned = mapping.lp_fragment_address
+    if grad.numel() != owned.numel:  # BF16_Optimizer (bf16 ZeRO 1) keeps the whole gradient on every rank
+        grad = grad.reshape(-1).narrow(0, owned.start, owned.numel)
+    return grad
 
 
 @contextlib.contextmanager

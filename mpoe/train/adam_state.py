@@ -70,7 +70,7 @@ class ZeroAdam:
         wrapper = self.wrapper
         if not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
             return
-        for flat in wrapper.single_partition_of_fp32_groups:
+        for flat in (p for group in wrapper.optimizer.param_groups for p in group["params"]):
             state = wrapper.optimizer.state[flat]
             if "exp_avg" not in state:
                 state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
