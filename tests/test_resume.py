@@ -35,7 +35,7 @@ def _killed(run, cache, *overrides, **fault):
     assert proc.returncode != 0, "the fault did not fire"
 
 
-def test_killed_run_resumes_the_exact_loss_curve(tmp_path, mpoe_cache):
+def test_killed_run_resumes_the_exact_loss_curve_and_a_finished_run_only_evaluates(tmp_path, mpoe_cache):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train(whole, mpoe_cache, *COMMON)
     _killed(resumed, mpoe_cache, MPOE_FAULT_KILL_AT_STEP="6")
@@ -49,6 +49,14 @@ def test_killed_run_resumes_the_exact_loss_curve(tmp_path, mpoe_cache):
         assert b[step]["lr"] == a[step]["lr"], step
     assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]
 
+    # Resuming the finished run evaluates it again and rewrites its summary; nothing is trained twice.
+    rows = len(metrics(resumed))
+    (resumed / "summary.json").unlink()
+    train(resumed, mpoe_cache, *COMMON, "trainer.resume=auto")
+    again = summary(resumed)
+    assert again["val_loss"] == summary(whole)["val_loss"] and again["steps"] == 6
+    assert len(metrics(resumed)) == rows
+
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, mpoe_cache):
     run = tmp_path / "run"
@@ -59,17 +67,6 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, mpoe
     train(run, mpoe_cache, *COMMON, "trainer.resume=auto")
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
     assert summary(run)["steps"] == 6
-
-
-def test_resuming_a_finished_run_evaluates_and_rewrites_the_summary(tmp_path, mpoe_cache):
-    run = tmp_path / "run"
-    train(run, mpoe_cache, *COMMON)
-    first = summary(run)
-    (run / "summary.json").unlink()
-    train(run, mpoe_cache, *COMMON, "trainer.resume=auto")
-    again = summary(run)
-    assert again["val_loss"] == first["val_loss"] and again["steps"] == 6
-    assert len(metrics(run)) == 6  # nothing trained twice
 
 
 def test_bad_resume_path_is_one_line(tmp_path, mpoe_cache):
@@ -101,15 +98,32 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mpoe_cache):
     assert meta["step"] == 2
 
 
-def test_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, mpoe_cache):
-    """SIGKILL one of 2 ranks mid-run: torchrun restarts the group, which resumes from step 4."""
+def test_data_parallel_zero1_checkpoints_store_replicated_state_once_and_survive_a_killed_rank(tmp_path, mpoe_cache):
+    """2 data-parallel ranks at ZeRO 1 (one test, so that the uninterrupted run is shared):
+    - rank 1's file holds only its own partition (weights and the portable Adam state live in rank 0's file, once);
+    - resuming from step 2 on the same layout continues the loss curve exactly;
+    - SIGKILL of rank 1 at step 5 under torchrun --max-restarts=1: the restarted group resumes from step 4 and
+      logs the uninterrupted run's losses."""
     import subprocess
     import sys
 
+    import torch
     from _cli import FAST, env
 
-    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
-    train(whole, mpoe_cache, *COMMON, nproc=2)
+    layout = ["parallel.ep_size=1", "parallel.zero_stage=1", "trainer.micro_batch_size=4"]
+    whole, resumed, crashed = tmp_path / "whole", tmp_path / "resumed", tmp_path / "crashed"
+    train(whole, mpoe_cache, *COMMON, *layout, nproc=2)
+    a = _by_step(metrics(whole))
+
+    step2 = whole / "checkpoints" / "step_00000002"
+    files = [torch.load(step2 / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
+    assert {"module", "portable_optimizer", "optimizer"} <= files[0].keys()
+    assert "module" not in files[1] and "portable_optimizer" not in files[1] and "optimizer" in files[1]
+    train(resumed, mpoe_cache, *COMMON, *layout, f"trainer.resume={step2}", nproc=2)
+    b = _by_step(metrics(resumed))
+    assert [b[s]["loss"] for s in range(3, 7)] == [a[s]["loss"] for s in range(3, 7)]
+    assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]
+
     e = {
         **env(mpoe_cache),
         "MPOE_FAULT_KILL_AT_STEP": "5",
@@ -128,29 +142,12 @@ def test_rank_killed_under_torchrun_max_restarts_resumes_from_the_last_checkpoin
         f"hydra.run.dir={crashed}",
         *FAST,
         *COMMON,
+        *layout,
         "trainer.resume=auto",
     ]
     proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "fired").exists(), "the fault did not fire"
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
-    a, b = _by_step(metrics(whole)), _by_step(metrics(crashed))
-    assert [b[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]
-
-
-def test_data_parallel_zero1_checkpoint_stores_replicated_state_once_and_resumes_exactly(tmp_path, mpoe_cache):
-    """2 data-parallel ranks at ZeRO 1: rank 1's file holds only its own partition (weights and the portable
-    Adam state live in rank 0's file, once), and resuming on the same layout continues the curve exactly."""
-    import torch
-
-    layout = ["parallel.ep_size=1", "parallel.zero_stage=1", "trainer.micro_batch_size=4", "trainer.max_steps=4"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(whole, mpoe_cache, *COMMON, *layout, nproc=2)
-    step2 = whole / "checkpoints" / "step_00000002"
-    files = [torch.load(step2 / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
-    assert {"module", "portable_optimizer", "optimizer"} <= files[0].keys()
-    assert "module" not in files[1] and "portable_optimizer" not in files[1] and "optimizer" in files[1]
-    train(resumed, mpoe_cache, *COMMON, *layout, f"trainer.resume={step2}", nproc=2)
-    a, b = _by_step(metrics(whole)), _by_step(metrics(resumed))
-    assert [b[s]["loss"] for s in (3, 4)] == [a[s]["loss"] for s in (3, 4)]
-    assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]
+    c = _by_step(metrics(crashed))
+    assert [c[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]

@@ -62,14 +62,17 @@ def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
 
 
-def test_data_parallel_over_two_processes_matches_one_process(tmp_path, mpoe_cache):
-    """Global batch 8: 2 ranks x 4 sequences must give the losses of 1 rank x 8 sequences.
+def test_data_parallel_and_accumulation_match_one_process_and_the_checkpoint_evaluates_anywhere(tmp_path, mpoe_cache):
+    """Global batch 8: 2 ranks x 4 sequences and 1 rank accumulating 2 x 4 must give the losses of 1 rank x 8
+    sequences. The 2-process checkpoint then evaluates to the same val_loss on 1 process with the same config:
+    the validation set is a fixed set of sequences, sharded over whatever ranks exist. (One test, so that the
+    runs are shared: each costs seconds of imports.)
 
     The load-balance loss is computed from each rank's own tokens (Megatron's default), a
     nonlinear function of the batch, so it is switched off here to compare the data-parallel
     mechanics alone; the z-loss, a mean over tokens, stays on.
     """
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, accum, two, evaluated = (tmp_path / name for name in ("one", "accum", "two", "evaluated"))
     common = [
         "moe=switch",
         "moe.aux_loss_coef=0",
@@ -78,38 +81,21 @@ def test_data_parallel_over_two_processes_matches_one_process(tmp_path, mpoe_cac
         "trainer.eval_sequences=16",
     ]
     train(one, mpoe_cache, *common, "trainer.micro_batch_size=8")
+    train(accum, mpoe_cache, *common, "trainer.micro_batch_size=4")
     train(two, mpoe_cache, *common, "trainer.micro_batch_size=4", nproc=2)
-    a, b = metrics(one), metrics(two)
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    losses = {run: [r["loss"] for r in metrics(run)] for run in (one, accum, two)}
+    assert losses[two] == pytest.approx(losses[one], rel=1e-5)
+    assert losses[accum] == pytest.approx(losses[one], rel=1e-5)
     assert summary(one)["val_loss"] == pytest.approx(summary(two)["val_loss"], rel=1e-5)
     assert summary(two)["world_size"] == 2
     assert (
         not list(tmp_path.glob("two/outputs")) and (two / "checkpoints" / "step_00000004" / "rank_00001.pt").is_file()
     )
 
-
-def test_a_two_process_checkpoint_evaluates_to_the_same_val_loss_on_one_process(tmp_path, mpoe_cache):
-    """The validation set is a fixed set of sequences, sharded over whatever ranks exist (same config)."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    common = ["moe=mpoe", "trainer.micro_batch_size=4", "logging.wandb.mode=disabled"]
-    train(two, mpoe_cache, *common, "trainer.global_batch_size=8", nproc=2)
-    train(
-        one,
-        mpoe_cache,
-        *common,
-        "trainer.global_batch_size=8",
-        f"trainer.resume={two / 'checkpoints' / 'step_00000004'}",
-    )
-    assert summary(one)["val_loss"] == pytest.approx(summary(two)["val_loss"], rel=1e-5)
-    assert summary(one)["val_tokens"] == summary(two)["val_tokens"] == 2 * 4 * 63
-
-
-def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path, mpoe_cache):
-    big, accum = tmp_path / "big", tmp_path / "accum"
-    common = ["moe=switch", "moe.aux_loss_coef=0", "trainer.global_batch_size=8", "logging.wandb.mode=disabled"]
-    train(big, mpoe_cache, *common, "trainer.micro_batch_size=8")
-    train(accum, mpoe_cache, *common, "trainer.micro_batch_size=4")
-    assert [r["loss"] for r in metrics(big)] == pytest.approx([r["loss"] for r in metrics(accum)], rel=1e-5)
+    resume = f"trainer.resume={two / 'checkpoints' / 'step_00000004'}"
+    train(evaluated, mpoe_cache, *common, "trainer.micro_batch_size=4", resume)
+    assert summary(evaluated)["val_loss"] == pytest.approx(summary(two)["val_loss"], rel=1e-5)
+    assert summary(evaluated)["val_tokens"] == summary(two)["val_tokens"] == 16 * 63
 
 
 def test_expert_parallel_training_logs_the_losses_of_ep1(tmp_path, mpoe_cache):
