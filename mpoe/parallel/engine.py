@@ -54,8 +54,9 @@ def zero_stage(cfg: TrainConfig) -> int:
     gradients by a loss scale that `engine.backward` never multiplied in (upstream PR
     deepspeedai/DeepSpeed#8393); (c) clips against a norm that leaves out expert
     parameters. ZeRO 1 is DeepSpeed's mainstream mixed-precision optimizer (float32
-    master partitions, loss scaling, a norm over all parameters); on one process it
-    partitions nothing, so it is the same training as stage 0 would be.
+    master partitions, loss scaling, a norm over all parameters; for bf16 its
+    BF16_Optimizer, see `deepspeed_config`); on one process it partitions nothing, so
+    it is the same training as stage 0 would be.
     """
     if cfg.trainer.precision != "fp32":
         return max(cfg.parallel.zero_stage, 1)

@@ -9,8 +9,9 @@ rounds. DeepSpeed keeps these in two shapes (bf16/fp16 always run ZeRO >= 1,
 
 - ZeRO 0 (float32): our torch AdamW itself; its state is keyed by the module's
   parameters, which are their own masters (`TorchAdam`).
-- ZeRO 1/2: flat padded partitions, read and written per parameter through
-  DeepSpeed's tensor-fragment API (`safe_get/set_full_*`), collective (`ZeroAdam`).
+- ZeRO 1/2 (bf16's ZeRO 1 is DeepSpeed's BF16_Optimizer, of the same shape): flat
+  padded partitions, read and written per parameter through DeepSpeed's
+  tensor-fragment API (`safe_get/set_full_*`), collective (`ZeroAdam`).
 
 `holder(engine)` picks the shape. The checkpoint stores Adam's state by name
 through it, so a checkpoint written in one shape resumes in the other.
