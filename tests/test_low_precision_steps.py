@@ -315,6 +315,7 @@ def _three_ranks_bf16_zero1(rank: int) -> None:
     _check_step_gradient(tr, truth, norms)
 
 
+@pytest.mark.slow
 def test_bf16_zero1_over_three_ranks_sums_in_float32_and_logs_each_gradient_entry_once():
     """bf16 ZeRO 1 runs DeepSpeed's BF16_Optimizer, where every rank holds whole float32 gradients: the step's
     gradient is the float32 mean of the ranks' bf16 gradients (bf16 would round it: ~1e-3 off), and the per-role
