@@ -32,10 +32,3 @@ def _process_state_does_not_leak():
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(env)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow (multi-process, end-to-end) tests first, the rest in their order after them: under pytest-xdist the
-    long runs then start at once and the quick tests fill the workers' tails, instead of one worker still running
-    a minutes-long test while the other has nothing left."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
