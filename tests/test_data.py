@@ -96,3 +96,12 @@ def test_missing_text_column_is_one_line(tmp_path):
     datasets.Dataset.from_dict({"body": ["some text"] * 4}).to_json(str(tmp_path / "d.jsonl"))
     with pytest.raises(ConfigError, match="data.text_field='text' is not a column"):
         data.load_documents(DataConfig(name="text", paths=[str(tmp_path / "d.jsonl")]))
+
+
+def test_an_empty_mpoe_cache_means_the_default_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPOE_CACHE", "")
+    assert data.cache_root(DataConfig()) == tmp_path / "home" / ".cache" / "mpoe"
+    monkeypatch.setenv("MPOE_CACHE", str(tmp_path / "mine"))
+    assert data.cache_root(DataConfig()) == tmp_path / "mine"

@@ -35,7 +35,8 @@ _DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": 
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    root = Path(cfg.cache_dir or os.environ.get("MPOE_CACHE", Path.home() / ".cache" / "mpoe")).expanduser()
+    # An empty MPOE_CACHE (`export MPOE_CACHE=`) means unset, not the working directory.
+    root = Path(cfg.cache_dir or os.environ.get("MPOE_CACHE") or Path.home() / ".cache" / "mpoe").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
