@@ -2,6 +2,8 @@
 tensors, which GPU a process takes, the MFU peak, SDPA attention, and a validation set that does not depend on
 the number of processes."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from mpoe.parallel.collectives import all_reduce_floats, comm_device
 from mpoe.parallel.groups import cuda_device_for_rank
 from mpoe.parallel.local_world import spawn_world
 from mpoe.train.data import eval_batches
-from mpoe.train.flops import datasheet_peak, device_peak
+from mpoe.train.flops import Peak, datasheet_peak, device_peak, raised_to_cover
 
 
 def _bf16_router_and_tokens(n=8192, d=768, experts=8):
@@ -156,6 +158,17 @@ def test_mfu_peak_comes_from_the_datasheet_for_known_gpus():
 def test_cpu_peak_is_measured_and_says_so():
     peak = device_peak("fp32", torch.device("cpu"))
     assert peak.flops_per_s > 1e8 and peak.source.startswith("measured: cpu fp32")
+
+
+def test_a_measured_peak_below_an_achieved_rate_is_measured_again():
+    """A probe taken while other processes held the cores reads low; a later interval beating it re-probes."""
+    true = device_peak("fp32", torch.device("cpu"))
+    busy = dataclasses.replace(true, flops_per_s=1.0)  # as if the first probe had been starved
+    assert raised_to_cover(busy, 0.5) is busy  # below the peak: no probe
+    raised = raised_to_cover(busy, 2.0)
+    assert raised.flops_per_s > 1e8 and raised.source == busy.source
+    listed = Peak(989.4e12, "datasheet: NVIDIA H100 bf16")
+    assert raised_to_cover(listed, 2e15) is listed  # a datasheet peak is the device's, whatever a step measured
 
 
 @pytest.mark.parametrize("n, world, micro", [(64, 1, 8), (64, 2, 8), (64, 3, 8), (20, 4, 8), (3, 4, 2), (10, 2, 4)])

@@ -28,7 +28,7 @@ from mpoe.parallel.collectives import all_reduce
 from mpoe.parallel.groups import ExpertGroups, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
-from mpoe.train.flops import Peak, device_peak, flops_per_token
+from mpoe.train.flops import Peak, device_peak, flops_per_token, raised_to_cover
 from mpoe.train.grad_norms import grad_norms, role_params, zero_role_norms
 from mpoe.train.metrics import Interval, MetricsLogger
 from mpoe.train.objectives import build_objective
@@ -255,6 +255,7 @@ def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now:
     rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
+    tr.peak = raised_to_cover(tr.peak, rec["tokens_per_s"] * tr.flops_per_token / tr.world)
     rec["mfu"] = rec["tokens_per_s"] * tr.flops_per_token / (tr.peak.flops_per_s * tr.world)
     rec["mfu_peak_tflops"] = tr.peak.flops_per_s / 1e12
     rec["tokens_seen"] = done * tr.tokens_per_step
