@@ -23,7 +23,13 @@ SEQ, BATCH, VOCAB = 16, 2, 64
 
 
 def _cfg(
-    precision: str, zero: int = 0, grad_clip: float = 1.0, max_bad_steps: int = 10, accum: int = 1, world: int = 1
+    precision: str,
+    zero: int = 0,
+    grad_clip: float = 1.0,
+    max_bad_steps: int = 10,
+    accum: int = 1,
+    world: int = 1,
+    ep: int = 1,
 ) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(
@@ -31,7 +37,7 @@ def _cfg(
         ),
         moe=MoEConfig(kind="mpoe", num_experts=4, top_k=1, every=2),
         optim=OptimConfig(warmup_steps=1, grad_clip=grad_clip),
-        parallel=ParallelConfig(zero_stage=zero),
+        parallel=ParallelConfig(zero_stage=zero, ep_size=ep),
         trainer=TrainerConfig(
             max_steps=100,
             micro_batch_size=BATCH,
@@ -66,7 +72,7 @@ def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
 
     if world == 1:
         init_distributed("gloo")
-    groups = expert_groups(1)
+    groups = expert_groups(cfg.parallel.ep_size)
     model = build_model(cfg, VOCAB, 0, 0, groups)
     engine = ds_engine.initialize(model, cfg, world)
     tokens = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))

@@ -83,12 +83,10 @@ def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_
 
 
 def _portable(checkpoint):
-    import torch
+    from mpoe.train.reshard import RankFiles, portable_forms
 
-    from mpoe.train.reshard import portable_state
-
-    state = torch.load(checkpoint / "rank_00000.pt", map_location="cpu", weights_only=False)
-    return state["module"], portable_state(state)
+    files = RankFiles(checkpoint)
+    return files(0)["module"], portable_forms(files, 1)[0]
 
 
 def _assert_same_training_state(a, b):
@@ -122,10 +120,47 @@ def test_bf16_training_state_crosses_zero_stages_exactly(tmp_path, mpoe_cache):
 
 def test_a_checkpoint_without_optimizer_state_by_name_is_refused_not_resumed_with_fresh_adam(tmp_path):
     """Older bf16/fp16 ZeRO-0 checkpoints stored an empty portable form: resharding must not start Adam afresh."""
+    import types
+
     import torch
 
     from mpoe.train.reshard import load_resharded
 
     torch.save({"portable_optimizer": {"step": 3, "params": {}}, "module": {}}, tmp_path / "rank_00000.pt")
+    engine = types.SimpleNamespace(module=torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="holds no optimizer state by parameter name"):
-        load_resharded(None, tmp_path, {"ep_size": 1}, 0, 4, 4, 0)
+        load_resharded(engine, tmp_path, {"ep_size": 1}, 0, 4, 4, 0)
+
+
+def _checkpoint_form_is_the_live_state(rank: int, root: str) -> None:
+    """On 4 ranks at ep_size 2 (expert parameters partitioned over expert-data-parallel pairs, shared ones over
+    all 4): the Adam state derived from the checkpoint's ZeRO partitions equals what DeepSpeed's own per-parameter
+    API (`safe_get_full_*`) reads from the live optimizer, for every parameter of the rank's first-replica twin."""
+    from pathlib import Path
+
+    import torch
+    from test_low_precision_steps import _build, _cfg, _step
+
+    from mpoe.train import adam_state, checkpoint
+    from mpoe.train.reshard import RankFiles, portable_forms
+
+    for precision, zero in (("bf16", 1), ("fp32", 2)):  # DeepSpeed's BF16_Optimizer; its ZeRO optimizer
+        tr = _build(_cfg(precision, zero, world=4, ep=2), world=4, rank=rank)
+        for step in range(2):
+            _step(tr, step)
+        live = adam_state.holder(tr.engine)  # collective reads: every rank takes part
+        truth = {name: live.read(p) for name, p in tr.engine.module.named_parameters()}
+        saved = checkpoint.save(tr.engine, Path(root) / precision, 2, {"ep_size": 2}, keep_last=1)
+        form = portable_forms(RankFiles(saved), 2)[rank % 2]
+        assert form["step"] == live.step() == 2
+        assert form["params"].keys() == truth.keys()
+        for name, values in truth.items():
+            assert form["params"][name].keys() == values.keys(), name
+            for key, tensor in values.items():
+                assert torch.equal(form["params"][name][key], tensor.cpu()), f"{precision} {name}.{key}"
+
+
+def test_zero_checkpoints_store_adam_once_and_derive_the_per_parameter_state_exactly(tmp_path):
+    from mpoe.parallel.local_world import spawn_world
+
+    spawn_world(_checkpoint_form_is_the_live_state, 4, str(tmp_path))

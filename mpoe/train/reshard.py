@@ -9,13 +9,21 @@ slices again. Shared parameters are the same on every rank; rank 0's are used.
 
 The optimizer follows its parameters through a *portable* form of Adam's state:
 per parameter name, full tensors of `exp_avg`, `exp_avg_sq` and, for a bf16/fp16
-model, the float32 master weight, plus the step count (`adam_state.py` reads and
-writes it whichever DeepSpeed optimizer holds it). At ZeRO 1/2 it is written next
-to the native state at save: DeepSpeed's own ZeRO state is flat, padded
-partitions that only fit the layout they were written with. At ZeRO 0 (float32)
-the native state is torch's AdamW's, per parameter already, so the checkpoint
-stores it once, with the parameter names in the optimizer's order, and the portable form is derived from
-it on load (`portable_state`): the same tensors, not a second copy on disk.
+model, the float32 master weight, plus the step count (`adam_state.py` writes it
+into whichever DeepSpeed optimizer holds it). Rank files store no second copy of
+it: the portable form is derived on load from the native state (`portable_forms`).
+- ZeRO 0 (float32): the native state is torch's AdamW's, per parameter already;
+  the file stores the parameter names in the optimizer's order beside it.
+- ZeRO 1/2: each rank stores DeepSpeed's own flat partitions, with the ranks each
+  optimizer group is partitioned over (`zero_groups`: the data-parallel group, or
+  for expert parameters the expert-data-parallel group). DeepSpeed's
+  `param_slice_mappings` say where each parameter's fragment lies in a partition;
+  a parameter's flat values are its fragments in partition order, which is how
+  DeepSpeed's universal checkpoint conversion (`ds_to_universal`) joins them.
+  Saving is then each rank writing what it holds (no gather to rank 0) and the
+  optimizer state is on disk once.
+Checkpoints written before this stored the ZeRO 1/2 portable form itself
+(`portable_optimizer`); they still load.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from mpoe.models.param_tags import is_expert_param
@@ -31,16 +40,11 @@ from mpoe.train.adam_state import ADAM_KEYS
 from mpoe.train.rng import set_rng_state
 
 
-def portable_optimizer_state(engine) -> dict:
-    """{"step", "params": {name: {exp_avg, exp_avg_sq[, master]}}} for this rank's parameters, on the CPU.
-    The master weight is there only where it is not the module's weight itself (bf16/fp16). Collective at ZeRO 1/2."""
-    adam = adam_state.holder(engine)
-    per_param = {}
-    for name, p in engine.module.named_parameters():
-        values = adam.read(p)
-        if all(values.get(k) is not None for k in ADAM_KEYS):
-            per_param[name] = {k: v.detach().cpu().clone() for k, v in values.items()}
-    return {"step": adam.step(), "params": per_param}
+def zero_groups(engine) -> list[list[int]]:
+    """Per optimizer group, the global ranks its ZeRO 1/2 partitions are spread over, in partition order."""
+    if not dist.is_initialized():
+        return [[0] for _ in engine.optimizer.real_dp_process_group]
+    return [dist.get_process_group_ranks(group) for group in engine.optimizer.real_dp_process_group]
 
 
 def native_is_per_parameter(engine) -> bool:
@@ -55,14 +59,12 @@ def optimizer_param_names(engine) -> list[str]:
 
 
 def rank_file_fields(engine, rank: int, ep_size: int) -> dict:
-    """The model and optimizer state rank `rank`'s checkpoint file holds. Collective at ZeRO 1/2.
+    """The model and optimizer state rank `rank`'s checkpoint file holds.
 
     Data-parallel replicas hold the same weights and, at ZeRO 0, the same optimizer state,
     so only the first replica (ranks 0..ep_size-1, which hold every expert once) stores
     them; a later replica's file holds what is its own (its ZeRO 1/2 partition), and
-    `with_replica_fields` fills in the rest from rank % ep_size's file. The portable form
-    (ZeRO 1/2) is read by `load_resharded` from ranks 0..ep_size-1 only, and for shared
-    parameters from rank 0 only, so that is where it is stored.
+    `with_replica_fields` fills in the rest from rank % ep_size's file.
     """
     first_replica = rank < ep_size
     if native_is_per_parameter(engine):
@@ -73,12 +75,9 @@ def rank_file_fields(engine, rank: int, ep_size: int) -> dict:
             "optimizer": engine.optimizer.state_dict(),
             "optimizer_param_names": optimizer_param_names(engine),
         }
-    portable = portable_optimizer_state(engine)  # every rank takes part in the collective reads
-    fields = {"optimizer": engine.optimizer.state_dict()}
+    fields = {"optimizer": engine.optimizer.state_dict(), "zero_groups": zero_groups(engine)}
     if first_replica:
-        experts = _expert_names(engine.module)
-        kept = {n: v for n, v in portable["params"].items() if n in experts or rank == 0}
-        fields.update(module=engine.module.state_dict(), portable_optimizer={**portable, "params": kept})
+        fields["module"] = engine.module.state_dict()
     return fields
 
 
@@ -90,24 +89,76 @@ def with_replica_fields(state: dict, path: Path, rank: int, ep_size: int) -> dic
     return {**twin, **state}
 
 
-def portable_state(state: dict) -> dict | None:
-    """The portable optimizer form of a rank file: stored (ZeRO 1/2), or derived from the native per-parameter
-    state and its names (ZeRO 0); None for a file that has neither (an older ZeRO 0 checkpoint has the first)."""
-    if "portable_optimizer" in state:
-        return state["portable_optimizer"]
-    names = state.get("optimizer_param_names")
-    if names is None:
-        return None
+class RankFiles:
+    """A checkpoint's rank files, each read once, memory-mapped: tensors are read where they are used."""
+
+    def __init__(self, path: Path):
+        self.path, self._loaded = path, {}
+
+    def __call__(self, rank: int) -> dict:
+        if rank not in self._loaded:
+            file = self.path / f"rank_{rank:05d}.pt"
+            self._loaded[rank] = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        return self._loaded[rank]
+
+
+def portable_forms(file: RankFiles, ep_size: int, wanted=lambda rank, name: True) -> list[dict | None]:
+    """The portable optimizer form of ranks 0..ep_size-1 (the first replica, which holds every expert once),
+    restricted to the parameters `wanted(rank, name)`; None for a rank whose file has no optimizer state by name
+    (an older bf16/fp16 ZeRO-0 checkpoint has an empty one)."""
+    forms = []
+    for rank in range(ep_size):
+        state = file(rank)
+        if "portable_optimizer" in state:  # ZeRO 1/2 checkpoints of an older mpoe stored it
+            form = state["portable_optimizer"]
+        elif "zero_groups" in state:
+            form = _from_zero_partitions(file, rank, lambda name, rank=rank: wanted(rank, name))
+        elif "optimizer_param_names" in state:
+            form = _from_per_parameter(state)
+        else:
+            form = None
+        forms.append(form)
+    return forms
+
+
+def _from_per_parameter(state: dict) -> dict:
+    """ZeRO 0: torch AdamW's state, numbered in the optimizer's order, named by `optimizer_param_names`."""
     native = state["optimizer"]
     indices = [i for group in native["param_groups"] for i in group["params"]]
     per_param, step = {}, None
-    for index, name in zip(indices, names):
+    for index, name in zip(indices, state["optimizer_param_names"]):
         adam = native["state"].get(index, {})
         if all(adam.get(k) is not None for k in ADAM_KEYS):
             per_param[name] = {k: adam[k] for k in ADAM_KEYS}
             if step is None and "step" in adam:
                 step = int(adam["step"])
     return {"step": step or 0, "params": per_param}
+
+
+def _from_zero_partitions(file, rank: int, wanted) -> dict:
+    """ZeRO 1/2: rank `rank`'s parameters, each joined from its fragments in the partitions of the ranks its
+    optimizer group is spread over (see the module doc). A float32 weight is its own master: none is kept."""
+    module = file(rank)["module"]
+    per_param, step = {}, 0
+    for group, members in enumerate(file(rank)["zero_groups"]):
+        pieces: dict[str, dict[str, list]] = {}
+        for member in members:  # partition order
+            native = file(member)["optimizer"]
+            adam = native["base_optimizer_state"]["state"].get(group)
+            if adam is None:  # the optimizer has not stepped: no moments yet
+                continue
+            step = int(adam["step"])
+            flats = {**{k: adam[k] for k in ADAM_KEYS}, "master": native["single_partition_of_fp32_groups"][group]}
+            for name, address in native["param_slice_mappings"][group].items():
+                if wanted(name):
+                    at = slice(address.start, address.start + address.numel)
+                    for key, flat in flats.items():
+                        pieces.setdefault(name, {}).setdefault(key, []).append(flat[at])
+        for name, values in pieces.items():
+            weight = module[name]
+            keys = ADAM_KEYS if weight.dtype == torch.float32 else (*ADAM_KEYS, "master")
+            per_param[name] = {k: torch.cat(values[k]).view(weight.shape) for k in keys}
+    return {"step": step, "params": per_param}
 
 
 def _expert_names(module: nn.Module) -> set[str]:
@@ -129,8 +180,11 @@ def _relayout(name: str, saved: list, expert: bool, lo: int, count: int, num_exp
 def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int, num_experts: int, rank: int) -> dict:
     """Restore module, optimizer, schedule and RNG from a checkpoint written on another layout."""
     old_ep = meta["ep_size"]
-    states = [torch.load(path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_ep)]
-    portable = [portable_state(s) for s in states]
+    file = RankFiles(path)
+    states = [file(r) for r in range(old_ep)]
+    experts = _expert_names(engine.module)
+    # A shared parameter is taken from rank 0's form, an expert one from every first-replica rank's (`_relayout`).
+    portable = portable_forms(file, old_ep, lambda r, name: r == 0 or name in experts)
     if any(p is None for p in portable):
         raise RuntimeError(
             f"checkpoint {path} has no portable optimizer state: it can only be resumed on its own layout"
@@ -140,7 +194,6 @@ def load_resharded(engine, path: Path, meta: dict, ep_rank: int, num_local: int,
             f"checkpoint {path} holds no optimizer state by parameter name (a bf16/fp16 ZeRO-0 checkpoint of an "
             "older mpoe), so it cannot be resumed: start a new run (python -m mpoe.tools.export still reads it)"
         )
-    experts = _expert_names(engine.module)
     lo = ep_rank * num_local
 
     module_state = {}
