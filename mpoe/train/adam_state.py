@@ -1,5 +1,5 @@
-"""Adam's state per parameter, whichever DeepSpeed optimizer holds it: read for the portable checkpoint form, written
-when a checkpoint is resharded.
+"""Adam's state per parameter, whichever DeepSpeed optimizer holds it: written when a checkpoint is resharded, and
+read from a live optimizer (the truth the checkpoint tests compare the stored form with).
 
 Per parameter that is `exp_avg`, `exp_avg_sq` and, where the model's weights are
 not float32, the float32 master copy the optimizer updates (`master`): the
@@ -13,8 +13,9 @@ rounds. DeepSpeed keeps these in two shapes (bf16/fp16 always run ZeRO >= 1,
   padded partitions, read and written per parameter through DeepSpeed's
   tensor-fragment API (`safe_get/set_full_*`), collective (`ZeroAdam`).
 
-`holder(engine)` picks the shape. The checkpoint stores Adam's state by name
-through it, so a checkpoint written in one shape resumes in the other.
+`holder(engine)` picks the shape. A checkpoint's Adam state, joined by parameter
+name (`reshard.portable_forms`), is written through it, so a checkpoint written in
+one shape resumes in the other.
 """
 
 from __future__ import annotations
