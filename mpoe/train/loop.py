@@ -226,11 +226,12 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
             out.loss = out.loss * float("nan")
         engine.backward(out.loss)
         skip = False
-        if micro == tr.accum - 1 and engine.zero_optimization_stage() == 0:
-            norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
-            skip = not ds_engine.gradients_finite(engine)
-        elif micro == tr.accum - 1 and log_now:
-            norms = zero_role_norms(engine, tr.roles)
+        if micro == tr.accum - 1:  # the step's gradients are complete: engine.step() applies them
+            if engine.zero_optimization_stage() == 0:
+                norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
+                skip = not ds_engine.gradients_finite(engine)
+            elif log_now:
+                norms = zero_role_norms(engine, tr.roles)
         with ds_engine.skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
             engine.step()
         interval.add(out, cfg.trainer.micro_batch_size * tr.objective.raw_length)
