@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_default_job_writes_the_run_directory(tmp_path, mpoe_cache):
     run = tmp_path / "run"
-    train(run, mpoe_cache, "moe=mpoe")
+    train(run, mpoe_cache, "moe=mpoe", "logging.wandb.mode=offline")  # the default's mode
     assert (run / ".hydra" / "config.yaml").is_file()
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
