@@ -15,7 +15,7 @@ from mpoe.parallel.collectives import all_reduce_floats, comm_device
 from mpoe.parallel.groups import cuda_device_for_rank
 from mpoe.parallel.local_world import spawn_world
 from mpoe.train.data import eval_batches
-from mpoe.train.flops import Peak, datasheet_peak, device_peak, raised_to_cover
+from mpoe.train.flops import Peak, datasheet_peak, device_peak, gemm_flops_per_s, raised_to_cover
 
 
 def _bf16_router_and_tokens(n=8192, d=768, experts=8):
@@ -158,6 +158,18 @@ def test_mfu_peak_comes_from_the_datasheet_for_known_gpus():
 def test_cpu_peak_is_measured_and_says_so():
     peak = device_peak("fp32", torch.device("cpu"))
     assert peak.flops_per_s > 1e8 and peak.source.startswith("measured: cpu fp32")
+
+
+def test_the_gemm_probe_tries_growing_sizes_until_one_call_would_exceed_its_budget(monkeypatch):
+    """bf16 on a CPU without bf16 units runs ~1 GFLOP/s: the probe must not spend seconds on 1024^3 calls there."""
+    sizes = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: sizes.append(a.shape[0]) or real(a, b))
+    assert gemm_flops_per_s(1024, torch.float32, "cpu", repeats=1, call_budget_s=0.0) > 0
+    assert set(sizes) == {128}
+    sizes.clear()
+    gemm_flops_per_s(1024, torch.float32, "cpu", repeats=1, call_budget_s=1e9)
+    assert sorted(set(sizes)) == [128, 256, 512, 1024]
 
 
 def test_a_measured_peak_below_an_achieved_rate_is_measured_again():

@@ -9,7 +9,7 @@ deliberately not counted: MFU measures useful work.
 
 The peak: for a GPU the datasheet's dense (no sparsity) tensor-core rate in the
 training dtype, looked up by `torch.cuda.get_device_name()`, as MFU is usually
-quoted; for a GPU not in the table and for a CPU, the rate of a square GEMM in
+quoted; for a GPU not in the table and for a CPU, the best rate of square GEMMs in
 that dtype measured on the device after warm-up (a cold GPU GEMM runs an order of
 magnitude below peak, which is how an MFU above 1 can be reported). `Peak.source`
 says which of the two a run used.
@@ -86,29 +86,40 @@ def device_peak(precision: str, device: torch.device) -> Peak:
         peak = datasheet_peak(name, precision)
         if peak is not None:
             return Peak(peak, f"datasheet: {name} {precision}")
-        size = 8192
+        largest = 8192
     else:
-        name, size = "cpu", 1024
-    probe = (size, DTYPES[precision], device)
-    return Peak(gemm_flops_per_s(*probe), f"measured: {name} {precision} GEMM {size}^3", probe)
+        name, largest = "cpu", 1024
+    probe = (largest, DTYPES[precision], device)
+    return Peak(gemm_flops_per_s(*probe), f"measured: {name} {precision} GEMM, best of sizes up to {largest}^3", probe)
 
 
-def gemm_flops_per_s(size: int = 1024, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5) -> float:
-    """Best rate of a square GEMM after warm-up (on a GPU, ten warm-up calls: its clocks and kernels start cold)."""
+def gemm_flops_per_s(
+    largest: int = 1024, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5, call_budget_s: float = 0.1
+) -> float:
+    """Best rate of square GEMMs of sizes 128, 256, ... up to `largest`, each after warm-up (on a GPU, ten warm-up
+    calls: its clocks and kernels start cold). Sizes are tried in turn because the fastest is not always the
+    largest (a CPU's caches), and a size is skipped once one call of it would take over `call_budget_s` at the
+    best rate so far: a CPU without bf16/fp16 units multiplies those at ~1 GFLOP/s, where six 1024^3 calls
+    took 15 s of every run's start."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched (exact resume)
-    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     cuda = device.type == "cuda"
-    for _ in range(10 if cuda else 1):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    best_rate, size = 0.0, 128
+    while size <= largest:
+        flops = 2.0 * size**3
+        if best_rate and flops / best_rate > call_budget_s:
+            break
+        a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+        for _ in range(10 if cuda else 1):
+            torch.mm(a, b)
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if cuda:
+                torch.cuda.synchronize(device)
+            best_rate = max(best_rate, flops / (time.perf_counter() - start))
+        size *= 2
+    return best_rate
