@@ -48,7 +48,9 @@ from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, Traine
 D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
 
 
-def make_config(kind: str, layers: int, seq: int, batch: int, experts: int = 8, bond_dim=None) -> TrainConfig:
+def make_config(
+    kind: str, layers: int, seq: int, batch: int, experts: int = 8, bond_dim=None, vocab: int = VOCAB
+) -> TrainConfig:
     model = ModelConfig(
         family="gpt2",
         name="gpt2_small_bench",
@@ -56,7 +58,7 @@ def make_config(kind: str, layers: int, seq: int, batch: int, experts: int = 8, 
         d_ff=D_FF,
         num_layers=layers,
         num_heads=HEADS,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_position_embeddings=1024,
         dropout=0.0,
     )
@@ -108,13 +110,14 @@ def measure(cfg: TrainConfig, repeats: int) -> dict:
 
     configure_accelerator("cpu")  # the CPU rows, also on a GPU machine (see `run_device`)
     init_distributed()
-    model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
+    model = build_model(cfg, cfg.model.vocab_size, 0, 0, expert_groups(1))
     counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
     engine = ds_engine.initialize(model, cfg, 1)
     t = cfg.trainer
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(0, VOCAB, (t.micro_batch_size, t.seq_len), generator=gen).to(engine.device) for _ in range(2)
+        torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), generator=gen).to(engine.device)
+        for _ in range(2)
     ]
     times = []
     for i in range(repeats + 1):
@@ -208,6 +211,7 @@ def run_device(
     repeats: int = 10,
     bond_dim=None,
     precision: str = "bf16",
+    vocab: int = VOCAB,
 ) -> dict:
     """The GPU row: dense, Switch and MPOE training steps taking turns (`interleaved_times`), bf16,
     tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs)."""
@@ -233,12 +237,12 @@ def run_device(
         flush=True,
     )
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, VOCAB, (batch, seq), generator=gen) for _ in range(2)]
+    batches = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(2)]
     steps, rows = {}, {}
     for kind in kinds:
-        cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim)
+        cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim, vocab=vocab)
         cfg.trainer.precision = precision
-        model = build_model(cfg, VOCAB, 0, 0, expert_groups(1))
+        model = build_model(cfg, vocab, 0, 0, expert_groups(1))
         counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
         engine = ds_engine.initialize(model, cfg, 1)
         steps[kind] = timed_step(engine, [b.to(engine.device) for b in batches], dev)

@@ -240,7 +240,7 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
 
     code = (
         "import json; from bench.train_step import run_device; "
-        "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32')))"
+        "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32', vocab=512)))"
     )
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -134,7 +134,7 @@ def test_dry_run_writes_counts_and_trains_nothing(tmp_path, mpoe_cache):
     assert not (run / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16 runs end to end in test_reshard's bf16 test
 def test_low_precision_runs_on_cpu(tmp_path, mpoe_cache, precision):
     """The GPU precisions are config choices that must not break the CPU path.
 
