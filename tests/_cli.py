@@ -40,7 +40,7 @@ def train(
 ) -> subprocess.CompletedProcess:
     """`mpoe-train` (under torchrun when nproc > 1) with FAST's small settings unless fast=False, in `env(cache)`
     unless an `environment` is given. With FAST, W&B is off unless `logging.wandb.mode` is given: its offline
-    run (a service process, files) costs each launch ~2 s; the tests of what it writes ask for it."""
+    run (a service process, files) costs each launch seconds; the tests of what it writes ask for it."""
     wandb = [] if any(o.startswith("logging.wandb.mode=") for o in overrides) else ["logging.wandb.mode=disabled"]
     args = [f"hydra.run.dir={run_dir}", *(FAST + wandb if fast else []), *overrides]
     if nproc == 1:

@@ -256,8 +256,9 @@ def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now:
     rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
-    tr.peak = raised_to_cover(tr.peak, rec["tokens_per_s"] * tr.flops_per_token / tr.world)
-    rec["mfu"] = rec["tokens_per_s"] * tr.flops_per_token / (tr.peak.flops_per_s * tr.world)
+    achieved = rec["tokens_per_s"] * tr.flops_per_token / tr.world  # model FLOP/s per rank
+    tr.peak = raised_to_cover(tr.peak, achieved)
+    rec["mfu"] = achieved / tr.peak.flops_per_s
     rec["mfu_peak_tflops"] = tr.peak.flops_per_s / 1e12
     rec["tokens_seen"] = done * tr.tokens_per_step
     if evaluate_now:

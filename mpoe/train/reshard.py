@@ -28,6 +28,7 @@ Checkpoints written before this stored the ZeRO 1/2 portable form itself
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -112,7 +113,7 @@ def portable_forms(file: RankFiles, ep_size: int, wanted=lambda rank, name: True
         if "portable_optimizer" in state:  # ZeRO 1/2 checkpoints of an older mpoe stored it
             form = state["portable_optimizer"]
         elif "zero_groups" in state:
-            form = _from_zero_partitions(file, rank, lambda name, rank=rank: wanted(rank, name))
+            form = _from_zero_partitions(file, rank, functools.partial(wanted, rank))
         elif "optimizer_param_names" in state:
             form = _from_per_parameter(state)
         else:
