@@ -67,6 +67,12 @@ ROWS = {
     "train_step.gpu_mfu_mpoe": ("  ... MPOE", "higher is better", None),
     "train_step.gpu_switch_vs_dense": ("GPU bf16: Switch tokens/s / dense tokens/s", "higher", ">= 0.85"),
     "train_step.gpu_mpoe_vs_switch": ("GPU bf16: MPOE tokens/s / Switch tokens/s", "higher", ">= 0.8"),
+    "train_step.gpu_compiled_mfu_dense": ("  ... dense, blocks compiled (train_step --compile)", "higher", None),
+    "train_step.gpu_compiled_switch_vs_dense": ("  ... Switch / dense, both compiled", "higher is better", None),
+    "train_step.gpu_compiled_mpoe_vs_switch": ("  ... MPOE / Switch, both compiled", "higher is better", None),
+    "train_step.gpu_compile_speedup_dense": ("GPU bf16: compiled / eager tokens/s, dense", "higher is better", None),
+    "train_step.gpu_compile_speedup_switch": ("  ... Switch", "higher is better", None),
+    "train_step.gpu_compile_speedup_mpoe": ("  ... MPOE", "higher is better", None),
     "gpu.hf_switch.speedup": ("GPU bf16: HF SwitchTransformersSparseMLP time / ours", "higher is better", None),
 }
 BENCHES = ("experts", "moe_layer", "hf_switch", "train_step")

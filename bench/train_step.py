@@ -2,6 +2,7 @@
 
     python -m bench.train_step [--json FILE] [--quick] [--kinds switch mpoe] [--layers L] [--seq S] [--batch B]
     python -m bench.train_step --device cuda [--json FILE]     # the GPU row (see `run_device`)
+    python -m bench.train_step --device cuda --compile         # and the same models with trainer.compile
 
 One optimizer step = forward + backward + AdamW step (DeepSpeed engine, as
 `mpoe-train` runs it) of our LanguageModel from `mpoe.models.build.build_model`:
@@ -35,6 +36,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -212,12 +214,16 @@ def run_device(
     bond_dim=None,
     precision: str = "bf16",
     vocab: int = VOCAB,
+    compile: Optional[str] = None,
 ) -> dict:
     """The GPU row: dense, Switch and MPOE training steps taking turns (`interleaved_times`), bf16,
-    tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs)."""
+    tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs).
+    With `compile` (a torch.compile backend: inductor from the command line), each model also runs with its
+    blocks compiled (`trainer.compile`), in the same rotation."""
     from mpoe.models.accounting import count_params
     from mpoe.models.build import build_model
     from mpoe.models.gpt2 import FAMILY as GPT2
+    from mpoe.models.regional_compile import compile_blocks
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
     from mpoe.train.flops import device_peak
@@ -239,14 +245,22 @@ def run_device(
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(2)]
     steps, rows = {}, {}
-    for kind in kinds:
+    for kind, compiled in [(k, False) for k in kinds] + [(k, True) for k in kinds if compile]:
         cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim, vocab=vocab)
         cfg.trainer.precision = precision
         model = build_model(cfg, vocab, 0, 0, expert_groups(1))
         counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
+        if compiled:
+            compile_blocks(model, compile)
         engine = ds_engine.initialize(model, cfg, 1)
-        steps[kind] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
-        rows[kind] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
+        name = f"{kind}+compile" if compiled else kind
+        steps[name] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
+        rows[name] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
+    compile_s = {}
+    for name, step in steps.items():  # the first step compiles: its time is reported, not timed with the rest
+        t0 = time.perf_counter()
+        step()
+        compile_s[name] = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(2):  # warm-up beyond interleaved_times' own round: cuBLAS heuristics, allocator, autotuning
@@ -254,24 +268,32 @@ def run_device(
             step()
     times = interleaved_times(steps, repeats)
     tokens = batch * seq
-    print(f"{'moe':<8}{'params total':>14}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>7}")
+    print(f"{'moe':<16}{'params total':>14}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>7}{'first s':>9}")
     for kind, r in rows.items():
         r["step_s"] = statistics.median(times[kind])
         r["tokens_per_s"] = tokens / r["step_s"]
         r["achieved_flops"] = r["model_flops"] / r["step_s"]
         r["mfu"] = r["achieved_flops"] / peak.flops_per_s
+        r["first_step_s"] = compile_s[kind]
         print(
-            f"{kind:<8}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-            f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}"
+            f"{kind:<16}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+            f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}{compile_s[kind]:>9.1f}"
         )
     if dev.type == "cuda":
         print(f"peak memory allocated (all models): {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
-    results = {f"train_step.gpu_mfu_{kind}": r["mfu"] for kind, r in rows.items()}
-    results.update({f"train_step.gpu_tokens_per_s_{kind}": r["tokens_per_s"] for kind, r in rows.items()})
-    if "dense" in rows and "switch" in rows:
-        results["train_step.gpu_switch_vs_dense"] = rows["switch"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
-    if "switch" in rows and "mpoe" in rows:
-        results["train_step.gpu_mpoe_vs_switch"] = rows["mpoe"]["tokens_per_s"] / rows["switch"]["tokens_per_s"]
+    results = {}
+    for prefix, suffix in [("train_step.gpu_", "")] + ([("train_step.gpu_compiled_", "+compile")] if compile else []):
+        mine = {kind: rows[kind + suffix] for kind in kinds}
+        results.update({f"{prefix}mfu_{kind}": r["mfu"] for kind, r in mine.items()})
+        results.update({f"{prefix}tokens_per_s_{kind}": r["tokens_per_s"] for kind, r in mine.items()})
+        if "dense" in mine and "switch" in mine:
+            results[f"{prefix}switch_vs_dense"] = mine["switch"]["tokens_per_s"] / mine["dense"]["tokens_per_s"]
+        if "switch" in mine and "mpoe" in mine:
+            results[f"{prefix}mpoe_vs_switch"] = mine["mpoe"]["tokens_per_s"] / mine["switch"]["tokens_per_s"]
+    if compile:
+        for kind in kinds:
+            speedup = rows[kind + "+compile"]["tokens_per_s"] / rows[kind]["tokens_per_s"]
+            results[f"train_step.gpu_compile_speedup_{kind}"] = speedup
     config = {
         "device": name,
         "layers": layers,
@@ -280,6 +302,7 @@ def run_device(
         "repeats": repeats,
         "precision": precision,
         "peak_source": peak.source,
+        "compile_backend": compile,
     }
     return {"results": results, "rows": rows, "config": config}
 
@@ -298,6 +321,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--bond-dim", type=int, default=None, help="MPOE bond cap (default: full, as mpoe/conf/moe/mpoe.yaml)"
     )
+    ap.add_argument("--compile", action="store_true", help="--device cuda: also time each model with trainer.compile")
     ap.add_argument(
         "--device",
         default="cpu",
@@ -314,7 +338,9 @@ def main(argv=None) -> dict:
             "batch": args.batch or (4 if args.quick else 16),
             "repeats": args.repeats or (3 if args.quick else 10),
         }
-        out = run_device(args.device, args.kinds or ["dense", "switch", "mpoe"], bond_dim=args.bond_dim, **sizes)
+        kinds = args.kinds or ["dense", "switch", "mpoe"]
+        backend = "inductor" if args.compile else None
+        out = run_device(args.device, kinds, bond_dim=args.bond_dim, compile=backend, **sizes)
     print("headline:", json.dumps(out["results"]))
     write_json(args.json, out)
     return out["results"]

@@ -31,6 +31,8 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DATA_SOURCES = ("embedded", "text", "hub")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
+# trainer.compile_backend: inductor generates fused kernels; aot_eager and eager trace without them (to debug)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 EMBEDDED_PARTS = ("all", "pydoc_topics", "docstrings")  # data=embedded: which of CPython's texts (mpoe.train.corpus)
 
 
@@ -185,6 +187,8 @@ class TrainerConfig:
     dry_run: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16
     max_bad_steps: int = 10
+    compile: bool = False  # torch.compile each transformer block (mpoe.models.regional_compile)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager
 
     def __post_init__(self) -> None:
         check_trainer(self)
@@ -295,6 +299,7 @@ def check_trainer(t: TrainerConfig) -> None:
     if t.global_batch_size is not None and t.global_batch_size <= 0:
         _fail("trainer.global_batch_size", t.global_batch_size, "must be > 0, or null for micro_batch_size x processes")
     _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.compile_backend", t.compile_backend, COMPILE_BACKENDS)
 
 
 def check_ep_divides_experts(ep_size: int, num_experts: int) -> None:

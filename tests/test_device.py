@@ -240,13 +240,18 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
 
     code = (
         "import json; from bench.train_step import run_device; "
-        "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32', vocab=512)))"
+        "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32', vocab=512))); "
+        # --compile's rows (aot_eager: inductor's kernels would take minutes to generate on this CPU)
+        "print(json.dumps(run_device('cpu', kinds=('dense',), layers=1, seq=16, batch=1, repeats=1, "
+        "precision='fp32', vocab=512, compile='aot_eager')))"
     )
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, compiled = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     results = out["results"]
     for key in ("train_step.gpu_mfu_dense", "train_step.gpu_switch_vs_dense", "train_step.gpu_mpoe_vs_switch"):
         assert results[key] > 0, key
     assert out["config"]["peak_source"].startswith("measured: cpu fp32")
+    for key in ("gpu_mfu_dense", "gpu_compiled_mfu_dense", "gpu_compile_speedup_dense"):
+        assert compiled["results"][f"train_step.{key}"] > 0, key

@@ -131,3 +131,29 @@ def test_two_nccl_processes_take_one_gpu_each(tmp_path, mpoe_cache):
     else:
         assert proc.returncode != 0
         assert "LOCAL_RANK=1 has no GPU: this node has 1 CUDA device(s)" in proc.stderr
+
+
+def test_compiled_blocks_train_in_bf16(tmp_path, mpoe_cache):
+    """`trainer.compile` with inductor on the GPU path (grouped MPOE experts, sync-free dispatch): the run that
+    `python -m bench.train_step --device cuda --compile` times. Its losses follow the eager run's: the same data,
+    init and routing, with bf16 rounding that fused kernels change."""
+    steps = 30
+    common = (
+        "model=gpt2_small",
+        "moe=mpoe",
+        "trainer.precision=bf16",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.micro_batch_size=16",
+        "trainer.seq_len=128",
+        "optim.lr=3e-4",
+    )
+    run(tmp_path / "eager", mpoe_cache, *common)
+    run(tmp_path / "compiled", mpoe_cache, *common, "trainer.compile=true")
+    eager = [r["loss"] for r in metrics(tmp_path / "eager")]
+    losses = [r["loss"] for r in metrics(tmp_path / "compiled")]
+    assert len(losses) == steps and all(map(math.isfinite, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert losses[0] == pytest.approx(eager[0], rel=1e-2)  # the same model and batch, before any update
+    assert sum(losses[-5:]) == pytest.approx(sum(eager[-5:]), rel=0.05), (losses, eager)
+    _mfu_is_possible(tmp_path / "compiled")

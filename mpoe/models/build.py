@@ -55,6 +55,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.backbone, self.family, self.pad_id = backbone, family, pad_id
         self._moe = moe_layers(backbone)
+        self.kv_cache: Optional[bool] = families.get(family).training_kv_cache  # None: the HF config's use_cache
 
     def forward(
         self,
@@ -63,7 +64,10 @@ class LanguageModel(nn.Module):
         decoder_input_ids: Optional[torch.Tensor] = None,
         return_logits: bool = False,
     ) -> LMOutput:
-        out = self.backbone(**families.get(self.family).model_inputs(input_ids, labels, decoder_input_ids))
+        inputs = families.get(self.family).model_inputs(input_ids, labels, decoder_input_ids)
+        if self.kv_cache is not None:
+            inputs["use_cache"] = self.kv_cache
+        out = self.backbone(**inputs)
         zero = out.loss.new_zeros(())
         stats = [m.stats for m in self._moe if m.stats is not None]
         aux = sum((s.aux_loss for s in stats), zero)

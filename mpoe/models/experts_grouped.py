@@ -57,18 +57,23 @@ from mpoe.models.interfaces import TokenCounts
 
 GROUPED_MM: Optional[Callable] = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Under torch.compile, grouped_mm's shape function (the "meta" kernel every traced call goes through) takes bf16
+# only, whatever the device's kernel takes; other dtypes take the fallback below, a graph break.
+_COMPILED_GROUPED_MM_DTYPES = (torch.bfloat16,)
 _ALIGN_BYTES = 16
 
 
 def _aligned(t: Tensor, *sizes: int) -> bool:
-    return t.data_ptr() % _ALIGN_BYTES == 0 and all(s * t.element_size() % _ALIGN_BYTES == 0 for s in sizes)
+    # Under torch.compile a traced tensor has no address yet: the check is left to the compiled kernel.
+    address_ok = torch.compiler.is_compiling() or t.data_ptr() % _ALIGN_BYTES == 0
+    return address_ok and all(s * t.element_size() % _ALIGN_BYTES == 0 for s in sizes)
 
 
 def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether grouped_mm takes rows x [N, I] and weights [L, I, J] (shapes and dtypes only: no sync)."""
     return (
         GROUPED_MM is not None
-        and x.dtype in _GROUPED_MM_DTYPES
+        and x.dtype in (_COMPILED_GROUPED_MM_DTYPES if torch.compiler.is_compiling() else _GROUPED_MM_DTYPES)
         and weight.dtype == x.dtype
         and x.shape[0] > 0
         and x.is_contiguous()

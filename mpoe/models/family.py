@@ -133,6 +133,14 @@ class Family(ABC):
         """The pad id the model uses (the tokenizer's unless the model's config fixes its own)."""
         return tokenizer_pad_id
 
+    # Whether a training or evaluation forward lets HF build its KV cache (None: the HF config's `use_cache`).
+    # A family sets False where HF's no-cache path costs nothing; compiled blocks always run without one.
+    training_kv_cache: Optional[bool] = None
+
+    @abstractmethod
+    def blocks(self, backbone: nn.Module) -> list[nn.Module]:
+        """The transformer blocks, in order (the units `trainer.compile` compiles one by one)."""
+
 
 def read_pretrained_config(path: str, family: str) -> dict:
     """A local HF checkpoint's config.json, checked to be a `family` model; ConfigError (one line) if not."""

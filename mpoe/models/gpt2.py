@@ -82,5 +82,13 @@ class GPT2Family(Family):
         """Causal LM: the inputs are their own labels (HF shifts them inside the model)."""
         return {"input_ids": input_ids, "labels": input_ids if labels is None else labels}
 
+    # HF's KV cache stays on in eager training: without a cache (and without an attention mask) GPT2Model checks
+    # its position ids for packed sequences with a host read in every forward (transformers'
+    # `find_packed_sequence_indices`), a GPU sync that the cache's presence skips.
+    training_kv_cache = None
+
+    def blocks(self, backbone: GPT2LMHeadModel) -> list[nn.Module]:
+        return list(backbone.transformer.h)
+
 
 FAMILY = GPT2Family()

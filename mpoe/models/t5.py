@@ -130,5 +130,12 @@ class T5Family(Family):
         """T5 pads (and starts decoding) with its config's pad id."""
         return backbone.config.pad_token_id
 
+    # Training decodes whole target sequences: HF's default cache would copy every decoder layer's self- and
+    # cross-attention keys and values into a cache object in each forward, for nothing.
+    training_kv_cache = False
+
+    def blocks(self, backbone: T5ForConditionalGeneration) -> list[nn.Module]:
+        return list(backbone.encoder.block) + list(backbone.decoder.block)
+
 
 FAMILY = T5Family()

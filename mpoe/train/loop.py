@@ -23,9 +23,10 @@ from mpoe.config import TrainConfig, eval_sequences, global_batch_size, grad_acc
 from mpoe.models import family as families
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
+from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce
-from mpoe.parallel.groups import ExpertGroups, expert_groups, rank_world
+from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
 from mpoe.train.flops import Peak, device_peak, flops_per_token, raised_to_cover
@@ -137,6 +138,15 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         logger.close()
         return counts
 
+    if t.compile:
+        blocks = compile_blocks(model, t.compile_backend)
+        if rank == 0:
+            log.info(f"trainer.compile: {blocks} transformer blocks compiled ({t.compile_backend}) at their first use")
+            if accelerator_name() == "cpu" and cfg.moe.kind != "dense":
+                log.warning(
+                    "trainer.compile on the CPU: the loop expert backend reads token counts on the host, so new "
+                    "counts recompile (minutes each with inductor here); it is meant for CUDA"
+                )
     engine = ds_engine.initialize(model, cfg, world)
     grad_mask = _grad_mask(cfg, model)
     objective = build_objective(cfg, token_data)

@@ -1,0 +1,51 @@
+"""`trainer.compile`: torch.compile each transformer block on its own (regional compilation).
+
+Why blocks rather than the whole model:
+- Identical blocks share one compiled graph: Dynamo compiles a block's code once and
+  passes each block's parameters in as graph inputs, so compile time does not grow
+  with depth. torchtitan compiles its MoE transformers this way, and it is PyTorch's
+  "regional compilation" recipe.
+- HF's model-level code stays eager, the causal mask above all. There HF decides from
+  the real inputs that SDPA may run causal without a mask (flash attention); traced,
+  it has to build a mask.
+- `nn.Module.compile` compiles in place, so parameter names, the state dict,
+  DeepSpeed's parameter groups and checkpoints stay the eager model's. A compiled
+  run's checkpoint resumes without compile, and the other way round.
+
+Compiled blocks run without HF's KV cache. A cache object passed through the blocks
+makes Dynamo guard on each layer's slot in it, and so compile every block separately.
+
+On the GPU path at ep_size 1 (sync-free dispatch, grouped experts, bf16) each block
+is one graph (tests/test_compile.py checks this with fullgraph=True). Elsewhere a host
+read splits a block's graph:
+- the loop backend's per-expert counts;
+- expert parallelism's all-to-all split sizes;
+- the grouped backend in fp32, which falls back to the loop op, because torch's
+  compile-time grouped_mm takes bf16 only.
+The result is still correct there, just less fused.
+"""
+
+from __future__ import annotations
+
+from mpoe.models import family as families
+from mpoe.models.build import LanguageModel
+
+
+def compile_blocks(model: LanguageModel, backend: str = "inductor", fullgraph: bool = False) -> int:
+    """Compile every transformer block of `model` in place; returns how many. Compilation itself happens at the
+    first forward of each distinct block."""
+    import torch._dynamo
+
+    blocks = families.get(model.family).blocks(model.backbone)
+    model.kv_cache = False
+    # A family's blocks share one code object (their class's forward), and Dynamo keeps at most `recompile_limit`
+    # graphs per code object: two per distinct block structure (training; evaluation under no_grad). T5 has six
+    # structures (per stack: the first block, which owns the position bias, dense and MoE blocks), 12 graphs,
+    # past the default 8, beyond which Dynamo would silently run the other blocks eagerly. Two per block
+    # covers any layout.
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), 2 * len(blocks)))
+    for block in blocks:
+        block.compile(backend=backend, fullgraph=fullgraph)
+    return len(blocks)
