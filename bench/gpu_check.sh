@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# The GPU checks of mpoe (the `gpu` tests and the --device cuda benchmarks), in two parts that each fit one call
-# of a machine lent for a few minutes (../shared/gpu/README.md installs the stack first):
+# The GPU checks of mpoe (the `gpu` tests and the --device cuda benchmarks), in two parts, each one call of a
+# machine lent for a few minutes (../shared/gpu/README.md installs the stack first). A session is lent about 15
+# minutes of device time in all, the machine's start and the install included, so one part per session:
 #   bash .gpu/on-device.sh 'bash bench/gpu_check.sh kernels'  # in-process gpu tests, then the three benchmarks
 #   bash .gpu/on-device.sh 'bash bench/gpu_check.sh runs'     # mpoe-train end to end on the GPU (tests/test_gpu.py ...)
-# Output goes to $OUT (the device tool's folder that comes back), else ./gpu-results: the pytest logs and each
-# benchmark's table (.txt) and --json keys (.json). A failing step is reported and the next one still runs.
+# Steps run in order of what they tell, each under what is left of GPU_CHECK_BUDGET_S (default 480 s, inside the
+# device tool's 600 s per command with the install): a step that would start too late is skipped, and one that
+# runs out of time is interrupted (pytest then prints what passed so far), so every finished step's output
+# comes back. Output goes to $OUT (the device tool's folder that comes back), else ./gpu-results: the pytest
+# logs and each benchmark's table (.txt) and --json keys (.json), 8 files at most. A failing step is reported
+# and the next one still runs.
 set -u
 OUT=${OUT:-gpu-results}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 mkdir -p "$OUT"
 status=0
+start=$SECONDS
 
-step() { # name, command...: run it, keep its output, remember a failure
+step() { # name, command...: run it under the budget left, keep its output, remember a failure
   local name=$1
   shift
-  echo "== $name: $*"
-  "$@" > >(tee "$OUT/$name.txt") 2>&1 || { echo "== $name FAILED ($?)"; status=1; }
+  local left=$((BUDGET_S - (SECONDS - start)))
+  if [ "$left" -lt 30 ]; then
+    echo "== $name SKIPPED: the budget of ${BUDGET_S} s is spent" | tee "$OUT/$name.txt"
+    status=1
+    return
+  fi
+  echo "== $name (${left} s left): $*"
+  timeout --signal=INT --kill-after=30 "$left" "$@" > >(tee "$OUT/$name.txt") 2>&1 \
+    || { echo "== $name FAILED ($?; 124 = out of time)"; status=1; }
+  echo "== $name done at $((SECONDS - start)) s"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
@@ -27,9 +42,9 @@ case "${1:-}" in
     step tests_kernels python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_expert_backends.py tests/test_dispatch_sync_free.py tests/test_grad_mask.py tests/test_bench.py \
       tests/test_compile.py
-    step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"
-    step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
     step train_step python3 -m bench.train_step --device cuda --compile --json "$OUT/train_step.json"
+    step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
+    step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"
     ;;
   runs)
     step tests_runs python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 \
