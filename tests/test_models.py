@@ -211,3 +211,27 @@ def test_cli_dry_run_t5_base_mpoe(tmp_path, mpoe_cache):
     assert s["dry_run"] and s["params_total"] == r["mpoe_total"]
     assert s["params_switch_equivalent"] == r["switch_total"]
     assert s["params_embedding"] == 32128 * 768 and s["params_lm_head"] == 0
+
+
+@pytest.mark.parametrize("family, activation", [("gpt2", "gelu_new"), ("t5", "gated-gelu")])
+def test_dense_ffns_run_tanh_gelu_as_one_kernel_with_hf_gelu_new_outputs(family, activation):
+    """HF's own model (its gelu_new written as elementwise ops) with the same weights is the reference."""
+    from transformers.activations import NewGELUActivation
+
+    from mpoe.models import family as families
+
+    cfg = ModelConfig(
+        name=f"{family}_tiny", family=family, d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=256,
+        max_position_embeddings=32, activation=activation, dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = families.get(family).build(cfg, 256, 0, 0).eval()
+    hf = type(ours)(ours.config).eval()
+    hf.load_state_dict(ours.state_dict())
+    assert not any(isinstance(m, NewGELUActivation) for m in ours.modules())
+    assert any(isinstance(m, NewGELUActivation) for m in hf.modules())  # the reference runs HF's own
+    assert ours.config.to_dict() == hf.config.to_dict()  # what an export writes is unchanged
+    ids = torch.randint(1, 250, (2, 16))
+    kwargs = {"input_ids": ids} if family == "gpt2" else {"input_ids": ids, "labels": ids}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kwargs).logits, hf(**kwargs).logits, rtol=1e-5, atol=1e-5)

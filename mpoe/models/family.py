@@ -72,16 +72,20 @@ class Family(ABC):
         """Config values a local checkpoint's own are overridden with (training choices such as dropout)."""
 
     def from_config(self, config: Any) -> nn.Module:
-        """The HF model with fresh weights for `config`."""
-        return self.model_class(config)
+        """The HF model with fresh weights for `config` (its tanh-GELUs fused: `fuse_tanh_gelu`)."""
+        backbone = self.model_class(config)
+        fuse_tanh_gelu(backbone)
+        return backbone
 
     def build(self, cfg: ModelConfig, tokenizer_vocab: int, eot_id: int, pad_id: int) -> nn.Module:
         """From scratch with our shape, or model.pretrained's shape and weights (a local directory only)."""
         if cfg.pretrained:
             self.check_pretrained(cfg.pretrained)
-            return self.model_class.from_pretrained(
+            backbone = self.model_class.from_pretrained(
                 cfg.pretrained, local_files_only=True, attn_implementation="sdpa", **self.pretrained_overrides(cfg)
             )
+            fuse_tanh_gelu(backbone)
+            return backbone
         return self.from_config(self.hf_config(cfg, self.embedding_rows(tokenizer_vocab), eot_id, pad_id))
 
     def check_pretrained(self, path: str) -> dict:
@@ -140,6 +144,25 @@ class Family(ABC):
     @abstractmethod
     def blocks(self, backbone: nn.Module) -> list[nn.Module]:
         """The transformer blocks, in order (the units `trainer.compile` compiles one by one)."""
+
+
+def fuse_tanh_gelu(backbone: nn.Module) -> int:
+    """Replace HF's `gelu_new` modules (GPT-2's dense FFNs, T5 v1.1's) by the same tanh-GELU as one kernel
+    (`F.gelu(approximate="tanh")`, HF's `gelu_pytorch_tanh`, which the experts use already); returns how many.
+
+    Why: `gelu_new` is written as about eight elementwise ops, each a pass over the [tokens, d_ff] activations,
+    with their intermediates kept for backward; the one kernel is as exact (both are within float rounding of
+    the float64 formula). The HF config keeps its `gelu_new`, so exported models are unchanged.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    replaced = 0
+    for module in backbone.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                replaced += 1
+    return replaced
 
 
 def read_pretrained_config(path: str, family: str) -> dict:
