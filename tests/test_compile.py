@@ -56,8 +56,7 @@ STRUCTURES = {"gpt2": 2, "t5": 6}
 
 
 @pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+@pytest.mark.parametrize("kind, family", [("mpoe", "gpt2"), ("switch", "t5")])  # both banks, both families
 def test_on_the_gpu_path_a_block_is_one_graph_shared_by_blocks_of_its_structure(kind, family):
     torch._dynamo.reset()
     counters.clear()
@@ -102,28 +101,23 @@ def test_an_unknown_compile_backend_is_one_line():
 
 
 @pytest.mark.slow
-def test_a_compiled_run_logs_the_eager_losses_and_resumes_an_eager_checkpoint(tmp_path, mpoe_cache):
+def test_a_compiled_run_resumes_an_eager_checkpoint_and_logs_the_eager_losses(tmp_path, mpoe_cache):
     """The default model with dense FFNs, fp32 (the MoE blocks' equivalence is checked in-process above: on the
     CPU their host reads make each new token count a recompilation, minutes of a CI run). aot_eager traces
     forward and backward as inductor does (AOTAutograd) and runs the traced ops as they are, so the losses are
-    the eager run's."""
-    train(tmp_path / "eager", mpoe_cache, "moe=dense", "trainer.max_steps=6", "trainer.save_every=3")
-    train(tmp_path / "compiled", mpoe_cache, "moe=dense", "trainer.max_steps=6", "trainer.compile=true",
-          "trainer.compile_backend=aot_eager")  # fmt: skip
-    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
-    assert [r["step"] for r in compiled] == [r["step"] for r in eager]
-    for a, b in zip(eager, compiled):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
-    assert math.isclose(summary(tmp_path / "eager")["val_loss"], summary(tmp_path / "compiled")["val_loss"],
-                        rel_tol=1e-5)  # fmt: skip
-    # The eager run's step-3 checkpoint resumes compiled: the state dict's names are the eager model's.
+    the eager run's; the checkpoint loads because compiling in place keeps the state dict's names."""
+    common = ("moe=dense", "trainer.max_steps=6", "trainer.eval_every=6")
+    train(tmp_path / "eager", mpoe_cache, *common, "trainer.save_every=3")
     step3 = next((tmp_path / "eager" / "checkpoints").glob("step_*3"))
-    train(tmp_path / "resumed", mpoe_cache, "moe=dense", "trainer.max_steps=6", "trainer.compile=true",
-          "trainer.compile_backend=aot_eager", f"trainer.resume={step3}")  # fmt: skip
-    resumed = {r["step"]: r["loss"] for r in metrics(tmp_path / "resumed")}
-    assert sorted(resumed) == [4, 5, 6]
-    for r in eager[3:]:
-        assert math.isclose(resumed[r["step"]], r["loss"], rel_tol=1e-5), (r, resumed)
+    train(tmp_path / "compiled", mpoe_cache, *common, "trainer.compile=true", "trainer.compile_backend=aot_eager",
+          f"trainer.resume={step3}")  # fmt: skip
+    eager = {r["step"]: r["loss"] for r in metrics(tmp_path / "eager")}
+    compiled = {r["step"]: r["loss"] for r in metrics(tmp_path / "compiled")}
+    assert sorted(compiled) == [4, 5, 6]
+    for step, loss in compiled.items():
+        assert math.isclose(loss, eager[step], rel_tol=1e-5), (step, loss, eager[step])
+    val = summary(tmp_path / "eager")["val_loss"], summary(tmp_path / "compiled")["val_loss"]
+    assert math.isclose(*val, rel_tol=1e-5), val
 
 
 @pytest.mark.gpu

@@ -163,10 +163,10 @@ def test_warmup_starts_at_zero_for_one_step_then_climbs_linearly(tmp_path, mpoe_
     """Update k runs at lr * (k - 1) / warmup_steps during warmup (warmup_steps capped at max_steps): only
     the first update has lr 0, so two steps already move the model away from its initial validation loss
     (DeepSpeed's WarmupCosineLR alone gave lr 0 to the first two updates, and the log showed the next lr)."""
-    common = ["optim.lr=1e-3", "optim.warmup_steps=3", "trainer.eval_every=100"]
+    common = ["optim.lr=1e-3", "optim.warmup_steps=3", "trainer.eval_every=2"]
     train(tmp_path / "zero", mpoe_cache, *common, "trainer.max_steps=0")
-    train(tmp_path / "two", mpoe_cache, *common, "trainer.max_steps=3")
-    lrs = [r["lr"] for r in metrics(tmp_path / "two")]
-    assert lrs == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3], abs=1e-12)
-    train(tmp_path / "two_steps", mpoe_cache, *common, "trainer.max_steps=2")
-    assert summary(tmp_path / "two_steps")["val_loss"] != summary(tmp_path / "zero")["val_loss"]
+    train(tmp_path / "three", mpoe_cache, *common, "trainer.max_steps=3")
+    rows = metrics(tmp_path / "three")
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3], abs=1e-12)
+    after_two = next(r["val_loss"] for r in rows if r["step"] == 2)
+    assert after_two != summary(tmp_path / "zero")["val_loss"]
