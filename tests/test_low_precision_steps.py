@@ -372,3 +372,28 @@ def test_fp16_on_a_gpu_recovers_from_an_overflow_and_logs_unscaled_norms(tmp_pat
     assert fp16[1]["steps_skipped"] < fp16[2]["steps_skipped"] == fp16[-1]["steps_skipped"]  # step 3 only
     assert fp16[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=0.05)
     assert fp16[0]["grad_norm_central"] == pytest.approx(fp32[0]["grad_norm_central"], rel=0.05)
+
+
+@pytest.mark.parametrize("precision, zero", [("fp32", 0), ("bf16", 1)])
+def test_on_cuda_deepspeed_steps_torchs_fused_adamw_and_it_updates_as_plain_adamw(monkeypatch, precision, zero):
+    """The `fused` request travels through DeepSpeed's config into torch's AdamW (checked here on the CPU, where
+    torch has a fused AdamW too, by making the engine believe it runs on CUDA); the CPU keeps the default."""
+    from mpoe.parallel import groups
+
+    plain = _build(_cfg(precision, zero=zero)).engine
+    monkeypatch.setattr(groups, "accelerator_name", lambda: "cuda")
+    fused = _build(_cfg(precision, zero=zero)).engine
+
+    def torch_adamw(engine):  # ZeRO 0 steps torch's optimizer itself; BF16_Optimizer wraps it
+        return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+    assert torch_adamw(fused).defaults["fused"] is True and not torch_adamw(plain).defaults.get("fused")
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in plain.module.parameters()]
+    for engine in (plain, fused):
+        for _ in range(3):
+            engine.backward(engine(input_ids=tokens).loss)
+            engine.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, plain.module.parameters()))  # the steps moved them
+    for p, q in zip(plain.module.parameters(), fused.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

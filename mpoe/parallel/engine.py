@@ -1,7 +1,7 @@
 """The DeepSpeed engine for our model: its JSON config from ours, and `deepspeed.initialize`.
 
-DeepSpeed builds the optimizer (torch AdamW: `torch_adam` keeps it off the
-CUDA-only fused kernels, and is what runs on CPU), the warmup + cosine schedule,
+DeepSpeed builds the optimizer (torch's AdamW, fused on CUDA: `torch_adam` keeps
+it off DeepSpeed's own FusedAdam, an op built at run time with nvcc), the warmup + cosine schedule,
 gradient clipping and accumulation, ZeRO, and precision. Because our MoE layers
 are `deepspeed.moe.layer.MoE` instances, the engine also splits expert
 parameters into their own optimizer groups and reduces their gradients over the
@@ -63,9 +63,14 @@ def zero_stage(cfg: TrainConfig) -> int:
     return cfg.parallel.zero_stage
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> dict:
+    """DeepSpeed's JSON config for our config on `world_size` processes whose accelerator is `device_type`."""
     t, o = cfg.trainer, cfg.optim
     total = max(t.max_steps, 1)
+    # On CUDA, torch's fused AdamW: one kernel per group of tensors for the whole update, where the default
+    # (foreach) runs a dozen multi-tensor kernels, each a pass over the parameters and both moments. What it
+    # steps is on the GPU (bf16/fp16: DeepSpeed's float32 master copies and moments). The CPU keeps the default.
+    fused = {"fused": True} if device_type == "cuda" else {}
     config = {
         "train_batch_size": global_batch_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -78,6 +83,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
                 "torch_adam": True,
+                **fused,
             },
         },
         "scheduler": {
@@ -123,13 +129,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
     import deepspeed
 
+    from mpoe.parallel.groups import accelerator_name  # (groups imports this module)
     from mpoe.process import library_stdout_to_log
 
     with library_stdout_to_log():  # BF16_Optimizer prints memory usage
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, world_size),
+            config=deepspeed_config(cfg, world_size, accelerator_name()),
             dist_init_required=False,
         )
     # WarmupCosineLR starts at iteration -1 (lr 0) and its iteration 0 has lr 0 as well, so the first two
