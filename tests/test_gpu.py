@@ -51,26 +51,36 @@ def test_default_job(tmp_path, mpoe_cache):
     _mfu_is_possible(tmp_path / "run")
 
 
-@pytest.mark.parametrize("model", ["gpt2_small", "t5_small"])
-@pytest.mark.parametrize("moe", ["dense", "switch", "mpoe"])
-def test_published_shapes_train_in_bf16(tmp_path, mpoe_cache, model, moe):
-    steps = 30
-    run(
-        tmp_path / "run",
-        mpoe_cache,
+STEPS = 30
+
+
+def _bf16_steps(model: str, moe: str) -> tuple:
+    """STEPS bf16 steps of 16 x 128 tokens, evaluated at the end."""
+    return (
         f"model={model}",
         f"moe={moe}",
         "trainer.precision=bf16",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.eval_every={STEPS}",
         "trainer.micro_batch_size=16",
         "trainer.seq_len=128",
         "optim.lr=3e-4",
     )
-    losses = [r["loss"] for r in metrics(tmp_path / "run")]
-    assert len(losses) == steps and all(map(math.isfinite, losses))
+
+
+def _loss_falls(run_dir) -> list[float]:
+    losses = [r["loss"] for r in metrics(run_dir)]
+    assert len(losses) == STEPS and all(map(math.isfinite, losses))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
-    _mfu_is_possible(tmp_path / "run")
+    _mfu_is_possible(run_dir)
+    return losses
+
+
+@pytest.mark.parametrize("model", ["gpt2_small", "t5_small"])
+@pytest.mark.parametrize("moe", ["dense", "switch", "mpoe"])
+def test_published_shapes_train_in_bf16(tmp_path, mpoe_cache, model, moe):
+    run(tmp_path / "run", mpoe_cache, *_bf16_steps(model, moe))
+    _loss_falls(tmp_path / "run")
 
 
 def test_a_gpu_checkpoint_evaluates_on_the_cpu_and_back(tmp_path, mpoe_cache):
@@ -137,23 +147,9 @@ def test_compiled_blocks_train_in_bf16(tmp_path, mpoe_cache):
     """`trainer.compile` with inductor on the GPU path (grouped MPOE experts, sync-free dispatch): the run that
     `python -m bench.train_step --device cuda --compile` times. Its losses follow the eager run's: the same data,
     init and routing, with bf16 rounding that fused kernels change."""
-    steps = 30
-    common = (
-        "model=gpt2_small",
-        "moe=mpoe",
-        "trainer.precision=bf16",
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}",
-        "trainer.micro_batch_size=16",
-        "trainer.seq_len=128",
-        "optim.lr=3e-4",
-    )
-    run(tmp_path / "eager", mpoe_cache, *common)
-    run(tmp_path / "compiled", mpoe_cache, *common, "trainer.compile=true")
+    run(tmp_path / "eager", mpoe_cache, *_bf16_steps("gpt2_small", "mpoe"))
+    run(tmp_path / "compiled", mpoe_cache, *_bf16_steps("gpt2_small", "mpoe"), "trainer.compile=true")
     eager = [r["loss"] for r in metrics(tmp_path / "eager")]
-    losses = [r["loss"] for r in metrics(tmp_path / "compiled")]
-    assert len(losses) == steps and all(map(math.isfinite, losses))
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    losses = _loss_falls(tmp_path / "compiled")
     assert losses[0] == pytest.approx(eager[0], rel=1e-2)  # the same model and batch, before any update
     assert sum(losses[-5:]) == pytest.approx(sum(eager[-5:]), rel=0.05), (losses, eager)
-    _mfu_is_possible(tmp_path / "compiled")
