@@ -253,14 +253,22 @@ def run_device(
         if compiled:
             compile_blocks(model, compile)
         engine = ds_engine.initialize(model, cfg, 1)
-        name = f"{kind}+compile" if compiled else kind
-        steps[name] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
-        rows[name] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
-    compile_s = {}
-    for name, step in steps.items():  # the first step compiles: its time is reported, not timed with the rest
+        row = f"{kind}+compile" if compiled else kind
+        steps[row] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
+        rows[row] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
+    compile_s, failed = {}, {}
+    for row, step in list(steps.items()):  # the first step compiles: its time is reported, not timed
         t0 = time.perf_counter()
-        step()
-        compile_s[name] = time.perf_counter() - t0
+        try:
+            step()
+        except Exception as e:  # a compile failure costs its own row, not the eager rows measured beside it
+            if not row.endswith("+compile"):
+                raise
+            failed[row] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"{row}: its first step failed, row left out: {failed[row]}", flush=True)
+            del steps[row], rows[row]
+            continue
+        compile_s[row] = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(2):  # warm-up beyond interleaved_times' own round: cuBLAS heuristics, allocator, autotuning
@@ -283,15 +291,15 @@ def run_device(
         print(f"peak memory allocated (all models): {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
     results = {}
     for prefix, suffix in [("train_step.gpu_", "")] + ([("train_step.gpu_compiled_", "+compile")] if compile else []):
-        mine = {kind: rows[kind + suffix] for kind in kinds}
+        mine = {kind: rows[kind + suffix] for kind in kinds if kind + suffix in rows}
         results.update({f"{prefix}mfu_{kind}": r["mfu"] for kind, r in mine.items()})
         results.update({f"{prefix}tokens_per_s_{kind}": r["tokens_per_s"] for kind, r in mine.items()})
         if "dense" in mine and "switch" in mine:
             results[f"{prefix}switch_vs_dense"] = mine["switch"]["tokens_per_s"] / mine["dense"]["tokens_per_s"]
         if "switch" in mine and "mpoe" in mine:
             results[f"{prefix}mpoe_vs_switch"] = mine["mpoe"]["tokens_per_s"] / mine["switch"]["tokens_per_s"]
-    if compile:
-        for kind in kinds:
+    for kind in kinds:
+        if kind + "+compile" in rows:
             speedup = rows[kind + "+compile"]["tokens_per_s"] / rows[kind]["tokens_per_s"]
             results[f"train_step.gpu_compile_speedup_{kind}"] = speedup
     config = {
@@ -303,6 +311,7 @@ def run_device(
         "precision": precision,
         "peak_source": peak.source,
         "compile_backend": compile,
+        "compile_failed": failed,
     }
     return {"results": results, "rows": rows, "config": config}
 

@@ -255,3 +255,5 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
     assert out["config"]["peak_source"].startswith("measured: cpu fp32")
     for key in ("gpu_mfu_dense", "gpu_compiled_mfu_dense", "gpu_compile_speedup_dense"):
         assert compiled["results"][f"train_step.{key}"] > 0, key
+    assert out["config"]["device"] == compiled["config"]["device"] == "cpu"
+    assert compiled["config"]["compile_failed"] == {}
