@@ -4,6 +4,8 @@
 # minutes of device time in all, the machine's start and the install included, so one part per session:
 #   bash .gpu/on-device.sh 'bash bench/gpu_check.sh kernels'  # in-process gpu tests, then the three benchmarks
 #   bash .gpu/on-device.sh 'bash bench/gpu_check.sh runs'     # mpoe-train end to end on the GPU (tests/test_gpu.py ...)
+# Arguments after the part go to its pytest, so a later session can take up what an earlier one had no time for:
+#   bash .gpu/on-device.sh 'bash bench/gpu_check.sh runs -k "not default_job and not published"'
 # Steps run in order of what they tell, each under what is left of GPU_CHECK_BUDGET_S (default 480 s, inside the
 # device tool's 600 s per command with the install): a step that would start too late is skipped, and one that
 # runs out of time is interrupted (pytest then prints what passed so far), so every finished step's output
@@ -37,18 +39,20 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
   >> "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-case "${1:-}" in
+part=${1:-}
+shift || true
+case "$part" in
   kernels)
     step tests_kernels python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_expert_backends.py tests/test_dispatch_sync_free.py tests/test_grad_mask.py tests/test_bench.py \
-      tests/test_compile.py
+      tests/test_compile.py "$@"
     step train_step python3 -m bench.train_step --device cuda --compile --json "$OUT/train_step.json"
     step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
     step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"
     ;;
   runs)
     step tests_runs python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 \
-      tests/test_gpu.py tests/test_low_precision_steps.py
+      tests/test_gpu.py tests/test_low_precision_steps.py "$@"
     ;;
   *)
     echo "usage: bash bench/gpu_check.sh kernels|runs" >&2
