@@ -277,15 +277,15 @@ def run_device(
     times = interleaved_times(steps, repeats)
     tokens = batch * seq
     print(f"{'moe':<16}{'params total':>14}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>7}{'first s':>9}")
-    for kind, r in rows.items():
-        r["step_s"] = statistics.median(times[kind])
+    for row, r in rows.items():
+        r["step_s"] = statistics.median(times[row])
         r["tokens_per_s"] = tokens / r["step_s"]
         r["achieved_flops"] = r["model_flops"] / r["step_s"]
         r["mfu"] = r["achieved_flops"] / peak.flops_per_s
-        r["first_step_s"] = compile_s[kind]
+        r["first_step_s"] = compile_s[row]
         print(
-            f"{kind:<16}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-            f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}{compile_s[kind]:>9.1f}"
+            f"{row:<16}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+            f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}{r['first_step_s']:>9.1f}"
         )
     if dev.type == "cuda":
         print(f"peak memory allocated (all models): {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")

@@ -146,23 +146,22 @@ class Family(ABC):
         """The transformer blocks, in order (the units `trainer.compile` compiles one by one)."""
 
 
-def fuse_tanh_gelu(backbone: nn.Module) -> int:
-    """Replace HF's `gelu_new` modules (GPT-2's dense FFNs, T5 v1.1's) by the same tanh-GELU as one kernel
-    (`F.gelu(approximate="tanh")`, HF's `gelu_pytorch_tanh`, which the experts use already); returns how many.
+def fuse_tanh_gelu(backbone: nn.Module) -> None:
+    """Replace HF's `gelu_new` modules (GPT-2's dense FFNs, T5 v1.1's) by the module the experts run for
+    `gelu_new` (`experts.activation_fn`): the same tanh-GELU as one kernel, `F.gelu(approximate="tanh")`.
 
     Why: `gelu_new` is written as about eight elementwise ops, each a pass over the [tokens, d_ff] activations,
     with their intermediates kept for backward; the one kernel is as exact (both are within float rounding of
     the float64 formula). The HF config keeps its `gelu_new`, so exported models are unchanged.
     """
-    from transformers.activations import ACT2FN, NewGELUActivation
+    from transformers.activations import NewGELUActivation
 
-    replaced = 0
+    from mpoe.models.experts import activation_fn
+
     for module in backbone.modules():
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
-                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
-                replaced += 1
-    return replaced
+                setattr(module, name, activation_fn("gelu_new"))
 
 
 def read_pretrained_config(path: str, family: str) -> dict:
