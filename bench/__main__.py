@@ -7,6 +7,7 @@ Runs, in this order, each module's own `main`/`run` (their printed detail first)
   bench.moe_layer   our Switch MoE layer vs DeepSpeed's MoE layer and the dense floor
   bench.hf_switch   our Switch MoE layer vs HF SwitchTransformersSparseMLP
   bench.train_step  GPT-2-small-shaped MoE training step: model FLOPs utilisation
+  bench.lm_loss     LM head + cross-entropy: mpoe's chunked loss vs HF's (time, peak memory)
 How long they take: the README's benchmark section, and --json's "seconds".
 --device cuda passes the device to every benchmark (their GPU tables, bf16, keys gpu.*);
 the default, cpu, runs the CPU rows and keys as before.
@@ -74,8 +75,12 @@ ROWS = {
     "train_step.gpu_compile_speedup_switch": ("  ... Switch", "higher is better", None),
     "train_step.gpu_compile_speedup_mpoe": ("  ... MPOE", "higher is better", None),
     "gpu.hf_switch.speedup": ("GPU bf16: HF SwitchTransformersSparseMLP time / ours", "higher is better", None),
+    "lm_loss.chunked_vs_hf_time": ("LM head + loss fwd+bwd: chunked time / HF's", "lower is better", None),
+    "lm_loss.chunked_vs_hf_peak_memory": ("  ... peak memory added, chunked / HF's", "lower is better", None),
+    "gpu.lm_loss.chunked_vs_hf_time": ("GPU bf16 LM head + loss: chunked time / HF's", "lower", "<= 1.0"),
+    "gpu.lm_loss.chunked_vs_hf_peak_memory": ("  ... peak memory added, chunked / HF's", "lower", "<= 0.25"),
 }
-BENCHES = ("experts", "moe_layer", "hf_switch", "train_step")
+BENCHES = ("experts", "moe_layer", "hf_switch", "train_step", "lm_loss")
 
 
 def _banner(name: str) -> None:
@@ -101,6 +106,10 @@ def run_bench(name: str, quick: bool, device: str = "cpu") -> dict:
         from bench import train_step
 
         return train_step.main(flag + on) if on else train_step.run(quick)["results"]
+    if name == "lm_loss":
+        from bench import lm_loss
+
+        return lm_loss.main(flag + on)
     raise ValueError(name)
 
 

@@ -10,8 +10,9 @@
 # device tool's 600 s per command with the install): a step that would start too late is skipped, and one that
 # runs out of time is interrupted (pytest then prints what passed so far), so every finished step's output
 # comes back. Output goes to $OUT (the device tool's folder that comes back), else ./gpu-results: the pytest
-# logs and each benchmark's table (.txt) and --json keys (.json), 8 files at most. A failing step is reported
-# and the next one still runs.
+# log (the device's name, torch and transformers versions at its top), each benchmark's table (.txt) and --json
+# keys (.json; bench.lm_loss prints its keys in its table), 8 files at most, as the device tool brings back.
+# A failing step is reported and the next one still runs.
 set -u
 OUT=${OUT:-gpu-results}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
@@ -24,23 +25,24 @@ step() { # name, command...: run it under the budget left, keep its output, reme
   shift
   local left=$((BUDGET_S - (SECONDS - start)))
   if [ "$left" -lt 30 ]; then
-    echo "== $name SKIPPED: the budget of ${BUDGET_S} s is spent" | tee "$OUT/$name.txt"
+    echo "== $name SKIPPED: the budget of ${BUDGET_S} s is spent" | tee -a "$OUT/$name.txt"
     status=1
     return
   fi
   echo "== $name (${left} s left): $*"
-  timeout --signal=INT --kill-after=30 "$left" "$@" > >(tee "$OUT/$name.txt") 2>&1 \
+  timeout --signal=INT --kill-after=30 "$left" "$@" > >(tee -a "$OUT/$name.txt") 2>&1 \
     || { echo "== $name FAILED ($?; 124 = out of time)"; status=1; }
   echo "== $name done at $((SECONDS - start)) s"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
-  >> "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
-
 part=${1:-}
 shift || true
+{ # what ran where: at the top of the part's pytest log
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name(), '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
+} 2>&1 | tee "$OUT/tests_$part.txt"
+
 case "$part" in
   kernels)
     step tests_kernels python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -49,6 +51,7 @@ case "$part" in
     step train_step python3 -m bench.train_step --device cuda --compile --json "$OUT/train_step.json"
     step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
     step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"
+    step lm_loss python3 -m bench.lm_loss --device cuda
     ;;
   runs)
     step tests_runs python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 \

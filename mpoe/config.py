@@ -33,6 +33,8 @@ DATA_SOURCES = ("embedded", "text", "hub")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
 # trainer.compile_backend: inductor generates fused kernels; aot_eager and eager trace without them (to debug)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# trainer.lm_loss: chunked takes LM head and cross-entropy together over chunks (mpoe.models.lm_loss); hf is HF's
+LM_LOSSES = ("chunked", "hf")
 EMBEDDED_PARTS = ("all", "pydoc_topics", "docstrings")  # data=embedded: which of CPython's texts (mpoe.train.corpus)
 
 
@@ -189,6 +191,7 @@ class TrainerConfig:
     max_bad_steps: int = 10
     compile: bool = False  # torch.compile each transformer block (mpoe.models.regional_compile)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
+    lm_loss: str = "chunked"  # chunked | hf (who computes the LM loss: mpoe.models.lm_loss, or the HF model)
 
     def __post_init__(self) -> None:
         check_trainer(self)
@@ -300,6 +303,7 @@ def check_trainer(t: TrainerConfig) -> None:
         _fail("trainer.global_batch_size", t.global_batch_size, "must be > 0, or null for micro_batch_size x processes")
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.compile_backend", t.compile_backend, COMPILE_BACKENDS)
+    _one_of("trainer.lm_loss", t.lm_loss, LM_LOSSES)
 
 
 def check_ep_divides_experts(ep_size: int, num_experts: int) -> None:

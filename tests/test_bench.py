@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench import experts, moe_layer
+from bench import experts, lm_loss, moe_layer
 
 
 def test_experts_bench_reports_its_ratios(tmp_path):
@@ -16,6 +16,16 @@ def test_experts_bench_reports_its_ratios(tmp_path):
     }
     assert results["experts.mpoe_vs_switch_params"] < 0.25  # bond 16: a fact of the shapes, not of timing
     assert (tmp_path / "e.json").exists()
+
+
+@pytest.mark.slow
+def test_lm_loss_bench_reports_its_ratios(tmp_path):
+    """Both ways at toy size on the CPU (peak memory from fresh processes), and the CUDA rows' code dry-run here."""
+    cpu = lm_loss.main(["--tokens", "64", "--repeats", "1", "--json", str(tmp_path / "l.json")])
+    assert set(cpu) == {"lm_loss.chunked_vs_hf_time", "lm_loss.chunked_vs_hf_peak_memory"}
+    assert all(v > 0 for v in cpu.values()) and (tmp_path / "l.json").exists()
+    gpu = lm_loss.main(["--tokens", "64", "--repeats", "1", "--gpu-path"])
+    assert gpu["gpu.lm_loss.chunked_vs_hf_time"] > 0 and gpu["gpu.lm_loss.chunked_vs_hf_peak_memory"] is None
 
 
 @pytest.mark.slow

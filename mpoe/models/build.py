@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from mpoe.config import ConfigError, TrainConfig
 from mpoe.models import family as families
+from mpoe.models.lm_loss import linear_cross_entropy
 from mpoe.models.moe_layer import MoELayer, build_moe_layer
 from mpoe.parallel.groups import ExpertGroups
 
@@ -49,11 +50,16 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 class LanguageModel(nn.Module):
-    """The HF backbone and the sum of its losses; `family` is the model.family name."""
+    """The HF backbone and the sum of its losses; `family` is the model.family name.
 
-    def __init__(self, backbone: nn.Module, family: str, pad_id: int):
+    `lm_loss` (trainer.lm_loss) says who computes the LM loss: "chunked" runs the backbone up to its head and
+    takes head and cross-entropy together over chunks of tokens (`mpoe.models.lm_loss`, no [tokens, vocab]
+    logits held); "hf" lets the HF model compute its logits and its own loss.
+    """
+
+    def __init__(self, backbone: nn.Module, family: str, pad_id: int, lm_loss: str = "chunked"):
         super().__init__()
-        self.backbone, self.family, self.pad_id = backbone, family, pad_id
+        self.backbone, self.family, self.pad_id, self.lm_loss = backbone, family, pad_id, lm_loss
         self._moe = moe_layers(backbone)
         self.kv_cache: Optional[bool] = families.get(family).training_kv_cache  # None: the HF config's use_cache
 
@@ -64,20 +70,28 @@ class LanguageModel(nn.Module):
         decoder_input_ids: Optional[torch.Tensor] = None,
         return_logits: bool = False,
     ) -> LMOutput:
-        inputs = families.get(self.family).model_inputs(input_ids, labels, decoder_input_ids)
+        family = families.get(self.family)
+        inputs = family.model_inputs(input_ids, labels, decoder_input_ids)
         if self.kv_cache is not None:
             inputs["use_cache"] = self.kv_cache
-        out = self.backbone(**inputs)
-        zero = out.loss.new_zeros(())
+        if self.lm_loss == "hf":
+            out = self.backbone(**inputs)
+            lm_loss, logits = out.loss, out.logits
+        else:
+            hidden, targets = family.lm_hidden_states(self.backbone, inputs)
+            head = self.backbone.get_output_embeddings()
+            lm_loss = linear_cross_entropy(hidden.flatten(0, -2), head.weight, targets.flatten())
+            logits = head(hidden) if return_logits else None
+        zero = lm_loss.new_zeros(())
         stats = [m.stats for m in self._moe if m.stats is not None]
         aux = sum((s.aux_loss for s in stats), zero)
         z = sum((s.z_loss for s in stats), zero)
         return LMOutput(
-            loss=out.loss + aux + z,
-            lm_loss=out.loss.detach(),
+            loss=lm_loss + aux + z,
+            lm_loss=lm_loss.detach(),
             aux_loss=aux.detach(),
             z_loss=z.detach(),
-            logits=out.logits if return_logits else None,
+            logits=logits if return_logits else None,
             tokens_per_expert=[s.tokens_per_expert for s in stats],
             tokens_dropped=sum((s.tokens_dropped for s in stats), zero.long()),
             router_entropy=[s.router_entropy for s in stats],
@@ -109,7 +123,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
         if cfg.moe.kind != "dense":
             install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
     pad_id = families.get(cfg.model.family).pad_id(backbone, pad_id)
-    return LanguageModel(backbone, cfg.model.family, pad_id)
+    return LanguageModel(backbone, cfg.model.family, pad_id, cfg.trainer.lm_loss)
 
 
 def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upcycle: bool) -> None:

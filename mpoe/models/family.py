@@ -133,6 +133,12 @@ class Family(ABC):
     ) -> dict:
         """Keyword arguments for the HF model's forward, such that it returns the LM loss."""
 
+    @abstractmethod
+    def lm_hidden_states(self, backbone: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states the LM head reads and the target id of each (-100: none), for `inputs` as
+        `model_inputs` makes them: the HF model's own forward up to its head, without computing logits
+        (`mpoe.models.lm_loss` takes head and loss together)."""
+
     def pad_id(self, backbone: nn.Module, tokenizer_pad_id: int) -> int:
         """The pad id the model uses (the tokenizer's unless the model's config fixes its own)."""
         return tokenizer_pad_id

@@ -14,11 +14,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mpoe.config import ModelConfig
 from mpoe.models.experts import DenseFFN
 from mpoe.models.family import Family, FFNShape
+from mpoe.models.lm_loss import IGNORE_INDEX
 
 
 class GPT2Family(Family):
@@ -81,6 +83,13 @@ class GPT2Family(Family):
     ) -> dict:
         """Causal LM: the inputs are their own labels (HF shifts them inside the model)."""
         return {"input_ids": input_ids, "labels": input_ids if labels is None else labels}
+
+    def lm_hidden_states(self, backbone: GPT2LMHeadModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPT2LMHeadModel.forward up to its head; position t's target is label t+1 (the last has none)."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        hidden = backbone.transformer(**inputs).last_hidden_state
+        return hidden, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
     # HF's KV cache stays on in eager training: without a cache (and without an attention mask) GPT2Model checks
     # its position ids for packed sequences with a host read in every forward (transformers'

@@ -126,6 +126,23 @@ class T5Family(Family):
         """Span corruption: labels are the targets; HF shifts them into decoder inputs unless given."""
         return {"input_ids": input_ids, "labels": labels, "decoder_input_ids": decoder_input_ids}
 
+    def lm_hidden_states(self, backbone: T5ForConditionalGeneration, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5ForConditionalGeneration.forward up to its head: encode, decode the labels shifted right (unless
+        decoder inputs are given), and scale as HF does when the head shares the token table."""
+        inputs = dict(inputs)
+        labels, decoder_input_ids = inputs.pop("labels"), inputs.pop("decoder_input_ids")
+        use_cache = {"use_cache": inputs.pop("use_cache")} if "use_cache" in inputs else {}
+        encoded = backbone.encoder(**inputs).last_hidden_state
+        if decoder_input_ids is None:
+            decoder_input_ids = backbone._shift_right(labels)
+        hidden = backbone.decoder(
+            input_ids=decoder_input_ids, encoder_hidden_states=encoded, **use_cache
+        ).last_hidden_state
+        # transformers 5 names the rule `scale_decoder_outputs`; before, a tied head implied it
+        if getattr(backbone.config, "scale_decoder_outputs", backbone.config.tie_word_embeddings):
+            hidden = hidden * backbone.model_dim**-0.5
+        return hidden, labels
+
     def pad_id(self, backbone: nn.Module, tokenizer_pad_id: int) -> int:
         """T5 pads (and starts decoding) with its config's pad id."""
         return backbone.config.pad_token_id
