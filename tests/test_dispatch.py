@@ -4,6 +4,11 @@ Single process: the layer equals a token-by-token loop over the routing (sum ove
 chosen experts of gate weight x expert(token)), and it is the DeepSpeed MoE the
 engine looks for.
 
+Compiled (torch.compile, aot_eager) at ep_size 2 in bf16 on the grouped backend, as a GPU run with
+trainer.compile: the layer gives the eager layer's outputs and gradients step after step, and routings
+that change the all-to-all's split sizes compile nothing new once shapes have been seen twice (the host
+reads run eagerly: traced, each new split list would be a recompilation, up to Dynamo's limit).
+
 Expert parallel (one spawned gloo world of 4, reused): ep_size 2 and 4 reproduce
 ep_size 1 on one process, same seed, same tokens. Each rank r holds tokens x_r and
 loss L_r = sum(out_r * w_r) + aux_r + z_r. The reference runs the ep_size=1 layer
@@ -85,6 +90,42 @@ def run_rank(layer, name: str, rank: int) -> dict:
     )
 
 
+COMPILED_STEPS, COMPILED_WARMUP = 6, 3
+
+
+def compiled_vs_eager(rank: int) -> dict:
+    """ep_size 2, bf16, grouped experts, dropless top-2: the layer compiled and not, on the same new tokens each
+    step (so new split sizes); the largest differences, and Dynamo's graph count after warm-up and at the end."""
+    from torch._dynamo.utils import counters
+
+    from mpoe.models.moe_layer import build_moe_layer
+    from mpoe.parallel.groups import expert_groups
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = MoEConfig(kind="switch", num_experts=4, top_k=2, expert_impl="grouped")
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(SEED)
+        layers.append(build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", expert_groups(2)).to(torch.bfloat16))
+    eager, compiled = layers
+    compiled.compile(backend="aot_eager")
+    diffs, graphs = [], []
+    for step in range(COMPILED_STEPS):
+        g = torch.Generator().manual_seed(1000 * rank + step)
+        x = torch.randn(2, 4 + step, D_MODEL, generator=g).to(torch.bfloat16)  # new token counts, new splits
+        got = []
+        for layer in (eager, compiled):
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            out.float().pow(2).sum().backward()
+            got.append([out, xi.grad, *(p.grad for p in layer.parameters())])
+            layer.zero_grad()
+        diffs.append(max((a.float() - b.float()).abs().max().item() for a, b in zip(*got)))
+        graphs.append(counters["stats"]["unique_graphs"])
+    return {"diffs": diffs, "graphs": graphs}
+
+
 def _worker(rank: int, out_dir: str) -> None:
     from mpoe.parallel.groups import expert_groups
 
@@ -94,6 +135,8 @@ def _worker(rank: int, out_dir: str) -> None:
             groups = expert_groups(ep)
             results[name, ep] = run_rank(build(name, groups), name, rank)
             results[name, ep]["ep_rank"] = groups.ep_rank
+    # ranks 0 and 1 form one ep group of 2 on their own (its groups exist already: DeepSpeed creates them once)
+    results["compiled"] = compiled_vs_eager(rank) if rank < 2 else None
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -191,6 +234,15 @@ def test_all_to_all_moves_only_routed_tokens(world_results, name, ep):
 
 
 # ---- single process -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_expert_parallel_layer_matches_eager_and_stops_recompiling(world_results):
+    for rank, results in enumerate(world_results[:2]):
+        compiled = results["compiled"]
+        assert max(compiled["diffs"]) == 0.0, (rank, compiled["diffs"])  # aot_eager runs the eager ops
+        graphs = compiled["graphs"]
+        assert graphs[0] > 0 and graphs[-1] == graphs[COMPILED_WARMUP - 1], (rank, graphs)
 
 
 def test_layer_equals_a_token_by_token_loop():

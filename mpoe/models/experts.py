@@ -150,8 +150,7 @@ class ExpertBank(nn.Module):
         return GROUPED if self.impl == "grouped" else LOOP
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
-        backend = self.backend(tokens)
-        return backend.forward(self, tokens, backend.counts(tokens, tokens_per_expert, self.num_local_experts))
+        return self.backend(tokens).forward(self, tokens, tokens_per_expert)
 
     def ffn(self, x: Tensor, linear) -> Tensor:
         """act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all rows.

@@ -128,9 +128,14 @@ def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optio
         out = x @ weight.sum(0)
         return out if bias is None else out + bias.sum(0)
     if not grouped_mm_fits(x, weight):
-        return grouped_linear(x, groups.counts.tolist(), bias, stacked=weight)  # float64 / odd sizes: see module doc
+        return _loop_fallback(x, groups.counts, bias, weight)  # float64 / odd sizes: see module doc
     out = _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
     return out if bias is None else add_bias(out, groups, bias)
+
+
+@torch.compiler.disable  # eager under torch.compile: traced, every new list of host counts would recompile
+def _loop_fallback(x: Tensor, counts: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
+    return grouped_linear(x, counts.tolist(), bias, stacked=weight)
 
 
 class GroupedBackend:
@@ -147,8 +152,8 @@ class GroupedBackend:
             )
         return counts
 
-    def forward(self, bank, tokens: Tensor, counts: Tensor) -> Tensor:
-        groups = Groups(counts, tokens.shape[0])
+    def forward(self, bank, tokens: Tensor, counts: TokenCounts) -> Tensor:
+        groups = Groups(self.counts(tokens, counts, bank.num_local_experts), tokens.shape[0])
         return bank.ffn(
             tokens, lambda x, name: grouped_linear_device(x, groups, bank.stacked_weight(name), bank.bias(name))
         )

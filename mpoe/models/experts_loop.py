@@ -58,11 +58,16 @@ class LoopBackend:
             )
         return counts
 
-    def forward(self, bank, tokens: Tensor, counts: list[int]) -> Tensor:
+    # Eager under torch.compile: traced, each new list of host counts would be a recompilation (and after
+    # Dynamo's limit the block would silently run eagerly anyway); the blocks around still compile.
+    @torch.compiler.disable
+    def forward(self, bank, tokens: Tensor, counts: TokenCounts) -> Tensor:
+        counts = self.counts(tokens, counts, bank.num_local_experts)
         if hasattr(bank, "central") and _all_rebuilt(bank, counts):
             return _rebuilt_ffn(bank, tokens, counts)
         return bank.ffn(tokens, lambda x, name: self.linear(bank, x, counts, name))
 
+    @torch.compiler.disable  # as forward
     def linear(self, bank, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
         if isinstance(counts, Tensor):
             counts = self.counts(x, counts, bank.num_local_experts)

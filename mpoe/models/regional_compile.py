@@ -16,13 +16,16 @@ Compiled blocks run without HF's KV cache. A cache object passed through the blo
 makes Dynamo guard on each layer's slot in it, and so compile every block separately.
 
 On the GPU path at ep_size 1 (sync-free dispatch, grouped experts, bf16) each block
-is one graph (tests/test_compile.py checks this with fullgraph=True). Elsewhere a host
-read splits a block's graph:
-- the loop backend's per-expert counts;
-- expert parallelism's all-to-all split sizes;
+is one graph (tests/test_compile.py checks this with fullgraph=True). Code that reads
+counts on the host runs eagerly inside the compiled blocks (`torch.compiler.disable`),
+where it splits a block's graph:
+- the loop backend (per-expert counts), and the CPU's local dispatch (the kept count);
+- expert parallelism's all-to-all, there and back (split sizes);
 - the grouped backend in fp32, which falls back to the loop op, because torch's
   compile-time grouped_mm takes bf16 only.
-The result is still correct there, just less fused.
+Traced instead, every new list of counts would be one more compilation, until Dynamo's
+recompile limit turned the rest of the block eager (tests/test_dispatch.py checks that
+a compiled expert-parallel layer stops compiling once it has seen two routings).
 """
 
 from __future__ import annotations

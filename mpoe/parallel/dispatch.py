@@ -102,15 +102,24 @@ class AllToAllDispatcher:
     def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
         sync_free = self.sync_free if self.sync_free is not None else tokens.is_cuda
         if sync_free and self.top_k is not None:
-            num_rows = tokens.shape[0] * self.top_k
-        else:
-            num_rows = int(tokens_per_expert.sum())  # the CPU path: reading it is free there
+            return self._permute_local(tokens, probs, routing_map, tokens_per_expert, tokens.shape[0] * self.top_k)
+        return self._dispatch_local_counted(tokens, probs, routing_map, tokens_per_expert)
+
+    # The host-read paths below run eagerly under torch.compile (the blocks around them still compile): traced,
+    # every new host count or split list would be a recompilation, until Dynamo's limit turns the rest eager.
+    @torch.compiler.disable
+    def _dispatch_local_counted(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
+        num_rows = int(tokens_per_expert.sum())  # the CPU path: reading it is free there
+        return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows)
+
+    def _permute_local(self, tokens, probs, routing_map, tokens_per_expert, num_rows: int) -> tuple[Tensor, Tensor]:
         token, expert, kept = self._pairs(routing_map, num_rows)
         self._save(tokens, probs, token, expert, kept)
         counts = tokens_per_expert.clone()
         counts[-1] += num_rows - tokens_per_expert.sum()  # padding rows (dropped pairs) go to the last expert
         return tokens.index_select(0, token), counts
 
+    @torch.compiler.disable
     def _dispatch_all_to_all(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
         P, L, group = self.ep_size, self.num_local_experts, self.groups.ep_group
         sent_counts = tokens_per_expert.view(P, L)  # [destination rank, its local expert]
@@ -146,6 +155,18 @@ class AllToAllDispatcher:
         rows = _sort_chunks(received_rows, by_source, by_expert)
         return rows, received_counts.sum(dim=0)
 
+    @torch.compiler.disable
+    def _return_all_to_all(self, expert_output: Tensor, saved: dict) -> Tensor:
+        """Expert outputs back to the ranks their tokens came from, in the order those sent them."""
+        by_source = _sort_chunks(expert_output, saved["resorted_sizes"], saved["restore_order"])
+        return all_to_all_single(
+            expert_output.new_empty(sum(saved["input_splits"]), expert_output.shape[-1]),
+            by_source,
+            saved["input_splits"],
+            saved["output_splits"],
+            group=self.groups.ep_group,
+        )
+
     def _save(self, tokens: Tensor, probs: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> None:
         # Each row's gate weight, 0 for padding rows; gradients reach probs through the gather.
         row_probs = torch.where(kept, probs[token, expert], probs.new_zeros(()))
@@ -157,14 +178,7 @@ class AllToAllDispatcher:
         if saved is None:
             raise RuntimeError("combine() called without a matching dispatch()")
         if "input_splits" in saved:
-            by_source = _sort_chunks(expert_output, saved["resorted_sizes"], saved["restore_order"])
-            expert_output = all_to_all_single(
-                expert_output.new_empty(sum(saved["input_splits"]), expert_output.shape[-1]),
-                by_source,
-                saved["input_splits"],
-                saved["output_splits"],
-                group=self.groups.ep_group,
-            )
+            expert_output = self._return_all_to_all(expert_output, saved)
         # Megatron's unpermute: weight in the probs' dtype (promotes bf16 rows to fp32), sum, cast back.
         weighted = expert_output * saved["row_probs"].unsqueeze(-1)
         out = weighted.new_zeros(saved["shape"])

@@ -143,9 +143,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         if rank == 0:
             log.info(f"trainer.compile: {blocks} transformer blocks compiled ({t.compile_backend}) at their first use")
             if accelerator_name() == "cpu" and cfg.moe.kind != "dense":
-                log.warning(
-                    "trainer.compile on the CPU: the loop expert backend reads token counts on the host, so new "
-                    "counts recompile (minutes each with inductor here); it is meant for CUDA"
+                log.info(
+                    "trainer.compile on the CPU: the loop expert backend reads token counts on the host, so it "
+                    "runs eagerly between compiled parts; compile is meant for CUDA"
                 )
     engine = ds_engine.initialize(model, cfg, world)
     grad_mask = _grad_mask(cfg, model)
