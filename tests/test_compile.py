@@ -102,8 +102,8 @@ def test_an_unknown_compile_backend_is_one_line():
 
 @pytest.mark.slow
 def test_a_compiled_run_resumes_an_eager_checkpoint_and_logs_the_eager_losses(tmp_path, mpoe_cache):
-    """The default model with dense FFNs, fp32 (the MoE blocks' equivalence is checked in-process above: on the
-    CPU their host reads make each new token count a recompilation, minutes of a CI run). aot_eager traces
+    """The default model with dense FFNs, fp32 (the MoE blocks' equivalence is checked in-process above, and
+    compiled expert parallelism in tests/test_dispatch.py: this run is about checkpoints). aot_eager traces
     forward and backward as inductor does (AOTAutograd) and runs the traced ops as they are, so the losses are
     the eager run's; the checkpoint loads because compiling in place keeps the state dict's names."""
     common = ("moe=dense", "trainer.max_steps=6", "trainer.eval_every=6")
