@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mpoe.config import ConfigError, TrainerConfig
 from mpoe.models.build import build_model
-from mpoe.models.lm_loss import IGNORE_INDEX, linear_cross_entropy
+from mpoe.models.lm_loss import IGNORE_INDEX, chunk_math_fusable, linear_cross_entropy
 from mpoe.parallel.groups import ExpertGroups
 from tests.test_models import VOCAB, tiny_batch, tiny_cfg
 
@@ -148,3 +148,18 @@ def test_gpu_bf16_chunked_loss_is_as_exact_as_hfs_way_without_host_sync():
         error = (mine.double() - truth / 3.5).norm() / truth.norm() * 3.5
         hf_error = (theirs.double() - truth / 3.5).norm() / truth.norm() * 3.5
         assert error < 1.5 * hf_error, (error, hf_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_fusable_chunk_math_compiled_equals_the_in_place_math(dtype):
+    """What trainer.compile runs per chunk (chunk_math_fusable under torch.compile, aot_eager here: the traced
+    graph inductor would fuse) gives the in-place eager math's loss and gradients, with the same roundings."""
+    hidden, weight, targets = _problem(rows=300, d=24, vocab=70, dtype=dtype)
+    compiled = torch.compile(chunk_math_fusable, backend="aot_eager", fullgraph=True)
+    results = []
+    for math in (None, compiled):
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=128, chunk_math=math)  # 2 full chunks + 44 rows
+        results.append((loss, *torch.autograd.grad(loss, (h, w))))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -9,6 +9,7 @@ layers every-1, 2*every-1, ... (with every=2, the odd layers, as in Switch).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,6 +62,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.backbone, self.family, self.pad_id, self.lm_loss = backbone, family, pad_id, lm_loss
         self._moe = moe_layers(backbone)
+        # What the chunked loss does with each chunk's logits: None is lm_loss.chunk_math_in_place (eager);
+        # trainer.compile sets lm_loss.chunk_math_fusable compiled (regional_compile.compile_blocks).
+        self.lm_chunk_math: Optional[Callable] = None
         self.kv_cache: Optional[bool] = families.get(family).training_kv_cache  # None: the HF config's use_cache
 
     def forward(
@@ -80,7 +84,9 @@ class LanguageModel(nn.Module):
         else:
             hidden, targets = family.lm_hidden_states(self.backbone, inputs)
             head = self.backbone.get_output_embeddings()
-            lm_loss = linear_cross_entropy(hidden.flatten(0, -2), head.weight, targets.flatten())
+            lm_loss = linear_cross_entropy(
+                hidden.flatten(0, -2), head.weight, targets.flatten(), chunk_math=self.lm_chunk_math
+            )
             logits = head(hidden) if return_logits else None
         zero = lm_loss.new_zeros(())
         stats = [m.stats for m in self._moe if m.stats is not None]
