@@ -101,12 +101,10 @@ class TopKRouter(nn.Module):
         Autocast is switched off so that it cannot turn the float32 matmul back into bf16.
         """
         device = tokens.device.type
-        # (no autocast to switch off on devices without one, e.g. meta: shape-only runs)
-        off = (
-            torch.autocast(device, enabled=False)
-            if torch.amp.is_autocast_available(device)
-            else contextlib.nullcontext()
-        )
+        # No autocast to switch off on devices without one (meta: shape-only runs). CUDA and CPU are named first
+        # because torch.compile in torch 2.11 cannot trace is_autocast_available (2.13 can): a graph break per block.
+        has_autocast = device in ("cuda", "cpu") or torch.amp.is_autocast_available(device)
+        off = torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext()
         with off:
             return F.linear(tokens.float(), self.gate.weight.float())
 
