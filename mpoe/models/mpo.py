@@ -153,7 +153,8 @@ def split_index(shapes: Sequence[Sequence[int]]) -> int:
     candidates = [k for k in (c, c + 1) if 1 <= k <= n - 1]
     if not candidates:
         return n
-    return min(candidates, key=lambda k: (shapes[k][0], math.prod(sizes[:k]) + math.prod(sizes[k:]), k))
+    # min over (cost, k) tuples rather than min(..., key=lambda): torch 2.9's torch.compile cannot trace the latter
+    return min([(shapes[k][0], math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in candidates])[-1]
 
 
 def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Tensor]]:
