@@ -47,9 +47,20 @@ def linear_cross_entropy(
     """
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
-    # Inside Function.forward grad mode is off and needs_input_grad says nothing about it: decide here
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, with_grad, chunk_math or chunk_math_in_place)
+    # Inside Function.forward grad mode is off and needs_input_grad says nothing about it: read it here
+    grad_enabled = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, chunk_rows, grad_enabled, chunk_math or chunk_math_in_place
+    )
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The logits in float32 (float64; the same tensor when they already are), log z, the target's logit and the
+    chunk's summed loss: what both chunk maths start from."""
+    wide_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_z = torch.logsumexp(wide_logits, dim=-1, keepdim=True)
+    target_logit = wide_logits.gather(1, targets)
+    return wide_logits, log_z, target_logit, ((log_z - target_logit) * keep).sum()
 
 
 def chunk_math_in_place(
@@ -62,10 +73,7 @@ def chunk_math_in_place(
     do not count are left in the gradient: the caller zeroes them in the GEMMs' [n, d] operands, a pass less
     over this large tensor. exp(logit - log z) is formed in float32 (float64) and rounded once; the target's
     entry p - 1 likewise (after rounding p, p - 1 would lose its digits as p nears 1)."""
-    wide_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the same tensor in float32
-    log_z = torch.logsumexp(wide_logits, dim=-1, keepdim=True)
-    target_logit = wide_logits.gather(1, targets)
-    loss = ((log_z - target_logit) * keep).sum()
+    wide_logits, log_z, target_logit, loss = _chunk_loss(logits, targets, keep)
     if not with_grad:
         return loss, None
     grad = torch.exp(wide_logits.sub_(log_z), out=logits)
@@ -78,10 +86,7 @@ def chunk_math_fusable(
     """`chunk_math_in_place` without in-place ops, for torch.compile: inductor fuses it into one reduction over the
     logits (log z and the target's logit) and one elementwise pass writing the gradient in the logits' dtype,
     where eager makes about five passes over [rows, vocab] in float32. Same math, same roundings."""
-    wide_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    log_z = torch.logsumexp(wide_logits, dim=-1, keepdim=True)
-    target_logit = wide_logits.gather(1, targets)
-    loss = ((log_z - target_logit) * keep).sum()
+    wide_logits, log_z, target_logit, loss = _chunk_loss(logits, targets, keep)
     if not with_grad:
         return loss, None
     columns = torch.arange(logits.shape[1], device=logits.device)
@@ -91,13 +96,13 @@ def chunk_math_fusable(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, with_grad, chunk_math):
+    def forward(ctx, hidden, weight, targets, chunk_rows, grad_enabled, chunk_math):
         wide = torch.promote_types(weight.dtype, torch.float32)  # sums: float32, or float64 in float64
         counted = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~counted, 0)  # any valid index; rows that do not count are masked
         loss_sum = hidden.new_zeros((), dtype=wide)
-        grad_hidden = torch.empty_like(hidden) if with_grad and ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=wide) if with_grad and ctx.needs_input_grad[1] else None
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=wide) if grad_enabled and ctx.needs_input_grad[1] else None
         with_grad = grad_hidden is not None or grad_weight is not None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
