@@ -10,7 +10,7 @@ What follows describes the CPU table.
 
 One training step (forward + backward of sum(out * g)) of a top-1 Switch layer,
 d_model 512, d_ff 2048, fastest of 3 rounds in which ours, the floor, the bank alone
-and DeepSpeed's layer take turns (the machine may be shared; see step_times), for 8 and 32
+and DeepSpeed's layer take turns (the machine may be shared; see step_times), for 8 and 32 (--experts)
 experts at capacity factor 1.0, dropless, and dropless with skewed routing
 (tokens pushed to expert 0 until max/mean expert load is about 3). The floor is one
 dense FFN of the same width over all tokens: the FLOPs a top-1 layer must spend.
@@ -436,6 +436,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes; ep > 1 spawns that many processes"
     )
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32], help="expert counts of the CPU table")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ds-max-gb", type=float, default=4.0)
     args = parser.parse_args(argv)
@@ -466,7 +467,7 @@ def main(argv=None) -> dict:
         if ep == 1:
             token_counts = args.tokens or ([2048, 4096] if args.quick else [8192, 32768])
             for tokens in token_counts:
-                for num_experts in (8, 32):
+                for num_experts in args.experts:
                     for mode in modes:
                         rows.append(run_case(tokens, num_experts, mode, repeats, args.ds_max_gb))
                         print_row(rows[-1])
@@ -474,7 +475,7 @@ def main(argv=None) -> dict:
             from mpoe.parallel.local_world import spawn_world
 
             token_counts = args.tokens or ([4096] if args.quick else [8192])
-            cases = [(t, e, m) for t in token_counts for e in (8, 32) for m in modes]
+            cases = [(t, e, m) for t in token_counts for e in args.experts for m in modes]
             with tempfile.TemporaryDirectory() as tmp:
                 out_path = os.path.join(tmp, "rows.json")
                 spawn_world(_ep_worker, ep, ep, cases, repeats, args.ds_max_gb, out_path)

@@ -33,7 +33,7 @@ def test_moe_layer_bench_sends_exactly_the_routed_tokens_over_a_real_all_to_all(
     """ep 2 on 2 gloo processes: the bytes handed to all_to_all_single equal the routed rows.
 
     Out and back, forward and backward."""
-    results = moe_layer.main(["--tokens", "256", "--repeats", "1", "--ep", "1", "2"])
+    results = moe_layer.main(["--tokens", "256", "--experts", "8", "--repeats", "1", "--ep", "1", "2"])
     assert results["dispatch.bytes_vs_routed"] == pytest.approx(1.0, abs=1e-9)
     for key in (
         "moe_layer.vs_floor",
