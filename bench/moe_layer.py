@@ -19,8 +19,8 @@ ep 1: one process. ep 2: a real gloo world of 2 processes (1 thread each, the 2
 cores of this machine), each holding half of the tokens and half of the experts,
 tokens exchanged by all-to-all; the floor is the dense FFN over each process's
 half, run at the same time on both. A step's time is the slower rank's, and
-the all-to-all bytes are counted where they are handed to
-`torch.distributed.all_to_all_single` (forward and backward, both layers alike;
+the all-to-all bytes are counted where the all-to-all ops are dispatched
+(`CountAllToAll`: forward and backward, both layers alike;
 token payload only: our per-expert count exchange is reported apart, a few hundred bytes).
 
 DeepSpeed's GShard-style layer builds [tokens, experts, capacity] one-hot tensors
@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpoe.parallel.groups import configure_accelerator
 
@@ -101,33 +102,39 @@ def skew_tokens(x: torch.Tensor, gate_weight: torch.Tensor, num_experts: int) ->
     return x[torch.randperm(x.shape[0])]
 
 
-class CountAllToAll:
-    """Bytes handed to `torch.distributed.all_to_all_single` while active (ours and DeepSpeed's both end there).
+class CountAllToAll(TorchDispatchMode):
+    """Bytes handed to an all-to-all while active, counted where the op is dispatched: torch's functional
+    all-to-all (ours, forward and backward) and c10d's `alltoall_base_` (`torch.distributed.all_to_all_single`,
+    which DeepSpeed's layer calls both ways).
 
     `bytes`: token payload (floating-point tensors); `metadata_bytes`: integer tensors
     (our per-expert token counts, P x L int64 per rank and layer, a few hundred bytes).
+    A dispatch mode sees the backward's ops only where backward runs on this thread, as on the CPU: this
+    counts the CPU table's rows (the GPU table does not count bytes).
     """
 
     def __enter__(self) -> CountAllToAll:
-        import torch.distributed as dist
+        self.bytes, self.metadata_bytes = 0, 0
+        return super().__enter__()
 
-        self.bytes, self.metadata_bytes, self._original = 0, 0, dist.all_to_all_single
-
-        def counted(output, input, *args, **kwargs):
-            size = input.numel() * input.element_size()
-            if input.is_floating_point():
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sent = _ALL_TO_ALL_INPUT.get(func)
+        if sent is not None:
+            tensor = args[sent]
+            size = tensor.numel() * tensor.element_size()
+            if tensor.is_floating_point():
                 self.bytes += size
             else:
                 self.metadata_bytes += size
-            return self._original(output, input, *args, **kwargs)
+        return func(*args, **kwargs)
 
-        dist.all_to_all_single = counted
-        return self
 
-    def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
-        dist.all_to_all_single = self._original
+# The all-to-all ops, and where their input (what this rank sends) is among the arguments.
+_ALL_TO_ALL_INPUT = {
+    torch.ops._c10d_functional.all_to_all_single.default: 0,  # (input, output splits, input splits, group)
+    torch.ops.c10d.alltoall_base_.default: 1,  # (output, input, process group, splits..., timeout)
+}
 
 
 def _over_ranks(value: float, op: str = "sum") -> float:

@@ -2,8 +2,7 @@
 
 Libraries' import-time notices that cannot matter to a user of this package
 (Megatron's "Transformer Engine and Apex are not installed", its "Detected
-Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder, torch's
-deprecation of an op we use knowingly) used to fill the first lines of every
+Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder) used to fill the first lines of every
 run and land inside the progress bar. They are filtered here, by category and
 module, and only for processes started through an entry point: importing
 `mpoe` as a library changes no global state. What remains goes through
@@ -22,7 +21,6 @@ import warnings
 # (message regex, category, module regex): warnings about optional libraries and APIs we use on purpose.
 _QUIET_WARNINGS = (
     (r"Transformer Engine and Apex are not installed", UserWarning, r"megatron\."),
-    (r"torch\.distributed\.nn\.functional\.all_to_all_single is deprecated", FutureWarning, ""),
     (r".*Megatron-FSDP", UserWarning, r"megatron\."),
 )
 # Loggers whose INFO lines describe library internals (optional backends detected, test compiles).

@@ -73,7 +73,7 @@ def test_importing_dispatch_changes_no_warning_filter():
     # Its imports first: what torch or groups.py do at import time is not dispatch.py's doing (torch._dynamo,
     # which torch.compiler.disable imports, adds a filter for sympy's deprecation warnings).
     code = (
-        "import warnings, torch._dynamo, torch.distributed.nn.functional, mpoe.parallel.groups; "
+        "import warnings, torch._dynamo, torch.distributed._functional_collectives, mpoe.parallel.groups; "
         "before = list(warnings.filters); "
         "import mpoe.parallel.dispatch; assert warnings.filters == before, 'dispatch changed the warning filters'"
     )

@@ -5,8 +5,9 @@ padded one-hot einsum of GShard/DeepSpeed: a token is copied once per expert it 
 routed to, never padded to a capacity, so dropless routing and skewed loads cost
 only the tokens actually routed. Every step is differentiable: the permutation is
 an index_select, the combine a gate-weighted index_add (Megatron's `unpermute`
-arithmetic), and torch.distributed.nn's all_to_all_single sends the gradients back
-along the reverse splits (it works over gloo with uneven splits).
+arithmetic), and the all-to-all is torch's functional collective with autograd
+(`all_to_all_single_autograd`, as torchtitan's MoE uses): its backward sends the
+gradients back along the reverse splits, over NCCL or gloo, uneven splits included.
 
 Order of tokens at each stage, for P ranks with L local experts each:
   permute:      by global expert e = rank * L + local expert   (so by destination rank)
@@ -35,7 +36,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from mpoe.config import check_ep_divides_experts
 from mpoe.parallel.groups import ExpertGroups
@@ -53,6 +54,14 @@ class CommStats:
     def routed_tokens(self) -> int:
         """(token, expert) copies this rank sent out: the minimum any dispatcher must send (reads the device)."""
         return int(self.routed)
+
+
+def _all_to_all(rows: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    """rows, cut by input_splits, to the group's ranks; returns what they sent, cut by output_splits.
+
+    The result is waited for at once: the next op needs it, and an AsyncCollectiveTensor
+    would otherwise wrap every op applied to it until the first read."""
+    return wait_tensor(all_to_all_single_autograd(rows, output_splits, input_splits, group))
 
 
 def _sort_chunks(x: Tensor, sizes: list[int], order: list[int]) -> Tensor:
@@ -132,13 +141,7 @@ class AllToAllDispatcher:
         output_splits = [sum(received[r * L : (r + 1) * L]) for r in range(P)]
         token, expert, kept = self._pairs(routing_map, sum(input_splits))
         self._save(tokens, probs, token, expert, kept)
-        received_rows = all_to_all_single(
-            tokens.new_empty(sum(output_splits), tokens.shape[-1]),
-            tokens.index_select(0, token),
-            output_splits,
-            input_splits,
-            group=group,
-        )
+        received_rows = _all_to_all(tokens.index_select(0, token), output_splits, input_splits, group)
         by_source = received  # rows' chunk sizes: (source rank r, local expert e) at index r * L + e
         by_expert = [r * L + e for e in range(L) for r in range(P)]
         self._saved.update(
@@ -159,13 +162,7 @@ class AllToAllDispatcher:
     def _return_all_to_all(self, expert_output: Tensor, saved: dict) -> Tensor:
         """Expert outputs back to the ranks their tokens came from, in the order those sent them."""
         by_source = _sort_chunks(expert_output, saved["resorted_sizes"], saved["restore_order"])
-        return all_to_all_single(
-            expert_output.new_empty(sum(saved["input_splits"]), expert_output.shape[-1]),
-            by_source,
-            saved["input_splits"],
-            saved["output_splits"],
-            group=self.groups.ep_group,
-        )
+        return _all_to_all(by_source, saved["input_splits"], saved["output_splits"], self.groups.ep_group)
 
     def _save(self, tokens: Tensor, probs: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> None:
         # Each row's gate weight, 0 for padding rows; gradients reach probs through the gather.
