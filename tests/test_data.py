@@ -1,5 +1,7 @@
 """The embedded corpus, its split, the BPE tokenizer and the batch order are deterministic."""
 
+import numpy as np
+import pytest
 import torch
 
 from mpoe.config import DataConfig
@@ -59,6 +61,40 @@ def test_prepare_caches_and_reproduces(tmp_path):
     assert (first.train == second.train).all() and (first.val == second.val).all()
     assert first.vocab_size == 500
     assert len(list(tmp_path.glob("bpe-*.json"))) == 1
+
+
+def test_encode_in_batches_gives_each_documents_ids_then_end_of_text(monkeypatch):
+    """The stream is every document's own encoding followed by the end-of-text id, across batch boundaries."""
+    docs = corpus.pydoc_topics()[:23]
+    tok = data.train_tokenizer(docs, 600)
+    eot = data.special_ids(tok)[0]
+    truth = [i for d in docs for i in tok.encode(d).ids + [eot]]
+    monkeypatch.setattr(data, "ENCODE_BATCH_DOCS", 5)  # 5 batches, the last partial
+    stream = data.encode(tok, docs)
+    assert stream.dtype == np.int32 and stream.tolist() == truth
+    assert data.encode(tok, []).tolist() == []
+
+
+def test_token_cache_is_memory_mapped_and_packing_copies_nothing(tmp_path, monkeypatch):
+    """Every process maps the cached int32 tokens (one copy per node, in the page cache); sequences are views
+    of the map, and only a drawn batch becomes int64."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    cfg = DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path), vocab_size=500)
+    first = data.prepare(cfg)
+    monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("the cached tokens were encoded again"))
+    cached = data.prepare(cfg)
+    for split in ("train", "val"):
+        array = getattr(cached, split)
+        assert isinstance(array, np.memmap) and array.dtype == np.int32
+        assert np.array_equal(array, getattr(first, split))
+    sequences = data.pack(cached.train, 17)
+    assert sequences.data_ptr() == cached.train.ctypes.data  # a view of the map: no copy
+    assert torch.equal(sequences[1], torch.from_numpy(np.asarray(cached.train[17:34])))
+    batch = data.SequenceSampler(sequences, micro_batch=2, accum=1, world=1, rank=0, seed=0).batch(0, 0)
+    assert batch.dtype == torch.int64 and batch.shape == (2, 17)
+    ((val_batch, count),) = data.eval_batches(data.pack(cached.val, 17), 64, 64, 1, 0)[:1]
+    assert val_batch.dtype == torch.int64 and count == len(val_batch)
 
 
 def test_sampler_slices_ranks_disjointly_and_repeats_per_step():

@@ -4,7 +4,11 @@ Sources (`data=`): the embedded CPython corpus (`embedded`), local text/json/par
 files read through `datasets` (`text`), or a dataset on the hub when online (`hub`).
 The tokenizer is a byte-level BPE trained with `tokenizers` on the training split
 and cached under `data.cache_dir` keyed by the corpus fingerprint, or a given
-`tokenizer.json`. The token stream is cached too, so later runs start at once.
+`tokenizer.json`. The token stream is cached too, so later runs start at once:
+one int32 `.npy` file per split, which every process memory-maps rather than
+reads, so the processes of a node share one copy of the tokens in the page
+cache, and packing them into sequences copies nothing (a batch becomes int64
+when it is drawn).
 
 Batches are drawn by `SequenceSampler`: an epoch is a seeded permutation of the
 packed sequences, cut into global batches; rank r takes its slice. The position
@@ -228,14 +232,24 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return eot, eot if pad is None else pad
 
 
+ENCODE_BATCH_DOCS = 4096  # documents per `encode_batch` call: its Encodings (ids, offsets, token strings) are large
+
+
 def encode(tokenizer, docs: list[str]) -> np.ndarray:
-    """One flat stream of token ids with an end-of-text token after every document."""
+    """One flat int32 stream of token ids with an end-of-text token after every document.
+
+    Encoded in batches of documents (`tokenizers` spreads each over its threads), each turned into an
+    int32 array at once: the peak is about twice the tokens' int32 size, not a Python list of them."""
     eot = special_ids(tokenizer)[0]
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(docs):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return np.asarray(ids, dtype=np.int32)
+    parts = [np.zeros(0, dtype=np.int32)]
+    for start in range(0, len(docs), ENCODE_BATCH_DOCS):
+        encodings = tokenizer.encode_batch(docs[start : start + ENCODE_BATCH_DOCS])
+        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+        part = np.full(int(lengths.sum()), eot, dtype=np.int32)  # the end-of-text slots stay eot
+        for end, e in zip(np.cumsum(lengths), encodings):
+            part[end - 1 - len(e.ids) : end - 1] = e.ids
+        parts.append(part)
+    return np.concatenate(parts)
 
 
 @dataclass
@@ -260,27 +274,28 @@ def prepare(cfg: DataConfig) -> TokenData:
     key = hashlib.sha1(
         json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()
     ).hexdigest()[:16]
-    path = cache_root(cfg) / f"tokens-{key}.npz"
-    if path.exists():
-        arrays = np.load(path)
-        train, val = arrays["train"], arrays["val"]
-    else:
-        train, val = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, train=train, val=val)
-        os.replace(tmp, path)
+    paths = {split: cache_root(cfg) / f"tokens-{key}-{split}.npy" for split in ("train", "val")}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not paths[split].exists():
+            tmp = paths[split].with_name(f"{paths[split].stem}.tmp{os.getpid()}.npy")
+            np.save(tmp, encode(tokenizer, docs))
+            os.replace(tmp, paths[split])  # atomic: concurrent ranks never map half a file
+    # Copy-on-write maps: shared pages, and torch.from_numpy takes them as writable (nothing writes them).
+    train, val = (np.load(paths[split], mmap_mode="c") for split in ("train", "val"))
     return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer, *special_ids(tokenizer))
 
 
 def pack(stream: np.ndarray, length: int) -> torch.Tensor:
-    """Non-overlapping windows of `length` tokens (the tail that does not fill one is dropped)."""
+    """Non-overlapping windows of `length` tokens (the tail that does not fill one is dropped).
+
+    A view of the stream, in its dtype (the memory-mapped int32 cache: no copy); batches are cast when drawn."""
     n = len(stream) // length
     if n == 0:
         raise ConfigError(
             f"trainer.seq_len={length - 1} is longer than the {len(stream)} tokens of a data split: "
             "lower it or add data"
         )
-    return torch.from_numpy(stream[: n * length].astype(np.int64)).view(n, length)
+    return torch.from_numpy(stream[: n * length]).view(n, length)
 
 
 class SequenceSampler:
@@ -307,7 +322,7 @@ class SequenceSampler:
     def batch(self, step: int, micro_step: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch + (micro_step * self.world + self.rank) * self.micro_batch
-        return self.sequences[self._permutation(epoch)[start : start + self.micro_batch]]
+        return self.sequences[self._permutation(epoch)[start : start + self.micro_batch]].long()
 
 
 def eval_batches(
@@ -327,5 +342,5 @@ def eval_batches(
     out = []
     for b in range(per_rank):
         batch = mine[b * micro_batch : (b + 1) * micro_batch]
-        out.append((batch, len(batch)) if len(batch) else (sequences[:1], 0))
+        out.append((batch.long(), len(batch)) if len(batch) else (sequences[:1].long(), 0))
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,14 +337,19 @@ def evaluate(engine, batches: list[tuple[torch.Tensor, int]], objective) -> tupl
 
 
 def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
-    """Rank 0 builds the tokenizer and token caches first; the others then read them."""
+    """Each node's first process builds the tokenizer and token caches; the node's others then read them.
+
+    Per node, not per world: the cache directory (~/.cache/mpoe by default) is usually a node's own disk, where
+    rank 0's files are out of reach. On a shared one, each node's first process builds the same files at the
+    same time (written atomically), which takes no longer than rank 0 alone."""
     if cfg.model.pretrained and not cfg.data.tokenizer:  # a checkpoint's own tokenizer, when it ships one
         cfg.data.tokenizer = data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained)
-    if rank == 0:
+    first_on_node = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    if first_on_node:
         token_data = data_lib.prepare(cfg.data)
     if dist.is_initialized():
         dist.barrier()
-    return token_data if rank == 0 else data_lib.prepare(cfg.data)
+    return token_data if first_on_node else data_lib.prepare(cfg.data)
 
 
 def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device: torch.device) -> tuple[float, Peak]:
