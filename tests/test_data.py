@@ -141,3 +141,50 @@ def test_an_empty_mpoe_cache_means_the_default_not_the_working_directory(tmp_pat
     assert data.cache_root(DataConfig()) == tmp_path / "home" / ".cache" / "mpoe"
     monkeypatch.setenv("MPOE_CACHE", str(tmp_path / "mine"))
     assert data.cache_root(DataConfig()) == tmp_path / "mine"
+
+
+def _prepare_on_two_nodes_or_one(rank: int, corpus_path: str, out_dir: str) -> None:
+    """Rank 1 is first a second process of rank 0's node (same cache, LOCAL_RANK 1: it must not read the
+    documents), then the first process of another node (its own cache directory, LOCAL_RANK 0)."""
+    import os
+
+    from mpoe.config import TrainConfig
+    from mpoe.train import loop
+
+    def prepared(cache_dir: str):
+        cfg = TrainConfig(data=DataConfig(name="text", paths=[corpus_path], cache_dir=cache_dir, vocab_size=500))
+        token_data = loop._prepare_data(cfg, rank)
+        return {
+            "train": np.array(token_data.train),
+            "val": np.array(token_data.val),
+            "mapped": isinstance(token_data.train, np.memmap) and isinstance(token_data.val, np.memmap),
+            "ids": token_data.tokenizer.encode("The assert statement").ids,
+            "special": (token_data.vocab_size, token_data.eot_id, token_data.pad_id),
+        }
+
+    real_load = data.load_documents
+    if rank == 1:
+        data.load_documents = lambda cfg: pytest.fail("a node's second process read the documents")
+    same_node = prepared(f"{out_dir}/node0")
+    data.load_documents = real_load
+    os.environ["LOCAL_RANK"] = "0"
+    other_node = prepared(f"{out_dir}/node{rank}")
+    torch.save({"same_node": same_node, "other_node": other_node}, f"{out_dir}/{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_nodes_other_processes_map_its_cache_without_reading_documents(tmp_path):
+    from mpoe.parallel.local_world import spawn_world
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    spawn_world(_prepare_on_two_nodes_or_one, 2, str(path), str(tmp_path))
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    reference = results[0]["same_node"]
+    assert reference["mapped"] and len(reference["train"]) > 1000
+    for got in (results[1]["same_node"], results[1]["other_node"], results[0]["other_node"]):
+        assert got["mapped"] and got["ids"] == reference["ids"] and got["special"] == reference["special"]
+        assert np.array_equal(got["train"], reference["train"]) and np.array_equal(got["val"], reference["val"])
+    assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == sorted(
+        p.name for p in (tmp_path / "node0").iterdir()
+    )  # the other node built the same files under the same names

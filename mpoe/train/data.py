@@ -260,10 +260,26 @@ class TokenData:
     tokenizer: object
     eot_id: int
     pad_id: int
+    key: str  # names the cache files: `load_prepared(cfg, key)` maps them without reading any document
+
+
+def _cache_files(cfg: DataConfig, key: str) -> dict[str, Path]:
+    root = cache_root(cfg)
+    return {
+        "train": root / f"tokens-{key}-train.npy",
+        "val": root / f"tokens-{key}-val.npy",
+        "tokenizer": root / f"tokens-{key}-tokenizer.json",  # the tokenizer that made them
+    }
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)  # concurrent processes never map or parse half a file
 
 
 def prepare(cfg: DataConfig) -> TokenData:
-    """Load, tokenize and cache; every rank calls it and gets the same arrays."""
+    """Load the documents, tokenize and cache (unless cached), and map the cache."""
     train_docs, val_docs = load_documents(cfg)
     if not train_docs or not val_docs:
         raise ConfigError(
@@ -274,15 +290,26 @@ def prepare(cfg: DataConfig) -> TokenData:
     key = hashlib.sha1(
         json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()
     ).hexdigest()[:16]
-    paths = {split: cache_root(cfg) / f"tokens-{key}-{split}.npy" for split in ("train", "val")}
+    files = _cache_files(cfg, key)
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        if not paths[split].exists():
-            tmp = paths[split].with_name(f"{paths[split].stem}.tmp{os.getpid()}.npy")
-            np.save(tmp, encode(tokenizer, docs))
-            os.replace(tmp, paths[split])  # atomic: concurrent ranks never map half a file
+        if not files[split].exists():
+            _write_atomically(files[split], lambda tmp, docs=docs: np.save(tmp, encode(tokenizer, docs)))
+    if not files["tokenizer"].exists():
+        _write_atomically(files["tokenizer"], lambda tmp: tokenizer.save(str(tmp)))
+    return load_prepared(cfg, key)
+
+
+def load_prepared(cfg: DataConfig, key: str) -> Optional[TokenData]:
+    """The cached tokens and tokenizer that `prepare` wrote under `key`, or None where they are not all there."""
+    from tokenizers import Tokenizer
+
+    files = _cache_files(cfg, key)
+    if not all(f.exists() for f in files.values()):
+        return None
     # Copy-on-write maps: shared pages, and torch.from_numpy takes them as writable (nothing writes them).
-    train, val = (np.load(paths[split], mmap_mode="c") for split in ("train", "val"))
-    return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer, *special_ids(tokenizer))
+    train, val = (np.load(files[split], mmap_mode="c") for split in ("train", "val"))
+    tokenizer = Tokenizer.from_file(str(files["tokenizer"]))
+    return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer, *special_ids(tokenizer), key=key)
 
 
 def pack(stream: np.ndarray, length: int) -> torch.Tensor:

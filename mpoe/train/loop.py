@@ -26,7 +26,7 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel import engine as ds_engine
-from mpoe.parallel.collectives import all_reduce
+from mpoe.parallel.collectives import all_reduce, comm_device
 from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
@@ -337,19 +337,23 @@ def evaluate(engine, batches: list[tuple[torch.Tensor, int]], objective) -> tupl
 
 
 def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
-    """Each node's first process builds the tokenizer and token caches; the node's others then read them.
+    """Each node's first process reads the documents, tokenizes and caches; the others map its cache.
 
-    Per node, not per world: the cache directory (~/.cache/mpoe by default) is usually a node's own disk, where
-    rank 0's files are out of reach. On a shared one, each node's first process builds the same files at the
-    same time (written atomically), which takes no longer than rank 0 alone."""
+    Per node, not per world: the cache directory (~/.cache/mpoe by default) is usually a node's own disk,
+    where rank 0's files are out of reach. Rank 0 then tells the others the key that names the cache files
+    (they are the same on every node: same documents, same tokenizer), so that a node's other processes never
+    hold the documents; they read them only if those files are missing there. On a shared cache directory each
+    node's first process writes the same files at the same time (atomically), no slower than rank 0 alone."""
     if cfg.model.pretrained and not cfg.data.tokenizer:  # a checkpoint's own tokenizer, when it ships one
         cfg.data.tokenizer = data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained)
-    first_on_node = int(os.environ.get("LOCAL_RANK", rank)) == 0
-    if first_on_node:
-        token_data = data_lib.prepare(cfg.data)
-    if dist.is_initialized():
-        dist.barrier()
-    return token_data if first_on_node else data_lib.prepare(cfg.data)
+    first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
+    token_data = data_lib.prepare(cfg.data) if first_on_node else None
+    if not dist.is_initialized():
+        return token_data
+    dist.barrier()  # every node's first process has written its cache
+    key = [token_data.key if rank == 0 else None]
+    dist.broadcast_object_list(key, src=0, device=comm_device())
+    return token_data or data_lib.load_prepared(cfg.data, key[0]) or data_lib.prepare(cfg.data)
 
 
 def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device: torch.device) -> tuple[float, Peak]:
