@@ -1,11 +1,13 @@
 """The embedded corpus, its split, the BPE tokenizer and the batch order are deterministic."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from mpoe.config import DataConfig
-from mpoe.train import corpus, data
+from mpoe.train import corpus, data, documents
 
 
 def test_corpus_is_deterministic_and_split_disjoint():
@@ -118,7 +120,7 @@ def test_json_and_parquet_files_read_through_datasets(tmp_path):
         cfg = DataConfig(
             name="text", paths=[str(tmp_path / name)], text_field="body", cache_dir=str(tmp_path / "cache")
         )
-        train, val = data.load_documents(cfg)
+        train, val = documents.load_documents(cfg)
         loaded.append(sorted(train + val))
     assert loaded[0] == loaded[1] == sorted(d for d in docs if d.strip())
 
@@ -131,7 +133,7 @@ def test_missing_text_column_is_one_line(tmp_path):
 
     datasets.Dataset.from_dict({"body": ["some text"] * 4}).to_json(str(tmp_path / "d.jsonl"))
     with pytest.raises(ConfigError, match="data.text_field='text' is not a column"):
-        data.load_documents(DataConfig(name="text", paths=[str(tmp_path / "d.jsonl")]))
+        documents.load_documents(DataConfig(name="text", paths=[str(tmp_path / "d.jsonl")]))
 
 
 def test_an_empty_mpoe_cache_means_the_default_not_the_working_directory(tmp_path, monkeypatch):
@@ -162,11 +164,11 @@ def _prepare_on_two_nodes_or_one(rank: int, corpus_path: str, out_dir: str) -> N
             "special": (token_data.vocab_size, token_data.eot_id, token_data.pad_id),
         }
 
-    real_load = data.load_documents
+    real_source = documents.document_source
     if rank == 1:
-        data.load_documents = lambda cfg: pytest.fail("a node's second process read the documents")
+        documents.document_source = lambda cfg: pytest.fail("a node's second process read the documents")
     same_node = prepared(f"{out_dir}/node0")
-    data.load_documents = real_load
+    documents.document_source = real_source
     os.environ["LOCAL_RANK"] = "0"
     other_node = prepared(f"{out_dir}/node{rank}")
     torch.save({"same_node": same_node, "other_node": other_node}, f"{out_dir}/{rank}.pt")
@@ -188,3 +190,37 @@ def test_a_nodes_other_processes_map_its_cache_without_reading_documents(tmp_pat
     assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == sorted(
         p.name for p in (tmp_path / "node0").iterdir()
     )  # the other node built the same files under the same names
+
+
+def test_prepare_reads_files_a_batch_at_a_time_and_gives_the_per_document_tokens(tmp_path, monkeypatch):
+    """The cached streams are each split's documents (split as `corpus.split_documents` splits the whole list),
+    each encoded alone and followed by end-of-text, in file order; the files' Arrow tables are never turned into
+    one Python list (no `table[column]`), and batches of 7 documents give the same tokens."""
+    import datasets
+
+    docs = corpus.pydoc_topics()[:150]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs[:90]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs[90:]) + "\n")
+    tokenizer_file = tmp_path / "tok.json"
+    data.train_tokenizer(docs, 700).save(str(tokenizer_file))
+    cfg = DataConfig(
+        name="text",
+        paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+        text_field="body",
+        tokenizer=str(tokenizer_file),
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.2,
+    )
+    real_getitem = datasets.Dataset.__getitem__
+
+    def no_whole_columns(self, key):
+        assert not isinstance(key, str), f"the whole column {key!r} was read into a list"
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", no_whole_columns)
+    monkeypatch.setattr(documents, "BATCH_DOCS", 7)
+    prepared = data.prepare(cfg)
+    tok = prepared.tokenizer
+    for split, truth_docs in zip(("train", "val"), corpus.split_documents(docs, 0.2)):
+        truth = [i for d in truth_docs for i in tok.encode(d).ids + [prepared.eot_id]]
+        assert np.asarray(getattr(prepared, split)).tolist() == truth, split

@@ -301,11 +301,11 @@ def test_unreadable_data_is_one_line_and_leaves_no_run_directory(tmp_path, mpoe_
 
 def test_unreadable_data_names_the_file_in_process(tmp_path):
     from mpoe.config import ConfigError, DataConfig
-    from mpoe.train import data
+    from mpoe.train import documents
 
     for path, message in _bad_files(tmp_path).values():
         with pytest.raises(ConfigError) as e:
-            data.load_documents(DataConfig(name="text", paths=[str(path)]))
+            documents.load_documents(DataConfig(name="text", paths=[str(path)]))
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -313,12 +313,12 @@ def test_text_and_json_files_can_be_mixed(tmp_path):
     """Finding 12: the README's data.paths=[a.txt,b.jsonl] works: datasets reads each kind, in the order given."""
     import json
 
-    from mpoe.train import data
+    from mpoe.train import documents
 
     (tmp_path / "a.txt").write_text("alpha line one\nalpha line two\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta document"}) + "\n")
     (tmp_path / "c.txt").write_text("gamma line\n")
-    docs = data.local_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text")
+    docs = documents.local_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text")
     assert docs == ["alpha line one", "alpha line two", "gamma line", "beta document"]
 
 

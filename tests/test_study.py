@@ -20,7 +20,7 @@ VARIANTS = ("dense", "switch", "mpoe", "mpoe_bond", "mpoe_mask")
 
 
 def test_embedded_part_selects_one_source(monkeypatch):
-    from mpoe.train.data import load_documents
+    from mpoe.train.documents import load_documents
 
     topics = corpus.pydoc_topics()
     monkeypatch.setattr(corpus, "stdlib_docstrings", lambda **_: ["a docstring"])  # walking the stdlib is slow

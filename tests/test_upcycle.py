@@ -110,13 +110,13 @@ def test_checkpoint_tokenizer_files_are_used(tmp_path):
     gpt2_dir = tmp_path / "gpt2"
     gpt2_dir.mkdir()
     tok.save_model(str(gpt2_dir))  # vocab.json + merges.txt
-    loaded = data.get_tokenizer(DataConfig(tokenizer=str(gpt2_dir)), [])
+    loaded = data.get_tokenizer(DataConfig(tokenizer=str(gpt2_dir)))
     text = "The assert statement"
     assert loaded.encode(text).ids == tok.encode(text).ids
     json_dir = tmp_path / "json"
     json_dir.mkdir()
     tok.save(str(json_dir / "tokenizer.json"))
-    assert data.special_ids(data.get_tokenizer(DataConfig(tokenizer=str(json_dir)), [])) == (0, 1)
+    assert data.special_ids(data.get_tokenizer(DataConfig(tokenizer=str(json_dir)))) == (0, 1)
     assert data.checkpoint_tokenizer_dir(str(json_dir)) == str(json_dir)
     assert data.checkpoint_tokenizer_dir(str(gpt2_dir)) == str(gpt2_dir)
     assert data.checkpoint_tokenizer_dir(str(tmp_path)) is None and data.checkpoint_tokenizer_dir(None) is None

@@ -87,7 +87,7 @@ def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
     from mpoe.train import data as data_lib
 
     if cfg.data.tokenizer and cfg.data.tokenizer != data_lib.TRAIN_BPE:
-        return data_lib.special_ids(data_lib.get_tokenizer(cfg.data, []))
+        return data_lib.special_ids(data_lib.get_tokenizer(cfg.data))
     return BPE_EOT_ID, BPE_PAD_ID
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 
 # Folders of the standard library that hold tests, tools or vendored code rather than prose.
@@ -91,19 +92,35 @@ def embedded_documents(part: str = "all", cache_dir: Path | None = None) -> list
     return pydoc_topics() + stdlib_docstrings(cache_dir=cache_dir)
 
 
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Whether `doc` belongs to the validation split: by a hash of the document alone."""
+    bucket = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "little") % 10_000
+    return bucket < int(val_fraction * 10_000)
+
+
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Deterministic split by a hash of each document: stable under reordering and across runs."""
     train, val = [], []
-    threshold = int(val_fraction * 10_000)
     for doc in docs:
-        bucket = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "little") % 10_000
-        (val if bucket < threshold else train).append(doc)
+        (val if is_validation(doc, val_fraction) else train).append(doc)
     return train, val
 
 
-def fingerprint(docs: list[str]) -> str:
+def fingerprint(docs: Iterable[str]) -> str:
     h = hashlib.sha1()
     for doc in docs:
         h.update(doc.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def split_fingerprints(docs: Iterable[str], val_fraction: float) -> dict[str, tuple[str, int]]:
+    """{"train": (fingerprint, documents), "val": ...} in one pass: `fingerprint` of each split's documents."""
+    hashes = {"train": hashlib.sha1(), "val": hashlib.sha1()}
+    counts = {"train": 0, "val": 0}
+    for doc in docs:
+        split = "val" if is_validation(doc, val_fraction) else "train"
+        hashes[split].update(doc.encode("utf-8"))
+        hashes[split].update(b"\0")
+        counts[split] += 1
+    return {split: (hashes[split].hexdigest()[:16], counts[split]) for split in hashes}

@@ -1,12 +1,12 @@
-"""Text -> token ids -> fixed-length training sequences, the same on every process.
+"""Documents -> token ids -> fixed-length training sequences, the same on every process.
 
-Sources (`data=`): the embedded CPython corpus (`embedded`), local text/json/parquet
-files read through `datasets` (`text`), or a dataset on the hub when online (`hub`).
-The tokenizer is a byte-level BPE trained with `tokenizers` on the training split
-and cached under `data.cache_dir` keyed by the corpus fingerprint, or a given
-`tokenizer.json`. The token stream is cached too, so later runs start at once:
-one int32 `.npy` file per split, which every process memory-maps rather than
-reads, so the processes of a node share one copy of the tokens in the page
+The documents come from `mpoe.train.documents`, a batch at a time. The tokenizer
+is a byte-level BPE trained with `tokenizers` on the training split and cached
+under `data.cache_dir` keyed by the split's fingerprint, or a given
+`tokenizer.json`. The token streams are cached too, so later runs start at once:
+one raw int32 file per split, written a batch of documents at a time, with the
+tokenizer that made them. Every process memory-maps them rather than reads
+them, so the processes of a node share one copy of the tokens in the page
 cache, and packing them into sequences copies nothing (a batch becomes int64
 when it is drawn).
 
@@ -17,12 +17,11 @@ is a pure function of the optimizer step, which is what makes resume exact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,11 +30,11 @@ import numpy as np
 import torch
 
 from mpoe.config import ConfigError, DataConfig
-from mpoe.train import corpus
+from mpoe.train import corpus, documents
+from mpoe.train.documents import DocumentSource
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen explicitly (as null does by default)
-_DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -45,124 +44,8 @@ def cache_root(cfg: DataConfig) -> Path:
     return root
 
 
-def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(train, validation) documents for the configured source."""
-    if cfg.name == "embedded":
-        return corpus.split_documents(corpus.embedded_documents(cfg.embedded_part, cache_root(cfg)), cfg.val_fraction)
-    import datasets
-
-    if cfg.name == "text":
-        docs = local_documents([Path(p).expanduser() for p in cfg.paths], cfg.text_field)
-    else:
-        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
-        if cfg.text_field not in ds.column_names:
-            raise ConfigError(
-                f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {ds.column_names}"
-            )
-        docs = [t for t in ds[cfg.text_field] if t and t.strip()]
-    return corpus.split_documents(docs, cfg.val_fraction)
-
-
-def local_documents(paths: list[Path], text_field: str) -> list[str]:
-    """The documents of local files, in the order given; text, JSON and parquet files may be mixed.
-
-    Files of one kind are read by one `datasets` loader call; a file it cannot read
-    is named in a one-line ConfigError, with the line or row where the format has one.
-    """
-    for p in paths:
-        if not p.is_file():
-            raise ConfigError(
-                f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files"
-            )
-        if _DATA_EXTENSIONS.get(p.suffix.lower()) is None:
-            raise ConfigError(
-                f"data.paths entry {str(p)!r} has an unknown type {p.suffix!r}: "
-                f"use {', '.join(sorted(_DATA_EXTENSIONS))} files"
-            )
-        if p.stat().st_size == 0:
-            raise ConfigError(f"data.paths entry {str(p)!r} is empty: remove it from data.paths or give it text")
-    docs: list[str] = []
-    for kind in dict.fromkeys(_DATA_EXTENSIONS[p.suffix.lower()] for p in paths):  # first-seen order
-        files = [p for p in paths if _DATA_EXTENSIONS[p.suffix.lower()] == kind]
-        docs.extend(_load_kind(kind, files, "text" if kind == "text" else text_field))
-    return docs
-
-
-def _load_kind(kind: str, files: list[Path], field: str) -> list[str]:
-    import datasets
-
-    try:
-        with _quiet_logger("datasets"):  # it logs the failure before raising; we say it once, in one line
-            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
-    except Exception as e:  # datasets/pyarrow raise many kinds for one bad file: find it and say where
-        raise ConfigError(_unreadable(kind, files, e)) from None
-    if field not in ds.column_names:
-        raise ConfigError(
-            f"data.text_field={field!r} is not a column of {', '.join(map(str, files))}: use one of {ds.column_names}"
-        )
-    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _unreadable(kind: str, files: list[Path], error: Exception) -> str:
-    """One line naming the first file (and line) that `kind`'s loader cannot read."""
-    for p in files:
-        where = _first_bad_line(kind, p)
-        if where:
-            return f"data.paths entry {str(p)!r} cannot be read as {kind}: {where}"
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
-    return f"data.paths {', '.join(map(str, files))} cannot be read as {kind}: {type(cause).__name__}: {detail}"
-
-
-def _first_bad_line(kind: str, path: Path) -> str | None:
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pq.read_metadata(path)
-        except Exception as e:  # pyarrow's errors for a foreign or truncated file
-            return f"not a parquet file ({(str(e).splitlines() or [''])[0][:120]})"
-        return None
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        return f"line {line} is not UTF-8 text (byte {e.start}): is it a binary file?"
-    if kind != "json":
-        return None
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
-        try:
-            json.loads(text)
-            return None
-        except ValueError:
-            pass  # perhaps JSON Lines under a .json name: check line by line
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            return f"line {number} is not JSON ({e.msg})"
-        if not isinstance(record, dict):
-            return f"line {number} is a JSON {type(record).__name__}, not an object with a text field"
-    return None
-
-
-def train_tokenizer(docs: list[str], vocab_size: int):
+def train_tokenizer(docs: Iterable, vocab_size: int):
+    """A byte-level BPE trained on `docs` (documents, or batches of them: tokenizers takes either)."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
@@ -172,8 +55,9 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
-    """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the corpus and cached."""
+def get_tokenizer(cfg: DataConfig, source: Optional[DocumentSource] = None, train_fingerprint: str = ""):
+    """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the source's training split and cached
+    under its fingerprint (the source is needed only then)."""
     from tokenizers import Tokenizer
 
     if cfg.tokenizer and cfg.tokenizer != TRAIN_BPE:
@@ -186,9 +70,9 @@ def get_tokenizer(cfg: DataConfig, train_docs: list[str]):
                 "give a tokenizer.json, a checkpoint directory, or null to train one"
             )
         return Tokenizer.from_file(str(path))
-    path = cache_root(cfg) / f"bpe-{corpus.fingerprint(train_docs)}-{cfg.vocab_size}.json"
+    path = cache_root(cfg) / f"bpe-{train_fingerprint}-{cfg.vocab_size}.json"
     if not path.exists():
-        tok = train_tokenizer(train_docs, cfg.vocab_size)
+        tok = train_tokenizer(source.batches("train", cfg.val_fraction), cfg.vocab_size)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tok.save(str(tmp))
         os.replace(tmp, path)  # atomic: concurrent ranks never read half a file
@@ -266,8 +150,8 @@ class TokenData:
 def _cache_files(cfg: DataConfig, key: str) -> dict[str, Path]:
     root = cache_root(cfg)
     return {
-        "train": root / f"tokens-{key}-train.npy",
-        "val": root / f"tokens-{key}-val.npy",
+        "train": root / f"tokens-{key}-train.bin",  # raw int32, as Megatron's and nanoGPT's token files
+        "val": root / f"tokens-{key}-val.bin",
         "tokenizer": root / f"tokens-{key}-tokenizer.json",  # the tokenizer that made them
     }
 
@@ -279,24 +163,34 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def prepare(cfg: DataConfig) -> TokenData:
-    """Load the documents, tokenize and cache (unless cached), and map the cache."""
-    train_docs, val_docs = load_documents(cfg)
-    if not train_docs or not val_docs:
+    """Tokenize the documents and cache the tokens (unless cached), and map the cache.
+
+    Reads the source a batch at a time: once to fingerprint both splits (which names the cache), and, on
+    a cache miss, once more to train the BPE (unless given) and once per split to tokenize it."""
+    source = documents.document_source(cfg)
+    prints = corpus.split_fingerprints(source.documents(), cfg.val_fraction)
+    if not prints["train"][1] or not prints["val"][1]:
         raise ConfigError(
             f"data.val_fraction={cfg.val_fraction} leaves an empty split of "
-            f"{len(train_docs) + len(val_docs)} documents: give more text"
+            f"{prints['train'][1] + prints['val'][1]} documents: give more text"
         )
-    tokenizer = get_tokenizer(cfg, train_docs)
-    key = hashlib.sha1(
-        json.dumps([corpus.fingerprint(train_docs), corpus.fingerprint(val_docs), tokenizer.to_str()]).encode()
-    ).hexdigest()[:16]
-    files = _cache_files(cfg, key)
-    for split, docs in (("train", train_docs), ("val", val_docs)):
+    tokenizer = get_tokenizer(cfg, source, prints["train"][0])
+    key = hashlib.sha1(json.dumps([prints["train"][0], prints["val"][0], tokenizer.to_str()]).encode()).hexdigest()
+    files = _cache_files(cfg, key[:16])
+    for split in ("train", "val"):
         if not files[split].exists():
-            _write_atomically(files[split], lambda tmp, docs=docs: np.save(tmp, encode(tokenizer, docs)))
+            write = lambda tmp, split=split: _encode_to_file(tokenizer, source.batches(split, cfg.val_fraction), tmp)
+            _write_atomically(files[split], write)
     if not files["tokenizer"].exists():
         _write_atomically(files["tokenizer"], lambda tmp: tokenizer.save(str(tmp)))
-    return load_prepared(cfg, key)
+    return load_prepared(cfg, key[:16])
+
+
+def _encode_to_file(tokenizer, batches: Iterable[list[str]], path: Path) -> None:
+    """The token stream of the documents, as raw int32, written a batch of documents at a time."""
+    with open(path, "wb") as f:
+        for batch in batches:
+            encode(tokenizer, batch).tofile(f)
 
 
 def load_prepared(cfg: DataConfig, key: str) -> Optional[TokenData]:
@@ -307,7 +201,7 @@ def load_prepared(cfg: DataConfig, key: str) -> Optional[TokenData]:
     if not all(f.exists() for f in files.values()):
         return None
     # Copy-on-write maps: shared pages, and torch.from_numpy takes them as writable (nothing writes them).
-    train, val = (np.load(files[split], mmap_mode="c") for split in ("train", "val"))
+    train, val = (np.memmap(files[split], dtype=np.int32, mode="c") for split in ("train", "val"))
     tokenizer = Tokenizer.from_file(str(files["tokenizer"]))
     return TokenData(train, val, tokenizer.get_vocab_size(), tokenizer, *special_ids(tokenizer), key=key)
 

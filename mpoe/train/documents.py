@@ -1,0 +1,188 @@
+"""The documents of a data config, read lazily in batches, and split into training and validation.
+
+Sources (`data=`): the embedded CPython corpus (`embedded`, a list: a few MB),
+local text/json/parquet files read through `datasets` (`text`), or a dataset on
+the hub when online (`hub`). Files and hub datasets stay `datasets` Arrow tables,
+memory-mapped from its cache, and are read a batch of documents at a time: no
+process holds a corpus as Python strings (`mpoe.train.data` tokenizes batch by
+batch). Empty documents are skipped. The split is by a hash of each document
+(`corpus.is_validation`): stable under reordering and across runs.
+
+A file that cannot be read (empty, not UTF-8, a malformed JSON line) stops with
+one line naming the file and the line (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+from mpoe.config import ConfigError, DataConfig
+from mpoe.train import corpus
+
+DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+BATCH_DOCS = 4096  # documents per batch read (and per tokenizer call downstream)
+
+# A part of a source: a list of documents, or (an Arrow-backed datasets.Dataset, its text column).
+Part = Union[list, tuple]
+
+
+class DocumentSource:
+    """The documents of one data config, in order, as batches of non-empty strings; iterable any number of
+    times (each pass reads the parts again)."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+
+    def batches(self, split: str = "all", val_fraction: float = 0.0) -> Iterator[list[str]]:
+        """Batches of the documents of `split` ("train", "val" or "all")."""
+        for part in self.parts:
+            if isinstance(part, list):
+                chunks = (part[i : i + BATCH_DOCS] for i in range(0, len(part), BATCH_DOCS))
+            else:
+                table, column = part
+                chunks = (rows[column] for rows in table.iter(batch_size=BATCH_DOCS))
+            for chunk in chunks:
+                docs = [d for d in chunk if isinstance(d, str) and d.strip()]
+                if split != "all":
+                    docs = [d for d in docs if corpus.is_validation(d, val_fraction) == (split == "val")]
+                if docs:
+                    yield docs
+
+    def documents(self, split: str = "all", val_fraction: float = 0.0) -> Iterator[str]:
+        for batch in self.batches(split, val_fraction):
+            yield from batch
+
+
+def document_source(cfg: DataConfig) -> DocumentSource:
+    """The configured source; files are checked and opened here (a bad one is a ConfigError), not read."""
+    if cfg.name == "embedded":
+        from mpoe.train.data import cache_root
+
+        return DocumentSource([corpus.embedded_documents(cfg.embedded_part, cache_root(cfg))])
+    if cfg.name == "text":
+        return local_source([Path(p).expanduser() for p in cfg.paths], cfg.text_field)
+    import datasets
+
+    table = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
+    if cfg.text_field not in table.column_names:
+        raise ConfigError(
+            f"data.text_field={cfg.text_field!r} is not a column of the data: use one of {table.column_names}"
+        )
+    return DocumentSource([(table, cfg.text_field)])
+
+
+def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, validation) documents as lists: for small corpora and tests (training reads them in batches)."""
+    source = document_source(cfg)
+    return tuple(list(source.documents(split, cfg.val_fraction)) for split in ("train", "val"))
+
+
+def local_documents(paths: list[Path], text_field: str) -> list[str]:
+    """The documents of local files, in the order given, as a list (see `local_source`)."""
+    return list(local_source(paths, text_field).documents())
+
+
+def local_source(paths: list[Path], text_field: str) -> DocumentSource:
+    """Local files, in the order given; text, JSON and parquet files may be mixed.
+
+    Files of one kind are read by one `datasets` loader call; a file it cannot read
+    is named in a one-line ConfigError, with the line or row where the format has one.
+    """
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(
+                f"data.paths entry {str(p)!r} is not a file: give existing .txt/.json/.jsonl/.parquet files"
+            )
+        if DATA_EXTENSIONS.get(p.suffix.lower()) is None:
+            raise ConfigError(
+                f"data.paths entry {str(p)!r} has an unknown type {p.suffix!r}: "
+                f"use {', '.join(sorted(DATA_EXTENSIONS))} files"
+            )
+        if p.stat().st_size == 0:
+            raise ConfigError(f"data.paths entry {str(p)!r} is empty: remove it from data.paths or give it text")
+    parts: list[Part] = []
+    for kind in dict.fromkeys(DATA_EXTENSIONS[p.suffix.lower()] for p in paths):  # first-seen order
+        files = [p for p in paths if DATA_EXTENSIONS[p.suffix.lower()] == kind]
+        field = "text" if kind == "text" else text_field
+        parts.append((_load_kind(kind, files, field), field))
+    return DocumentSource(parts)
+
+
+def _load_kind(kind: str, files: list[Path], field: str):
+    import datasets
+
+    try:
+        with _quiet_logger("datasets"):  # it logs the failure before raising; we say it once, in one line
+            table = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    except Exception as e:  # datasets/pyarrow raise many kinds for one bad file: find it and say where
+        raise ConfigError(_unreadable(kind, files, e)) from None
+    if field not in table.column_names:
+        raise ConfigError(
+            f"data.text_field={field!r} is not a column of {', '.join(map(str, files))}: "
+            f"use one of {table.column_names}"
+        )
+    return table
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unreadable(kind: str, files: list[Path], error: Exception) -> str:
+    """One line naming the first file (and line) that `kind`'s loader cannot read."""
+    for p in files:
+        where = _first_bad_line(kind, p)
+        if where:
+            return f"data.paths entry {str(p)!r} cannot be read as {kind}: {where}"
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return f"data.paths {', '.join(map(str, files))} cannot be read as {kind}: {type(cause).__name__}: {detail}"
+
+
+def _first_bad_line(kind: str, path: Path) -> str | None:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+        except Exception as e:  # pyarrow's errors for a foreign or truncated file
+            return f"not a parquet file ({(str(e).splitlines() or [''])[0][:120]})"
+        return None
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}): is it a binary file?"
+    if kind != "json":
+        return None
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            json.loads(text)
+            return None
+        except ValueError:
+            pass  # perhaps JSON Lines under a .json name: check line by line
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            return f"line {number} is not JSON ({e.msg})"
+        if not isinstance(record, dict):
+            return f"line {number} is a JSON {type(record).__name__}, not an object with a text field"
+    return None
