@@ -59,7 +59,8 @@ class DocumentSource:
 
 
 def document_source(cfg: DataConfig) -> DocumentSource:
-    """The configured source; files are checked and opened here (a bad one is a ConfigError), not read."""
+    """The configured source. Files are checked here and turned into `datasets`' Arrow cache on disk (a bad one
+    is a ConfigError); no document is read into memory until a pass over the source."""
     if cfg.name == "embedded":
         from mpoe.train.data import cache_root
 
