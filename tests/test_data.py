@@ -65,13 +65,11 @@ def test_prepare_caches_and_reproduces(tmp_path):
     assert len(list(tmp_path.glob("bpe-*.json"))) == 1
 
 
-def test_encode_in_batches_gives_each_documents_ids_then_end_of_text(monkeypatch):
-    """The stream is every document's own encoding followed by the end-of-text id, across batch boundaries."""
+def test_encode_gives_each_documents_ids_then_end_of_text():
     docs = corpus.pydoc_topics()[:23]
     tok = data.train_tokenizer(docs, 600)
     eot = data.special_ids(tok)[0]
     truth = [i for d in docs for i in tok.encode(d).ids + [eot]]
-    monkeypatch.setattr(data, "ENCODE_BATCH_DOCS", 5)  # 5 batches, the last partial
     stream = data.encode(tok, docs)
     assert stream.dtype == np.int32 and stream.tolist() == truth
     assert data.encode(tok, []).tolist() == []

@@ -116,24 +116,18 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return eot, eot if pad is None else pad
 
 
-ENCODE_BATCH_DOCS = 4096  # documents per `encode_batch` call: its Encodings (ids, offsets, token strings) are large
-
-
 def encode(tokenizer, docs: list[str]) -> np.ndarray:
-    """One flat int32 stream of token ids with an end-of-text token after every document.
+    """The documents' token ids as one int32 array, an end-of-text id after each document.
 
-    Encoded in batches of documents (`tokenizers` spreads each over its threads), each turned into an
-    int32 array at once: the peak is about twice the tokens' int32 size, not a Python list of them."""
+    One `encode_batch` call (tokenizers spreads it over its threads): callers pass a batch of documents
+    (`documents.BATCH_DOCS`), since the Encodings (ids, offsets, token strings) are far larger than the ids."""
     eot = special_ids(tokenizer)[0]
-    parts = [np.zeros(0, dtype=np.int32)]
-    for start in range(0, len(docs), ENCODE_BATCH_DOCS):
-        encodings = tokenizer.encode_batch(docs[start : start + ENCODE_BATCH_DOCS])
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-        part = np.full(int(lengths.sum()), eot, dtype=np.int32)  # the end-of-text slots stay eot
-        for end, e in zip(np.cumsum(lengths), encodings):
-            part[end - 1 - len(e.ids) : end - 1] = e.ids
-        parts.append(part)
-    return np.concatenate(parts)
+    encodings = tokenizer.encode_batch(docs)
+    ends = np.cumsum([len(e.ids) + 1 for e in encodings], dtype=np.int64)
+    stream = np.full(int(ends[-1]) if len(ends) else 0, eot, dtype=np.int32)  # end-of-text slots stay eot
+    for end, e in zip(ends, encodings):
+        stream[end - 1 - len(e.ids) : end - 1] = e.ids
+    return stream
 
 
 @dataclass
