@@ -31,17 +31,10 @@ import torch
 
 from mpoe.config import ConfigError, DataConfig
 from mpoe.train import corpus, documents
-from mpoe.train.documents import DocumentSource
+from mpoe.train.documents import DocumentSource, cache_root
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen explicitly (as null does by default)
-
-
-def cache_root(cfg: DataConfig) -> Path:
-    # An empty MPOE_CACHE (`export MPOE_CACHE=`) means unset, not the working directory.
-    root = Path(cfg.cache_dir or os.environ.get("MPOE_CACHE") or Path.home() / ".cache" / "mpoe").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def train_tokenizer(docs: Iterable, vocab_size: int):

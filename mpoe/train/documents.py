@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
@@ -29,6 +30,13 @@ BATCH_DOCS = 4096  # documents per batch read (and per tokenizer call downstream
 
 # A part of a source: a list of documents, or (an Arrow-backed datasets.Dataset, its text column).
 Part = Union[list, tuple]
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    # An empty MPOE_CACHE (`export MPOE_CACHE=`) means unset, not the working directory.
+    root = Path(cfg.cache_dir or os.environ.get("MPOE_CACHE") or Path.home() / ".cache" / "mpoe").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 class DocumentSource:
@@ -62,8 +70,6 @@ def document_source(cfg: DataConfig) -> DocumentSource:
     """The configured source. Files are checked here and turned into `datasets`' Arrow cache on disk (a bad one
     is a ConfigError); no document is read into memory until a pass over the source."""
     if cfg.name == "embedded":
-        from mpoe.train.data import cache_root
-
         return DocumentSource([corpus.embedded_documents(cfg.embedded_part, cache_root(cfg))])
     if cfg.name == "text":
         return local_source([Path(p).expanduser() for p in cfg.paths], cfg.text_field)
