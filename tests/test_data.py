@@ -97,6 +97,27 @@ def test_token_cache_is_memory_mapped_and_packing_copies_nothing(tmp_path, monke
     assert val_batch.dtype == torch.int64 and count == len(val_batch)
 
 
+def test_an_interrupted_tokenization_leaves_no_partial_cache(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    cfg = DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path / "cache"), vocab_size=500)
+    monkeypatch.setattr(documents, "BATCH_DOCS", 16)
+    real_encode, calls = data.encode, []
+
+    def interrupted_after_two_batches(tokenizer, docs):
+        calls.append(len(docs))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_encode(tokenizer, docs)
+
+    monkeypatch.setattr(data, "encode", interrupted_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(cfg)
+    assert not list((tmp_path / "cache").glob("tokens-*")), "a partial token file was left"
+    monkeypatch.setattr(data, "encode", real_encode)
+    assert len(data.prepare(cfg).train) > 0  # the next run builds the cache whole
+
+
 def test_sampler_slices_ranks_disjointly_and_repeats_per_step():
     sequences = torch.arange(64 * 4).view(64, 4)
     per_rank = [data.SequenceSampler(sequences, micro_batch=2, accum=2, world=2, rank=r, seed=3) for r in range(2)]

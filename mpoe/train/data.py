@@ -144,9 +144,14 @@ def _cache_files(cfg: DataConfig, key: str) -> dict[str, Path]:
 
 
 def _write_atomically(path: Path, write) -> None:
+    """write(tmp), then rename it to `path`: concurrent processes never map or parse half a file. A write that
+    fails or is interrupted (Ctrl-C while a large corpus is tokenized) leaves no partial file behind."""
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)  # concurrent processes never map or parse half a file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare(cfg: DataConfig) -> TokenData:
