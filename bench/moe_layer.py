@@ -10,8 +10,8 @@ What follows describes the CPU table.
 
 One training step (forward + backward of sum(out * g)) of a top-1 Switch layer,
 d_model 512, d_ff 2048, fastest of 3 rounds in which ours, the floor, the bank alone
-and DeepSpeed's layer take turns (the machine may be shared; see step_times), for 8 and 32 (--experts)
-experts at capacity factor 1.0, dropless, and dropless with skewed routing
+and DeepSpeed's layer take turns (the machine may be shared; see step_times), for 8 and 32
+experts (--experts) at capacity factor 1.0, dropless, and dropless with skewed routing
 (tokens pushed to expert 0 until max/mean expert load is about 3). The floor is one
 dense FFN of the same width over all tokens: the FLOPs a top-1 layer must spend.
 

@@ -2,8 +2,8 @@
 
 Libraries' import-time notices that cannot matter to a user of this package
 (Megatron's "Transformer Engine and Apex are not installed", its "Detected
-Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder) used to fill the first lines of every
-run and land inside the progress bar. They are filtered here, by category and
+Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder) used to
+fill the first lines of every run and land inside the progress bar. They are filtered here, by category and
 module, and only for processes started through an entry point: importing
 `mpoe` as a library changes no global state. What remains goes through
 `logging` (Python warnings included), so Hydra writes it to `main.log` and the

@@ -14,12 +14,13 @@ def test_corpus_is_deterministic_and_split_disjoint():
     docs = corpus.embedded_documents()
     assert docs == corpus.embedded_documents()
     assert len(docs) > 500 and sum(map(len, docs)) > 500_000  # pydoc topics + stdlib docstrings
-    train, val = corpus.split_documents(docs, 0.05)
+    source = documents.DocumentSource([docs])
+    train, val = (list(source.documents(split, 0.05)) for split in ("train", "val"))
     assert len(train) + len(val) == len(docs)
     assert not set(train) & set(val)
     assert 0.02 < len(val) / len(docs) < 0.10
     # the split depends on each document alone, not on order
-    train_rev, val_rev = corpus.split_documents(docs[::-1], 0.05)
+    val_rev = list(documents.DocumentSource([docs[::-1]]).documents("val", 0.05))
     assert set(val_rev) == set(val)
 
 
@@ -212,7 +213,7 @@ def test_a_nodes_other_processes_map_its_cache_without_reading_documents(tmp_pat
 
 
 def test_prepare_reads_files_a_batch_at_a_time_and_gives_the_per_document_tokens(tmp_path, monkeypatch):
-    """The cached streams are each split's documents (split as `corpus.split_documents` splits the whole list),
+    """The cached streams are each split's documents (the whole list split by `corpus.is_validation`),
     each encoded alone and followed by end-of-text, in file order; the files' Arrow tables are never turned into
     one Python list (no `table[column]`), and batches of 7 documents give the same tokens."""
     import datasets
@@ -240,6 +241,7 @@ def test_prepare_reads_files_a_batch_at_a_time_and_gives_the_per_document_tokens
     monkeypatch.setattr(documents, "BATCH_DOCS", 7)
     prepared = data.prepare(cfg)
     tok = prepared.tokenizer
-    for split, truth_docs in zip(("train", "val"), corpus.split_documents(docs, 0.2)):
+    for split in ("train", "val"):
+        truth_docs = [d for d in docs if corpus.is_validation(d, 0.2) == (split == "val")]
         truth = [i for d in truth_docs for i in tok.encode(d).ids + [prepared.eot_id]]
         assert np.asarray(getattr(prepared, split)).tolist() == truth, split

@@ -98,24 +98,10 @@ def is_validation(doc: str, val_fraction: float) -> bool:
     return bucket < int(val_fraction * 10_000)
 
 
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split by a hash of each document: stable under reordering and across runs."""
-    train, val = [], []
-    for doc in docs:
-        (val if is_validation(doc, val_fraction) else train).append(doc)
-    return train, val
-
-
-def fingerprint(docs: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for doc in docs:
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def split_fingerprints(docs: Iterable[str], val_fraction: float) -> dict[str, tuple[str, int]]:
-    """{"train": (fingerprint, documents), "val": ...} in one pass: `fingerprint` of each split's documents."""
+    """{"train": (fingerprint, documents), "val": ...} in one pass over the documents, split by `is_validation`.
+
+    A fingerprint is a hash of the split's documents in order: it names the split's caches."""
     hashes = {"train": hashlib.sha1(), "val": hashlib.sha1()}
     counts = {"train": 0, "val": 0}
     for doc in docs:

@@ -66,9 +66,7 @@ def get_tokenizer(cfg: DataConfig, source: Optional[DocumentSource] = None, trai
     path = cache_root(cfg) / f"bpe-{train_fingerprint}-{cfg.vocab_size}.json"
     if not path.exists():
         tok = train_tokenizer(source.batches("train", cfg.val_fraction), cfg.vocab_size)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent ranks never read half a file
+        _write_atomically(path, lambda tmp: tok.save(str(tmp)))
     return Tokenizer.from_file(str(path))
 
 
@@ -167,15 +165,16 @@ def prepare(cfg: DataConfig) -> TokenData:
             f"{prints['train'][1] + prints['val'][1]} documents: give more text"
         )
     tokenizer = get_tokenizer(cfg, source, prints["train"][0])
-    key = hashlib.sha1(json.dumps([prints["train"][0], prints["val"][0], tokenizer.to_str()]).encode()).hexdigest()
-    files = _cache_files(cfg, key[:16])
+    named_by = json.dumps([prints["train"][0], prints["val"][0], tokenizer.to_str()])
+    key = hashlib.sha1(named_by.encode()).hexdigest()[:16]
+    files = _cache_files(cfg, key)
     for split in ("train", "val"):
         if not files[split].exists():
             write = lambda tmp, split=split: _encode_to_file(tokenizer, source.batches(split, cfg.val_fraction), tmp)
             _write_atomically(files[split], write)
     if not files["tokenizer"].exists():
         _write_atomically(files["tokenizer"], lambda tmp: tokenizer.save(str(tmp)))
-    return load_prepared(cfg, key[:16])
+    return load_prepared(cfg, key)
 
 
 def _encode_to_file(tokenizer, batches: Iterable[list[str]], path: Path) -> None:
