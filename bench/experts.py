@@ -178,7 +178,11 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
     tokens, d_model, d_ff = 16384 // scale, D_MODEL // scale, D_FF // scale
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     print(f"expert banks on {name}, {dtype}, {d_model}x{d_ff}, {tokens} tokens balanced, bond {bond or 'full'}")
-    print(f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10}")
+    print("ops = kernel-running ops one step dispatches (launches on a GPU: what a launch-bound step's time follows)")
+    print(
+        f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10} "
+        f"{'switch ops':>10} {'mpoe ops':>9}"
+    )
     torch.manual_seed(0)
     dense = DenseFFN.random(d_model, d_ff)
     rows, ratios = [], []
@@ -194,7 +198,7 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
                 bank.zero_grad(set_to_none=True)
                 bank(x, counts).float().sum().backward()
 
-            stats[kind] = step_stats(step, dev, repeats, module=bank)
+            stats[kind] = step_stats(step, dev, repeats, module=bank, count_ops=True)
             del bank
         mb = lambda k, stats=stats: "-" if stats[k]["peak_mb"] is None else f"{stats[k]['peak_mb']:.0f}"
         ratio = stats["mpoe"]["ms"] / stats["switch"]["ms"]
@@ -202,7 +206,7 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
         rows.append({"experts": E, "switch": stats["switch"], "mpoe": stats["mpoe"]})
         print(
             f"{E:>3} {stats['switch']['ms']:>10.2f} {stats['mpoe']['ms']:>10.2f} {ratio:>12.2f} "
-            f"{mb('switch'):>10} {mb('mpoe'):>10}",
+            f"{mb('switch'):>10} {mb('mpoe'):>10} {stats['switch']['ops']:>10} {stats['mpoe']['ops']:>9}",
             flush=True,
         )
     results = {"gpu.experts.mpoe_vs_switch_time": max(ratios)}

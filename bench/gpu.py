@@ -12,8 +12,42 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpoe.models.experts_grouped import GROUPED_MM
+
+# Ops that allocate without writing: no kernel runs. (Views are recognised by their schema: `OpOverload.is_view`.)
+_NO_KERNEL = {
+    torch.ops.aten._unsafe_view.default,  # a view whose schema does not say so
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+}
+
+
+class DeviceOps(TorchDispatchMode):
+    """Counts the ops that run a kernel (every aten op but views and bare allocations) while it is active.
+
+    On a GPU each is at least one kernel launch, so where a step is launch-bound its time follows this count,
+    which any machine can measure: the CPU counts what a GPU would launch, give or take a fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def device_ops(step: Callable[[], None]) -> int:
+    """How many kernel-running ops one call of `step` dispatches."""
+    with DeviceOps() as ops:
+        step()
+    return ops.count
 
 
 def sync(device: torch.device) -> None:
@@ -22,9 +56,16 @@ def sync(device: torch.device) -> None:
 
 
 def step_stats(
-    step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3, module: nn.Module = None
+    step: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 3,
+    module: nn.Module = None,
+    count_ops: bool = False,
 ) -> dict:
-    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps} of one fwd+bwd `step`.
+    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps, 'ops': `device_ops` of one
+    untimed step if count_ops (eager steps: a compiled one would recompile under the counting mode)}
+    of one fwd+bwd `step`.
 
     Warm-up first (the first GEMMs of a shape are far slower; allocator pools fill).
     CUDA: one pair of events per step, read after the last one (no sync in between).
@@ -33,6 +74,7 @@ def step_stats(
     """
     for _ in range(warmup):
         step()
+    ops = device_ops(step) if count_ops else None
     if module is not None:
         module.zero_grad(set_to_none=True)
     sync(device)
@@ -42,7 +84,7 @@ def step_stats(
             start = time.perf_counter()
             step()
             times.append(1e3 * (time.perf_counter() - start))
-        return {"ms": statistics.median(times), "peak_mb": None}
+        return {"ms": statistics.median(times), "peak_mb": None, "ops": ops}
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -52,7 +94,8 @@ def step_stats(
         end.record()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    return {"ms": statistics.median(s.elapsed_time(e) for s, e in events), "peak_mb": peak / 2**20}
+    ms = statistics.median(s.elapsed_time(e) for s, e in events)
+    return {"ms": ms, "peak_mb": peak / 2**20, "ops": ops}
 
 
 def fwd_bwd_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:

@@ -12,6 +12,9 @@
    bf16 model moved to `meta` runs forward and backward only if every tensor made
    inside follows the inputs' device (`Expected all tensors to be on the same device`
    is what the first GPU run of mpoe met).
+3. It launches as many kernels for 32 experts as for 4: no per-expert loop, which is
+   what made the expert banks launch-bound on a GPU. Counted as the ops that run a
+   kernel (`bench.gpu.DeviceOps`, which the GPU benchmarks report as ops per step).
 
 Both for one MoE layer's parts and for whole GPT-2 and T5 models, forward and backward.
 """
@@ -23,9 +26,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.gpu import device_ops
 from mpoe.config import ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models.build import build_model
 from mpoe.models.experts_grouped import GROUPED_MM
+from mpoe.models.moe_layer import build_moe_layer
 from mpoe.parallel.groups import ExpertGroups
 
 aten = torch.ops.aten
@@ -191,3 +196,34 @@ def test_meta_catches_a_cpu_tensor_made_inside_forward():
     x = torch.randn(4, 3, device="meta")
     with pytest.raises(RuntimeError, match="device"):
         x + torch.arange(3.0)
+
+
+def _layer_step_ops(kind: str, impl: str, num_experts: int, routing: str) -> int:
+    """Kernel-running ops of one training step (forward, backward of output and router losses) of one MoE layer."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(kind=kind, num_experts=num_experts, expert_impl=impl, bond_dim=4, **ROUTINGS[routing])
+    layer = _gpu_path(build_moe_layer(cfg, 32, 64, "gelu_new", ExpertGroups(), bias=True)).train()
+    x = torch.randn(256, 32, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        (out.square().mean() + layer.stats.aux_loss + layer.stats.z_loss).backward()
+
+    step()  # warm-up: lazy initialisation
+    return device_ops(step)
+
+
+@pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_a_training_step_launches_as_many_kernels_for_32_experts_as_for_4(kind, routing):
+    """256 tokens reach all experts either way; the grouped backend's count must not depend on how many."""
+    assert _layer_step_ops(kind, "grouped", 32, routing) == _layer_step_ops(kind, "grouped", 4, routing)
+
+
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_the_kernel_count_sees_a_per_expert_loop(kind):
+    """The check above can fail: the loop backend (the CPU's) launches GEMMs expert by expert."""
+    loop_4, loop_32 = (_layer_step_ops(kind, "loop", e, "top2-dropless") for e in (4, 32))
+    assert loop_32 >= loop_4 + 2 * (32 - 4)  # at least two weight matrices, one GEMM each per expert
