@@ -178,10 +178,10 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
     tokens, d_model, d_ff = 16384 // scale, D_MODEL // scale, D_FF // scale
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     print(f"expert banks on {name}, {dtype}, {d_model}x{d_ff}, {tokens} tokens balanced, bond {bond or 'full'}")
-    print("ops = kernel-running ops one step dispatches (launches on a GPU: what a launch-bound step's time follows)")
+    print("ops = kernel-running ops one step dispatches (GPU launches); other MB = what those outside GEMMs move")
     print(
         f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10} "
-        f"{'switch ops':>10} {'mpoe ops':>9}"
+        f"{'switch ops':>10} {'mpoe ops':>9} {'switch other MB':>15} {'mpoe':>6}"
     )
     torch.manual_seed(0)
     dense = DenseFFN.random(d_model, d_ff)
@@ -206,7 +206,8 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
         rows.append({"experts": E, "switch": stats["switch"], "mpoe": stats["mpoe"]})
         print(
             f"{E:>3} {stats['switch']['ms']:>10.2f} {stats['mpoe']['ms']:>10.2f} {ratio:>12.2f} "
-            f"{mb('switch'):>10} {mb('mpoe'):>10} {stats['switch']['ops']:>10} {stats['mpoe']['ops']:>9}",
+            f"{mb('switch'):>10} {mb('mpoe'):>10} {stats['switch']['ops']:>10} {stats['mpoe']['ops']:>9} "
+            f"{stats['switch']['other_mb']:>15.0f} {stats['mpoe']['other_mb']:>6.0f}",
             flush=True,
         )
     results = {"gpu.experts.mpoe_vs_switch_time": max(ratios)}

@@ -27,27 +27,40 @@ _NO_KERNEL = {
 }
 
 
-class DeviceOps(TorchDispatchMode):
-    """Counts the ops that run a kernel (every aten op but views and bare allocations) while it is active.
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "_grouped_mm", "_scaled_grouped_mm"}
 
-    On a GPU each is at least one kernel launch, so where a step is launch-bound its time follows this count,
-    which any machine can measure: the CPU counts what a GPU would launch, give or take a fallback."""
+
+class DeviceOps(TorchDispatchMode):
+    """Counts, while active, the ops that run a kernel (every aten op but views and bare allocations), and the
+    bytes the ones other than matrix products read and write (their tensor arguments and results).
+
+    On a GPU each op is at least one kernel launch, and the other ops are bound by memory bandwidth: where a
+    step is launch-bound its time follows the count, and outside the GEMMs it follows the bytes. Any machine
+    measures both: the CPU counts what a GPU would run, give or take a fallback or a CPU-only copy."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.other_bytes = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if not func.is_view and func not in _NO_KERNEL:
             self.count += 1
-        return func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in _MATMULS:
+                tensors = [
+                    t
+                    for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else (out,)))
+                    if isinstance(t, torch.Tensor)
+                ]
+                self.other_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
 
 
-def device_ops(step: Callable[[], None]) -> int:
-    """How many kernel-running ops one call of `step` dispatches."""
+def device_ops(step: Callable[[], None]) -> DeviceOps:
+    """What one call of `step` dispatches: `.count` kernel-running ops, `.other_bytes` moved outside GEMMs."""
     with DeviceOps() as ops:
         step()
-    return ops.count
+    return ops
 
 
 def sync(device: torch.device) -> None:
@@ -63,9 +76,9 @@ def step_stats(
     module: nn.Module = None,
     count_ops: bool = False,
 ) -> dict:
-    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps, 'ops': `device_ops` of one
-    untimed step if count_ops (eager steps: a compiled one would recompile under the counting mode)}
-    of one fwd+bwd `step`.
+    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps, 'ops' and 'other_mb':
+    `device_ops` of one untimed step if count_ops (eager steps: a compiled one would recompile under the
+    counting mode)} of one fwd+bwd `step`.
 
     Warm-up first (the first GEMMs of a shape are far slower; allocator pools fill).
     CUDA: one pair of events per step, read after the last one (no sync in between).
@@ -75,6 +88,7 @@ def step_stats(
     for _ in range(warmup):
         step()
     ops = device_ops(step) if count_ops else None
+    counted = {"ops": ops.count, "other_mb": ops.other_bytes / 2**20} if ops else {"ops": None, "other_mb": None}
     if module is not None:
         module.zero_grad(set_to_none=True)
     sync(device)
@@ -84,7 +98,7 @@ def step_stats(
             start = time.perf_counter()
             step()
             times.append(1e3 * (time.perf_counter() - start))
-        return {"ms": statistics.median(times), "peak_mb": None, "ops": ops}
+        return {"ms": statistics.median(times), "peak_mb": None, **counted}
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -95,7 +109,7 @@ def step_stats(
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     ms = statistics.median(s.elapsed_time(e) for s, e in events)
-    return {"ms": ms, "peak_mb": peak / 2**20, "ops": ops}
+    return {"ms": ms, "peak_mb": peak / 2**20, **counted}
 
 
 def fwd_bwd_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:

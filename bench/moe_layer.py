@@ -383,7 +383,7 @@ def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int,
                 raise
             result["ds_skipped"] = f"{type(e).__name__}: {e}".splitlines()[0]
             continue
-        result.update({f"{name}_{key}": stats[key] for key in ("ms", "peak_mb", "ops")})
+        result.update({f"{name}_{key}": stats[key] for key in ("ms", "peak_mb", "ops", "other_mb")})
     del modules, ours, floor, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -399,7 +399,8 @@ def print_gpu_row(r: dict) -> None:
         f"{r['tokens']:>6} {r['d_model']:>5}/{r['d_ff']:<5} {r['experts']:>3} {r['top_k']:>2} {routing:>9} "
         f"{r['load_max_over_mean']:>5.2f} {ms('ours'):>8} {ms('floor'):>8} {ms('ref'):>8} {ms('ds'):>8} "
         f"{r['ours_ms'] / r['floor_ms']:>7.2f} {r['ours_ms'] / r['ref_ms']:>7.2f} {ds_ratio:>7} "
-        f"{mb('ours'):>8} {mb('floor'):>8} {mb('ref'):>8} {mb('ds'):>8} {r['ours_ops']:>8} {r['ref_ops']:>7}",
+        f"{mb('ours'):>8} {mb('floor'):>8} {mb('ref'):>8} {mb('ds'):>8} {r['ours_ops']:>8} {r['ref_ops']:>7} "
+        f"{r['ours_other_mb']:>13.0f} {r['ref_other_mb']:>6.0f}",
         flush=True,
     )
     if r["ds_skipped"]:
@@ -414,11 +415,14 @@ def run_gpu(device: str, quick: bool, repeats: Optional[int], ds_max_gb: float, 
     rows = [(t // scale, e, k, cf, d // scale, f // scale) for t, e, k, cf, d, f in GPU_ROWS]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     print(f"MoE layer fwd+bwd on {name}, {dtype}, median of {repeats} after warm-up; peak MB = what a step adds;")
-    print("ops = kernel-running ops one step dispatches (launches on a GPU: what a launch-bound step's time follows)")
+    print(
+        "ops = kernel-running ops one step dispatches (GPU launches), other MB = what those outside the matrix\n"
+        "products read and write (bandwidth-bound on a GPU): both counted by the ops themselves, on any device"
+    )
     print(
         f"{'tokens':>6} {'d/d_ff':>11} {'E':>3} {'k':>2} {'routing':>9} {'load':>5} {'ours':>8} {'floor':>8} "
         f"{'ref':>8} {'DS':>8} {'/floor':>7} {'/ref':>7} {'DS/ours':>7} {'ours MB':>8} {'floor MB':>8} "
-        f"{'ref MB':>8} {'DS MB':>8} {'ops ours':>8} {'ops ref':>7}"
+        f"{'ref MB':>8} {'DS MB':>8} {'ops ours':>8} {'ops ref':>7} {'other MB ours':>13} {'ref':>6}"
     )
     results_rows = []
     for row in rows:

@@ -211,7 +211,7 @@ def _layer_step_ops(kind: str, impl: str, num_experts: int, routing: str) -> int
         (out.square().mean() + layer.stats.aux_loss + layer.stats.z_loss).backward()
 
     step()  # warm-up: lazy initialisation
-    return device_ops(step)
+    return device_ops(step).count
 
 
 @pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")

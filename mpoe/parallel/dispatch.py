@@ -5,7 +5,7 @@ padded one-hot einsum of GShard/DeepSpeed: a token is copied once per expert it 
 routed to, never padded to a capacity, so dropless routing and skewed loads cost
 only the tokens actually routed. Every step is differentiable: the permutation is
 an index_select, the combine a gate-weighted index_add (Megatron's `unpermute`
-arithmetic), and the all-to-all is torch's functional collective with autograd
+arithmetic, `combine.py`), and the all-to-all is torch's functional collective with autograd
 (`all_to_all_single_autograd`, as torchtitan's MoE uses): its backward sends the
 gradients back along the reverse splits, over NCCL or gloo, uneven splits included.
 
@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from mpoe.config import check_ep_divides_experts
+from mpoe.parallel.combine import gate_weighted_sum
 from mpoe.parallel.groups import ExpertGroups
 
 
@@ -176,8 +177,6 @@ class AllToAllDispatcher:
             raise RuntimeError("combine() called without a matching dispatch()")
         if "input_splits" in saved:
             expert_output = self._return_all_to_all(expert_output, saved)
-        # Megatron's unpermute: weight in the probs' dtype (promotes bf16 rows to fp32), sum, cast back.
-        weighted = expert_output * saved["row_probs"].unsqueeze(-1)
-        out = weighted.new_zeros(saved["shape"])
-        out.index_add_(0, saved["token"], weighted)
-        return out.to(expert_output.dtype)
+        return gate_weighted_sum(
+            expert_output, saved["row_probs"], saved["token"], saved["shape"], one_row_per_token=self.top_k == 1
+        )

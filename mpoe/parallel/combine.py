@@ -1,0 +1,59 @@
+"""The combine's arithmetic: each token's gate-weighted sum of its rows' expert outputs.
+
+out[t] = sum over rows r of token t of expert_output[r] * row_probs[r], with the
+gate weights in float32 (the router's dtype) and the sum in float32, rounded once
+to the rows' dtype: Megatron-Core's `unpermute` with a float32 router.
+
+Top-k > 1 (`gate_weighted_sum`): as Megatron writes it, the weighted rows promoted
+to float32, added into a float32 output, cast back. In bf16 that moves every row
+and the output three times in float32, forward and backward (Megatron avoids it with
+a fused permute kernel from Transformer Engine, which we do not use).
+
+Top-1 (`one_row_per_token=True`): a token has one row (padding rows, gate weight 0,
+add zeros to token 0), so the sum has one term and float32 accumulation changes
+nothing: the product is formed in float32 and rounded once as it is stored
+(`torch.mul(..., out=)` in the rows' dtype), and the scatter runs in that dtype.
+Forward and grad of the rows are bit for bit Megatron's; the gate weights' gradient
+<grad, row> sums in float32 over products rounded to the rows' dtype (Megatron's
+rounds only the sum's terms' inputs), an error of the rows' precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gate_weighted_sum(
+    expert_output: Tensor, row_probs: Tensor, token: Tensor, shape: torch.Size, one_row_per_token: bool
+) -> Tensor:
+    """expert_output [R, d], row_probs [R] (float32), token [R] -> [N, d] in expert_output's dtype."""
+    if one_row_per_token:
+        return _OneRowPerToken.apply(expert_output, row_probs, token, shape)
+    weighted = expert_output * row_probs.unsqueeze(-1)  # promotes bf16 rows to the probs' float32
+    out = weighted.new_zeros(shape)
+    out.index_add_(0, token, weighted)
+    return out.to(expert_output.dtype)
+
+
+class _OneRowPerToken(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_output: Tensor, row_probs: Tensor, token: Tensor, shape: torch.Size) -> Tensor:
+        weighted = torch.empty_like(expert_output)
+        torch.mul(expert_output, row_probs.unsqueeze(-1), out=weighted)  # float32 math, one rounding on store
+        out = expert_output.new_zeros(shape)
+        out.index_add_(0, token, weighted)  # one term per token (+ zeros): exact in any dtype
+        ctx.save_for_backward(expert_output, row_probs, token)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        expert_output, row_probs, token = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token)
+        grad_output = grad_probs = None
+        if ctx.needs_input_grad[0]:
+            grad_output = torch.empty_like(expert_output)
+            torch.mul(grad_rows, row_probs.unsqueeze(-1), out=grad_output)
+        if ctx.needs_input_grad[1]:
+            grad_probs = (grad_rows * expert_output).sum(-1, dtype=torch.float32).to(row_probs.dtype)
+        return grad_output, grad_probs, None, None
