@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mpoe.models.experts_grouped import GROUPED_MM
 
@@ -25,8 +26,6 @@ _NO_KERNEL = {
     torch.ops.aten.new_empty.default,
     torch.ops.aten.new_empty_strided.default,
 }
-
-
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "_grouped_mm", "_scaled_grouped_mm"}
 
 
@@ -47,11 +46,7 @@ class DeviceOps(TorchDispatchMode):
         if not func.is_view and func not in _NO_KERNEL:
             self.count += 1
             if func.overloadpacket.__name__ not in _MATMULS:
-                tensors = [
-                    t
-                    for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else (out,)))
-                    if isinstance(t, torch.Tensor)
-                ]
+                tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
                 self.other_bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
