@@ -4,18 +4,19 @@ out[t] = sum over rows r of token t of expert_output[r] * row_probs[r], with the
 gate weights in float32 (the router's dtype) and the sum in float32, rounded once
 to the rows' dtype: Megatron-Core's `unpermute` with a float32 router.
 
-Top-k > 1 (`gate_weighted_sum`): as Megatron writes it, the weighted rows promoted
-to float32, added into a float32 output, cast back. In bf16 that moves every row
-and the output three times in float32, forward and backward (Megatron avoids it with
-a fused permute kernel from Transformer Engine, which we do not use).
+Top-k > 1: as Megatron writes it, the weighted rows promoted to float32, added
+into a float32 output, cast back. In bf16 that moves every row and the output
+three times in float32, forward and backward (Megatron avoids it with a fused
+permute kernel from Transformer Engine, which we do not use).
 
 Top-1 (`one_row_per_token=True`): a token has one row (padding rows, gate weight 0,
 add zeros to token 0), so the sum has one term and float32 accumulation changes
 nothing: the product is formed in float32 and rounded once as it is stored
 (`torch.mul(..., out=)` in the rows' dtype), and the scatter runs in that dtype.
-Forward and grad of the rows are bit for bit Megatron's; the gate weights' gradient
-<grad, row> sums in float32 over products rounded to the rows' dtype (Megatron's
-rounds only the sum's terms' inputs), an error of the rows' precision.
+Forward and the rows' gradient are bit for bit Megatron's. The gate weights'
+gradient <grad, row> adds its products in float32 as Megatron does, but rounds each
+product to the rows' dtype first (Megatron forms it in float32): an error of the
+rows' precision, for no float32 copy of the rows.
 """
 
 from __future__ import annotations
