@@ -5,7 +5,9 @@
 
 --device cuda: the Switch and MPOE banks alone on one GPU in bf16 with the grouped
 backend, 16384 tokens balanced over 8 and 64 experts (`run_gpu`);
-gpu.experts.mpoe_vs_switch_time is the worse of the two. What follows is the CPU run.
+gpu.experts.mpoe_vs_switch_time is the worse of the two. Beside them, the MPOE bank
+with its weights rebuilt in order (`mpo.cheapest_layout`'s 'contract') shows what the
+permuted layouts save. What follows is the CPU run.
 
 Same shape for all three: GPT-2-small FFN (768 x 3072), 8 experts, tokens split
 evenly, tanh-GELU, input gradients on (as inside a model). Times are medians
@@ -28,6 +30,7 @@ On a machine shared with other jobs, `--threads 1` gives steadier numbers
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -181,7 +184,7 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
     print("ops = kernel-running ops one step dispatches (GPU launches); other MB = what those outside GEMMs move")
     print(
         f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10} "
-        f"{'switch ops':>10} {'mpoe ops':>9} {'switch other MB':>15} {'mpoe':>6}"
+        f"{'switch ops':>10} {'mpoe ops':>9} {'switch other MB':>15} {'mpoe':>6} {'in-order ms':>11} {'MB':>6}"
     )
     torch.manual_seed(0)
     dense = DenseFFN.random(d_model, d_ff)
@@ -190,9 +193,11 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
         counts = torch.full((E,), tokens // E, device=dev)
         x = torch.randn(tokens // E * E, d_model, device=dev, dtype=dtype).requires_grad_()
         stats = {}
-        for kind in ("switch", "mpoe"):
-            cfg = MoEConfig(kind=kind, num_experts=E, bond_dim=bond, expert_impl="grouped")
+        for kind in ("switch", "mpoe", "mpoe_in_order"):
+            cfg = MoEConfig(kind=kind.removesuffix("_in_order"), num_experts=E, bond_dim=bond, expert_impl="grouped")
             bank = build_expert_bank(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), dense).to(dev, dtype)
+            if kind == "mpoe_in_order":  # W rebuilt in order whatever the row count: what the layouts save
+                bank.grouped_weight = functools.partial(type(bank).grouped_weight, bank, layout="contract")
 
             def step(bank=bank, x=x, counts=counts):
                 bank.zero_grad(set_to_none=True)
@@ -203,11 +208,12 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
         mb = lambda k, stats=stats: "-" if stats[k]["peak_mb"] is None else f"{stats[k]['peak_mb']:.0f}"
         ratio = stats["mpoe"]["ms"] / stats["switch"]["ms"]
         ratios.append(ratio)
-        rows.append({"experts": E, "switch": stats["switch"], "mpoe": stats["mpoe"]})
+        rows.append({"experts": E, **stats})
         print(
             f"{E:>3} {stats['switch']['ms']:>10.2f} {stats['mpoe']['ms']:>10.2f} {ratio:>12.2f} "
             f"{mb('switch'):>10} {mb('mpoe'):>10} {stats['switch']['ops']:>10} {stats['mpoe']['ops']:>9} "
-            f"{stats['switch']['other_mb']:>15.0f} {stats['mpoe']['other_mb']:>6.0f}",
+            f"{stats['switch']['other_mb']:>15.0f} {stats['mpoe']['other_mb']:>6.0f} "
+            f"{stats['mpoe_in_order']['ms']:>11.2f} {stats['mpoe_in_order']['other_mb']:>6.0f}",
             flush=True,
         )
     results = {"gpu.experts.mpoe_vs_switch_time": max(ratios)}

@@ -31,7 +31,7 @@ _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "_grouped_
 
 class DeviceOps(TorchDispatchMode):
     """Counts, while active, the ops that run a kernel (every aten op but views and bare allocations), and the
-    bytes the ones other than matrix products read and write (their tensor arguments and results).
+    bytes the ones other than matrix products read and write (their tensor arguments and results, each once).
 
     On a GPU each op is at least one kernel launch, and the other ops are bound by memory bandwidth: where a
     step is launch-bound its time follows the count, and outside the GEMMs it follows the bytes. Any machine
@@ -46,8 +46,9 @@ class DeviceOps(TorchDispatchMode):
         if not func.is_view and func not in _NO_KERNEL:
             self.count += 1
             if func.overloadpacket.__name__ not in _MATMULS:
-                tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-                self.other_bytes += sum(t.numel() * t.element_size() for t in tensors)
+                # Each tensor once: an in-place op's target is its output too (index_copy_ writes it, not reads it).
+                tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+                self.other_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out
 
 

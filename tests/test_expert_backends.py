@@ -14,7 +14,7 @@ import torch
 
 from mpoe.config import MoEConfig
 from mpoe.models import experts_grouped
-from mpoe.models.experts import DenseFFN, build_expert_bank
+from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
 from mpoe.models.experts_grouped import GROUPED_MM, grouped_mm_fits
 from mpoe.parallel.groups import ExpertGroups
 
@@ -80,6 +80,29 @@ def test_grouped_equals_loop(kind, gated, bias, counts, monkeypatch):
     monkeypatch.setattr(experts_grouped, "grouped_linear", None)  # the fallback must not be taken here
     result = _run(grouped, x, torch.tensor(c))
     assert len(calls) == (3 if gated else 2)  # one grouped GEMM per weight matrix
+    _assert_same(_run(loop, x, c), result, rel=1e-5)
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("counts", list(COUNTS))
+@pytest.mark.parametrize("layout", ["contract", "rows", "cols"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_grouped_mpoe_equals_loop_in_every_layout(gated, layout, counts, monkeypatch):
+    """Whichever layout `mpo.cheapest_layout` would pick: W in order, or rebuilt with its rows (columns)
+    reordered and the rows' input (output) columns permuted to match."""
+    loop, grouped = _banks("mpoe", gated, bias=True)
+    used = []
+
+    def forced(name, num_rows):
+        weight = MPOEExperts.grouped_weight(grouped, name, num_rows, layout)
+        used.append((weight.in_perm is not None, weight.out_perm is not None))
+        return weight
+
+    monkeypatch.setattr(grouped, "grouped_weight", forced)
+    c = COUNTS[counts]
+    x = torch.randn(sum(c), D_MODEL)
+    result = _run(grouped, x, torch.tensor(c))
+    assert set(used) == {{"contract": (False, False), "rows": (True, False), "cols": (False, True)}[layout]}
     _assert_same(_run(loop, x, c), result, rel=1e-5)
 
 

@@ -209,3 +209,50 @@ def test_decompose_of_a_meta_weight_gives_the_shapes_without_an_svd():
     assert [tuple(t.shape) for t in tensors] == mpo.tensor_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16)
     with pytest.raises(ValueError, match="does not match factors"):
         mpo.decompose(w, [3, 4, 4, 4, 4], [4, 4, 8, 6, 2])
+
+
+@pytest.mark.parametrize(
+    "ins, outs, bond",
+    [
+        ([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16),
+        ([4, 4, 8, 6, 4], [3, 4, 4, 4, 4], 16),
+        ([2, 3, 2, 2, 1], [1, 2, 2, 3, 2], None),
+        ([2, 3], [3, 2], None),
+    ],
+)
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_permuted_product_is_w_with_rows_or_columns_reordered(ins, outs, bond, side):
+    """Against the contracted W indexed by the returned permutation; batched experts around a shared central
+    tensor, gradients included (float64: the two differ only in the order of their sums)."""
+    torch.manual_seed(5)
+    w = torch.randn(math.prod(ins), math.prod(outs), dtype=torch.float64)
+    tensors = mpo.decompose(w, ins, outs, bond)
+    c = mpo.central_index(len(tensors))
+    chain = [
+        t if k == c else t.unsqueeze(0) + 0.1 * torch.randn(3, *t.shape, dtype=t.dtype) for k, t in enumerate(tensors)
+    ]
+    chain = [t.detach().requires_grad_() for t in chain]
+    matrix, perm = mpo.permuted_product(chain, side)
+    assert sorted(perm.tolist()) == list(range(len(perm)))
+    full = mpo.contract(chain)
+    want = full[:, perm, :] if side == "rows" else full[:, :, perm].transpose(-2, -1)
+    torch.testing.assert_close(matrix, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(matrix)
+    got = torch.autograd.grad(matrix, chain, g)
+    expected = torch.autograd.grad(want, chain, g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_cheapest_layout_permutes_for_few_rows_per_expert_and_contracts_for_many():
+    """768 x 3072 at bond 16: the W-sized reorders of `contract` cost 4 L I J; the permuted layouts cost a
+    fraction of that plus 4 N I (rows) or 4 N J (cols)."""
+    w_in = mpo.tensor_shapes(PAPER_IN, PAPER_OUT, bond_dim=16)
+    w_out = mpo.tensor_shapes(PAPER_OUT, PAPER_IN, bond_dim=16)
+    assert mpo.cheapest_layout(w_in, 8, 16384) == "rows"  # permute the 768-wide input, not the 3072-wide one
+    assert mpo.cheapest_layout(w_out, 8, 16384) == "cols"  # permute the 768-wide output
+    assert mpo.cheapest_layout(w_in, 8, 262144) == "contract"
+    assert mpo.cheapest_layout(w_in, 64, 65536) == "rows"
+    # 48 x 192 at bond 16 is nearly full rank: halves as large as W, nothing to save
+    small = mpo.tensor_shapes(mpo.factorize(48), mpo.factorize(192), bond_dim=16)
+    assert mpo.cheapest_layout(small, 64, 4096) == "contract"

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mpoe.models import mpo
-from mpoe.models.interfaces import ExpertBackend, ParamRoles, TokenCounts, bias_of
+from mpoe.models.interfaces import ExpertBackend, GroupedWeight, ParamRoles, TokenCounts, bias_of
 from mpoe.models.param_tags import tag_expert_params, tag_first_expert
 
 
@@ -171,6 +171,10 @@ class ExpertBank(nn.Module):
         """All local experts' weight `name`, [L, I, J] (x @ W layout)."""
         raise NotImplementedError
 
+    def grouped_weight(self, name: str, num_rows: int) -> GroupedWeight:
+        """Weight `name` of all local experts as the grouped backend applies it to `num_rows` rows."""
+        return GroupedWeight(self.stacked_weight(name))
+
     def param_roles(self) -> ParamRoles:
         raise NotImplementedError
 
@@ -286,6 +290,18 @@ class MPOEExperts(ExpertBank):
         The central tensor has no expert axis and broadcasts, so autograd sums its
         gradient over the experts; the auxiliaries' gradients come out stacked."""
         return mpo.contract(self.stacked_chain(name))
+
+    def grouped_weight(self, name: str, num_rows: int, layout: Optional[str] = None) -> GroupedWeight:
+        """W for `name` for the grouped backend, in the layout that moves the fewest elements besides the GEMMs
+        for `num_rows` rows (`mpo.cheapest_layout`; `layout` forces one: contract | rows | cols)."""
+        chain = self.stacked_chain(name)
+        layout = layout or mpo.cheapest_layout([t.shape[-4:] for t in chain], self.num_local_experts, num_rows)
+        if layout == "contract":
+            return GroupedWeight(mpo.contract(chain))
+        matrix, perm = mpo.permuted_product(chain, layout)
+        if layout == "rows":
+            return GroupedWeight(matrix, in_perm=perm)
+        return GroupedWeight(matrix.transpose(-2, -1), out_perm=perm)
 
     def halves(self, name: str, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """All local experts' chain for `name` as `mpo.split_halves` gives it.

@@ -24,19 +24,25 @@ the loop backend's op (`grouped_linear`, counts read to the host): a padded
 and move more bytes. Zero rows: a plain matmul with the experts' summed weight,
 which gives every parameter its (zero) gradient without a grouped op.
 
-MPOE: `MPOEExperts.stacked_weight` rebuilds every local expert's W from its MPO
-chain in one batched contraction per weight matrix (auxiliaries [L, ...] around
-the shared central tensor, which broadcasts), in the parameters' dtype; the
-grouped GEMM then runs as for a Switch bank. Autograd sums the central tensor's
-gradient over the experts and gives the auxiliaries' gradients stacked: no
-per-expert loop anywhere.
+MPOE: `MPOEExperts.grouped_weight` rebuilds every local expert's W from its MPO
+chain in one batched product per weight matrix (auxiliaries [L, ...] around the
+shared central tensor, which broadcasts), in the parameters' dtype; the grouped
+GEMM then runs as for a Switch bank. Autograd sums the central tensor's gradient
+over the experts and gives the auxiliaries' gradients stacked: no per-expert loop
+anywhere. The layout is the one that moves the fewest elements besides the GEMMs
+(`mpo.cheapest_layout`): W in order (`mpo.contract`, whose reorder is a pass over
+all of W and of grad W), or, with few rows per expert, W with its rows or columns
+permuted as one broadcast product writes them (`mpo.permuted_product`, no pass over
+W) and the rows' input or output columns permuted to match (`in_perm`, `out_perm`:
+a gather and a scatter of N x width, each the other's backward).
 - Memory: the rebuilt W of all local experts, L*I*J per matrix, exactly a Switch
   bank's weights, lives from forward to backward (grouped_mm keeps it for grad x),
-  plus the chain's two halves (L*(I_L*J_L + I_R*J_R)*bond) and, in backward, a
-  grad W of the same L*I*J transiently. The parameters stay MPO-sized.
+  plus the chain's two halves and, in the permuted layouts, the copy of the left
+  half that the product broadcasts; in backward a grad W of the same L*I*J
+  transiently. The parameters stay MPO-sized.
 - Time: the rebuild is ~2*L*I*J*bond FLOPs per matrix against 2*N*I*J for the
   GEMM over N rows, so it costs about bond / (rows per expert) of the GEMM (3% at
-  bond 16 and 512 rows per expert) plus one pass over W.
+  bond 16 and 512 rows per expert) plus writing W once.
 - Pushing tokens through the chain instead (`mpo.apply_chain`, the loop backend's
   'chain' path) costs about N * sum_k (width of step k) and never forms W: it
   wins only when an expert has fewer rows than about the bond dimension (decoding
@@ -53,7 +59,7 @@ import torch
 from torch import Tensor
 
 from mpoe.models.grouped_linear import grouped_linear
-from mpoe.models.interfaces import TokenCounts
+from mpoe.models.interfaces import GroupedWeight, TokenCounts
 
 GROUPED_MM: Optional[Callable] = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -118,24 +124,50 @@ def add_bias(out: Tensor, groups: Groups, bias: Tensor) -> Tensor:
     return torch.addmm(out, groups.one_hot(out.dtype), bias)
 
 
-def grouped_linear_device(x: Tensor, groups: Groups, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Rows of expert e (consecutive, counts[e]) @ weight[e] + bias[e]; counts stay on the device."""
-    if weight.dtype != x.dtype:  # e.g. fp32 master weights under autocast: compute in the rows' dtype
-        weight = weight.to(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
+class _PermuteColumns(torch.autograd.Function):
+    """x's columns reordered: gather (out[:, r] = x[:, order[r]]) or scatter (out[:, order[r]] = x[:, r]).
+    Backward is the other one: a permutation's gradient is the inverse permutation, not an index_add."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, scatter: bool) -> Tensor:
+        ctx.save_for_backward(order)
+        ctx.scatter = scatter
+        return _permute_columns(x, order, scatter)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (order,) = ctx.saved_tensors
+        return _permute_columns(grad, order, not ctx.scatter), None, None
+
+
+def _permute_columns(x: Tensor, order: Tensor, scatter: bool) -> Tensor:
+    return torch.empty_like(x).index_copy_(1, order, x) if scatter else x.index_select(1, order)
+
+
+def grouped_linear_device(x: Tensor, groups: Groups, weight: GroupedWeight, bias: Optional[Tensor]) -> Tensor:
+    """Rows of expert e (consecutive, counts[e]) @ weight e + bias[e]; counts stay on the device."""
+    if weight.in_perm is not None:
+        x = _PermuteColumns.apply(x, weight.in_perm, False)
+    out = _grouped_matmul(x, groups, weight.matrix.to(x.dtype))  # e.g. fp32 master weights under autocast
+    if weight.out_perm is not None:
+        out = _PermuteColumns.apply(out, weight.out_perm, True)
+    if bias is None:
+        return out
+    bias = bias.to(x.dtype)
+    return out + bias.sum(0) if x.shape[0] == 0 else add_bias(out, groups, bias)
+
+
+def _grouped_matmul(x: Tensor, groups: Groups, weight: Tensor) -> Tensor:
     if x.shape[0] == 0:
-        # No rows: every weight and bias still gets a (zero) gradient, as in the loop backend.
-        out = x @ weight.sum(0)
-        return out if bias is None else out + bias.sum(0)
+        return x @ weight.sum(0)  # no rows: every weight still gets a (zero) gradient, as in the loop backend
     if not grouped_mm_fits(x, weight):
-        return _loop_fallback(x, groups.counts, bias, weight)  # float64 / odd sizes: see module doc
-    out = _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
-    return out if bias is None else add_bias(out, groups, bias)
+        return _loop_fallback(x, groups.counts, weight)  # float64 / odd sizes: see module doc
+    return _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
 
 
 @torch.compiler.disable  # eager under torch.compile: traced, every new list of host counts would recompile
-def _loop_fallback(x: Tensor, counts: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
-    return grouped_linear(x, counts.tolist(), bias, stacked=weight)
+def _loop_fallback(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
+    return grouped_linear(x, counts.tolist(), None, stacked=weight)
 
 
 class GroupedBackend:
@@ -154,13 +186,14 @@ class GroupedBackend:
 
     def forward(self, bank, tokens: Tensor, counts: TokenCounts) -> Tensor:
         groups = Groups(self.counts(tokens, counts, bank.num_local_experts), tokens.shape[0])
-        return bank.ffn(
-            tokens, lambda x, name: grouped_linear_device(x, groups, bank.stacked_weight(name), bank.bias(name))
-        )
+        return bank.ffn(tokens, lambda x, name: self._linear(bank, x, groups, name))
 
     def linear(self, bank, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
-        groups = Groups(self.counts(x, counts, bank.num_local_experts), x.shape[0])
-        return grouped_linear_device(x, groups, bank.stacked_weight(name), bank.bias(name))
+        return self._linear(bank, x, Groups(self.counts(x, counts, bank.num_local_experts), x.shape[0]), name)
+
+    @staticmethod
+    def _linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
+        return grouped_linear_device(x, groups, bank.grouped_weight(name, x.shape[0]), bank.bias(name))
 
 
 GROUPED = GroupedBackend()

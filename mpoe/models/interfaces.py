@@ -85,6 +85,17 @@ class ExpertBankLike(Protocol):
     def param_roles(self) -> ParamRoles: ...
 
 
+@dataclass
+class GroupedWeight:
+    """One weight of every local expert as the grouped backend applies it: out = x[:, in_perm] @ matrix, whose
+    column r is the weight's column out_perm[r]. A Switch bank's is its stacked weight as it stands; an MPOE
+    bank may hand a matrix whose rows or columns its MPO chain builds in another order (`mpo.permuted_product`)."""
+
+    matrix: Tensor  # [L, I, J], possibly a transposed view
+    in_perm: Optional[Tensor] = None  # [I]: the input columns in the matrix's row order
+    out_perm: Optional[Tensor] = None  # [J]: the weight column each output column is
+
+
 class ExpertBackend(Protocol):
     """How a bank's experts are computed: `loop` (per-expert GEMMs) or `grouped` (all experts in one op).
 

@@ -179,8 +179,8 @@ def _halves(tensors: Sequence[Tensor], split: int) -> tuple[Tensor, Optional[Ten
     return left, right
 
 
-def _ordered_halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """The chain cut at `split_index`, each half reordered while small.
+def _ordered_halves(tensors: Sequence[Tensor], split: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """The chain cut at `split` (default `split_index`), each half reordered while small.
 
     Halves: left (..., i_L, j_L, d), right (..., d, i_R, j_R).
 
@@ -189,7 +189,7 @@ def _ordered_halves(tensors: Sequence[Tensor]) -> tuple[Tensor, Optional[Tensor]
     n = len(tensors)
     ins = [t.shape[-3] for t in tensors]
     outs = [t.shape[-2] for t in tensors]
-    nl = split_index([t.shape[-4:] for t in tensors])  # tensors in the left half
+    nl = split_index([t.shape[-4:] for t in tensors]) if split is None else split  # tensors in the left half
     il, jl, ir, jr = math.prod(ins[:nl]), math.prod(outs[:nl]), math.prod(ins[nl:]), math.prod(outs[nl:])
     left, right = _halves(tensors, nl)
     lb, d = left.shape[:-2], left.shape[-1]
@@ -244,6 +244,74 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
         left, right = left.transpose(-3, -2), right.transpose(-2, -1)
     a, c = left.shape[-3], right.shape[-2]
     return left, right, torch.arange(a * c, device=left.device).view(a, c).t().flatten()
+
+
+def _cut_sizes(shapes: Sequence[Sequence[int]], k: int) -> tuple[int, int, int, int, int]:
+    """(i_L, j_L, i_R, j_R, d) of the chain cut before tensor k (lists in math.prod: torch.compile cannot
+    trace a generator there)."""
+    i_l, j_l = math.prod([s[1] for s in shapes[:k]]), math.prod([s[2] for s in shapes[:k]])
+    i_r, j_r = math.prod([s[1] for s in shapes[k:]]), math.prod([s[2] for s in shapes[k:]])
+    return i_l, j_l, i_r, j_r, shapes[k][0]
+
+
+def permuted_split(shapes: Sequence[Sequence[int]], side: str) -> tuple[int, int]:
+    """(cut, elements moved per chain) for `permuted_product`, at the cut that moves the fewest.
+
+    The left half (i_L, j_L, d) is copied once per i_R index ('rows': I * j_L * d elements) or
+    per j_R index ('cols': J * i_L * d), written in forward, written and summed in backward: 3x.
+    Each half is built, reordered and made contiguous for the product, forward and backward: 8x."""
+    best = None
+    for k in range(1, len(shapes)):
+        i_l, j_l, i_r, j_r, d = _cut_sizes(shapes, k)
+        copy = i_l * i_r * j_l * d if side == "rows" else j_l * j_r * i_l * d
+        cost = (3 * copy + 8 * (i_l * j_l * d + d * i_r * j_r), k)
+        best = cost if best is None else min(best, cost)
+    if best is None:
+        raise ValueError("a chain of one tensor has no cut: use num_mpo_factors >= 2")
+    return best[1], best[0]
+
+
+def permuted_product(tensors: Sequence[Tensor], side: str) -> tuple[Tensor, Tensor]:
+    """W with its rows ('rows') or columns ('cols') reordered, built by one broadcast matmul and no pass over W.
+
+    `contract` forms (i_L, j_L) x (i_R, j_R) and then swaps j_L <-> i_R: a read and a
+    write of all of W (and of grad W in backward). Batching the product over i_R
+    instead, with the small left half broadcast, writes the rows already in (i_R, i_L)
+    order: M[(c, a), (b, e)] = sum_d left[a, b, d] * right[d, c, e], which is W with
+    its rows permuted. The same with i and j swapped gives W^T with its rows permuted.
+    Returns (matrix, perm), matrix with leading batch dims:
+      'rows': M [..., I, J] = W[perm, :],       so x @ W = x[:, perm] @ M;
+      'cols': Mt [..., J, I] = W[:, perm]^T,    so (x @ W)[:, perm] = x @ Mt^T.
+    """
+    split, _ = permuted_split([t.shape[-4:] for t in tensors], side)
+    left, right = _ordered_halves(tensors, split)  # (..., i_L, j_L, d), (..., d, i_R, j_R)
+    if side == "cols":
+        left, right = left.transpose(-3, -2), right.transpose(-2, -1)
+    a, b, d = left.shape[-3:]
+    c, e = right.shape[-2:]
+    batched_left = left.reshape(*left.shape[:-3], 1, a * b, d)  # broadcast over c by matmul
+    m = torch.matmul(batched_left, right.transpose(-3, -2))  # (..., c, a * b, e)
+    perm = torch.arange(a * c, device=m.device).view(a, c).t().flatten()
+    return m.reshape(*m.shape[:-3], c * a, b * e), perm
+
+
+def cheapest_layout(shapes: Sequence[Sequence[int]], copies: int, num_rows: int) -> str:
+    """How to hand `copies` stacked chains (one per local expert) to a grouped GEMM over `num_rows` rows, by the
+    elements moved besides the GEMMs, forward and backward:
+    - 'contract' (`contract`): W in order; its j_L <-> i_R reorder reads and writes all of W in forward
+      and all of grad W in backward (4 I J), and its halves are reordered both ways (4x their size).
+    - 'rows' / 'cols' (`permuted_product`): no pass over W (`permuted_split`'s elements instead), and
+      the rows' input (output) columns permuted, forward and backward: 4 num_rows I (J).
+    Few rows per expert, where the W-sized passes dominate, take a permuted layout; so do chains whose
+    halves are small against W (bonds capped well below their full size)."""
+    d_in, d_out = math.prod([s[1] for s in shapes]), math.prod([s[2] for s in shapes])
+    if len(shapes) == 1:
+        return "contract"
+    i_l, j_l, i_r, j_r, d = _cut_sizes(shapes, split_index(shapes))
+    costs = [(copies * (4 * d_in * d_out + 4 * d * (i_l * j_l + i_r * j_r)), "contract")]
+    for side, width in (("rows", d_in), ("cols", d_out)):
+        costs.append((copies * permuted_split(shapes, side)[1] + 4 * num_rows * width, side))
+    return min(costs)[1]
 
 
 def apply_chain(x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
