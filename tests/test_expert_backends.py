@@ -8,6 +8,7 @@ different grouping); float64 takes the documented fallback and is checked too.
 """
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -172,34 +173,43 @@ def test_grouped_rejects_counts_of_the_wrong_length():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.gpu
-@gpu
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-6))
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])], ids=["cpu", "cuda"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("kind", ["switch", "mpoe"])
-def test_gpu_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated):
-    """On CUDA in bf16, the grouped bank runs fwd+bwd without a device-to-host sync and matches fp32 loop."""
+@pytest.mark.parametrize("kind", ["switch", "mpoe:contract", "mpoe:rows", "mpoe:cols"])
+def test_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated, device):
+    """In bf16, the grouped bank (MPOE: in each of its layouts) matches the fp32 loop backend within bf16's
+    precision, as a relative norm: bf16 storage of the weights and rows alone puts single elements of a gated
+    FFN several percent off. On CUDA it runs fwd+bwd without a device-to-host sync."""
+    kind, _, layout = kind.partition(":")
     loop, grouped = _banks(kind, gated, bias=True)
-    loop, grouped = loop.cuda(), grouped.cuda().to(torch.bfloat16)
+    loop, grouped = loop.to(device), grouped.to(device, torch.bfloat16)
+    if layout:
+        grouped.grouped_weight = functools.partial(MPOEExperts.grouped_weight, grouped, layout=layout)
     c = [40, 0, 100, 16]
-    x = torch.randn(sum(c), D_MODEL, device="cuda")
-    counts = torch.tensor(c, device="cuda")
+    x = torch.randn(sum(c), D_MODEL, device=device)
+    counts = torch.tensor(c, device=device)
     expected = _run(loop, x, c)
     xb = x.to(torch.bfloat16).requires_grad_()
-    grouped(xb, counts).float().pow(2).sum().backward()  # warm-up: first calls initialise kernels, cuBLAS handles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = grouped(xb, counts)
-        out.float().pow(2).sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    grouped.zero_grad(set_to_none=True)  # the comparison below must see one backward's gradients, not three
+    if device == "cuda":
+        grouped(xb, counts).float().pow(2).sum().backward()  # warm-up: first calls initialise kernels, cuBLAS
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = grouped(xb, counts)
+            out.float().pow(2).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        grouped.zero_grad(set_to_none=True)  # the comparison below must see one backward's gradients
     out, gx, grads = _run(grouped, xb, counts)
-    torch.testing.assert_close(out.float(), expected[0], rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(gx.float(), expected[1], rtol=3e-2, atol=3e-2)
+    assert _relative_error(out, expected[0]) < 2e-2
+    assert _relative_error(gx, expected[1]) < 2e-2
     for name, g in grads.items():
-        rel = (g.float() - expected[2][name]).norm() / expected[2][name].norm().clamp_min(1e-6)
-        assert rel < 3e-2, (name, float(rel))
+        assert _relative_error(g, expected[2][name]) < 3e-2, name
 
 
 @needs_grouped_mm
