@@ -107,9 +107,13 @@ def test_grouped_mpoe_equals_loop_in_every_layout(gated, layout, counts, monkeyp
     _assert_same(_run(loop, x, c), result, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe", "mpoe:rows", "mpoe:cols"])
 def test_grouped_float64_falls_back_and_still_equals_loop(kind):
+    """The loop op takes the permuted layouts' matrices too (a transposed view for 'cols')."""
+    kind, _, layout = kind.partition(":")
     loop, grouped = _banks(kind, gated=False, bias=True, dtype=torch.float64)
+    if layout:
+        grouped.grouped_weight = functools.partial(MPOEExperts.grouped_weight, grouped, layout=layout)
     c = COUNTS["mixed"]
     x = torch.randn(sum(c), D_MODEL, dtype=torch.float64)
     assert not grouped_mm_fits(x, loop.stacked_weight("w_in"))
