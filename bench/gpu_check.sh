@@ -48,9 +48,10 @@ case "$part" in
     step tests_kernels python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_expert_backends.py tests/test_dispatch_sync_free.py tests/test_grad_mask.py tests/test_bench.py \
       tests/test_compile.py tests/test_lm_loss.py tests/test_combine.py "$@"
-    step train_step python3 -m bench.train_step --device cuda --compile --json "$OUT/train_step.json"
+    # The expert tables first: a minute or so between them, where train_step compiles six models
     step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
     step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"
+    step train_step python3 -m bench.train_step --device cuda --compile --json "$OUT/train_step.json"
     step lm_loss python3 -m bench.lm_loss --device cuda
     ;;
   runs)
