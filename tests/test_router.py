@@ -179,3 +179,18 @@ def test_jitter_of_float32_tokens_is_unchanged():
     assert torch.equal(seen, x * torch.empty(64, 4).uniform_(0.9, 1.1))
     router.eval()
     assert torch.equal(_jitter_seen_by_the_gate(router, x), x)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_entropy_is_the_routing_distributions_and_dropless_counts_no_drops(capacity_factor):
+    """Against torch.distributions.Categorical over the full softmax, in float64; 15 of 40 tokens sure of
+    expert 0 (probabilities that underflow to 0 in float32), so capacity 10 per expert drops at least 5."""
+    torch.manual_seed(0)
+    logits = torch.randn(40, 4) * 3
+    logits[:15] = torch.tensor([80.0, 0.0, 0.0, 0.0])
+    out = identity_router(top_k=1, capacity_factor=capacity_factor)(logits)
+    truth = torch.distributions.Categorical(logits=logits.double()).entropy().mean()
+    torch.testing.assert_close(out.entropy.double(), truth, rtol=1e-5, atol=1e-6)
+    assert out.tokens_dropped.dtype == torch.long and out.tokens_dropped.dim() == 0
+    assert out.tokens_dropped == 40 - out.routing_map.sum()  # top-1: every token had one pair before dropping
+    assert (out.tokens_dropped == 0) == (capacity_factor is None)

@@ -88,9 +88,13 @@ class TopKRouter(nn.Module):
         z_loss = moe_utils.z_loss_func(logits, cfg.z_loss_coef)
 
         kept = self._apply_capacity(routing_map, scores)
-        tokens_dropped = routing_map.sum() - kept.sum()
-        p = scores.detach()  # monitoring only: no graph
-        entropy = -(p * p.clamp_min(1e-20).log()).sum(dim=-1).mean() if p.shape[0] else p.new_zeros(())
+        # Monitoring only, and each a kernel per layer and step on a GPU: dropless drops nothing to count, and
+        # entr(p) = -p log p (0 at p = 0) is the entropy's terms in one op.
+        tokens_dropped = (
+            routing_map.sum() - kept.sum() if kept is not routing_map else logits.new_zeros((), dtype=torch.long)
+        )
+        p = scores.detach()
+        entropy = torch.special.entr(p).sum(dim=-1).mean() if p.shape[0] else p.new_zeros(())
         return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped, entropy)
 
     def gate_logits(self, tokens: Tensor) -> Tensor:
