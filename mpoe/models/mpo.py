@@ -223,8 +223,11 @@ def contract(tensors: Sequence[Tensor]) -> Tensor:
     return w.reshape(*b, il * ir, jl * jr)
 
 
-def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """The chain's two halves, shaped so that their product is W with its rows reordered; None if it has no cut.
+def split_halves(
+    tensors: Sequence[Tensor], transposed: bool = False, split: Optional[int] = None
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """The chain's two halves (cut at `split`, default `split_index`), shaped so that their product is W with
+    its rows reordered; None if it has no cut.
 
     Returns (left (..., a, b, d), right (..., d, c, e), perm). The matrix
     M[(c, a), (b, e)] = sum_d left[a, b, d] * right[d, c, e], built as c products
@@ -237,7 +240,7 @@ def split_halves(tensors: Sequence[Tensor], transposed: bool = False) -> Optiona
     (`contract` instead forms (i_L, j_L) x (i_R, j_R) and then swaps j_L <-> i_R: one more
     read and write of W in forward and of grad W in backward.)
     """
-    left, right = _ordered_halves(tensors)
+    left, right = _ordered_halves(tensors, split)
     if right is None:
         return None
     if transposed:  # the same product for W^T: swap the roles of i and j
@@ -275,23 +278,20 @@ def permuted_product(tensors: Sequence[Tensor], side: str) -> tuple[Tensor, Tens
     """W with its rows ('rows') or columns ('cols') reordered, built by one broadcast matmul and no pass over W.
 
     `contract` forms (i_L, j_L) x (i_R, j_R) and then swaps j_L <-> i_R: a read and a
-    write of all of W (and of grad W in backward). Batching the product over i_R
-    instead, with the small left half broadcast, writes the rows already in (i_R, i_L)
-    order: M[(c, a), (b, e)] = sum_d left[a, b, d] * right[d, c, e], which is W with
-    its rows permuted. The same with i and j swapped gives W^T with its rows permuted.
-    Returns (matrix, perm), matrix with leading batch dims:
+    write of all of W (and of grad W in backward). `split_halves`' M, formed as one
+    matmul batched over c with the small left half broadcast, is written with its
+    rows already in (c, a) order: W with its rows permuted ('rows'), or W^T with its
+    rows permuted ('cols', i and j swapped). Returns (matrix, perm), matrix with
+    leading batch dims:
       'rows': M [..., I, J] = W[perm, :],       so x @ W = x[:, perm] @ M;
       'cols': Mt [..., J, I] = W[:, perm]^T,    so (x @ W)[:, perm] = x @ Mt^T.
     """
     split, _ = permuted_split([t.shape[-4:] for t in tensors], side)
-    left, right = _ordered_halves(tensors, split)  # (..., i_L, j_L, d), (..., d, i_R, j_R)
-    if side == "cols":
-        left, right = left.transpose(-3, -2), right.transpose(-2, -1)
+    left, right, perm = split_halves(tensors, transposed=side == "cols", split=split)
     a, b, d = left.shape[-3:]
     c, e = right.shape[-2:]
     batched_left = left.reshape(*left.shape[:-3], 1, a * b, d)  # broadcast over c by matmul
     m = torch.matmul(batched_left, right.transpose(-3, -2))  # (..., c, a * b, e)
-    perm = torch.arange(a * c, device=m.device).view(a, c).t().flatten()
     return m.reshape(*m.shape[:-3], c * a, b * e), perm
 
 
