@@ -46,6 +46,13 @@ def _banks(kind: str, gated: bool, bias: bool, dtype=torch.float32, bond_dim=Non
     return loop, grouped
 
 
+def _hold_layout(bank, layout: str) -> None:
+    """Fix an MPOE bank's grouped layout (contract | rows | cols), which `mpo.cheapest_layout` picks by size;
+    '' leaves the choice to it."""
+    if layout:
+        bank.grouped_weight = functools.partial(MPOEExperts.grouped_weight, bank, layout=layout)
+
+
 def _run(bank, x, counts):
     x = x.detach().clone().requires_grad_()
     out = bank(x, counts)
@@ -112,8 +119,7 @@ def test_grouped_float64_falls_back_and_still_equals_loop(kind):
     """The loop op takes the permuted layouts' matrices too (a transposed view for 'cols')."""
     kind, _, layout = kind.partition(":")
     loop, grouped = _banks(kind, gated=False, bias=True, dtype=torch.float64)
-    if layout:
-        grouped.grouped_weight = functools.partial(MPOEExperts.grouped_weight, grouped, layout=layout)
+    _hold_layout(grouped, layout)
     c = COUNTS["mixed"]
     x = torch.randn(sum(c), D_MODEL, dtype=torch.float64)
     assert not grouped_mm_fits(x, loop.stacked_weight("w_in"))
@@ -192,8 +198,7 @@ def test_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated, device):
     kind, _, layout = kind.partition(":")
     loop, grouped = _banks(kind, gated, bias=True)
     loop, grouped = loop.to(device), grouped.to(device, torch.bfloat16)
-    if layout:
-        grouped.grouped_weight = functools.partial(MPOEExperts.grouped_weight, grouped, layout=layout)
+    _hold_layout(grouped, layout)
     c = [40, 0, 100, 16]
     x = torch.randn(sum(c), D_MODEL, device=device)
     counts = torch.tensor(c, device=device)
