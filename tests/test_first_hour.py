@@ -318,7 +318,7 @@ def test_text_and_json_files_can_be_mixed(tmp_path):
     (tmp_path / "a.txt").write_text("alpha line one\nalpha line two\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta document"}) + "\n")
     (tmp_path / "c.txt").write_text("gamma line\n")
-    docs = documents.local_documents([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text")
+    docs = list(documents.local_source([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], "text").documents())
     assert docs == ["alpha line one", "alpha line two", "gamma line", "beta document"]
 
 

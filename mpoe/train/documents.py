@@ -89,11 +89,6 @@ def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return tuple(list(source.documents(split, cfg.val_fraction)) for split in ("train", "val"))
 
 
-def local_documents(paths: list[Path], text_field: str) -> list[str]:
-    """The documents of local files, in the order given, as a list (see `local_source`)."""
-    return list(local_source(paths, text_field).documents())
-
-
 def local_source(paths: list[Path], text_field: str) -> DocumentSource:
     """Local files, in the order given; text, JSON and parquet files may be mixed.
 
