@@ -90,3 +90,16 @@ def test_mpo_grouped_linear_with_frozen_halves_still_gives_grad_x():
         ]
     )
     torch.testing.assert_close(gx, expected)
+
+
+def test_mpo_grouped_linear_in_bf16_sums_the_left_gradient_in_float32():
+    """grad left = sum over the c column blocks of their products: 256 + 63 x 1 = 319, which bf16 rounds once to
+    320. Summed in bf16 one block at a time, every 256 + 1 rounds back to 256 (bf16 is 2 apart there)."""
+    c = 64
+    left = torch.ones(1, 1, 1, 1, dtype=torch.bfloat16, requires_grad=True)  # [L, a, b, d]: M_0 is (c, 1)
+    right = torch.ones(1, 1, c, 1, dtype=torch.bfloat16, requires_grad=True)  # [L, d, c, e]
+    x = torch.ones(1, c, dtype=torch.bfloat16)
+    x[0, 0] = 256.0
+    out = mpo_grouped_linear(x, [1], None, left, right, accumulate_max_blocks=c)
+    (g_left,) = torch.autograd.grad(out.sum(), left)
+    assert g_left.item() == torch.tensor(319.0).to(torch.bfloat16).item() == 320.0

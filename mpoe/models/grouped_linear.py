@@ -140,7 +140,9 @@ class _MPOGroupedLinear(torch.autograd.Function):
                     torch.mm(x[rows].t(), g, out=gm)
                 # grad left: sum over c of (a*b, e) @ (e, d). A loop of accumulating GEMMs
                 # beats one bmm + sum while c is small (the bmm writes c partial results): the caller's policy.
-                if c <= ctx.accumulate_max_blocks:
+                # Not in bf16/fp16: each addmm_ would round the running sum to 8 (11) significant bits, where
+                # torch.sum adds the c products in float32 and rounds once.
+                if c <= ctx.accumulate_max_blocks and scratch.element_size() >= 4:
                     for i in range(c):
                         g_left[k].addmm_(scratch[i], right_by_c[k, i].t())
                 else:
