@@ -87,6 +87,18 @@ def test_pretrained_shape_comes_from_the_checkpoint(tmp_path):
     assert model.backbone.config.n_positions == 48 and model.backbone.config.n_embd == 32
 
 
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_a_half_precision_checkpoint_builds_a_float32_model(tmp_path, family):
+    """DeepSpeed keeps float32 masters only of a float32 model: a bf16 file (a GPU run's export) must not make
+    an fp32 run train bf16 weights."""
+    path = _save_gpt2(tmp_path / "ckpt") if family == "gpt2" else _save_t5(tmp_path / "ckpt")
+    saved = (GPT2LMHeadModel if family == "gpt2" else T5ForConditionalGeneration).from_pretrained(path)
+    saved.to(torch.bfloat16).save_pretrained(path)
+    model, out = _logits(family, path, "mpoe")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert out.logits.dtype == torch.float32
+
+
 def test_wrong_checkpoint_is_a_one_line_config_error(tmp_path):
     cfg = tiny_cfg("t5", "dense")
     cfg.model.pretrained = str(_save_gpt2(tmp_path / "gpt2"))

@@ -80,9 +80,18 @@ class Family(ABC):
     def build(self, cfg: ModelConfig, tokenizer_vocab: int, eot_id: int, pad_id: int) -> nn.Module:
         """From scratch with our shape, or model.pretrained's shape and weights (a local directory only)."""
         if cfg.pretrained:
+            import torch
+
             self.check_pretrained(cfg.pretrained)
+            # float32 whatever dtype the checkpoint was saved in (transformers 5 loads it as saved): DeepSpeed casts
+            # the model for bf16/fp16 and keeps float32 masters, but an fp32 run would train a bf16 file's weights
+            # in bf16, with no masters, and the MPO upcycling would decompose bf16 weights.
             backbone = self.model_class.from_pretrained(
-                cfg.pretrained, local_files_only=True, attn_implementation="sdpa", **self.pretrained_overrides(cfg)
+                cfg.pretrained,
+                local_files_only=True,
+                attn_implementation="sdpa",
+                dtype=torch.float32,
+                **self.pretrained_overrides(cfg),
             )
             fuse_tanh_gelu(backbone)
             return backbone
