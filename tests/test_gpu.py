@@ -107,6 +107,24 @@ def test_resume_on_the_gpu_continues_the_loss_curve(tmp_path, mpoe_cache):
     print("bitwise equal:", [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)])
 
 
+def test_a_checkpoint_resumes_on_the_gpu_at_another_zero_stage(tmp_path, mpoe_cache):
+    """Resharding writes Adam's state itself (`adam_state`): on CUDA torch's fused AdamW must find its step on
+    the GPU. bf16 ZeRO 1 (DeepSpeed's BF16_Optimizer) -> ZeRO 2 continues the loss curve; fp32 ZeRO 0 -> bf16."""
+    common = ("moe=mpoe", "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=4")
+    zero1, zero2, fp32, to_bf16 = (tmp_path / n for n in ("zero1", "zero2", "fp32", "to_bf16"))
+    step = "checkpoints/step_00000002"
+    run(zero1, mpoe_cache, *common, "trainer.precision=bf16", "parallel.zero_stage=1")
+    run(zero2, mpoe_cache, *common, "trainer.precision=bf16", "parallel.zero_stage=2", f"trainer.resume={zero1 / step}")
+    want = {r["step"]: r["loss"] for r in metrics(zero1)}
+    got = {r["step"]: r["loss"] for r in metrics(zero2)}
+    assert sorted(got) == [3, 4] and [got[3], got[4]] == pytest.approx([want[3], want[4]], rel=1e-2)
+    run(fp32, mpoe_cache, *common, "trainer.precision=fp32")
+    run(to_bf16, mpoe_cache, *common, "trainer.precision=bf16", f"trainer.resume={fp32 / step}")
+    rows = metrics(to_bf16)
+    assert [r["step"] for r in rows] == [3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] == pytest.approx({r["step"]: r["loss"] for r in metrics(fp32)}[4], rel=5e-2)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("moe", ["switch", "mpoe"])
 def test_low_precision_on_one_gpu_at_ep1(tmp_path, mpoe_cache, precision, moe):

@@ -26,6 +26,19 @@ from torch import Tensor, nn
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def step_tensor(step: int, group: dict, param: Tensor) -> Tensor:
+    """Adam's step count as torch keeps it for `param` of `group` (its `Optimizer.load_state_dict` rule): a float32
+    tensor on the parameter's device for fused or capturable Adam, whose kernels read it there (on CUDA a CPU step
+    would hand the fused kernel a host pointer), else a CPU tensor."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(float(step), dtype=torch.float32, device=param.device)
+    return torch.tensor(float(step))
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:
+    return next(group for group in optimizer.param_groups if any(p is param for p in group["params"]))
+
+
 def _step_of(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         if "step" in state:
@@ -53,7 +66,7 @@ class TorchAdam:
         # The master is the parameter itself, loaded with the module.
         adam = {k: values[k].to(p.device, torch.float32) for k in ADAM_KEYS if values.get(k) is not None}
         if len(adam) == len(ADAM_KEYS):
-            self.optimizer.state[p] = {"step": torch.tensor(float(step)), **adam}
+            self.optimizer.state[p] = {"step": step_tensor(step, _group_of(self.optimizer, p), p), **adam}
 
     def finish(self, step: int) -> None:
         pass
@@ -72,10 +85,12 @@ class ZeroAdam:
         wrapper = self.wrapper
         if not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
             return
-        for flat in (p for group in wrapper.optimizer.param_groups for p in group["params"]):
-            state = wrapper.optimizer.state[flat]
-            if "exp_avg" not in state:
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        for group in wrapper.optimizer.param_groups:
+            for flat in group["params"]:
+                state = wrapper.optimizer.state[flat]
+                if "exp_avg" not in state:
+                    zeros = torch.zeros_like
+                    state.update(step=step_tensor(0, group, flat), exp_avg=zeros(flat), exp_avg_sq=zeros(flat))
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
 
@@ -99,9 +114,12 @@ class ZeroAdam:
                 safe_set_full_optimizer_state(p, values[k].to(p.device), k)
 
     def finish(self, step: int) -> None:
-        for state in self.wrapper.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+        optimizer = self.wrapper.optimizer
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                state = optimizer.state.get(flat, {})
+                if "step" in state:
+                    state["step"] = step_tensor(step, group, flat) if torch.is_tensor(state["step"]) else step
 
 
 def holder(engine):
