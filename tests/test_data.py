@@ -1,6 +1,7 @@
 """The embedded corpus, its split, the BPE tokenizer and the batch order are deterministic."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -210,6 +211,43 @@ def test_a_nodes_other_processes_map_its_cache_without_reading_documents(tmp_pat
     assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == sorted(
         p.name for p in (tmp_path / "node0").iterdir()
     )  # the other node built the same files under the same names
+
+
+def _prepare_slowly(rank: int, corpus_path: str, out_dir: str, seconds: float) -> None:
+    """The first process prepares the data for longer than the world's collectives may wait."""
+    import time
+
+    from mpoe.config import TrainConfig
+    from mpoe.train import loop
+
+    real_prepare = loop.data_lib.prepare
+    loop.data_lib.prepare = lambda cfg: time.sleep(seconds) or real_prepare(cfg)
+    cfg = TrainConfig(data=DataConfig(name="text", paths=[corpus_path], cache_dir=out_dir, vocab_size=500))
+    torch.save(np.array(loop._prepare_data(cfg, rank).train), f"{out_dir}/{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_nodes_other_processes_wait_for_its_data_longer_than_the_worlds_timeout(tmp_path):
+    """Tokenizing a large corpus takes longer than a collective may (NCCL's watchdog aborts the waiting ranks):
+    the wait is a host agreement over the gloo host group, whose timeout allows for it."""
+    from mpoe.parallel.local_world import spawn_world
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus.pydoc_topics()[:50]))
+    spawn_world(_prepare_slowly, 2, str(path), str(tmp_path), 6.0, timeout_s=2)
+    first, other = (torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2))
+    assert len(first) > 100 and np.array_equal(first, other)
+
+
+def test_the_tokenizers_thread_pool_is_on_only_while_data_is_prepared(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # as the entry points set it
+    seen = []
+    real = data.train_tokenizer
+    monkeypatch.setattr(data, "train_tokenizer", lambda *a: seen.append(os.environ["TOKENIZERS_PARALLELISM"]) or real(*a))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus.pydoc_topics()[:50]))
+    data.prepare(DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path), vocab_size=500))
+    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
 def test_prepare_reads_files_a_batch_at_a_time_and_gives_the_per_document_tokens(tmp_path, monkeypatch):

@@ -4,11 +4,19 @@ NCCL reduces only CUDA tensors and gloo only CPU ones ("No backend type
 associated with device type cpu" is NCCL refusing a CPU tensor). Every
 collective in the package asks `comm_device` where to put its tensor, so that
 choice is made in one place.
+
+Agreements between the hosts (a stop was asked for, files are written, which
+cache key) go over the *host group*: a gloo twin of the world, on CPU tensors,
+with a long timeout. Under NCCL the same agreement on a CUDA tensor would wait
+for all the GPU work queued before it (a host sync per training step for the
+stop check), and NCCL's watchdog would abort ranks that wait longer than the
+world's timeout while one process per node tokenizes a large corpus.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -18,6 +26,31 @@ from torch import Tensor
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+HOST_TIMEOUT = timedelta(hours=24)  # how long a host waits for another (data preparation of a large corpus)
+
+_host: Optional[tuple] = None  # (the world group, its gloo twin)
+
+
+def start_host_group(timeout: timedelta = HOST_TIMEOUT) -> None:
+    """Collective, on every rank once, right after the world starts (`groups.init_distributed`)."""
+    global _host
+    _host = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """The world's gloo twin for host-side agreements; None (the world itself) where the world was started
+    without one, or there is no world."""
+    if not _distributed() or _host is None or _host[0] is not dist.group.WORLD:
+        return None
+    return _host[1]
+
+
+def host_barrier() -> None:
+    """Every rank has reached this point (files written, a cache made); no GPU work is waited for."""
+    if _distributed():
+        dist.barrier(group=host_group())
 
 
 def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:

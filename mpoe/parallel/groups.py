@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mpoe.parallel import engine as ds_engine
+from mpoe.parallel.collectives import start_host_group
 
 
 def _deepspeed_accelerator() -> Optional[str]:
@@ -129,6 +130,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_on_agent_store(backend, timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    start_host_group()
 
 
 def resolve_backend(backend: Optional[str]) -> str:

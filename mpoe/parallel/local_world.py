@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from mpoe.parallel.groups import free_port, init_distributed
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, timeout_s: float) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -30,13 +30,14 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
         DS_ACCELERATOR="cpu",
     )
     torch.set_num_threads(1)
-    init_distributed(backend="gloo", timeout_s=120)
+    init_distributed(backend="gloo", timeout_s=timeout_s)
     try:
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_world(fn: Callable, world_size: int, *args) -> None:
-    """Run fn(rank, *args) on `world_size` processes of one gloo world; fn must be importable (module level)."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn_world(fn: Callable, world_size: int, *args, timeout_s: float = 120) -> None:
+    """Run fn(rank, *args) on `world_size` processes of one gloo world (its collectives' timeout `timeout_s`);
+    fn must be importable (module level)."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args, timeout_s), nprocs=world_size, join=True)

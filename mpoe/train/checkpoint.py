@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mpoe.parallel.collectives import host_barrier
 from mpoe.parallel.groups import rank_world
 from mpoe.train import faults, reshard
 from mpoe.train.rng import rng_state, set_rng_state
@@ -37,11 +38,6 @@ STEP_PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; one-line message with the path and the fix."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -70,7 +66,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
         tmp.mkdir()
-    _barrier()
+    host_barrier()  # the directory exists (barriers over files are host agreements: no GPU work is waited for)
     state = {
         **reshard.rank_file_fields(engine, rank, meta["ep_size"]),  # collective at ZeRO 1/2
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
@@ -82,14 +78,14 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     with open(part, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, tmp / f"rank_{rank:05d}.pt")
-    _barrier()
+    host_barrier()
     if rank == 0:
         faults.maybe_kill_in_save(step)
         _fsync_write(tmp / "meta.json", json.dumps({**meta, "step": step, "world_size": world}, indent=1).encode())
         os.replace(tmp, final)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    host_barrier()
     return final
 
 

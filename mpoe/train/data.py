@@ -17,6 +17,7 @@ is a pure function of the optimizer step, which is what makes resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -152,11 +153,32 @@ def _write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def tokenizer_threads():
+    """tokenizers' thread pool on (BPE training and `encode_batch`), where the entry points turn it off
+    (TOKENIZERS_PARALLELISM=false, `mpoe.process`): the process that prepares a node's data is the only one
+    working then, the node's others wait for its cache."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # read by tokenizers at each call
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def prepare(cfg: DataConfig) -> TokenData:
     """Tokenize the documents and cache the tokens (unless cached), and map the cache.
 
     Reads the source a batch at a time: once to fingerprint both splits (which names the cache), and, on
     a cache miss, once more to train the BPE (unless given) and once per split to tokenize it."""
+    with tokenizer_threads():
+        return _prepare(cfg)
+
+
+def _prepare(cfg: DataConfig) -> TokenData:
     source = documents.document_source(cfg)
     prints = corpus.split_fingerprints(source.documents(), cfg.val_fraction)
     if not prints["train"][1] or not prints["val"][1]:

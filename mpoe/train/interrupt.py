@@ -103,9 +103,10 @@ def stop_on_signals():
 def stop_agreed() -> bool:
     """Collective, once per step on every rank: has any rank been asked to stop? (sticky once true)"""
     if not _state.agreed:
-        from mpoe.parallel.collectives import all_reduce_floats
+        from mpoe.parallel.collectives import all_reduce_floats, host_group
 
-        signum = all_reduce_floats([_state.signum or 0], op="max")[0]
+        # Over the host group (gloo, a CPU number): on the NCCL world it would wait for the step's GPU work.
+        signum = all_reduce_floats([_state.signum or 0], op="max", group=host_group())[0]
         if signum:
             _state.agreed = True
             _state.signum = _state.signum or int(signum)

@@ -26,7 +26,7 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel import engine as ds_engine
-from mpoe.parallel.collectives import all_reduce, comm_device
+from mpoe.parallel.collectives import all_reduce, comm_device, host_barrier, host_group
 from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
@@ -350,9 +350,10 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     token_data = data_lib.prepare(cfg.data) if first_on_node else None
     if not dist.is_initialized():
         return token_data
-    dist.barrier()  # every node's first process has written its cache
+    # Over the host group, whose timeout allows for tokenizing a large corpus (the world's would abort the wait).
+    host_barrier()  # every node's first process has written its cache
     key = [token_data.key if rank == 0 else None]
-    dist.broadcast_object_list(key, src=0, device=comm_device())
+    dist.broadcast_object_list(key, src=0, group=host_group(), device=comm_device(host_group()))
     return token_data or data_lib.load_prepared(cfg.data, key[0]) or data_lib.prepare(cfg.data)
 
 
