@@ -429,5 +429,9 @@ def test_torch_threads_fit_the_cpus_of_this_process(monkeypatch):
         torch.set_num_threads(3)
         assert threads.fit_threads().startswith("torch uses 3 thread(s) (OMP_NUM_THREADS=3;")
         assert torch.get_num_threads() == 3  # the user's choice is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("LOCAL_SIZE", "2")  # what DeepSpeed's launcher sets instead
+        assert "lowered from 3 to 2" in threads.fit_threads() and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

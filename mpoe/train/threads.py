@@ -21,6 +21,11 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
+def local_world_size() -> int:
+    """Processes on this node: torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE; 1 for neither."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+
+
 def share(cpus: int, local_world: int) -> int:
     """Threads per process: this process's CPUs split over the processes of the node, at least one."""
     return max(1, cpus // max(1, local_world))
@@ -30,7 +35,7 @@ def fit_threads() -> Optional[str]:
     """Lower torch's thread count to this process's share of CPUs; return the log line saying what was done."""
     import torch
 
-    cpus, local_world = cpus_available(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus, local_world = cpus_available(), local_world_size()
     threads, fitted = torch.get_num_threads(), share(cpus, local_world)
     where = f"{cpus} CPU(s) in this process's affinity, {local_world} process(es) on this node"
     if os.environ.get("OMP_NUM_THREADS"):
