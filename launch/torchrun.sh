@@ -8,7 +8,8 @@
 # file system (checkpoints are written there by every rank). gloo on CPU, nccl on GPUs (automatic).
 # RDZV_TIMEOUT (s, default 300): how long a node waits for the others before it gives up with one line.
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (s, default here 300; torchrun's own is 30): after Ctrl-C or SIGTERM, how long
-# torchrun lets the workers finish their step and save a checkpoint before it SIGKILLs them.
+# torchrun lets the workers finish their step and save a checkpoint before it SIGKILLs them (torch releases
+# without --shutdown-timeout ignore it and wait 30 s: the script then says so).
 set -euo pipefail
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 NNODES=${NNODES:-1}
@@ -22,6 +23,11 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
 
 "$PYTHON" -m mpoe.train.preflight --world-size $((NNODES * NPROC_PER_NODE)) -- "$@"
+
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT is read by torchrun releases that have --shutdown-timeout (pytorch#172596, 2026).
+if ! "$PYTHON" -c "import sys, torch.distributed.launcher.api as a; sys.exit('shutdown_timeout' not in a.LaunchConfig.__dataclass_fields__)"; then
+  echo "launch/torchrun.sh: note: this torch's torchrun has no --shutdown-timeout: after Ctrl-C or SIGTERM it kills the workers after 30 s, perhaps before their checkpoint is written (saves are atomic: the previous checkpoint stays)" >&2
+fi
 
 if [ "$NODE_RANK" != "0" ]; then
   # The rendezvous store lives on node 0: wait for it with a deadline instead of hanging.
