@@ -136,6 +136,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: passed to every benchmark")
     args = ap.parse_args(argv)
+    # DeepSpeed picks its accelerator once per process, at first use: fix it to the asked device before a benchmark
+    # imports DeepSpeed. Otherwise the CPU tables on a GPU machine run it on CUDA, and bench.train_step, which
+    # builds its CPU engine on DeepSpeed's CPU accelerator, cannot start.
+    from mpoe.parallel.groups import configure_accelerator
+
+    configure_accelerator(args.device)
     load_start = os.getloadavg()[0]
     print(
         f"python -m bench{' --quick' if args.quick else ''}: load average at start {load_start:.1f} "

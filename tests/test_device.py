@@ -257,3 +257,16 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
         assert compiled["results"][f"train_step.{key}"] > 0, key
     assert out["config"]["device"] == compiled["config"]["device"] == "cpu"
     assert compiled["config"]["compile_failed"] == {}
+
+
+def test_the_cpu_benchmarks_on_a_gpu_machine_run_deepspeed_on_the_cpu(machine, monkeypatch, tmp_path):
+    """`python -m bench` (the CPU tables) on a GPU machine: DeepSpeed would pick CUDA at its first import, and the
+    CPU train_step, which needs its CPU accelerator, could not start."""
+    import bench.__main__ as runner
+
+    machine(cuda=True)
+    seen = []
+    monkeypatch.setattr(runner, "run_bench", lambda name, quick, device: seen.append(groups.accelerator_name()) or {})
+    runner.main(["--only", "train_step", "--json", str(tmp_path / "out.json")])
+    assert seen == ["cpu"]
+
