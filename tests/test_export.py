@@ -100,3 +100,39 @@ def test_cli_exports_a_training_run(tmp_path, mpoe_cache):
     with torch.no_grad():
         la, lb = a(**ids, return_logits=True).logits, b(**ids, return_logits=True).logits
     torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+
+
+def test_the_export_model_tags_the_expert_parameters_as_training_does():
+    """The rank files of an expert-parallel run are joined by these tags (they were lost on the meta -> CPU move)."""
+    from mpoe.models.param_tags import is_expert_param
+
+    cfg = tiny_cfg("gpt2", "mpoe")
+    trained = build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+    rebuilt = export.build_from_hf_config(cfg, trained.backbone.config)
+    tagged = lambda model: [name for name, p in model.named_parameters() if is_expert_param(p)]
+    assert tagged(rebuilt) == tagged(trained) and len(tagged(trained)) > 0
+
+
+@pytest.mark.slow
+def test_a_bf16_expert_parallel_run_exports_its_float32_masters(tmp_path, mpoe_cache):
+    """DeepSpeed trains bf16 weights as float32 masters and rounds them into the module: the export holds the
+    masters (rounding them gives the checkpoint's bf16 weights), gathered over the expert-parallel ranks."""
+    import _cli
+
+    from mpoe.models.param_tags import is_expert_param
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    _cli.train(
+        run, mpoe_cache, "moe=mpoe", "trainer.precision=bf16", "parallel.ep_size=2", "trainer.max_steps=2", nproc=2
+    )
+    export.export(run, out)
+    model, _ = export.load(out)
+    _, ckpt = export.find_checkpoint(run)
+    ranks = [torch.load(ckpt / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["module"] for r in (0, 1)]
+    finer = 0
+    for name, p in model.named_parameters():
+        saved = torch.cat([s[name] for s in ranks]) if is_expert_param(p) else ranks[0][name]
+        assert p.dtype == torch.float32 and saved.dtype == torch.bfloat16
+        assert torch.equal(p.detach().to(torch.bfloat16), saved), name
+        finer += not torch.equal(p.detach(), saved.float())
+    assert finer == len(list(model.parameters()))  # every trained weight has bits its bf16 rounding lost

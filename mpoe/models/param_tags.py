@@ -30,6 +30,15 @@ def tag_first_expert(params: Iterable[nn.Parameter], first_expert: int) -> None:
         p.first_expert = first_expert
 
 
+def to_empty_keeping_tags(module: nn.Module, device: str) -> None:
+    """`module.to_empty(device=device)` for a module built on the meta device: its new Parameters keep these tags,
+    which `to_empty` drops (it makes new Parameter objects where the storage type changes)."""
+    tags = {name: dict(vars(p)) for name, p in module.named_parameters()}
+    module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        vars(p).update(tags[name])
+
+
 def is_expert_param(p: nn.Parameter) -> bool:
     return getattr(p, "allreduce", True) is False
 

@@ -1,7 +1,8 @@
 """Export a trained model: `python -m mpoe.tools.export RUN_DIR_OR_CHECKPOINT OUT_DIR [--merge]`.
 
 Input: a run directory (its newest checkpoint) or a `checkpoints/step_N` directory;
-the run's config is read from `RUN_DIR/.hydra/config.yaml`. An expert-parallel
+the run's config is read from `RUN_DIR/.hydra/config.yaml`. A bf16/fp16 run is
+exported with its float32 master weights, not their half-precision rounding. An expert-parallel
 run's experts are gathered from the rank files of the first expert-parallel
 group (ranks 0..ep_size-1 hold every expert once).
 
@@ -108,6 +109,7 @@ def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGro
     # Imported here, not at the top: `python -m mpoe.tools.export` configures the process (quiet library
     # notices) in its __main__ block, which runs after the module's own imports.
     from mpoe.models.build import LanguageModel, install_moe, moe_layers
+    from mpoe.models.param_tags import to_empty_keeping_tags
     from mpoe.parallel.groups import ExpertGroups
 
     groups = groups or ExpertGroups()
@@ -117,7 +119,7 @@ def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGro
         with torch.device("meta"):  # no init (nor SVDs: see mpo.decompose); the state dict brings the values
             install_moe(backbone, cfg, groups, upcycle=False)
         for layer in moe_layers(backbone):
-            layer.to_empty(device="cpu")
+            to_empty_keeping_tags(layer, "cpu")  # expert parameters stay tagged: the rank files are joined by them
     return LanguageModel(backbone, cfg.model.family, family.pad_id(backbone, BPE_PAD_ID))
 
 
@@ -136,6 +138,32 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
             if is_expert_param(p):
                 state[name] = torch.cat([s[name] for s in states])
     return state
+
+
+def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
+    """Put a bf16/fp16 run's float32 master weights into `model`; returns how many parameters got one.
+
+    The masters are what the optimizer trained; the module's half-precision weights only round them (DeepSpeed's
+    `zero_to_fp32` recovers the same from its own checkpoints). A float32 run's weights are their own masters
+    (none stored), and so are frozen ones: those keep the module's weights.
+    """
+    from mpoe.models.param_tags import is_expert_param
+    from mpoe.train.reshard import RankFiles, portable_forms
+
+    ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
+    experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
+    forms = portable_forms(RankFiles(ckpt), ep_size, lambda rank, name: rank == 0 or name in experts)
+    if any(form is None for form in forms):  # an older checkpoint with no optimizer state by name
+        return 0
+    loaded = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            saved = [form["params"].get(name, {}).get("master") for form in forms]
+            master = saved[0] if name not in experts else None if None in saved else torch.cat(saved)
+            if master is not None:
+                p.copy_(master)
+                loaded += 1
+    return loaded
 
 
 def merge_mpoe(model: nn.Module) -> int:
@@ -226,6 +254,7 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
     state = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=False)["module"]
     model = build_from_hf_config(cfg, backbone_config(cfg, state))
     model.load_state_dict(load_run_state(ckpt, model))
+    load_float32_masters(ckpt, model)
     if merge and merge_mpoe(model):
         cfg.moe.kind = "switch"
     return save(model.eval(), cfg, out_dir)
