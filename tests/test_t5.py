@@ -81,6 +81,20 @@ def test_span_corruption_invariants():
     assert noise / raw.numel() == pytest.approx(0.15, abs=0.01)
 
 
+@pytest.mark.parametrize("length", [40, 568])
+def test_the_noise_mask_is_its_runs_written_out(length):
+    """Non-noise and noise runs alternate, non-noise first, with the lengths the generator draws."""
+    from mpoe.train.span_corruption import _lengths, _segment_lengths, noise_mask
+
+    _, _, num_noise, num_spans = _lengths(length, 0.15, 3.0)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        noise = _segment_lengths(num_noise, num_spans, g).tolist()
+        keep = _segment_lengths(length - num_noise, num_spans, g).tolist()
+        runs = [flag for k, n in zip(keep, noise) for flag in [False] * k + [True] * n]
+        assert noise_mask(length, 0.15, 3.0, torch.Generator().manual_seed(seed)).tolist() == runs
+
+
 def test_span_corruption_is_seeded_by_content():
     sc = SpanCorruption.for_inputs_length(64, SENTINELS, eos_id=1, seed=0)
     raw = torch.randint(2, 900, (4, sc.raw_length), generator=torch.Generator().manual_seed(1))
