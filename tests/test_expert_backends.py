@@ -114,6 +114,46 @@ def test_grouped_mpoe_equals_loop_in_every_layout(gated, layout, counts, monkeyp
     _assert_same(_run(loop, x, c), result, rel=1e-5)
 
 
+class _StrayGradients(torch.autograd.Function):
+    """grouped_mm as pytorch#172439 reports it on Blackwell: right outputs, and weight gradients of groups
+    without rows that are not zero."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):
+        ctx.save_for_backward(offs)
+        with torch.enable_grad():
+            x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            out = GROUPED_MM(x_, w_, offs=offs)
+        ctx.graph = (x_, w_, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offs,) = ctx.saved_tensors
+        x_, w_, out = ctx.graph
+        gx, gw = torch.autograd.grad(out, (x_, w_), grad)
+        idle = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+        return gx, gw + 7.0 * idle.to(gw.dtype)[:, None, None], None
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_on_a_gpu_whose_grouped_mm_gives_idle_experts_gradients_they_get_zero(kind, monkeypatch):
+    """On such a GPU (the check is faked here; the kernel's stray gradients too), the grouped bank still gives
+    what the loop backend gives: idle experts' weights get zero gradients."""
+    loop, grouped = _banks(kind, gated=False, bias=True)
+    c = COUNTS["first_idle_last_busy"]
+    x = torch.randn(sum(c), D_MODEL)
+    monkeypatch.setattr(experts_grouped, "GROUPED_MM", lambda x, w, offs: _StrayGradients.apply(x, w, offs))
+    stray = _run(grouped, x, torch.tensor(c))
+    with pytest.raises(AssertionError):  # the fake kernel does spoil the gradients
+        _assert_same(_run(loop, x, c), stray, rel=1e-5)
+    monkeypatch.setattr(experts_grouped, "stray_gradients_for_idle_experts", lambda x: True)
+    loop.zero_grad(set_to_none=True)
+    grouped.zero_grad(set_to_none=True)
+    _assert_same(_run(loop, x, c), _run(grouped, x, torch.tensor(c)), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["switch", "mpoe", "mpoe:rows", "mpoe:cols"])
 def test_grouped_float64_falls_back_and_still_equals_loop(kind):
     """The loop op takes the permuted layouts' matrices too (a transposed view for 'cols')."""
@@ -219,6 +259,8 @@ def test_grouped_bf16_matches_fp32_loop_without_host_sync(kind, gated, device):
     assert _relative_error(gx, expected[1]) < 2e-2
     for name, g in grads.items():
         assert _relative_error(g, expected[2][name]) < 3e-2, name
+    for p in grouped.param_roles().per_expert():  # expert 1 had no rows: exactly zero (Blackwell: the guard's work)
+        assert not p.grad[1].any()
 
 
 @needs_grouped_mm

@@ -162,7 +162,35 @@ def _grouped_matmul(x: Tensor, groups: Groups, weight: Tensor) -> Tensor:
         return x @ weight.sum(0)  # no rows: every weight still gets a (zero) gradient, as in the loop backend
     if not grouped_mm_fits(x, weight):
         return _loop_fallback(x, groups.counts, weight)  # float64 / odd sizes: see module doc
+    if stray_gradients_for_idle_experts(x):
+        weight = _IdleExpertsGetZeroGrad.apply(weight, groups.counts)
     return _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
+
+
+def stray_gradients_for_idle_experts(x: Tensor) -> bool:
+    """Whether grouped_mm on x's device gives groups without rows nonzero weight gradients: reported on Blackwell
+    (sm100 and later; pytorch#172439, open), where Hopper's kernel gives zeros."""
+    return x.device.type == "cuda" and _blackwell_or_later(x.get_device())
+
+
+@torch.compiler.assume_constant_result  # a property of the GPU: no guard, no graph break under torch.compile
+def _blackwell_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 10
+
+
+class _IdleExpertsGetZeroGrad(torch.autograd.Function):
+    """Identity on the stacked weights [L, I, J]; backward zeroes the gradient of experts that had no rows (one pass
+    over grad W, on the GPUs that need it)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, counts: Tensor) -> Tensor:
+        ctx.save_for_backward(counts)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (counts,) = ctx.saved_tensors
+        return grad * (counts > 0).to(grad.dtype)[:, None, None], None
 
 
 @torch.compiler.disable  # eager under torch.compile: traced, every new list of host counts would recompile
