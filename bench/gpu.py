@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -64,48 +65,92 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_stats(
-    step: Callable[[], None],
+def peer_stats(
+    steps: dict[str, Callable[[], None]],
     device: torch.device,
     repeats: int,
     warmup: int = 3,
-    module: nn.Module = None,
+    modules: Optional[dict[str, nn.Module]] = None,
     count_ops: bool = False,
-) -> dict:
-    """{'ms': median over repeats, 'peak_mb': peak allocated by the timed steps, 'ops' and 'other_mb':
-    `device_ops` of one untimed step if count_ops (eager steps: a compiled one would recompile under the
-    counting mode)} of one fwd+bwd `step`.
+) -> dict[str, dict]:
+    """Per peer (fwd+bwd steps compared by a ratio): {'ms': median over repeats, 'peak_mb': what one step adds
+    to the memory allocated before it (CUDA), 'ops', 'other_mb': `device_ops` of one untimed step if count_ops
+    (eager steps: a compiled one would recompile under the counting mode)}; {'error': one line} for a peer
+    whose step raised (an OOM, say), which is then left out while the others are measured.
 
-    Warm-up first (the first GEMMs of a shape are far slower; allocator pools fill).
-    CUDA: one pair of events per step, read after the last one (no sync in between).
-    peak_mb counts what a step adds (activations, gradients) above what was allocated
-    before it (all modules' weights, inputs): `module`'s gradients are dropped first.
+    Warm-up first (the first GEMMs of a shape are far slower; allocator pools fill), then the peers take turns:
+    in round r the order is rotated by r, as `bench.interleaved_times` does on the CPU, so neither clock drift
+    nor a cache warmed by a peer's own previous step favours one of them. CUDA: one pair of events per step,
+    read after the last round (no sync in between). `modules[name]`'s gradients are dropped before its peak step.
     """
-    for _ in range(warmup):
+    stats: dict[str, dict] = {}
+    for name, step in steps.items():
+        try:
+            for _ in range(warmup):
+                step()
+            ops = device_ops(step) if count_ops else None
+            stats[name] = {
+                "ops": ops.count if ops else None,
+                "other_mb": ops.other_bytes / 2**20 if ops else None,
+                "peak_mb": _peak_mb(step, device, (modules or {}).get(name)),
+            }
+        except Exception as e:  # one peer failing must not lose the others' numbers
+            stats[name] = {"error": _one_line(e)}
+            _release(device, (modules or {}).get(name))
+    names = [name for name in steps if "error" not in stats[name]]
+    times: dict[str, list] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % max(len(names), 1) :] + names[: r % max(len(names), 1)]:
+            if "error" in stats[name]:
+                continue
+            try:
+                times[name].append(_timed(steps[name], device))
+            except Exception as e:
+                stats[name] = {"error": _one_line(e)}
+                _release(device, (modules or {}).get(name))
+    sync(device)
+    for name in names:
+        if "error" not in stats[name]:
+            stats[name]["ms"] = statistics.median(t() if callable(t) else t for t in times[name])
+    return stats
+
+
+def _timed(step: Callable[[], None], device: torch.device):
+    """The step's milliseconds: a float on the CPU; on CUDA a callable that reads its events (after a sync)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         step()
-    ops = device_ops(step) if count_ops else None
-    counted = {"ops": ops.count, "other_mb": ops.other_bytes / 2**20} if ops else {"ops": None, "other_mb": None}
+        return 1e3 * (time.perf_counter() - start)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    return lambda: start.elapsed_time(end)
+
+
+def _peak_mb(step: Callable[[], None], device: torch.device, module: Optional[nn.Module]) -> Optional[float]:
+    """What one step adds above what was allocated before it (all peers' weights, inputs); None off CUDA."""
+    if device.type != "cuda":
+        return None
     if module is not None:
         module.zero_grad(set_to_none=True)
     sync(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - start))
-        return {"ms": statistics.median(times), "peak_mb": None, **counted}
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    ms = statistics.median(s.elapsed_time(e) for s, e in events)
-    return {"ms": ms, "peak_mb": peak / 2**20, **counted}
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _release(device: torch.device, module: Optional[nn.Module]) -> None:
+    if module is not None:
+        module.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _one_line(e: Exception) -> str:
+    return (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0][:300]
 
 
 def fwd_bwd_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:

@@ -90,14 +90,16 @@ def run(quick: bool = False, repeats: int = 5, device: str = "cpu") -> dict:
 
 
 def _run_gpu(ours, hf, batch: int, seq: int, repeats: int, device: torch.device) -> dict:
-    from bench.gpu import fwd_bwd_step, step_stats
+    from bench.gpu import fwd_bwd_step, peer_stats
 
     ours, hf = ours.to(device, torch.bfloat16), hf.to(device, torch.bfloat16)
     x = torch.randn(batch, seq, D_MODEL, device=device, dtype=torch.bfloat16)
     g = torch.randn_like(x)
-    times = {
-        name: step_stats(fwd_bwd_step(m, x, g), device, repeats, module=m) for name, m in (("ours", ours), ("hf", hf))
-    }
+    modules = {"ours": ours, "hf": hf}
+    times = peer_stats({name: fwd_bwd_step(m, x, g) for name, m in modules.items()}, device, repeats, modules=modules)
+    for name, stats in times.items():
+        if "error" in stats:
+            raise RuntimeError(f"{name}: {stats['error']}")
     speedup = times["hf"]["ms"] / times["ours"]["ms"]
     print(
         f"{device} bf16 fwd+bwd ms: ours {times['ours']['ms']:.2f}, HF {times['hf']['ms']:.2f}; speedup {speedup:.2f}x"

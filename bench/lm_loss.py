@@ -11,7 +11,7 @@ same loss of the same inputs (checked before timing).
   (bench.interleaved_times). Peak memory: how far one fwd+bwd raises the peak resident set (VmHWM) above what
   its inputs hold, each way in a fresh process (Linux).
 - CUDA: bf16, 16 x 1024 tokens (the GPU train-step shape). Time: CUDA-event medians after warm-up; peak memory:
-  max_memory_allocated above the inputs (bench.gpu.step_stats).
+  max_memory_allocated above the inputs (bench.gpu.peer_stats).
 
 --json keys: lm_loss.chunked_vs_hf_time and lm_loss.chunked_vs_hf_peak_memory on the CPU;
 gpu.lm_loss.chunked_vs_hf_time and gpu.lm_loss.chunked_vs_hf_peak_memory with --device cuda.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import interleaved_times, write_json
-from bench.gpu import step_stats
+from bench.gpu import peer_stats
 from mpoe.models.lm_loss import IGNORE_INDEX, linear_cross_entropy
 
 D_MODEL, VOCAB = 768, 50257
@@ -107,7 +107,10 @@ def run(device: str, tokens: int, repeats: int, gpu_path: bool = False) -> tuple
     tensors = inputs(tokens, device, dtype)
     if on_gpu:
         dev = torch.device(device)
-        stats = {way: step_stats(lambda way=way: fwd_bwd(way, *tensors), dev, repeats) for way in WAYS}
+        stats = peer_stats({way: (lambda way=way: fwd_bwd(way, *tensors)) for way in WAYS}, dev, repeats)
+        for way, s in stats.items():
+            if "error" in s:
+                raise RuntimeError(f"{way}: {s['error']}")
         ms = {way: s["ms"] for way, s in stats.items()}
         peak = {way: s["peak_mb"] for way, s in stats.items()}
         prefix = "gpu.lm_loss"

@@ -335,7 +335,7 @@ def _ds_layer(ours, d_model: int, d_ff: int, num_experts: int, top_k: int, capac
 
 def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int, ds_max_gb: float) -> dict:
     """One row of the GPU table: ours (grouped backend, sync-free dispatch), floor, grouped reference, DeepSpeed."""
-    from bench.gpu import GroupedRefMoE, fwd_bwd_step, step_stats
+    from bench.gpu import GroupedRefMoE, fwd_bwd_step, peer_stats
     from mpoe.models.experts import activation_fn
 
     tokens, num_experts, top_k, capacity_factor, d_model, d_ff = row
@@ -375,13 +375,10 @@ def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int,
             modules["ds"] = _ds_layer(ours, d_model, d_ff, num_experts, top_k, capacity_factor, device, dtype)
         except Exception as e:  # report, keep the other columns
             result["ds_skipped"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    for name, module in modules.items():
-        try:
-            stats = step_stats(fwd_bwd_step(module, x, g), device, repeats, module=module, count_ops=True)
-        except Exception as e:
-            if name != "ds":
-                raise
-            result["ds_skipped"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    steps = {name: fwd_bwd_step(module, x, g) for name, module in modules.items()}
+    for name, stats in peer_stats(steps, device, repeats, modules=modules, count_ops=True).items():
+        if "error" in stats:  # the row keeps the peers that ran; one without ours, floor or ref has no ratio
+            result["ds_skipped" if name == "ds" else "failed"] = f"{name}: {stats['error']}"
             continue
         result.update({f"{name}_{key}": stats[key] for key in ("ms", "peak_mb", "ops", "other_mb")})
     del modules, ours, floor, ref
@@ -391,6 +388,9 @@ def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int,
 
 
 def print_gpu_row(r: dict) -> None:
+    if not all(f"{name}_ms" in r for name in ("ours", "floor", "ref")):
+        print(f"{str(r.get('row', r.get('tokens', '?'))):>6} row failed: {r['failed']}", flush=True)
+        return
     mb = lambda name: "-" if r.get(f"{name}_peak_mb") is None else f"{r[f'{name}_peak_mb']:.0f}"
     ms = lambda name: "-" if f"{name}_ms" not in r else f"{r[f'{name}_ms']:.2f}"
     routing = "dropless" if r["capacity_factor"] is None else f"cf {r['capacity_factor']}"
@@ -426,14 +426,23 @@ def run_gpu(device: str, quick: bool, repeats: Optional[int], ds_max_gb: float, 
     )
     results_rows = []
     for row in rows:
-        results_rows.append(gpu_case(row, dev, dtype, repeats, ds_max_gb))
+        try:
+            results_rows.append(gpu_case(row, dev, dtype, repeats, ds_max_gb))
+        except Exception as e:  # building the row failed (an OOM, say): the other rows still run
+            results_rows.append({"row": row, "failed": f"{type(e).__name__}: {e}".splitlines()[0]})
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         print_gpu_row(results_rows[-1])
-    with_ds = [r["ds_ms"] / r["ours_ms"] for r in results_rows if "ds_ms" in r]
+    done = [r for r in results_rows if all(f"{name}_ms" in r for name in ("ours", "floor", "ref"))]
+    worst = lambda f, values: f(values) if values else None  # the headlines cover the rows that ran whole
+    with_ds = [r["ds_ms"] / r["ours_ms"] for r in done if "ds_ms" in r]
     results = {
-        "gpu.moe_layer.vs_floor": max(r["ours_ms"] / r["floor_ms"] for r in results_rows),
-        "gpu.moe_layer.vs_grouped_ref": max(r["ours_ms"] / r["ref_ms"] for r in results_rows),
-        "gpu.moe_layer.speedup_vs_deepspeed": min(with_ds) if with_ds else None,
+        "gpu.moe_layer.vs_floor": worst(max, [r["ours_ms"] / r["floor_ms"] for r in done]),
+        "gpu.moe_layer.vs_grouped_ref": worst(max, [r["ours_ms"] / r["ref_ms"] for r in done]),
+        "gpu.moe_layer.speedup_vs_deepspeed": worst(min, with_ds),
     }
+    if len(done) < len(results_rows):
+        print(f"headline over the {len(done)} of {len(results_rows)} rows that ran whole", flush=True)
     print("headline (worst over the table):", json.dumps(results))
     return {"results": results, "rows": results_rows}
 

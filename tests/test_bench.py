@@ -149,3 +149,25 @@ def test_grouped_reference_runs_without_host_sync_on_the_gpu():
         ref(x).float().pow(2).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_peers_take_turns_and_a_failing_one_leaves_the_others_measured():
+    """The GPU tables time their peers in rotating turns, and a peer that fails (an OOM) costs only its column."""
+    from bench.gpu import peer_stats
+
+    calls = []
+
+    def peer(name, fails_at=None):
+        def step():
+            calls.append(name)
+            if calls.count(name) == fails_at:
+                raise MemoryError("CUDA out of memory (a stand-in)")
+
+        return step
+
+    steps = {"a": peer("a"), "b": peer("b"), "c": peer("c", fails_at=4), "d": peer("d", fails_at=1)}
+    stats = peer_stats(steps, torch.device("cpu"), repeats=4, warmup=1)
+    assert calls[:4] == ["a", "b", "c", "d"]  # warm-up; d fails there
+    assert calls[4:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b"]  # c fails in round 3
+    assert stats["c"] == stats["d"] == {"error": "MemoryError: CUDA out of memory (a stand-in)"}
+    assert stats["a"]["ms"] >= 0 and stats["b"]["ms"] >= 0 and stats["a"]["peak_mb"] is None
