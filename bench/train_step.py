@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -256,25 +257,52 @@ def run_device(
         row = f"{kind}+compile" if compiled else kind
         steps[row] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
         rows[row] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
-    compile_s, failed = {}, {}
+    failed = {}
+
+    def drop(row: str, when: str, e: Exception) -> None:
+        """A row that fails (a compile error, an OOM) is left out; the rows beside it are still measured."""
+        failed[row] = f"{when}: {type(e).__name__}: {e}".splitlines()[0]
+        print(f"{row}: left out, {failed[row]}", flush=True)
+        steps.pop(row, None), rows.pop(row, None)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
     for row, step in list(steps.items()):  # the first step compiles: its time is reported, not timed
         t0 = time.perf_counter()
         try:
             step()
-        except Exception as e:  # a compile failure costs its own row, not the eager rows measured beside it
-            if not row.endswith("+compile"):
-                raise
-            failed[row] = f"{type(e).__name__}: {e}".splitlines()[0]
-            print(f"{row}: its first step failed, row left out: {failed[row]}", flush=True)
-            del steps[row], rows[row]
+        except Exception as e:
+            drop(row, "first step", e)
             continue
-        compile_s[row] = time.perf_counter() - t0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(2):  # warm-up beyond interleaved_times' own round: cuBLAS heuristics, allocator, autotuning
-        for step in steps.values():
-            step()
-    times = interleaved_times(steps, repeats)
+        rows[row]["first_step_s"] = time.perf_counter() - t0
+        print(f"{row}: first step {rows[row]['first_step_s']:.1f} s", flush=True)
+    for round_ in range(2):  # warm-up beyond interleaved_times' own round: cuBLAS heuristics, allocator, autotuning
+        for row, step in list(steps.items()):
+            try:
+                if round_ == 1 and dev.type == "cuda":  # this row's own peak: what its step adds to all models
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                step()
+                if round_ == 1 and dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    rows[row]["step_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+            except Exception as e:
+                drop(row, "warm-up", e)
+
+    def guarded(row: str, step: Callable[[], float]) -> Callable[[], float]:
+        def run() -> float:
+            if row in failed:
+                return math.nan
+            try:
+                return step()
+            except Exception as e:
+                drop(row, "timed step", e)
+                return math.nan
+
+        return run
+
+    times = interleaved_times({row: guarded(row, step) for row, step in steps.items()}, repeats)
     tokens = batch * seq
     print(f"{'moe':<16}{'params total':>14}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>7}{'first s':>9}")
     for row, r in rows.items():
@@ -282,13 +310,14 @@ def run_device(
         r["tokens_per_s"] = tokens / r["step_s"]
         r["achieved_flops"] = r["model_flops"] / r["step_s"]
         r["mfu"] = r["achieved_flops"] / peak.flops_per_s
-        r["first_step_s"] = compile_s[row]
         print(
             f"{row:<16}{r['params_total']:>14,}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
             f"{r['achieved_flops'] / 1e12:>10.1f}{r['mfu']:>7.3f}{r['first_step_s']:>9.1f}"
         )
     if dev.type == "cuda":
-        print(f"peak memory allocated (all models): {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+        all_models = torch.cuda.memory_allocated(dev) / 2**30
+        steps_gib = ", ".join(f"{row} {r['step_peak_gib']:.1f}" for row, r in rows.items())
+        print(f"memory: all models' weights and optimizer states {all_models:.1f} GiB; a step adds (GiB) {steps_gib}")
     results = {}
     for prefix, suffix in [("train_step.gpu_", "")] + ([("train_step.gpu_compiled_", "+compile")] if compile else []):
         mine = {kind: rows[kind + suffix] for kind in kinds if kind + suffix in rows}
@@ -299,7 +328,7 @@ def run_device(
         if "switch" in mine and "mpoe" in mine:
             results[f"{prefix}mpoe_vs_switch"] = mine["mpoe"]["tokens_per_s"] / mine["switch"]["tokens_per_s"]
     for kind in kinds:
-        if kind + "+compile" in rows:
+        if kind + "+compile" in rows and kind in rows:
             speedup = rows[kind + "+compile"]["tokens_per_s"] / rows[kind]["tokens_per_s"]
             results[f"train_step.gpu_compile_speedup_{kind}"] = speedup
     config = {
@@ -311,7 +340,8 @@ def run_device(
         "precision": precision,
         "peak_source": peak.source,
         "compile_backend": compile,
-        "compile_failed": failed,
+        "failed": failed,
+        "compile_failed": {row: why for row, why in failed.items() if row.endswith("+compile")},
     }
     return {"results": results, "rows": rows, "config": config}
 

@@ -150,6 +150,7 @@ def test_mfu_peak_comes_from_the_datasheet_for_known_gpus():
     assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
     assert datasheet_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
     assert datasheet_peak("NVIDIA H200", "bf16") == pytest.approx(989.4e12)
+    assert datasheet_peak("NVIDIA H200 NVL", "bf16") == pytest.approx(835.5e12)  # not the SXM part's
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
     assert datasheet_peak("Tesla V100-SXM2-16GB", "bf16") is None  # V100 has no bf16 tensor cores
     assert datasheet_peak("Some Future GPU", "bf16") is None

@@ -33,11 +33,12 @@ import torch
 # matched in order against torch.cuda.get_device_name(), so more specific names come first.
 # fp32 means what a float32 matmul runs at by default in torch (no TF32): the plain FP32 rate.
 DATASHEET_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("GH200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),  # SXM
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
     ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),  # SXM
-    ("GH200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
     ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
     ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
