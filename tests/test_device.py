@@ -271,3 +271,13 @@ def test_the_cpu_benchmarks_on_a_gpu_machine_run_deepspeed_on_the_cpu(machine, m
     runner.main(["--only", "train_step", "--json", str(tmp_path / "out.json")])
     assert seen == ["cpu"]
 
+
+
+def test_model_flops_count_the_lm_head_once_tied_or_not():
+    """An untied head is among the active parameters and is the head's matmul: counted once, as a tied one."""
+    from mpoe.train.flops import flops_per_token
+
+    vocab, d, blocks = 10, 5, 1000
+    tied = flops_per_token(blocks + vocab * d, vocab * d, vocab, d, attention_layers=0, seq_len=1)
+    untied = flops_per_token(blocks + 2 * vocab * d, vocab * d, vocab, d, 0, 1, params_lm_head=vocab * d)
+    assert tied == untied == 6 * (blocks + vocab * d)

@@ -178,6 +178,8 @@ def test_gpt2_tiny_counts_by_hand():
     assert mpoe["params_total"] == dense_total - 2 * _ffn(d, ff, True) + 2 * per_moe_layer
     assert mpoe["params_active"] == dense_total - 2 * _ffn(d, ff, True) + 2 * (central + aux + ff + d + d * E)
     assert mpoe["params_switch_equivalent"] == switch["params_total"]
+    # what a token's matmuls use: the experts' rebuilt dense W, as a Switch expert's (FLOPs follow this count)
+    assert mpoe["params_active_compute"] == switch["params_active_compute"] == switch["params_active"]
     assert mpoe["switch_over_mpoe_params"] == round(switch["params_total"] / mpoe["params_total"], 3)
     assert mpoe["switch_over_mpoe_params"] > 1  # Switch is the larger one: the name says which way it divides
     assert mpoe["mpoe_vs_switch_total_ratio"] == mpoe["switch_over_mpoe_params"]  # the old key, kept one release

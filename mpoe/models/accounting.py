@@ -10,6 +10,10 @@ Embeddings are the token + position tables (T5: the shared token table; its
 relative-attention bias is counted with the layers, as in the published counts);
 an untied LM head is `params_lm_head`, apart from them. Both are inside the total.
 
+`params_active_compute` is what one token's matrix products multiply by, the
+model FLOPs' count: the same as `params_active` but that an MPOE expert counts
+the dense W it applies (rebuilt from its MPO tensors), not the MPO tensors.
+
 MPOE vs Switch: a model with MPOE layers also reports `params_switch_equivalent`,
 the total the same model would have with Switch experts (E dense FFNs per MoE
 layer), and `switch_over_mpoe_params` = that / params_total (Switch's total over
@@ -52,6 +56,7 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
     expert_local = sum(p.numel() for p in unique if is_expert_param(p))
     counts = {"params_central": 0, "params_auxiliary": 0, "params_router": 0, "params_expert": 0}
     active = shared
+    compute = 0  # what `active` is short of the weights one token's matmuls use: MPOE's rebuilt dense W
     mpoe_bank_params = switch_bank_params = 0
     for layer in moe_layers(model):
         bank = layer.bank
@@ -65,14 +70,15 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
         active += top_k * own // bank.num_local_experts
         if isinstance(bank, MPOEExperts):
             d_ff = math.prod(bank.factors["w_in"][1])
+            dense_expert = switch_expert_params(bank.d_model, d_ff, bank.gated, bank.b_in is not None)
             mpoe_bank_params += central + own * ep_size
-            switch_bank_params += bank.num_experts * switch_expert_params(
-                bank.d_model, d_ff, bank.gated, bank.b_in is not None
-            )
+            switch_bank_params += bank.num_experts * dense_expert
+            compute += top_k * dense_expert - central - top_k * own // bank.num_local_experts
     total = shared + expert_local * ep_size
     out = {
         "params_total": total,
         "params_active": active,
+        "params_active_compute": active + compute,
         "params_embedding": embedding,
         "params_lm_head": _lm_head(model),
         **counts,

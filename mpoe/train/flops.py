@@ -66,9 +66,17 @@ def raised_to_cover(peak: Peak, achieved_flops_per_s: float) -> Peak:
 
 
 def flops_per_token(
-    params_active: int, params_embedding: int, vocab_size: int, d_model: int, attention_layers: int, seq_len: int
+    params_active_compute: int,
+    params_embedding: int,
+    vocab_size: int,
+    d_model: int,
+    attention_layers: int,
+    seq_len: int,
+    params_lm_head: int = 0,
 ) -> float:
-    matmul_params = params_active - params_embedding + vocab_size * d_model
+    """Model FLOPs of one token, forward and backward (PaLM's): 6 per weight its matmuls use (embedding lookups
+    are not matmuls; the LM head is, once, tied or not) plus attention's 12 * layers * seq_len * d_model."""
+    matmul_params = params_active_compute - params_embedding - params_lm_head + vocab_size * d_model
     return 6.0 * matmul_params + 12.0 * attention_layers * seq_len * d_model
 
 

@@ -362,12 +362,13 @@ def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device
     config = model.backbone.config
     family = families.get(model.family)
     per_token = flops_per_token(
-        counts["params_active"],
+        counts["params_active_compute"],
         counts["params_embedding"],
         config.vocab_size,
         family.ffn_shape(config).d_model,
         family.attention_layers(config),
         seq_len,
+        counts["params_lm_head"],
     )
     return per_token, device_peak(cfg.trainer.precision, device)
 
