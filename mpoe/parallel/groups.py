@@ -169,6 +169,9 @@ def cuda_device_for_rank(local_rank: int, device_count: int) -> int:
     return local_rank
 
 
+_worlds_started = 0
+
+
 def _init_on_agent_store(backend: str, timeout: timedelta) -> None:
     """Under torchrun, join through the agent's store under a per-restart prefix.
 
@@ -177,11 +180,15 @@ def _init_on_agent_store(backend: str, timeout: timedelta) -> None:
     connectFullMesh (seen with torch 2.13); a key prefix per restart attempt keeps
     each attempt's rendezvous apart. DeepSpeed then adopts the initialised group.
     """
+    global _worlds_started
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # and per world this process starts: the jobs of a Hydra sweep (-m) start one each, in the same order on
+    # every rank; under one prefix the second would read the first's keys and hang
+    _worlds_started += 1
     dist.init_process_group(
         backend,
-        store=dist.PrefixStore(f"/mpoe/attempt_{attempt}", store),
+        store=dist.PrefixStore(f"/mpoe/attempt_{attempt}/world_{_worlds_started}", store),
         timeout=timeout,
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
