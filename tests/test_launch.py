@@ -1,7 +1,9 @@
 """The launch scripts, run for real on this machine: two torchrun "nodes" on loopback, DeepSpeed's
 launcher with a localhost hostfile, and the bad inputs that must fail in one line, never hang."""
 
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +91,42 @@ def test_bad_hostfile_is_one_line(tmp_path, mpoe_cache, content, fragment):
     assert proc.stderr.strip().count("\n") == 0 and fragment in proc.stderr
 
 
+def _deepspeed_args(tmp_path, mpoe_cache, **environment) -> subprocess.CompletedProcess:
+    """launch/deepspeed.sh on a two-host hostfile, with a `deepspeed` on PATH that prints what it was given."""
+    hostfile, fake = tmp_path / "hostfile", tmp_path / "bin" / "deepspeed"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "ARGS $*"\necho "ENV_FILE ${DS_ENV_FILE:-}"\n')
+    fake.chmod(0o755)
+    e = {**env(mpoe_cache), "HOSTFILE": str(hostfile), "PATH": f"{fake.parent}:{os.environ['PATH']}", **environment}
+    return _script("deepspeed.sh", e, "moe=switch", timeout=120)
+
+
+def test_deepspeed_sh_over_ssh_lets_deepspeed_find_the_first_host_and_passes_mpoes_variables(tmp_path, mpoe_cache):
+    proc = _deepspeed_args(tmp_path, mpoe_cache, WANDB_PROJECT="mine")
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.split("\n")[0]
+    assert "--no_ssh" not in args and "--master_addr" not in args  # DeepSpeed asks the first host (hostname -I)
+    env_file = Path(proc.stdout.split("ENV_FILE ")[1].strip())
+    lines = env_file.read_text().splitlines()
+    assert f"MPOE_CACHE={mpoe_cache}" in lines and "WANDB_PROJECT=mine" in lines and "DS_ACCELERATOR=cpu" in lines
+    assert env_file.stat().st_mode & 0o077 == 0  # it may hold an API key: the user's only
+
+
+def test_deepspeed_sh_without_ssh_on_several_hosts_takes_the_given_first_host(tmp_path, mpoe_cache):
+    proc = _deepspeed_args(tmp_path, mpoe_cache, NO_SSH="1", NODE_RANK="1", MASTER_ADDR="10.0.0.7")
+    assert proc.returncode == 0, proc.stderr
+    assert "--master_addr 10.0.0.7" in proc.stdout and "--no_ssh --node_rank 1" in proc.stdout
+
+
+def test_deepspeed_sh_without_ssh_on_several_hosts_needs_the_first_hosts_address(tmp_path, mpoe_cache):
+    proc = _deepspeed_args(tmp_path, mpoe_cache, NO_SSH="1", NODE_RANK="1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        "launch/deepspeed.sh: error: NO_SSH=1 with 2 hosts needs MASTER_ADDR, the first host's address, on every node"
+    )
+
+
 def test_ep_size_not_dividing_the_world_is_one_line_before_launch(mpoe_cache):
     e = {**env(mpoe_cache), "NNODES": "1", "NPROC_PER_NODE": "3"}
     proc = _script("torchrun.sh", e, "moe=switch", "parallel.ep_size=2", timeout=120)
@@ -113,3 +151,18 @@ def test_unreachable_rendezvous_fails_in_one_line_within_its_timeout(mpoe_cache)
     assert proc.returncode == 2
     assert "unreachable after 3s" in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_runs_each_job_in_a_new_world(tmp_path, mpoe_cache):
+    """Each job of a Hydra sweep starts its own process group on torchrun's store: the second must not read the
+    first's rendezvous keys (it hung there until the timeout)."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mpoe.train"]
+    args = ["-m", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}", *FAST, "trainer.max_steps=2", "trainer.eval_every=2"]
+    proc = subprocess.run(
+        [*cmd, *args, "logging.wandb.mode=disabled"], env=env(mpoe_cache), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [next(sweep.glob(f"{job}_*")) for job in (0, 1)]  # the sweep's subdirectories: number_overrides
+    assert [[r["step"] for r in metrics(job)] for job in jobs] == [[1, 2], [1, 2]]
