@@ -75,6 +75,22 @@ def test_bad_resume_path_is_one_line(tmp_path, mpoe_cache):
     assert proc.stderr.strip().splitlines()[-1].startswith("mpoe-train: error: trainer.resume=")
 
 
+def test_the_same_command_again_in_a_run_dir_with_checkpoints_stops_in_one_line(tmp_path, mpoe_cache):
+    """A requeued job (SLURM requeues by default) without trainer.resume=auto: it used to train from step 0 again
+    beside the checkpoints, appending a second curve to metrics.jsonl and skipping every save of an existing step."""
+    run = tmp_path / "run"
+    _killed(run, mpoe_cache, MPOE_FAULT_KILL_AT_STEP="4")
+    before = ((run / "metrics.jsonl").read_text(), sorted(p.name for p in (run / "checkpoints").iterdir()))
+    proc = train(run, mpoe_cache, *COMMON, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mpoe-train: error: {run / 'checkpoints'} already holds checkpoints (the newest: step_00000002) and "
+        "trainer.resume=null would start again from step 0 beside them: continue with trainer.resume=auto, or "
+        "give a new hydra.run.dir"
+    )
+    assert ((run / "metrics.jsonl").read_text(), sorted(p.name for p in (run / "checkpoints").iterdir())) == before
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mpoe_cache):
     run = tmp_path / "run"
     os.environ["MPOE_FAULT_NAN_AT_STEPS"] = "2,3"

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mpoe.config import TrainConfig, eval_sequences, global_batch_size, grad_accum_steps
+from mpoe.config import ConfigError, TrainConfig, eval_sequences, global_batch_size, grad_accum_steps
 from mpoe.models import family as families
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
@@ -197,8 +197,16 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
 def _resume(
     cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: ExpertGroups, rank: int
 ) -> tuple[int, Optional[Path]]:
-    """The step to start from and the checkpoint it comes from: (0, None), or the resumed checkpoint's."""
-    resume_from = checkpoint.resolve(cfg.trainer.resume, ckpt_dir)
+    """The step to start from and the checkpoint it comes from: (0, None), or the resumed checkpoint's.
+
+    Rank 0 looks at the run directory and tells the others, so that all resume from the same checkpoint (or
+    stop with the same line), whatever a shared file system shows each node soon after a restart."""
+    decided = [_resume_source(cfg.trainer.resume, ckpt_dir) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decided, src=0, group=host_group(), device=comm_device(host_group()))
+    resume_from, error = decided[0]
+    if error is not None:
+        raise error
     if resume_from is None:
         return 0, None
     layout_keys = ("world_size", "ep_size", "zero_stage")
@@ -213,6 +221,22 @@ def _resume(
     if rank == 0:
         log.info(f"resumed from {resume_from} at step {meta['step']}")
     return meta["step"], resume_from
+
+
+def _resume_source(resume: Optional[str], ckpt_dir: Path) -> tuple[Optional[Path], Optional[Exception]]:
+    """(the checkpoint to resume from or None, or the error that stops the run) for trainer.resume."""
+    try:
+        found = checkpoint.resolve(resume, ckpt_dir)
+        existing = checkpoint.complete_checkpoints(ckpt_dir)
+        if resume is None and existing:  # a requeued job, the same command again: never train over them
+            raise ConfigError(
+                f"{ckpt_dir} already holds checkpoints (the newest: {existing[-1].name}) and trainer.resume=null "
+                "would start again from step 0 beside them: continue with trainer.resume=auto, or give a new "
+                "hydra.run.dir"
+            )
+        return found, None
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        return None, e
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
