@@ -166,3 +166,40 @@ def test_a_sweep_under_torchrun_runs_each_job_in_a_new_world(tmp_path, mpoe_cach
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [next(sweep.glob(f"{job}_*")) for job in (0, 1)]  # the sweep's subdirectories: number_overrides
     assert [[r["step"] for r in metrics(job)] for job in jobs] == [[1, 2], [1, 2]]
+
+
+def _sbatch(tmp_path, *args, **environment) -> subprocess.CompletedProcess:
+    """launch/slurm.sbatch as SLURM runs it (a copy, elsewhere), with an srun on PATH that prints what it runs."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "srun").write_text('#!/usr/bin/env bash\necho "SRUN $*"\n')
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\necho node-b\n")
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    copy = tmp_path / "spool" / "slurm_script"
+    copy.parent.mkdir(exist_ok=True)
+    copy.write_text((ROOT / "launch" / "slurm.sbatch").read_text())
+    e = {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        **environment,
+    }
+    return subprocess.run(["bash", str(copy), *args], env=e, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+
+def test_slurm_sbatch_resumes_unless_told_and_finds_its_launch_folder(tmp_path):
+    proc = _sbatch(tmp_path, "moe=switch")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{ROOT / 'launch'} trainer.resume=auto moe=switch" in proc.stdout
+    proc = _sbatch(tmp_path, "trainer.resume=null", "moe=switch")
+    assert "resume=auto" not in proc.stdout and "trainer.resume=null moe=switch" in proc.stdout
+    proc = _sbatch(tmp_path, "moe=switch", SLURM_SUBMIT_DIR=str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        f"launch/slurm.sbatch: error: no torchrun.sh in {tmp_path / 'launch'}: submit from the mpoe checkout, "
+        "or set MPOE_LAUNCH_DIR to its launch/ folder"
+    )
+    proc = _sbatch(tmp_path, "moe=switch", SLURM_SUBMIT_DIR=str(tmp_path), MPOE_LAUNCH_DIR=str(ROOT / "launch"))
+    assert proc.returncode == 0 and "trainer.resume=auto moe=switch" in proc.stdout
