@@ -6,11 +6,15 @@ collective in the package asks `comm_device` where to put its tensor, so that
 choice is made in one place.
 
 Agreements between the hosts (a stop was asked for, files are written, which
-cache key) go over the *host group*: a gloo twin of the world, on CPU tensors,
-with a long timeout. Under NCCL the same agreement on a CUDA tensor would wait
-for all the GPU work queued before it (a host sync per training step for the
-stop check), and NCCL's watchdog would abort ranks that wait longer than the
-world's timeout while one process per node tokenizes a large corpus.
+cache key) go over the *host group*: a gloo twin of the world, on CPU tensors.
+Under NCCL the same agreement on a CUDA tensor would wait for all the GPU work
+queued before it (a host sync per training step for the stop check). The group
+meets with the world's timeout, so a node that cannot reach the others over
+gloo (a hostname that resolves to a loopback address: set GLOO_SOCKET_IFNAME)
+fails as soon as NCCL would; then its agreements may wait up to `HOST_WAIT`,
+where NCCL's watchdog would abort ranks that wait longer than the world's
+timeout while one process per node tokenizes a large corpus or writes a large
+checkpoint.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-HOST_TIMEOUT = timedelta(hours=24)  # how long a host waits for another (data preparation of a large corpus)
+HOST_WAIT = timedelta(hours=24)  # how long a host_barrier waits for the other hosts (data preparation, a save)
 
 _host: Optional[tuple] = None  # (the world group, its gloo twin)
 
 
-def start_host_group(timeout: timedelta = HOST_TIMEOUT) -> None:
-    """Collective, on every rank once, right after the world starts (`groups.init_distributed`)."""
+def start_host_group(timeout: timedelta) -> None:
+    """Collective, on every rank once, right after the world starts (`groups.init_distributed`), with its timeout."""
     global _host
-    _host = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout))
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch's, private: absent, wait long
+    group = dist.new_group(backend="gloo", timeout=timeout if set_timeout else HOST_WAIT)
+    if set_timeout:
+        set_timeout(HOST_WAIT, group)
+    _host = (dist.group.WORLD, group)
 
 
 def host_group() -> Optional[dist.ProcessGroup]:

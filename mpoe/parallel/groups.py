@@ -130,7 +130,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) ->
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_on_agent_store(backend, timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    start_host_group()
+    start_host_group(timeout)
 
 
 def resolve_backend(backend: Optional[str]) -> str:
