@@ -24,6 +24,8 @@ import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
+from mpoe.train.cache_files import write_once
+
 # Folders of the standard library that hold tests, tools or vendored code rather than prose.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip", "venv"}
 _MIN_DOC_CHARS = 200
@@ -52,9 +54,7 @@ def stdlib_docstrings(root: str | None = None, cache_dir: Path | None = None) ->
     if cached.exists():
         return json.loads(cached.read_text(encoding="utf-8"))
     docs = _docstrings_of(files)
-    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")  # atomic: ranks building it at once never see half
-    tmp.write_text(json.dumps(docs), encoding="utf-8")
-    os.replace(tmp, cached)
+    write_once(cached, lambda tmp: tmp.write_text(json.dumps(docs), encoding="utf-8"))
     return docs
 
 

@@ -32,6 +32,7 @@ import torch
 
 from mpoe.config import ConfigError, DataConfig
 from mpoe.train import corpus, documents
+from mpoe.train.cache_files import write_once
 from mpoe.train.documents import DocumentSource, cache_root
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
@@ -67,7 +68,7 @@ def get_tokenizer(cfg: DataConfig, source: Optional[DocumentSource] = None, trai
     path = cache_root(cfg) / f"bpe-{train_fingerprint}-{cfg.vocab_size}.json"
     if not path.exists():
         tok = train_tokenizer(source.batches("train", cfg.val_fraction), cfg.vocab_size)
-        _write_atomically(path, lambda tmp: tok.save(str(tmp)))
+        write_once(path, lambda tmp: tok.save(str(tmp)))
     return Tokenizer.from_file(str(path))
 
 
@@ -142,17 +143,6 @@ def _cache_files(cfg: DataConfig, key: str) -> dict[str, Path]:
     }
 
 
-def _write_atomically(path: Path, write) -> None:
-    """write(tmp), then rename it to `path`: concurrent processes never map or parse half a file. A write that
-    fails or is interrupted (Ctrl-C while a large corpus is tokenized) leaves no partial file behind."""
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextlib.contextmanager
 def tokenizer_threads():
     """tokenizers' thread pool on (BPE training and `encode_batch`), where the entry points turn it off
@@ -193,9 +183,9 @@ def _prepare(cfg: DataConfig) -> TokenData:
     for split in ("train", "val"):
         if not files[split].exists():
             write = lambda tmp, split=split: _encode_to_file(tokenizer, source.batches(split, cfg.val_fraction), tmp)
-            _write_atomically(files[split], write)
+            write_once(files[split], write)
     if not files["tokenizer"].exists():
-        _write_atomically(files["tokenizer"], lambda tmp: tokenizer.save(str(tmp)))
+        write_once(files["tokenizer"], lambda tmp: tokenizer.save(str(tmp)))
     return load_prepared(cfg, key)
 
 
