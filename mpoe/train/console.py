@@ -35,9 +35,10 @@ def resume_command(run_dir: Path, overrides: list[str], max_steps: Optional[int]
 
 
 def wandb_sync_command(run_dir: Path) -> Optional[str]:
-    """`wandb sync` for an offline W&B run stored in the run directory, if there is one."""
+    """`wandb sync` for the offline W&B run stored in the run directory, if there is one: every part of it (a
+    resumed run writes one more offline-run folder under the same run id, and each holds its own steps)."""
     found = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
-    return shlex.join(["wandb", "sync", str(found[-1])]) if found else None
+    return shlex.join(["wandb", "sync", *map(str, found)]) if found else None
 
 
 def _num(x, spec: str) -> str:
