@@ -1,4 +1,4 @@
-"""Adam's state written by `adam_state` (when a checkpoint is resharded) sits where torch's own optimizer would put it."""
+"""Adam's state written by `adam_state` (when a checkpoint is resharded) sits where torch's optimizer puts it."""
 
 import pytest
 import torch

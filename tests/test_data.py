@@ -243,7 +243,8 @@ def test_the_tokenizers_thread_pool_is_on_only_while_data_is_prepared(tmp_path, 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # as the entry points set it
     seen = []
     real = data.train_tokenizer
-    monkeypatch.setattr(data, "train_tokenizer", lambda *a: seen.append(os.environ["TOKENIZERS_PARALLELISM"]) or real(*a))
+    spy = lambda *a: seen.append(os.environ["TOKENIZERS_PARALLELISM"]) or real(*a)
+    monkeypatch.setattr(data, "train_tokenizer", spy)
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus.pydoc_topics()[:50]))
     data.prepare(DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path), vocab_size=500))

@@ -272,7 +272,6 @@ def test_the_cpu_benchmarks_on_a_gpu_machine_run_deepspeed_on_the_cpu(machine, m
     assert seen == ["cpu"]
 
 
-
 def test_model_flops_count_the_lm_head_once_tied_or_not():
     """An untied head is among the active parameters and is the head's matmul: counted once, as a tied one."""
     from mpoe.train.flops import flops_per_token
