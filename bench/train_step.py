@@ -263,7 +263,8 @@ def run_device(
         """A row that fails (a compile error, an OOM) is left out; the rows beside it are still measured."""
         failed[row] = f"{when}: {type(e).__name__}: {e}".splitlines()[0]
         print(f"{row}: left out, {failed[row]}", flush=True)
-        steps.pop(row, None), rows.pop(row, None)
+        steps.pop(row, None)
+        rows.pop(row, None)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -317,7 +318,10 @@ def run_device(
     if dev.type == "cuda":
         all_models = torch.cuda.memory_allocated(dev) / 2**30
         steps_gib = ", ".join(f"{row} {r['step_peak_gib']:.1f}" for row, r in rows.items())
-        print(f"memory: all models' weights and optimizer states {all_models:.1f} GiB; a step adds (GiB) {steps_gib}")
+        print(
+            f"memory: all models resident (weights, optimizer, gradient buffers) {all_models:.1f} GiB; "
+            f"a step adds (GiB) {steps_gib}"
+        )
     results = {}
     for prefix, suffix in [("train_step.gpu_", "")] + ([("train_step.gpu_compiled_", "+compile")] if compile else []):
         mine = {kind: rows[kind + suffix] for kind in kinds if kind + suffix in rows}
