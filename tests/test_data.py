@@ -234,7 +234,7 @@ def test_a_nodes_other_processes_wait_for_its_data_longer_than_the_worlds_timeou
 
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus.pydoc_topics()[:50]))
-    spawn_world(_prepare_slowly, 2, str(path), str(tmp_path), 10.0, timeout_s=4)
+    spawn_world(_prepare_slowly, 2, str(path), str(tmp_path), 20.0, timeout_s=8)
     first, other = (torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2))
     assert len(first) > 100 and np.array_equal(first, other)
 
