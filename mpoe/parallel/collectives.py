@@ -55,6 +55,13 @@ def host_group() -> Optional[dist.ProcessGroup]:
     return _host[1]
 
 
+def host_broadcast(objects: list) -> None:
+    """Rank 0's `objects` (picklable) into `objects` on every rank, over the host group (no-op without peers)."""
+    if _distributed() and dist.get_world_size() > 1:
+        group = host_group()
+        dist.broadcast_object_list(objects, src=0, group=group, device=comm_device(group))
+
+
 def host_barrier() -> None:
     """Every rank has reached this point (files written, a cache made); no GPU work is waited for."""
     if _distributed():

@@ -26,7 +26,7 @@ from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel import engine as ds_engine
-from mpoe.parallel.collectives import all_reduce, comm_device, host_barrier, host_group
+from mpoe.parallel.collectives import all_reduce, host_barrier, host_broadcast
 from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
 from mpoe.train import checkpoint, faults, interrupt
 from mpoe.train import data as data_lib
@@ -202,8 +202,7 @@ def _resume(
     Rank 0 looks at the run directory and tells the others, so that all resume from the same checkpoint (or
     stop with the same line), whatever a shared file system shows each node soon after a restart."""
     decided = [_resume_source(cfg.trainer.resume, ckpt_dir) if rank == 0 else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(decided, src=0, group=host_group(), device=comm_device(host_group()))
+    host_broadcast(decided)
     resume_from, error = decided[0]
     if error is not None:
         raise error
@@ -377,7 +376,7 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     # Over the host group, whose timeout allows for tokenizing a large corpus (the world's would abort the wait).
     host_barrier()  # every node's first process has written its cache
     key = [token_data.key if rank == 0 else None]
-    dist.broadcast_object_list(key, src=0, group=host_group(), device=comm_device(host_group()))
+    host_broadcast(key)
     return token_data or data_lib.load_prepared(cfg.data, key[0]) or data_lib.prepare(cfg.data)
 
 

@@ -156,11 +156,10 @@ def _task(dict_cfg) -> None:
         _fail(str(e))
     import torch.distributed as dist
 
-    from mpoe.parallel.collectives import comm_device, host_group
+    from mpoe.parallel.collectives import host_broadcast
 
     shared = [HydraConfig.get().runtime.output_dir]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(shared, src=0, group=host_group(), device=comm_device(host_group()))
+    host_broadcast(shared)
     run_dir, overrides = Path(shared[0]), list(HydraConfig.get().overrides.task)
     is_rank0 = dist.get_rank() == 0
     log.info(console.config_summary(cfg, dist.get_world_size(), run_dir))
