@@ -224,17 +224,18 @@ def _resume(
 
 def _resume_source(resume: Optional[str], ckpt_dir: Path) -> tuple[Optional[Path], Optional[Exception]]:
     """(the checkpoint to resume from or None, or the error that stops the run) for trainer.resume."""
-    try:
-        found = checkpoint.resolve(resume, ckpt_dir)
+    if resume is None:
         existing = checkpoint.complete_checkpoints(ckpt_dir)
-        if resume is None and existing:  # a requeued job, the same command again: never train over them
-            raise ConfigError(
+        if existing:  # a requeued job, the same command again: never train over them
+            return None, ConfigError(
                 f"{ckpt_dir} already holds checkpoints (the newest: {existing[-1].name}) and trainer.resume=null "
                 "would start again from step 0 beside them: continue with trainer.resume=auto, or give a new "
                 "hydra.run.dir"
             )
-        return found, None
-    except (ConfigError, checkpoint.CheckpointError) as e:
+        return None, None
+    try:
+        return checkpoint.resolve(resume, ckpt_dir), None
+    except checkpoint.CheckpointError as e:
         return None, e
 
 
