@@ -63,10 +63,29 @@ def test_sync_free_dispatch_rows_and_counts():
     probs = routing * 0.5
     rows, counts = d.dispatch(tokens, probs, routing)
     assert isinstance(counts, torch.Tensor) and counts.tolist() == [2, 2, 4]
-    assert rows[:, 0].tolist() == [0, 2, 0, 1, 2, 0, 0, 0]  # by expert, then token; 3 padding rows (token 0)
+    assert rows[:, 0].tolist() == [0, 2, 0, 1, 2, 0, 0, 0]  # by expert, then token; 3 padding rows (zeros)
     out = d.combine(rows * 10)
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.0], [5.0, 5.0], [20.0, 20.0], [0.0, 0.0]]))
     assert d.stats.routed_tokens == 5
+
+
+def test_padding_rows_that_would_overflow_leave_no_nan():
+    """A padding row is zeros, not a copy of token 0: token 0 through the last expert (which the router did not
+    choose for it) overflows to inf here, and 0 * inf would put a NaN in token 0's output and the gradients."""
+    from mpoe.parallel.dispatch import AllToAllDispatcher
+
+    d = AllToAllDispatcher(3, ExpertGroups(), top_k=1, sync_free=True)
+    tokens = torch.tensor([[1e10, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]], requires_grad=True)
+    routing = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]]).bool()  # token 3 dropped: 1 padding row
+    probs = (routing * 0.5).requires_grad_()
+    scale = torch.tensor([1.0, 1.0, 1e30], requires_grad=True)  # the last expert's output overflows for token 0
+    rows, counts = d.dispatch(tokens, probs, routing)
+    out = d.combine(rows * scale.repeat_interleave(counts).unsqueeze(1))
+    out.sum().backward()
+    expected = torch.tensor([[5e9, 0.5], [1.0, 1.5], [2.0, 2.5], [0.0, 0.0]])
+    torch.testing.assert_close(out.detach(), expected)
+    for grad in (tokens.grad, probs.grad, scale.grad):
+        assert torch.isfinite(grad).all()
 
 
 def test_importing_dispatch_changes_no_warning_filter():

@@ -21,7 +21,10 @@ output length is given, not read from the device:
   router can keep. Pairs dropped for capacity leave rows at the end; they are
   given to the last local expert with gate weight 0, so they change no output and
   no gradient (a dropless step has none). Permutation, counts and offsets stay on
-  the device and nothing is read back.
+  the device and nothing is read back. Padding rows hold zeros, not a copy of a
+  token: the expert's output for zeros is finite, where a copy of a token could
+  overflow (fp16) in an expert the router did not choose for it, and 0 * inf is a
+  NaN in that token's output and in the expert's weight gradients.
 - ep_size > 1: the uneven all-to-all takes its split sizes as host ints, so the
   per-expert counts (sent and received) are read to the host once per layer, in one
   small device-to-host copy; everything else follows from those numbers.
@@ -93,11 +96,11 @@ class AllToAllDispatcher:
 
     def _pairs(self, routing_map: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
         """(token index, global expert, is-kept) of each dispatch row, expert-major; rows past the kept pairs
-        are padding (token 0, last expert)."""
+        are padding (token -1, last expert)."""
         pairs = torch.nonzero_static(routing_map.t(), size=num_rows, fill_value=-1)
         expert, token = pairs.unbind(1)
         kept = expert >= 0
-        return token.clamp_min(0), torch.where(kept, expert, self.num_experts - 1), kept
+        return token, torch.where(kept, expert, self.num_experts - 1), kept
 
     def dispatch(self, tokens: Tensor, probs: Tensor, routing_map: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [N, d], routing_map [N, E] -> (rows for this rank's experts sorted by local expert, counts [L]).
@@ -112,7 +115,8 @@ class AllToAllDispatcher:
     def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
         sync_free = self.sync_free if self.sync_free is not None else tokens.is_cuda
         if sync_free and self.top_k is not None:
-            return self._permute_local(tokens, probs, routing_map, tokens_per_expert, tokens.shape[0] * self.top_k)
+            num_rows = tokens.shape[0] * self.top_k
+            return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows, padded=True)
         return self._dispatch_local_counted(tokens, probs, routing_map, tokens_per_expert)
 
     # The host-read paths below run eagerly under torch.compile (the blocks around them still compile): traced,
@@ -120,13 +124,18 @@ class AllToAllDispatcher:
     @torch.compiler.disable
     def _dispatch_local_counted(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
         num_rows = int(tokens_per_expert.sum())  # the CPU path: reading it is free there
-        return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows)
+        return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows, padded=False)
 
-    def _permute_local(self, tokens, probs, routing_map, tokens_per_expert, num_rows: int) -> tuple[Tensor, Tensor]:
+    def _permute_local(
+        self, tokens, probs, routing_map, tokens_per_expert, num_rows: int, padded: bool
+    ) -> tuple[Tensor, Tensor]:
         token, expert, kept = self._pairs(routing_map, num_rows)
         self._save(tokens, probs, token, expert, kept)
         counts = tokens_per_expert.clone()
         counts[-1] += num_rows - tokens_per_expert.sum()  # padding rows (dropped pairs) go to the last expert
+        if padded:  # padding rows read a row of zeros (one copy of the tokens; see the module doc)
+            with_zeros = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+            return with_zeros.index_select(0, torch.where(kept, token, tokens.shape[0])), counts
         return tokens.index_select(0, token), counts
 
     @torch.compiler.disable
@@ -166,7 +175,9 @@ class AllToAllDispatcher:
         return _all_to_all(by_source, saved["input_splits"], saved["output_splits"], self.groups.ep_group)
 
     def _save(self, tokens: Tensor, probs: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> None:
-        # Each row's gate weight, 0 for padding rows; gradients reach probs through the gather.
+        # Each row's gate weight, 0 for padding rows, which add their (finite) output times 0 to token 0;
+        # gradients reach probs through the gather.
+        token = token.clamp_min(0)
         row_probs = torch.where(kept, probs[token, expert], probs.new_zeros(()))
         self._saved = dict(shape=tokens.shape, token=token, row_probs=row_probs)
 
