@@ -133,10 +133,11 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
     state = dict(states[0])
     if ep_size > 1:
         from mpoe.models.param_tags import is_expert_param
+        from mpoe.train.reshard import join_ep_group
 
         for name, p in model.named_parameters(remove_duplicate=False):
             if is_expert_param(p):
-                state[name] = torch.cat([s[name] for s in states])
+                state[name] = join_ep_group([s[name] for s in states], expert=True)
     return state
 
 
@@ -148,7 +149,7 @@ def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
     (none stored), and so are frozen ones: those keep the module's weights.
     """
     from mpoe.models.param_tags import is_expert_param
-    from mpoe.train.reshard import RankFiles, portable_forms
+    from mpoe.train.reshard import RankFiles, join_ep_group, portable_forms
 
     ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
     experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
@@ -158,8 +159,7 @@ def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
     loaded = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            saved = [form["params"].get(name, {}).get("master") for form in forms]
-            master = saved[0] if name not in experts else None if None in saved else torch.cat(saved)
+            master = join_ep_group([form["params"].get(name, {}).get("master") for form in forms], name in experts)
             if master is not None:
                 p.copy_(master)
                 loaded += 1

@@ -166,13 +166,19 @@ def _expert_names(module: nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if is_expert_param(p)}
 
 
-def _relayout(name: str, saved: list, expert: bool, lo: int, count: int, num_experts: int):
-    """The tensor for `name` in the new layout, from the saved ep group's values (None if absent)."""
-    if saved[0] is None:
-        return None
+def join_ep_group(saved: list, expert: bool):
+    """One name's full tensor from the values the first expert-parallel group's ranks saved (None if absent):
+    an expert tensor is theirs concatenated (every expert once, in global order), a shared one is rank 0's."""
     if not expert:
         return saved[0]
-    full = torch.cat(saved, dim=0)
+    return None if any(value is None for value in saved) else torch.cat(saved, dim=0)
+
+
+def _relayout(name: str, saved: list, expert: bool, lo: int, count: int, num_experts: int):
+    """The tensor for `name` in the new layout, from the saved ep group's values (None if absent)."""
+    full = join_ep_group(saved, expert)
+    if full is None or not expert:
+        return full
     if full.shape[0] != num_experts:
         raise RuntimeError(f"{name}: {full.shape[0]} stacked experts in the checkpoint, expected {num_experts}")
     return full[lo : lo + count]
