@@ -222,11 +222,11 @@ def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
     from mpoe.config import TrainConfig
     from mpoe.train import autoresume
 
-    def fake_run(name: str, lr: float, max_steps: int) -> Path:
+    def fake_run(name: str, lr: float, max_steps: int, seed: int = 0) -> Path:
         run = tmp_path / "outputs" / "day" / name
         (run / ".hydra").mkdir(parents=True)
         config = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))
-        config["optim"]["lr"], config["trainer"]["max_steps"] = lr, max_steps
+        config["optim"]["lr"], config["trainer"]["max_steps"], config["trainer"]["seed"] = lr, max_steps, seed
         (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
         (run / "checkpoints" / "step_00000002").mkdir(parents=True)
         (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")
@@ -234,10 +234,13 @@ def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
 
     other = fake_run("a", 2e-3, 10)
     same = fake_run("b", 1e-3, 10)
-    want = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))  # lr 1e-3, max_steps 200
-    assert autoresume.find_run(want, tmp_path / "outputs") == (same, 2)
+    other_seed = fake_run("c", 1e-3, 10, seed=1)  # a seed sweep's other repeat is not this run
+    want = OmegaConf.to_container(OmegaConf.structured(TrainConfig()))  # lr 1e-3, max_steps 200, seed 0
+    assert autoresume.find_run(want, tmp_path / "outputs") == (same, 3)
     (same / "checkpoints" / "step_00000002" / "meta.json").unlink()  # no complete checkpoint: nothing to resume
-    assert autoresume.find_run(want, tmp_path / "outputs") == (None, 2)
+    assert autoresume.find_run(want, tmp_path / "outputs") == (None, 3)
+    want["trainer"]["seed"] = 1
+    assert autoresume.find_run(want, tmp_path / "outputs") == (other_seed, 3)
     assert other.exists()
     assert autoresume.outputs_root("outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}") == Path("outputs").absolute()
 

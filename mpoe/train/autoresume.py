@@ -13,7 +13,10 @@ under the outputs root (the part of `hydra.run.dir`'s pattern before its first
 a complete checkpoint, and picks the one whose newest checkpoint is newest.
 "Same configuration" is the composed config minus what cannot change the
 numbers (the keys `mpoe-report` ignores) and minus `trainer.max_steps`, so a
-run can be continued past its end.
+run can be continued past its end. The seed is the exception: the report
+averages over seeds, but a run continued under another seed would take the
+other seed's batches after its own RNG state, so a seed sweep with
+`resume=auto` would have its repeats continue one another.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mpoe.train.checkpoint import complete_checkpoints
 from mpoe.train.run_keys import flatten, is_ignored
 
 IGNORED_FOR_RESUME = ("trainer.max_steps",)
+KEPT_FOR_RESUME = ("trainer.seed",)
 DEFAULT_RUN_DIR = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
 
 
@@ -40,7 +44,7 @@ def identity(config: dict) -> dict:
     return {
         k: json.dumps(v, sort_keys=True)
         for k, v in flatten(config).items()
-        if not is_ignored(k) and k not in IGNORED_FOR_RESUME
+        if (not is_ignored(k) or k in KEPT_FOR_RESUME) and k not in IGNORED_FOR_RESUME
     }
 
 
