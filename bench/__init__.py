@@ -19,8 +19,8 @@ def interleaved_times(steps: dict[str, Callable[[], float]], repeats: int) -> di
 
     The steps take turns within every round (the order rotates), so timings a
     ratio compares are taken seconds, not minutes, apart: a shared machine's
-    speed drifts by 10-20% over a run, which timing one step's repeats after
-    the other's would turn into a ratio.
+    speed drifts over a run, which timing one step's repeats after the
+    other's would turn into a ratio.
     """
     names, times = list(steps), {name: [] for name in steps}
     for r in range(repeats + 1):  # round 0 is a warm-up

@@ -1,6 +1,6 @@
 """All benchmarks in one process, one table of ratios against their peers.
 
-    python -m bench [--quick] [--json FILE] [--only experts moe_layer hf_switch train_step] [--device cuda]
+    python -m bench [--quick] [--json FILE] [--only experts moe_layer hf_switch train_step lm_loss] [--device cuda]
 
 Runs, in this order, each module's own `main`/`run` (their printed detail first):
   bench.experts     MPOE vs Switch expert bank (and Switch vs DeepSpeed's Experts)
@@ -131,7 +131,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (about 3-5 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (the README says how long they take)")
     ap.add_argument("--json", help="write {'results': {...}} here")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: passed to every benchmark")

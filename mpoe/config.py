@@ -50,7 +50,7 @@ def _fail(key: str, value: Any, valid: str) -> None:
 class ModelConfig:
     family: str = "gpt2"  # gpt2 | t5
     name: str = "gpt2_tiny"  # the config-group option, for reports
-    pretrained: Optional[str] = None  # local HF checkpoint dir (or hub name when online)
+    pretrained: Optional[str] = None  # a local HF checkpoint dir (read offline: local_files_only)
     d_model: int = 128
     d_ff: int = 512
     num_layers: int = 4

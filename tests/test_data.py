@@ -284,3 +284,11 @@ def test_prepare_reads_files_a_batch_at_a_time_and_gives_the_per_document_tokens
         truth_docs = [d for d in docs if corpus.is_validation(d, 0.2) == (split == "val")]
         truth = [i for d in truth_docs for i in tok.encode(d).ids + [prepared.eot_id]]
         assert np.asarray(getattr(prepared, split)).tolist() == truth, split
+
+
+def test_a_split_shorter_than_one_window_names_the_window_and_the_fix():
+    from mpoe.config import ConfigError
+
+    assert data.pack(np.arange(10, dtype=np.int32), 5).shape == (2, 5)
+    with pytest.raises(ConfigError, match="a window of 129 tokens .* the 100 tokens .* lower trainer.seq_len"):
+        data.pack(np.arange(100, dtype=np.int32), 129)

@@ -338,7 +338,8 @@ def build_expert_bank(
         raise ValueError(f"dense FFN is {dense.d_model}x{dense.d_ff}, expected d_model={d_model}, d_ff={d_ff}")
     local = groups.local_experts(cfg.num_experts)
     impl = cfg.expert_impl
-    base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # same on every rank: the global RNG is
+    # The same on every rank: the global RNG is seeded alike (build.py).
+    base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
     if cfg.kind == "switch":
         if dense is not None:
             denses = [dense] * len(local)

@@ -128,9 +128,9 @@ class Family(ABC):
     def attention_layers(self, config: Any) -> int:
         """How many attention layers a token passes through (for model FLOPs)."""
 
+    @abstractmethod
     def token_embedding_key(self) -> str:
         """The state-dict name of the token table, within the HF model."""
-        return "shared.weight"
 
     # -- training ------------------------------------------------------------------------------
 

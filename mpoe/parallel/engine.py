@@ -50,7 +50,7 @@ def zero_stage(cfg: TrainConfig) -> int:
     Why: at stage 0 DeepSpeed 0.19.8 trains bf16/fp16 with `FP16_UnfusedOptimizer`
     around our AdamW, which (a) steps AdamW once with zero gradients when it is built:
     one decoupled weight decay of every master weight and Adam's bias correction one
-    step ahead, so early updates are ~25% smaller than fp32's; (b) in fp16, divides the
+    step ahead, so early updates are smaller than fp32's; (b) in fp16, divides the
     gradients by a loss scale that `engine.backward` never multiplied in (upstream PR
     deepspeedai/DeepSpeed#8393); (c) clips against a norm that leaves out expert
     parameters. ZeRO 1 is DeepSpeed's mainstream mixed-precision optimizer (float32

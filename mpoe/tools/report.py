@@ -61,10 +61,6 @@ class Group:
     label: str
     runs: list[Run] = field(default_factory=list)
 
-    @property
-    def config(self) -> dict:
-        return self.runs[0].config
-
 
 # ---------------------------------------------------------------- reading runs
 

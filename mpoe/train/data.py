@@ -216,8 +216,8 @@ def pack(stream: np.ndarray, length: int) -> torch.Tensor:
     n = len(stream) // length
     if n == 0:
         raise ConfigError(
-            f"trainer.seq_len={length - 1} is longer than the {len(stream)} tokens of a data split: "
-            "lower it or add data"
+            f"a window of {length} tokens (what trainer.seq_len needs) is longer than the {len(stream)} tokens "
+            "of a data split: lower trainer.seq_len or add data"
         )
     return torch.from_numpy(stream[: n * length]).view(n, length)
 

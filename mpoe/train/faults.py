@@ -1,6 +1,6 @@
 """Fault injection, so tests can exercise the recovery paths of a real run.
 
-Read from the environment once; unset in normal runs (then every check is a no-op).
+Read from the environment at each check; unset in normal runs (then every check is a no-op).
 - MPOE_FAULT_KILL_AT_STEP=N: SIGKILL this process when optimizer step N begins
   (on the rank given by MPOE_FAULT_RANK, default 0), as a crashed node would.
 - MPOE_FAULT_KILL_IN_SAVE=N: SIGKILL rank 0 while it saves the checkpoint of step N,

@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"mpoe-train: error: {e}", file=sys.stderr)
         return 2
-    if args.hostfile:
-        print(world)  # the launcher script reads the world size from here
     return 0
 
 

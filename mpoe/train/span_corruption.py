@@ -73,7 +73,7 @@ def noise_mask(length: int, noise_density: float, mean_span: float, g: torch.Gen
     noise = _segment_lengths(num_noise, num_spans, g)
     keep = _segment_lengths(length - num_noise, num_spans, g)
     # The mask flips at the end of every run but the last: a cumulative count of flips, odd inside noise runs.
-    # (Built per row on the host each step, where repeat_interleave of the runs took 4x as long.)
+    # (Built per row on the host each step, where repeat_interleave of the runs is the slower way.)
     ends = torch.stack([keep, noise], 1).flatten().cumsum(0)[:-1]
     flips = torch.zeros(length, dtype=torch.int32)
     flips[ends] = 1
