@@ -194,3 +194,24 @@ def test_entropy_is_the_routing_distributions_and_dropless_counts_no_drops(capac
     assert out.tokens_dropped.dtype == torch.long and out.tokens_dropped.dim() == 0
     assert out.tokens_dropped == 40 - out.routing_map.sum()  # top-1: every token had one pair before dropping
     assert (out.tokens_dropped == 0) == (capacity_factor is None)
+
+
+def test_bf16_gate_keeps_no_float32_copy_of_its_input_and_gives_float32_linears_gradients():
+    """The gate's float32 matmul keeps its bf16 input for backward, not a float32 copy (a layer input's worth of
+    memory twice over); values and gradients are autograd's through F.linear in float32, bit for bit."""
+    torch.manual_seed(0)
+    router = TopKRouter(MoEConfig(kind="switch", num_experts=4), d_model=32).to(torch.bfloat16)
+    tokens = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(64, 4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = router.gate_logits(tokens)
+    assert logits.dtype == torch.float32
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == tokens.shape]
+    got = torch.autograd.grad(logits, (tokens, router.gate.weight), grad)
+
+    reference = torch.nn.functional.linear(tokens.float(), router.gate.weight.float())
+    want = torch.autograd.grad(reference, (tokens, router.gate.weight), grad)
+    assert torch.equal(logits, reference)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
 from torch import Tensor, nn
 
@@ -45,6 +44,30 @@ class RouterOutput:
     entropy: Tensor  # scalar float32, mean entropy (nats) of the full routing distribution
 
 
+class _GateLogitsInFloat32(torch.autograd.Function):
+    """tokens @ weight^T in float32, keeping tokens and weight in their own dtypes for backward.
+
+    Megatron-Core's `RouterGatingLinearFunction`, the same arithmetic (0.16's `router_gating_linear` needs
+    Transformer Engine to run). Autograd through `F.linear(tokens.float(), weight.float())` computes the same
+    values and gradients but keeps the float32 copy of the tokens: twice a bf16 layer input, per MoE layer.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(tokens, weight)
+        return torch.mm(tokens.float(), weight.float().t())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        tokens, weight = ctx.saved_tensors
+        grad_tokens = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = torch.mm(grad, weight.float()).to(tokens.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad.t(), tokens.float()).to(weight.dtype)
+        return grad_tokens, grad_weight
+
+
 class TopKRouter(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int):
         super().__init__()
@@ -60,11 +83,11 @@ class TopKRouter(nn.Module):
     def forward(self, tokens: Tensor) -> RouterOutput:
         """tokens [N, d_model] -> RouterOutput; routing runs in float32 whatever the input dtype."""
         cfg = self.cfg
-        tokens = tokens.float()  # the gate's input in float32 (gate_logits), jittered there as HF's Switch router does
         if self.training and cfg.jitter_eps > 0:
-            # Switch Transformer's multiplicative jitter: explore routings near the current one. Drawn in float32:
-            # in bf16 (8 significant bits) uniform(1 - eps, 1 + eps) rounds to a few values, never above 1 for
-            # eps = 0.01 and only 1.0 for eps = 0.001, i.e. no jitter.
+            # Switch Transformer's multiplicative jitter: explore routings near the current one. Drawn and applied in
+            # float32, as HF's Switch router does: in bf16 (8 significant bits) uniform(1 - eps, 1 + eps) rounds to
+            # a few values, never above 1 for eps = 0.01 and only 1.0 for eps = 0.001, i.e. no jitter.
+            tokens = tokens.float()
             noise = torch.empty_like(tokens).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
             tokens = tokens * noise
         logits = self.gate_logits(tokens)
@@ -102,7 +125,9 @@ class TopKRouter(nn.Module):
 
         The Switch Transformer's selective precision (as HF's SwitchTransformersTop1Router does):
         in bf16 the gate's matmul rounds logits enough to send some tokens to another expert.
-        Autocast is switched off so that it cannot turn the float32 matmul back into bf16.
+        `_GateLogitsInFloat32` casts inside its forward and backward, so what is kept for backward is the
+        tokens in their own dtype, not a float32 copy of them. Autocast is switched off so that it cannot
+        turn the float32 matmul back into bf16.
         """
         device = tokens.device.type
         # No autocast to switch off on devices without one (meta: shape-only runs). CUDA and CPU are named first
@@ -110,7 +135,7 @@ class TopKRouter(nn.Module):
         has_autocast = device in ("cuda", "cpu") or torch.amp.is_autocast_available(device)
         off = torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext()
         with off:
-            return F.linear(tokens.float(), self.gate.weight.float())
+            return _GateLogitsInFloat32.apply(tokens, self.gate.weight)
 
     def _normalize(self, logits: Tensor, probs: Tensor, routing_map: Tensor) -> Tensor:
         """Make the top-k gate weights sum to 1 exactly when cfg.topk_normalized().
