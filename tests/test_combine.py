@@ -83,3 +83,21 @@ def test_top_k_sums_in_float32_and_rounds_once():
     row_probs = torch.rand(32, generator=g)
     out = gate_weighted_sum(expert_output, row_probs, token, torch.Size((16, 8)), one_row_per_token=False)
     assert torch.equal(out, _megatron(expert_output, row_probs, token, torch.Size((16, 8))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_top_k_gradients_are_megatrons_bit_for_bit_and_no_float32_rows_are_kept(dtype):
+    """Backward recomputes from the rows what autograd through Megatron's arithmetic keeps in float32."""
+    g = torch.Generator().manual_seed(2)
+    token = torch.randperm(24, generator=g).repeat(3)[:60]  # up to 3 rows per token, some tokens with 2
+    expert_output = torch.randn(60, 16, generator=g).to(dtype).requires_grad_()
+    row_probs = torch.rand(60, generator=g).requires_grad_()
+    shape, grad = torch.Size((24, 16)), torch.randn(24, 16, generator=g).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gate_weighted_sum(expert_output, row_probs, token, shape, one_row_per_token=False)
+    ours = (out, *torch.autograd.grad(out, (expert_output, row_probs), grad))
+    megatron = _grads(_megatron, expert_output, row_probs, token, shape, grad)
+    for a, b in zip(ours, megatron):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert sum(t.numel() * t.element_size() for t in saved if t.dim() == 2) == 60 * 16 * expert_output.element_size()

@@ -7,7 +7,10 @@ to the rows' dtype: Megatron-Core's `unpermute` with a float32 router.
 Top-k > 1: as Megatron writes it, the weighted rows promoted to float32, added
 into a float32 output, cast back. In bf16 that moves every row and the output
 three times in float32, forward and backward (Megatron avoids it with a fused
-permute kernel from Transformer Engine, which we do not use).
+permute kernel from Transformer Engine, which we do not use). `_WeightedSum` is
+that arithmetic with the float32 rows kept out of the backward: autograd through
+it would keep them ([rows, d] in float32, which `index_add_` saves only for their
+shape) beside the rows themselves; backward recomputes what it needs from the rows.
 
 Top-1 (`one_row_per_token=True`): a token has one row (padding rows, gate weight 0,
 add zeros to token 0), so the sum has one term and float32 accumulation changes
@@ -31,10 +34,28 @@ def gate_weighted_sum(
     """expert_output [R, d], row_probs [R] (float32), token [R] -> [N, d] in expert_output's dtype."""
     if one_row_per_token:
         return _OneRowPerToken.apply(expert_output, row_probs, token, shape)
-    weighted = expert_output * row_probs.unsqueeze(-1)  # promotes bf16 rows to the probs' float32
-    out = weighted.new_zeros(shape)
-    out.index_add_(0, token, weighted)
-    return out.to(expert_output.dtype)
+    return _WeightedSum.apply(expert_output, row_probs, token, shape)
+
+
+class _WeightedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_output: Tensor, row_probs: Tensor, token: Tensor, shape: torch.Size) -> Tensor:
+        weighted = expert_output * row_probs.unsqueeze(-1)  # promotes bf16 rows to the probs' float32
+        out = weighted.new_zeros(shape)
+        out.index_add_(0, token, weighted)
+        ctx.save_for_backward(expert_output, row_probs, token)
+        return out.to(expert_output.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        expert_output, row_probs, token = ctx.saved_tensors
+        grad_weighted = grad.to(row_probs.dtype).index_select(0, token)  # float32, as autograd's cast-back gives
+        grad_output = grad_probs = None
+        if ctx.needs_input_grad[0]:
+            grad_output = (grad_weighted * row_probs.unsqueeze(-1)).to(expert_output.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_probs = (grad_weighted * expert_output).sum(-1)
+        return grad_output, grad_probs, None, None
 
 
 class _OneRowPerToken(torch.autograd.Function):
