@@ -60,6 +60,8 @@ ROWS = {
     "train_step.mfu_mpoe": ("  ... GPT-2-small MPOE model (full bonds)", "fraction of GEMM rate", None),
     "train_step.gemm_gflops": ("fp32 GEMM rate measured (denominator)", "GFLOP/s", None),
     "gpu.experts.mpoe_vs_switch_time": ("GPU bf16: MPOE bank time / Switch bank (worse of 8, 64 E)", "lower", "<= 1.2"),
+    "gpu.experts.mpoe_recompute_vs_switch_time": ("  ... MPOE with W recomputed in backward / Switch", "lower", None),
+    "gpu.experts.mpoe_recompute_vs_mpoe_peak": ("  ... its peak memory / MPOE's (larger of 8, 64 E)", "lower", None),
     "gpu.moe_layer.vs_floor": ("GPU bf16: our MoE layer / dense floor (worst row)", "lower is better", None),
     "gpu.moe_layer.vs_grouped_ref": ("GPU bf16: ours / 30-line grouped_mm MoE (worst row)", "lower", "<= 1.0"),
     "gpu.moe_layer.speedup_vs_deepspeed": ("GPU bf16: DeepSpeed MoE time / ours (worst)", "higher", ">= 1.0"),

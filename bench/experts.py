@@ -7,7 +7,10 @@
 backend, 16384 tokens balanced over 8 and 64 experts (`run_gpu`);
 gpu.experts.mpoe_vs_switch_time is the worse of the two. Beside them, the MPOE bank
 with its weights rebuilt in order (`mpo.cheapest_layout`'s 'contract') shows what the
-permuted layouts save. What follows is the CPU run.
+permuted layouts save, and with `moe.recompute_mpo_weights` (W rebuilt again in
+backward, not kept) what that costs in time and saves in peak memory:
+gpu.experts.mpoe_recompute_vs_switch_time (worse of the two) and
+gpu.experts.mpoe_recompute_vs_mpoe_peak (the larger peak-memory ratio). What follows is the CPU run.
 
 Same shape for all three: GPT-2-small FFN (768 x 3072), 8 experts, tokens split
 evenly, tanh-GELU, input gradients on (as inside a model). Times are medians
@@ -184,17 +187,24 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
     print("ops = kernel-running ops one step dispatches (GPU launches); other MB = what those outside GEMMs move")
     print(
         f"{'E':>3} {'switch ms':>10} {'mpoe ms':>10} {'mpoe/switch':>12} {'switch MB':>10} {'mpoe MB':>10} "
-        f"{'switch ops':>10} {'mpoe ops':>9} {'switch other MB':>15} {'mpoe':>6} {'in-order ms':>11} {'MB':>6}"
+        f"{'switch ops':>10} {'mpoe ops':>9} {'switch other MB':>15} {'mpoe':>6} {'in-order ms':>11} {'MB':>6} "
+        f"{'recompute ms':>12} {'peak MB':>8}"
     )
     torch.manual_seed(0)
     dense = DenseFFN.random(d_model, d_ff)
-    rows, ratios = [], []
+    rows, ratios, recompute_ratios, recompute_peaks = [], [], [], []
     for E in (8, 64):
         counts = torch.full((E,), tokens // E, device=dev)
         x = torch.randn(tokens // E * E, d_model, device=dev, dtype=dtype).requires_grad_()
         banks, steps = {}, {}
-        for kind in ("switch", "mpoe", "mpoe_in_order"):
-            cfg = MoEConfig(kind=kind.removesuffix("_in_order"), num_experts=E, bond_dim=bond, expert_impl="grouped")
+        for kind in ("switch", "mpoe", "mpoe_in_order", "mpoe_recompute"):
+            cfg = MoEConfig(
+                kind=kind.split("_")[0],
+                num_experts=E,
+                bond_dim=bond,
+                expert_impl="grouped",
+                recompute_mpo_weights=kind == "mpoe_recompute",
+            )
             bank = build_expert_bank(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), dense).to(dev, dtype)
             if kind == "mpoe_in_order":  # W rebuilt in order whatever the row count: what the layouts save
                 bank.grouped_weight = functools.partial(type(bank).grouped_weight, bank, layout="contract")
@@ -214,14 +224,22 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
         mb = lambda k, stats=stats: "-" if stats[k]["peak_mb"] is None else f"{stats[k]['peak_mb']:.0f}"
         ratio = stats["mpoe"]["ms"] / stats["switch"]["ms"]
         ratios.append(ratio)
+        recompute_ratios.append(stats["mpoe_recompute"]["ms"] / stats["switch"]["ms"])
+        if stats["mpoe"]["peak_mb"]:  # CUDA only
+            recompute_peaks.append(stats["mpoe_recompute"]["peak_mb"] / stats["mpoe"]["peak_mb"])
         print(
             f"{E:>3} {stats['switch']['ms']:>10.2f} {stats['mpoe']['ms']:>10.2f} {ratio:>12.2f} "
             f"{mb('switch'):>10} {mb('mpoe'):>10} {stats['switch']['ops']:>10} {stats['mpoe']['ops']:>9} "
             f"{stats['switch']['other_mb']:>15.0f} {stats['mpoe']['other_mb']:>6.0f} "
-            f"{stats['mpoe_in_order']['ms']:>11.2f} {stats['mpoe_in_order']['other_mb']:>6.0f}",
+            f"{stats['mpoe_in_order']['ms']:>11.2f} {stats['mpoe_in_order']['other_mb']:>6.0f} "
+            f"{stats['mpoe_recompute']['ms']:>12.2f} {mb('mpoe_recompute'):>8}",
             flush=True,
         )
-    results = {"gpu.experts.mpoe_vs_switch_time": max(ratios) if ratios else None}
+    results = {
+        "gpu.experts.mpoe_vs_switch_time": max(ratios) if ratios else None,
+        "gpu.experts.mpoe_recompute_vs_switch_time": max(recompute_ratios) if recompute_ratios else None,
+        "gpu.experts.mpoe_recompute_vs_mpoe_peak": max(recompute_peaks) if recompute_peaks else None,
+    }
     print("gpu.experts.mpoe_vs_switch_time (worse of 8 and 64 experts) =", results["gpu.experts.mpoe_vs_switch_time"])
     return {"results": results, "rows": rows}
 

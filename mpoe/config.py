@@ -99,6 +99,7 @@ class MoEConfig:
     aux_init_noise: float = 0.0  # mpoe: noise on auxiliary tensors to break symmetry
     grad_mask: GradMaskConfig = field(default_factory=GradMaskConfig)
     expert_impl: str = "auto"  # auto | loop | grouped: per-expert GEMMs or one grouped GEMM; auto = by device
+    recompute_mpo_weights: bool = False  # mpoe, grouped backend: rebuild experts' W in backward, not keep it
 
     def topk_normalized(self) -> bool:
         return self.top_k >= 2 if self.normalize_topk is None else self.normalize_topk
@@ -251,6 +252,8 @@ def check_moe(moe: MoEConfig) -> None:
         _positive("moe.bond_dim", moe.bond_dim)
     if moe.num_mpo_factors < 2:
         _fail("moe.num_mpo_factors", moe.num_mpo_factors, "must be >= 2 (the paper uses 5)")
+    if moe.recompute_mpo_weights and moe.kind != "mpoe":
+        _fail("moe.recompute_mpo_weights", True, "recomputes the weights MPOE rebuilds: use moe=mpoe or disable it")
     if moe.grad_mask.enabled and moe.kind != "mpoe":
         _fail("moe.grad_mask.enabled", True, "the gradient mask acts on MPO tensors: use moe=mpoe or disable it")
 

@@ -58,7 +58,13 @@ def test_gpu_tables_dry_run_on_the_cpu(tmp_path):
     }
     assert all(v is None or v > 0 for v in layer.values())
     banks = experts.main(["--gpu-scale", "32", "--repeats", "1"])
-    assert set(banks) == {"gpu.experts.mpoe_vs_switch_time"} and banks["gpu.experts.mpoe_vs_switch_time"] > 0
+    assert set(banks) == {
+        "gpu.experts.mpoe_vs_switch_time",
+        "gpu.experts.mpoe_recompute_vs_switch_time",
+        "gpu.experts.mpoe_recompute_vs_mpoe_peak",
+    }
+    assert banks["gpu.experts.mpoe_vs_switch_time"] > 0 and banks["gpu.experts.mpoe_recompute_vs_switch_time"] > 0
+    assert banks["gpu.experts.mpoe_recompute_vs_mpoe_peak"] is None  # peak memory is measured on CUDA only
 
 
 def test_grouped_reference_moe_equals_our_layer():

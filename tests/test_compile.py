@@ -31,12 +31,15 @@ from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel.groups import ExpertGroups
 
 
-def _model(kind: str, family: str, layers: int, dtype: torch.dtype, expert_impl: str = "grouped"):
+def _model(kind: str, family: str, layers: int, dtype: torch.dtype, expert_impl: str = "grouped", recompute=False):
     model_cfg = ModelConfig(
         name=f"{family}_tiny", family=family, d_model=32, d_ff=64, num_layers=layers, num_heads=2,
         vocab_size=256, max_position_embeddings=32, dropout=0.0,
     )  # fmt: skip
-    moe = MoEConfig(kind=kind, num_experts=4, every=2, top_k=2, capacity_factor=None, expert_impl=expert_impl)
+    moe = MoEConfig(
+        kind=kind, num_experts=4, every=2, top_k=2, capacity_factor=None, expert_impl=expert_impl,
+        recompute_mpo_weights=recompute,
+    )  # fmt: skip
     cfg = TrainConfig(model=model_cfg, moe=moe, trainer=TrainerConfig(seq_len=16, micro_batch_size=2))
     torch.manual_seed(0)
     model = build_model(cfg, 256, 0, 0, ExpertGroups()).to(dtype)
@@ -57,11 +60,13 @@ STRUCTURES = {"gpt2": 2, "t5": 6}
 
 
 @pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
-@pytest.mark.parametrize("kind, family", [("mpoe", "gpt2"), ("switch", "t5")])  # both banks, both families
-def test_on_the_gpu_path_a_block_is_one_graph_shared_by_blocks_of_its_structure(kind, family):
+@pytest.mark.parametrize(  # both banks, both families, and MPOE's weights recomputed in backward
+    "kind, family, recompute", [("mpoe", "gpt2", False), ("switch", "t5", False), ("mpoe", "gpt2", True)]
+)
+def test_on_the_gpu_path_a_block_is_one_graph_shared_by_blocks_of_its_structure(kind, family, recompute):
     torch._dynamo.reset()
     counters.clear()
-    model = _model(kind, family, layers=4, dtype=torch.bfloat16).train()
+    model = _model(kind, family, layers=4, dtype=torch.bfloat16, recompute=recompute).train()
     assert compile_blocks(model, backend="eager", fullgraph=True) == (4 if family == "gpt2" else 8)
     batch = _batch(family)
     for _ in range(2):  # the second step reuses the graphs

@@ -15,3 +15,13 @@ def test_grouped_backend_training_logs_the_losses_of_loop(tmp_path, mpoe_cache, 
     assert len(loop) == len(grouped) > 0
     assert [r["loss"] for r in grouped] == pytest.approx([r["loss"] for r in loop], rel=1e-5)
     assert [r["aux_loss"] for r in grouped] == pytest.approx([r["aux_loss"] for r in loop], rel=1e-5)
+
+
+def test_recomputed_mpo_weights_log_the_same_losses(tmp_path, mpoe_cache):
+    runs = {option: tmp_path / option for option in ("false", "true")}
+    for option, run in runs.items():
+        overrides = ("moe=mpoe", "moe.expert_impl=grouped", f"moe.recompute_mpo_weights={option}")
+        train(run, mpoe_cache, *overrides, "logging.wandb.mode=disabled")
+    kept, recomputed = metrics(runs["false"]), metrics(runs["true"])
+    assert len(kept) == len(recomputed) > 0
+    assert [r["loss"] for r in recomputed] == [r["loss"] for r in kept]  # the same ops on the same values

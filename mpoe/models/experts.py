@@ -136,6 +136,9 @@ class ExpertBank(nn.Module):
         self.activation, self.gated = activation, gated
         self.act = activation_fn(activation)
         self.impl = impl
+        # Grouped backend: rebuild the weights in backward rather than keep them from forward (an MPOE bank's W is
+        # rebuilt from its MPO tensors; a Switch bank's is a parameter, kept anyway).
+        self.recompute_weights = False
 
     def backend(self, tokens: Tensor) -> ExpertBackend:
         """`moe.expert_impl`: auto is decided per call from the tokens' device, so a bank moved to CUDA
@@ -241,9 +244,11 @@ class MPOEExperts(ExpertBank):
         noise_seed: int = 0,
         method: str = "auto",
         impl: str = "auto",
+        recompute_weights: bool = False,
     ):
         super().__init__(num_experts, local_experts, dense.d_model, activation, dense.w_gate is not None, impl)
         self.bond_dim, self.method = bond_dim, method
+        self.recompute_weights = recompute_weights
         model_f, ff_f = mpo.factorize(dense.d_model, num_factors), mpo.factorize(dense.d_ff, num_factors)
         self.factors = {"w_in": (model_f, ff_f), "w_out": (ff_f, model_f), "w_gate": (model_f, ff_f)}
         self.central_index = mpo.central_index(num_factors)
@@ -362,6 +367,7 @@ def build_expert_bank(
             aux_init_noise=cfg.aux_init_noise,
             noise_seed=base_seed,
             impl=impl,
+            recompute_weights=cfg.recompute_mpo_weights,
         )
     else:
         raise ValueError(f"moe.kind={cfg.kind!r} has no expert bank: use 'switch' or 'mpoe'")

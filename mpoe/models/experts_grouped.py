@@ -37,9 +37,11 @@ W) and the rows' input or output columns permuted to match (`in_perm`, `out_perm
 a gather and a scatter of N x width, each the other's backward).
 - Memory: the rebuilt W of all local experts, L*I*J per matrix, exactly a Switch
   bank's weights, lives from forward to backward (grouped_mm keeps it for grad x),
-  plus the chain's two halves and, in the permuted layouts, the copy of the left
-  half that the product broadcasts; in backward a grad W of the same L*I*J
-  transiently. The parameters stay MPO-sized.
+  plus the chain's two halves (at full bond the larger half is about as big as W)
+  and, in the permuted layouts, the copy of the left half that the product
+  broadcasts; in backward a grad W of the same L*I*J transiently. The parameters
+  stay MPO-sized. `moe.recompute_mpo_weights` keeps none of it from forward and
+  rebuilds W in backward instead (`weight_recompute.py`).
 - Time: the rebuild is ~2*L*I*J*bond FLOPs per matrix against 2*N*I*J for the
   GEMM over N rows, so it costs about bond / (rows per expert) of the GEMM (3% at
   bond 16 and 512 rows per expert) plus writing W once.
@@ -60,6 +62,7 @@ from torch import Tensor
 
 from mpoe.models.grouped_linear import grouped_linear
 from mpoe.models.interfaces import GroupedWeight, TokenCounts
+from mpoe.models.weight_recompute import with_weights_recomputed
 
 GROUPED_MM: Optional[Callable] = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -221,7 +224,17 @@ class GroupedBackend:
 
     @staticmethod
     def _linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
-        return grouped_linear_device(x, groups, bank.grouped_weight(name, x.shape[0]), bank.bias(name))
+        if bank.recompute_weights:
+            if bank.bias(name) is not None:
+                # The one-hot is cached on `groups`: filled inside the checkpointed region, that write would be a
+                # side effect torch.compile cannot replay in backward (a graph break).
+                groups.one_hot(x.dtype)
+            return with_weights_recomputed(_rebuilt_linear, bank, x, groups, name)
+        return _rebuilt_linear(bank, x, groups, name)
+
+
+def _rebuilt_linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
+    return grouped_linear_device(x, groups, bank.grouped_weight(name, x.shape[0]), bank.bias(name))
 
 
 GROUPED = GroupedBackend()

@@ -1,0 +1,78 @@
+"""`moe.recompute_mpo_weights`: the MPOE bank's grouped backend keeps no rebuilt W from forward, and computes what
+it computes without the option, bit for bit (the same ops on the same values, the rebuild run once more)."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from mpoe.config import ConfigError, MoEConfig
+from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
+from mpoe.models.experts_grouped import GROUPED_MM
+from mpoe.parallel.groups import ExpertGroups
+
+pytestmark = pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
+D_MODEL, D_FF = 16, 32
+
+
+def _bank(gated: bool, bias: bool, dtype: torch.dtype, bond_dim=None, d_model=D_MODEL, d_ff=D_FF):
+    torch.manual_seed(0)
+    dense = DenseFFN.random(d_model, d_ff, gated=gated, bias=bias, std=0.3)
+    if bias:
+        dense.b_in.normal_(std=0.3)
+        dense.b_out.normal_(std=0.3)
+    cfg = MoEConfig(kind="mpoe", num_experts=4, bond_dim=bond_dim, aux_init_noise=0.3, expert_impl="grouped")
+    activation = "gated-gelu" if gated else "gelu_new"
+    return build_expert_bank(cfg, d_model, d_ff, activation, ExpertGroups(), dense).to(dtype)
+
+
+def _run(bank, x, counts):
+    x = x.detach().clone().requires_grad_()
+    out = bank(x, counts)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    (out * g).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for _, p in sorted(bank.named_parameters())]
+
+
+@pytest.mark.parametrize("layout", ["", "contract", "rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gated, bias", [(False, True), (True, False)], ids=["plain-bias", "gated-nobias"])
+def test_recomputed_weights_give_the_same_outputs_and_gradients_bit_for_bit(layout, dtype, gated, bias):
+    kept = _bank(gated, bias, dtype, bond_dim=3)
+    recomputed = copy.deepcopy(kept)
+    recomputed.recompute_weights = True
+    for bank in (kept, recomputed):
+        if layout:
+            bank.grouped_weight = functools.partial(MPOEExperts.grouped_weight, bank, layout=layout)
+    counts = torch.tensor([5, 0, 9, 2])  # an idle expert too
+    x = torch.randn(16, D_MODEL).to(dtype)
+    for want, got in zip(_run(kept, x, counts), _run(recomputed, x, counts)):
+        assert got is not None and torch.equal(got, want)
+
+
+def _net_forward_bytes(bank, x, counts) -> int:
+    """Bytes a forward leaves allocated (what autograd keeps for backward, plus the output)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = bank(x, counts)  # held until counted: with it, the graph and what it keeps would be freed
+    kept = sum(event.self_cpu_memory_usage for event in prof.events())
+    del out
+    return kept
+
+
+def test_recomputed_weights_are_not_kept_from_forward():
+    """Without the option a forward keeps at least each matrix's rebuilt W ([L, I, J]); with it, less than one."""
+    kept = _bank(gated=False, bias=False, dtype=torch.bfloat16, d_model=64, d_ff=256)  # full bond
+    recomputed = copy.deepcopy(kept)
+    recomputed.recompute_weights = True
+    counts = torch.tensor([2, 2, 2, 2])  # few rows: W dominates what a forward keeps
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    w_bytes = 4 * 64 * 256 * 2  # one matrix's W, all local experts, bf16
+    with_w, without_w = _net_forward_bytes(kept, x, counts), _net_forward_bytes(recomputed, x, counts)
+    assert with_w >= 2 * w_bytes
+    assert without_w < w_bytes
+
+
+def test_recompute_is_an_mpoe_option():
+    with pytest.raises(ConfigError, match="moe.recompute_mpo_weights"):
+        MoEConfig(kind="switch", recompute_mpo_weights=True)
