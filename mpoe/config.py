@@ -254,6 +254,8 @@ def check_moe(moe: MoEConfig) -> None:
         _fail("moe.num_mpo_factors", moe.num_mpo_factors, "must be >= 2 (the paper uses 5)")
     if moe.recompute_mpo_weights and moe.kind != "mpoe":
         _fail("moe.recompute_mpo_weights", True, "recomputes the weights MPOE rebuilds: use moe=mpoe or disable it")
+    if moe.recompute_mpo_weights and moe.expert_impl == "loop":
+        _fail("moe.recompute_mpo_weights", True, "acts in the grouped backend: use moe.expert_impl=grouped or auto")
     if moe.grad_mask.enabled and moe.kind != "mpoe":
         _fail("moe.grad_mask.enabled", True, "the gradient mask acts on MPO tensors: use moe=mpoe or disable it")
 

@@ -80,14 +80,17 @@ def _aligned(t: Tensor, *sizes: int) -> bool:
 
 def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether grouped_mm takes rows x [N, I] and weights [L, I, J] (shapes and dtypes only: no sync)."""
+    return grouped_mm_takes_rows(x) and weight.dtype == x.dtype and _aligned(weight, weight.shape[1], weight.shape[2])
+
+
+def grouped_mm_takes_rows(x: Tensor) -> bool:
+    """The rows' half of `grouped_mm_fits`: what a weight of x's dtype, made for x, leaves to check."""
     return (
         GROUPED_MM is not None
         and x.dtype in (_COMPILED_GROUPED_MM_DTYPES if torch.compiler.is_compiling() else _GROUPED_MM_DTYPES)
-        and weight.dtype == x.dtype
         and x.shape[0] > 0
         and x.is_contiguous()
         and _aligned(x, x.shape[1])
-        and _aligned(weight, weight.shape[1], weight.shape[2])
     )
 
 
@@ -149,15 +152,23 @@ def _permute_columns(x: Tensor, order: Tensor, scatter: bool) -> Tensor:
 
 def grouped_linear_device(x: Tensor, groups: Groups, weight: GroupedWeight, bias: Optional[Tensor]) -> Tensor:
     """Rows of expert e (consecutive, counts[e]) @ weight e + bias[e]; counts stay on the device."""
+    return _in_order_plus_bias(*_matmul_in_layout(x, groups, weight), groups, bias)
+
+
+def _matmul_in_layout(x: Tensor, groups: Groups, weight: GroupedWeight) -> tuple[Tensor, Optional[Tensor]]:
+    """The grouped GEMM in the weight's layout: its output, and the order its columns are to be put in."""
     if weight.in_perm is not None:
         x = _PermuteColumns.apply(x, weight.in_perm, False)
-    out = _grouped_matmul(x, groups, weight.matrix.to(x.dtype))  # e.g. fp32 master weights under autocast
-    if weight.out_perm is not None:
-        out = _PermuteColumns.apply(out, weight.out_perm, True)
+    return _grouped_matmul(x, groups, weight.matrix.to(x.dtype)), weight.out_perm  # .to: e.g. fp32 masters, autocast
+
+
+def _in_order_plus_bias(out: Tensor, out_perm: Optional[Tensor], groups: Groups, bias: Optional[Tensor]) -> Tensor:
+    if out_perm is not None:
+        out = _PermuteColumns.apply(out, out_perm, True)
     if bias is None:
         return out
-    bias = bias.to(x.dtype)
-    return out + bias.sum(0) if x.shape[0] == 0 else add_bias(out, groups, bias)
+    bias = bias.to(out.dtype)
+    return out + bias.sum(0) if out.shape[0] == 0 else add_bias(out, groups, bias)
 
 
 def _grouped_matmul(x: Tensor, groups: Groups, weight: Tensor) -> Tensor:
@@ -224,17 +235,17 @@ class GroupedBackend:
 
     @staticmethod
     def _linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
-        if bank.recompute_weights:
-            if bank.bias(name) is not None:
-                # The one-hot is cached on `groups`: filled inside the checkpointed region, that write would be a
-                # side effect torch.compile cannot replay in backward (a graph break).
-                groups.one_hot(x.dtype)
-            return with_weights_recomputed(_rebuilt_linear, bank, x, groups, name)
-        return _rebuilt_linear(bank, x, groups, name)
+        # The loop fallback (see the module doc) keeps its weights anyway, and recomputed it would run its GEMMs
+        # twice: only grouped_mm's rows recompute the weights.
+        if bank.recompute_weights and grouped_mm_takes_rows(x):
+            out, out_perm = with_weights_recomputed(_matmul_rebuilding_weight, bank, x, groups, name)
+        else:
+            out, out_perm = _matmul_rebuilding_weight(bank, x, groups, name)
+        return _in_order_plus_bias(out, out_perm, groups, bank.bias(name))
 
 
-def _rebuilt_linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
-    return grouped_linear_device(x, groups, bank.grouped_weight(name, x.shape[0]), bank.bias(name))
+def _matmul_rebuilding_weight(bank, x: Tensor, groups: Groups, name: str) -> tuple[Tensor, Optional[Tensor]]:
+    return _matmul_in_layout(x, groups, bank.grouped_weight(name, x.shape[0]))
 
 
 GROUPED = GroupedBackend()
