@@ -85,7 +85,7 @@ def test_top_k_sums_in_float32_and_rounds_once():
     assert torch.equal(out, _megatron(expert_output, row_probs, token, torch.Size((16, 8))))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_top_k_gradients_are_megatrons_bit_for_bit_and_no_float32_rows_are_kept(dtype):
     """Backward recomputes from the rows what autograd through Megatron's arithmetic keeps in float32."""
     g = torch.Generator().manual_seed(2)

@@ -49,12 +49,13 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         expert_output, row_probs, token = ctx.saved_tensors
-        grad_weighted = grad.to(row_probs.dtype).index_select(0, token)  # float32, as autograd's cast-back gives
+        # In the product's dtype (float32 for bf16/fp16/fp32 rows), as autograd's cast back gives it.
+        grad_weighted = grad.to(torch.promote_types(expert_output.dtype, row_probs.dtype)).index_select(0, token)
         grad_output = grad_probs = None
         if ctx.needs_input_grad[0]:
             grad_output = (grad_weighted * row_probs.unsqueeze(-1)).to(expert_output.dtype)
         if ctx.needs_input_grad[1]:
-            grad_probs = (grad_weighted * expert_output).sum(-1)
+            grad_probs = (grad_weighted * expert_output).sum(-1).to(row_probs.dtype)
         return grad_output, grad_probs, None, None
 
 
