@@ -78,7 +78,10 @@ class MoELayer(MoE):
     def forward(self, hidden: Tensor) -> Tensor:
         tokens = hidden.reshape(-1, hidden.shape[-1])
         routed = self.router(tokens)
-        expert_input, tokens_per_local_expert = self.dispatcher.dispatch(tokens, routed.probs, routed.routing_map)
+        dropless = self.router.capacity_factor() is None
+        expert_input, tokens_per_local_expert = self.dispatcher.dispatch(
+            tokens, routed.probs, routed.routing_map, dropless=dropless
+        )
         expert_output = self.bank(expert_input, tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output)
 

@@ -24,7 +24,8 @@ output length is given, not read from the device:
   the device and nothing is read back. Padding rows hold zeros, not a copy of a
   token: the expert's output for zeros is finite, where a copy of a token could
   overflow (fp16) in an expert the router did not choose for it, and 0 * inf is a
-  NaN in that token's output and in the expert's weight gradients.
+  NaN in that token's output and in the expert's weight gradients. The zero row
+  costs a copy of the tokens, made only where the router may drop (a capacity).
 - ep_size > 1: the uneven all-to-all takes its split sizes as host ints, so the
   per-expert counts (sent and received) are read to the host once per layer, in one
   small device-to-host copy; everything else follows from those numbers.
@@ -102,21 +103,24 @@ class AllToAllDispatcher:
         kept = expert >= 0
         return token, torch.where(kept, expert, self.num_experts - 1), kept
 
-    def dispatch(self, tokens: Tensor, probs: Tensor, routing_map: Tensor) -> tuple[Tensor, Tensor]:
+    def dispatch(
+        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """tokens [N, d], routing_map [N, E] -> (rows for this rank's experts sorted by local expert, counts [L]).
 
-        counts is an int64 tensor on the rows' device (summing to the rows given)."""
+        counts is an int64 tensor on the rows' device (summing to the rows given). dropless: the router kept
+        all top_k pairs of every token (no capacity), so the sync-free path has no padding rows to provide for."""
         tokens_per_expert = routing_map.sum(dim=0)
         self.stats = CommStats(routed=tokens_per_expert.sum())
         if self.groups.ep_group is None or self.ep_size == 1:
-            return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert)
+            return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert, dropless)
         return self._dispatch_all_to_all(tokens, probs, routing_map, tokens_per_expert)
 
-    def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
+    def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert, dropless) -> tuple[Tensor, Tensor]:
         sync_free = self.sync_free if self.sync_free is not None else tokens.is_cuda
         if sync_free and self.top_k is not None:
             num_rows = tokens.shape[0] * self.top_k
-            return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows, padded=True)
+            return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows, padded=not dropless)
         return self._dispatch_local_counted(tokens, probs, routing_map, tokens_per_expert)
 
     # The host-read paths below run eagerly under torch.compile (the blocks around them still compile): traced,
@@ -136,7 +140,7 @@ class AllToAllDispatcher:
         if padded:  # padding rows read a row of zeros (one copy of the tokens; see the module doc)
             with_zeros = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
             return with_zeros.index_select(0, torch.where(kept, token, tokens.shape[0])), counts
-        return tokens.index_select(0, token), counts
+        return tokens.index_select(0, token.clamp_min(0)), counts  # (no -1 here: rows are kept pairs)
 
     @torch.compiler.disable
     def _dispatch_all_to_all(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
