@@ -165,3 +165,17 @@ def test_zero_checkpoints_store_adam_once_and_derive_the_per_parameter_state_exa
     from mpoe.parallel.local_world import spawn_world
 
     spawn_world(_checkpoint_form_is_the_live_state, 4, str(tmp_path))
+
+
+def test_joining_an_expert_parallel_groups_values():
+    """Experts concatenated in rank order, a shared value is rank 0's, none saved is None, part saved is an error."""
+    import torch
+
+    from mpoe.train.reshard import join_ep_group
+
+    a, b = torch.zeros(2, 3), torch.ones(1, 3)
+    assert torch.equal(join_ep_group("w", [a, b], expert=True), torch.cat([a, b]))
+    assert join_ep_group("w", [a, b], expert=False) is a
+    assert join_ep_group("w", [None, None], expert=True) is None
+    with pytest.raises(RuntimeError, match="w: saved by 1 of the 2 expert-parallel ranks"):
+        join_ep_group("w", [a, None], expert=True)

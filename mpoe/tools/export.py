@@ -137,7 +137,7 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
 
         for name, p in model.named_parameters(remove_duplicate=False):
             if is_expert_param(p):
-                state[name] = join_ep_group([s[name] for s in states], expert=True)
+                state[name] = join_ep_group(name, [s.get(name) for s in states], expert=True)
     return state
 
 
@@ -159,7 +159,8 @@ def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
     loaded = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            master = join_ep_group([form["params"].get(name, {}).get("master") for form in forms], name in experts)
+            saved = [form["params"].get(name, {}).get("master") for form in forms]
+            master = join_ep_group(name, saved, name in experts)
             if master is not None:
                 p.copy_(master)
                 loaded += 1

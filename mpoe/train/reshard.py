@@ -166,17 +166,25 @@ def _expert_names(module: nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if is_expert_param(p)}
 
 
-def join_ep_group(saved: list, expert: bool):
+def join_ep_group(name: str, saved: list, expert: bool):
     """One name's full tensor from the values the first expert-parallel group's ranks saved (None if absent):
     an expert tensor is theirs concatenated (every expert once, in global order), a shared one is rank 0's."""
     if not expert:
         return saved[0]
-    return None if any(value is None for value in saved) else torch.cat(saved, dim=0)
+    missing = sum(value is None for value in saved)
+    if missing == len(saved):
+        return None
+    if missing:
+        raise RuntimeError(
+            f"{name}: saved by {len(saved) - missing} of the {len(saved)} expert-parallel ranks' files, so part of "
+            "its experts is missing: the checkpoint is incomplete"
+        )
+    return torch.cat(saved, dim=0)
 
 
 def _relayout(name: str, saved: list, expert: bool, lo: int, count: int, num_experts: int):
     """The tensor for `name` in the new layout, from the saved ep group's values (None if absent)."""
-    full = join_ep_group(saved, expert)
+    full = join_ep_group(name, saved, expert)
     if full is None or not expert:
         return full
     if full.shape[0] != num_experts:
