@@ -129,11 +129,15 @@ ROUTINGS = {  # Switch's top-1 with capacity dropping (training and evaluation),
 
 
 def _train_model(kind: str, family: str, routing: str = "top1-capacity") -> TrainConfig:
+    """kind: switch | mpoe | mpoe+recompute (moe.recompute_mpo_weights)."""
+    kind, recompute = kind.removesuffix("+recompute"), kind.endswith("+recompute")
     model = ModelConfig(
         name=f"{family}_tiny", family=family, d_model=32, d_ff=64, num_layers=2, num_heads=2,
         vocab_size=256, max_position_embeddings=32, dropout=0.0,
     )  # fmt: skip
-    moe = MoEConfig(kind=kind, num_experts=4, every=1, expert_impl="grouped", **ROUTINGS[routing])
+    moe = MoEConfig(
+        kind=kind, num_experts=4, every=1, expert_impl="grouped", recompute_mpo_weights=recompute, **ROUTINGS[routing]
+    )
     return TrainConfig(model=model, moe=moe, trainer=TrainerConfig(seq_len=16, micro_batch_size=2))
 
 
@@ -148,7 +152,7 @@ def _gpu_path(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe", "mpoe+recompute"])
 def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind, routing):
     """The whole model (HF attention, the LM loss, every MoE layer's router, dispatch, experts and losses), the
     MPOE gradient mask's draw in backward, the step's statistics added up for the next log line, and an
@@ -158,7 +162,7 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind,
 
     torch.manual_seed(0)
     model = _gpu_path(build_model(_train_model(kind, family, routing), 256, 0, 0, ExpertGroups())).train()
-    mask = GradientMask(select_masked_params(model, "central"), keep_prob=0.5) if kind == "mpoe" else None
+    mask = GradientMask(select_masked_params(model, "central"), keep_prob=0.5) if kind != "switch" else None
     tokens = torch.randint(1, 250, (2, 16))
     batch = {"input_ids": tokens, **({"labels": tokens.roll(1, 1)} if family == "t5" else {})}
     model(**batch).loss.backward()  # warm-up outside the guard: lazy initialisation may read once
@@ -178,7 +182,7 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind,
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+@pytest.mark.parametrize("kind", ["switch", "mpoe", "mpoe+recompute"])
 def test_a_bf16_training_forward_and_backward_makes_no_tensor_off_the_models_device(family, kind):
     torch.manual_seed(0)
     model = build_model(_train_model(kind, family), 256, 0, 0, ExpertGroups())
