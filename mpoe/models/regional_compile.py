@@ -45,6 +45,8 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor", fullgraph: b
     import torch._dynamo
 
     blocks = families.get(model.family).blocks(model.backbone)
+    # No KV cache: compiled, a block would trace the cache's updates. The price, for GPT-2: without a cache HF checks
+    # the position ids for packed sequences with one host read per forward (`gpt2.py`), one sync per micro-batch.
     model.kv_cache = False
     # A family's blocks share one code object (their class's forward), and Dynamo keeps at most `recompile_limit`
     # graphs per code object: two per distinct block structure (training; evaluation under no_grad). T5 has six
