@@ -192,6 +192,9 @@ class TrainerConfig:
     max_bad_steps: int = 10
     compile: bool = False  # torch.compile each transformer block (mpoe.models.regional_compile)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
+    # Recompute each transformer block's forward in backward (HF's gradient checkpointing, non-reentrant): the
+    # activations of block inputs only are kept, for about one more forward per step.
+    activation_checkpointing: bool = False
     lm_loss: str = "chunked"  # chunked | hf (who computes the LM loss: mpoe.models.lm_loss, or the HF model)
 
     def __post_init__(self) -> None:
@@ -328,6 +331,13 @@ def check_train(cfg: TrainConfig) -> None:
         _fail("data.hub_name", None, "data=hub needs data.hub_name=<dataset on the hub>")
     if m.max_position_embeddings is not None and t.seq_len > m.max_position_embeddings:
         _fail("trainer.seq_len", t.seq_len, f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
+    if t.activation_checkpointing and t.compile and m.family == "t5":
+        _fail(
+            "trainer.activation_checkpointing",
+            True,
+            "with trainer.compile, T5's blocks do not compile (HF's T5 sets requires_grad on a tensor inside the "
+            "checkpointed block): use one of the two",
+        )
 
 
 def _check_all(cfg: TrainConfig) -> None:

@@ -129,7 +129,17 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
         if cfg.moe.kind != "dense":
             install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
     pad_id = families.get(cfg.model.family).pad_id(backbone, pad_id)
-    return LanguageModel(backbone, cfg.model.family, pad_id, cfg.trainer.lm_loss)
+    model = LanguageModel(backbone, cfg.model.family, pad_id, cfg.trainer.lm_loss)
+    if cfg.trainer.activation_checkpointing:
+        # Non-reentrant: the MoE layers' losses leave a block beside its output (LanguageModel reads them from
+        # the layers), and only non-reentrant checkpointing sends their gradients back into the block.
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # newer transformers; older: only the old name
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        model.kv_cache = False  # HF turns the KV cache off under checkpointing anyway, warning about it every run
+    return model
 
 
 def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upcycle: bool) -> None:

@@ -56,6 +56,11 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor", fullgraph: b
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, limit, max(getattr(config, limit), 2 * len(blocks)))
+    # trainer.activation_checkpointing: a MoE layer records its losses on itself in forward (LanguageModel reads
+    # them); the recompute in backward need not record them again, and Dynamo traces a checkpointed block whole
+    # only when told that it need not.
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile(backend=backend, fullgraph=fullgraph)
     # The chunked LM loss's elementwise math too (as torchtitan compiles its loss): fused, one reduction and one
