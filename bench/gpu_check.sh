@@ -50,7 +50,8 @@ case "$part" in
   kernels)
     STEP_CAP_S=180 step tests_kernels python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_expert_backends.py tests/test_dispatch_sync_free.py tests/test_grad_mask.py tests/test_bench.py \
-      tests/test_compile.py tests/test_lm_loss.py tests/test_combine.py tests/test_weight_recompute.py "$@"
+      tests/test_compile.py tests/test_lm_loss.py tests/test_combine.py tests/test_weight_recompute.py \
+      tests/test_activation_checkpointing.py "$@"
     # The short tables first; train_step, which builds six engines and compiles three models, last
     step moe_layer python3 -m bench.moe_layer --device cuda --json "$OUT/moe_layer.json"
     step experts python3 -m bench.experts --device cuda --json "$OUT/experts.json"

@@ -129,3 +129,28 @@ def test_a_checkpointed_run_logs_the_plain_runs_losses(tmp_path, mpoe_cache):
     plain, checkpointed = metrics(runs["false"]), metrics(runs["true"])
     assert len(plain) == len(checkpointed) > 0
     assert [r["loss"] for r in checkpointed] == [r["loss"] for r in plain]  # GPT-2: bit for bit
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_checkpointed_blocks_on_the_cuda_path_read_the_host_only_where_hf_does(family):
+    """Saving and restoring the RNG state around each block, and the recompute, add no host read to CUDA's path.
+    GPT-2 without its KV cache (HF drops it under checkpointing) checks its position ids for packed sequences with
+    one host read per forward, in HF's code: that read comes first, and it is the one the guard meets."""
+    import traceback
+
+    from test_gpu_path_on_cpu import HostRead, _gpu_path, no_host_reads
+
+    model = _gpu_path(_model(family, "mpoe", True))
+    for module in model.modules():
+        if hasattr(module, "bank"):
+            module.bank.impl = "grouped"
+    batch = _batch(family)
+    model(**batch).loss.backward()  # warm-up outside the guard: lazy initialisation may read once
+    if family == "t5":
+        with no_host_reads():
+            model(**batch).loss.backward()
+        return
+    with pytest.raises(HostRead) as read, no_host_reads():
+        model(**batch).loss.backward()
+    assert "find_packed_sequence_indices" in [frame.name for frame in traceback.extract_tb(read.tb)]
