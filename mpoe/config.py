@@ -192,8 +192,8 @@ class TrainerConfig:
     max_bad_steps: int = 10
     compile: bool = False  # torch.compile each transformer block (mpoe.models.regional_compile)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
-    # Recompute each transformer block's forward in backward (HF's gradient checkpointing, non-reentrant): the
-    # activations of block inputs only are kept, for about one more forward per step.
+    # Recompute each transformer block's forward in backward (HF's activation checkpointing, non-reentrant): a
+    # forward keeps only the blocks' inputs, for about one more forward per step.
     activation_checkpointing: bool = False
     lm_loss: str = "chunked"  # chunked | hf (who computes the LM loss: mpoe.models.lm_loss, or the HF model)
 
