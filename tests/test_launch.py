@@ -173,7 +173,9 @@ def _sbatch(tmp_path, *args, **environment) -> subprocess.CompletedProcess:
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     (fake / "srun").write_text('#!/usr/bin/env bash\necho "SRUN $*"\n')
-    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\necho node-b\n")
+    # A large allocation's node list, written line by line: a reader that stops after the first line leaves the
+    # writer to die of SIGPIPE, which pipefail would turn into the script's failure.
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\nfor i in $(seq 20000); do echo node-$i; done\n")
     for tool in ("srun", "scontrol"):
         (fake / tool).chmod(0o755)
     copy = tmp_path / "spool" / "slurm_script"
