@@ -154,3 +154,21 @@ def test_checkpointed_blocks_on_the_cuda_path_read_the_host_only_where_hf_does(f
     with pytest.raises(HostRead) as read, no_host_reads():
         model(**batch).loss.backward()
     assert "find_packed_sequence_indices" in [frame.name for frame in traceback.extract_tb(read.tb)]
+
+
+@pytest.mark.slow
+def test_checkpointed_expert_parallel_blocks_log_the_plain_runs_losses(tmp_path, mpoe_cache):
+    """2 processes at ep_size 2: backward's recompute runs each block's all-to-alls again, on every rank in the
+    same order, and the run logs what the plain expert-parallel run logs."""
+    from _cli import metrics, train
+
+    runs = {option: tmp_path / option for option in ("false", "true")}
+    for option, run in runs.items():
+        train(
+            run, mpoe_cache, "moe=mpoe", "parallel.ep_size=2", "parallel.zero_stage=2",
+            f"trainer.activation_checkpointing={option}", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
+            "logging.wandb.mode=disabled", nproc=2,
+        )  # fmt: skip
+    plain, checkpointed = metrics(runs["false"]), metrics(runs["true"])
+    assert len(plain) == len(checkpointed) > 0
+    assert [r["loss"] for r in checkpointed] == [r["loss"] for r in plain]
