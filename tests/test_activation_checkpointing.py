@@ -51,6 +51,22 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(family, kind):
             torch.testing.assert_close(got_grads[name], grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_checkpointed_blocks_around_recomputed_mpo_weights_give_the_same_numbers():
+    """Two checkpoints nested (a block's, and inside it the MPO weights' rebuild): GPT-2 still bit for bit."""
+    plain, both = _model("gpt2", "mpoe", False), _model("gpt2", "mpoe", True)
+    for module in both.modules():
+        if hasattr(module, "bank"):
+            module.bank.impl, module.bank.recompute_weights = "grouped", True
+    for module in plain.modules():
+        if hasattr(module, "bank"):
+            module.bank.impl = "grouped"
+    batch = _batch("gpt2")
+    (want, want_grads), (got, got_grads) = _step(plain, batch), _step(both, batch)
+    assert torch.equal(got["loss"], want["loss"])
+    for name, grad in want_grads.items():
+        assert torch.equal(got_grads[name], grad), name
+
+
 def _net_forward_bytes(model, batch) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = model(**batch)  # held until counted: with it, the graph and what it keeps would be freed
