@@ -38,6 +38,7 @@ from mpoe.models import family as families
 if TYPE_CHECKING:
     from mpoe.models.build import LanguageModel
     from mpoe.parallel.groups import ExpertGroups
+    from mpoe.train.reshard import RankFiles
 
 FORMAT = "mpoe-export-1"
 BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
@@ -123,13 +124,9 @@ def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGro
     return LanguageModel(backbone, cfg.model.family, family.pad_id(backbone, BPE_PAD_ID))
 
 
-def load_run_state(ckpt: Path, model: nn.Module) -> dict:
+def load_run_state(files: RankFiles, ep_size: int, model: nn.Module) -> dict:
     """The full module state: rank 0's, with expert parameters gathered over the first expert-parallel group."""
-    meta = json.loads((ckpt / "meta.json").read_text())
-    ep_size = int(meta.get("ep_size", 1))
-    states = [
-        torch.load(ckpt / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["module"] for r in range(ep_size)
-    ]
+    states = [files(r)["module"] for r in range(ep_size)]
     state = dict(states[0])
     if ep_size > 1:
         from mpoe.models.param_tags import is_expert_param
@@ -141,7 +138,7 @@ def load_run_state(ckpt: Path, model: nn.Module) -> dict:
     return state
 
 
-def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
+def load_float32_masters(files: RankFiles, ep_size: int, model: nn.Module) -> int:
     """Put a bf16/fp16 run's float32 master weights into `model`; returns how many parameters got one.
 
     The masters are what the optimizer trained; the module's half-precision weights only round them (DeepSpeed's
@@ -149,11 +146,10 @@ def load_float32_masters(ckpt: Path, model: nn.Module) -> int:
     (none stored), and so are frozen ones: those keep the module's weights.
     """
     from mpoe.models.param_tags import is_expert_param
-    from mpoe.train.reshard import RankFiles, join_ep_group, portable_forms
+    from mpoe.train.reshard import join_ep_group, portable_forms
 
-    ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
     experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
-    forms = portable_forms(RankFiles(ckpt), ep_size, lambda rank, name: rank == 0 or name in experts)
+    forms = portable_forms(files, ep_size, lambda rank, name: rank == 0 or name in experts)
     if any(form is None for form in forms):  # an older checkpoint with no optimizer state by name
         return 0
     loaded = 0
@@ -252,10 +248,13 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
     run_dir, ckpt = find_checkpoint(src)
     cfg = config_from_yaml(run_dir / ".hydra" / "config.yaml")
     cfg.parallel.ep_size = 1  # the export holds every expert in one process
-    state = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=False)["module"]
-    model = build_from_hf_config(cfg, backbone_config(cfg, state))
-    model.load_state_dict(load_run_state(ckpt, model))
-    load_float32_masters(ckpt, model)
+    from mpoe.train.reshard import RankFiles
+
+    files = RankFiles(ckpt)  # each rank file read once (memory-mapped), for the weights and for the masters
+    ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
+    model = build_from_hf_config(cfg, backbone_config(cfg, files(0)["module"]))
+    model.load_state_dict(load_run_state(files, ep_size, model))
+    load_float32_masters(files, ep_size, model)
     if merge and merge_mpoe(model):
         cfg.moe.kind = "switch"
     return save(model.eval(), cfg, out_dir)
