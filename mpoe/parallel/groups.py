@@ -92,8 +92,8 @@ def keep_freed_cpu_memory() -> bool:
     step (activations, rebuilt MPO weights, expert weight gradients). glibc serves
     each large one by a fresh mmap and unmaps it when freed, so every step
     page-faults and kernel-zeroes all of them again; reusing freed memory avoids
-    that, as jemalloc/tcmalloc do by default. The price is that the process keeps its peak heap instead of
-    shrinking.
+    that, as jemalloc/tcmalloc do by default. The price is that the process keeps
+    its peak heap instead of shrinking.
     """
     if os.environ.get("MPOE_MALLOC_DEFAULT") == "1" or not sys.platform.startswith("linux"):
         return False
