@@ -92,7 +92,7 @@ def peer_stats(
             stats[name] = {
                 "ops": ops.count if ops else None,
                 "other_mb": ops.other_bytes / 2**20 if ops else None,
-                "peak_mb": _peak_mb(step, device, (modules or {}).get(name)),
+                "peak_mb": step_peak_mb(step, device, (modules or {}).get(name)),
             }
         except Exception as e:  # one peer failing must not lose the others' numbers
             stats[name] = {"error": _one_line(e)}
@@ -128,8 +128,9 @@ def _timed(step: Callable[[], None], device: torch.device):
     return lambda: start.elapsed_time(end)
 
 
-def _peak_mb(step: Callable[[], None], device: torch.device, module: Optional[nn.Module]) -> Optional[float]:
-    """What one step adds above what was allocated before it (all peers' weights, inputs); None off CUDA."""
+def step_peak_mb(step: Callable[[], None], device: torch.device, module: Optional[nn.Module] = None) -> Optional[float]:
+    """One step, and what it adds above what was allocated before it (all peers' weights, inputs), `module`'s
+    gradients dropped first; None off CUDA, where the step is not run."""
     if device.type != "cuda":
         return None
     if module is not None:

@@ -46,6 +46,7 @@ from mpoe.parallel.groups import configure_accelerator
 configure_accelerator()
 
 from bench import interleaved_times, write_json  # noqa: E402
+from bench.gpu import step_peak_mb  # noqa: E402
 from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 
 D_MODEL, D_FF, HEADS, VOCAB = 768, 3072, 12, 50257
@@ -281,13 +282,9 @@ def run_device(
         for row, step in list(steps.items()):
             try:
                 if round_ == 1 and dev.type == "cuda":  # this row's own peak: what its step adds to all models
-                    torch.cuda.synchronize(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base = torch.cuda.memory_allocated(dev)
-                step()
-                if round_ == 1 and dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                    rows[row]["step_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+                    rows[row]["step_peak_gib"] = step_peak_mb(step, dev) / 2**10
+                else:
+                    step()
             except Exception as e:
                 drop(row, "warm-up", e)
 
