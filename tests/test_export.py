@@ -136,3 +136,12 @@ def test_a_bf16_expert_parallel_run_exports_its_float32_masters(tmp_path, mpoe_c
         assert torch.equal(p.detach().to(torch.bfloat16), saved), name
         finer += not torch.equal(p.detach(), saved.float())
     assert finer == len(list(model.parameters()))  # every trained weight has bits its bf16 rounding lost
+
+    # The same checkpoint with an expert tensor gone from rank 1's file: one line naming it, and nothing written.
+    name = next(n for n, p in model.named_parameters() if is_expert_param(p))
+    state = torch.load(ckpt / "rank_00001.pt", map_location="cpu", weights_only=False)
+    del state["module"][name]
+    torch.save(state, ckpt / "rank_00001.pt")
+    with pytest.raises(export.ExportError, match=f"{name}: saved by 1 of the 2 expert-parallel ranks") as error:
+        export.export(run, tmp_path / "out2")
+    assert "\n" not in str(error.value) and not (tmp_path / "out2").exists()

@@ -253,8 +253,12 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
     files = RankFiles(ckpt)  # each rank file read once (memory-mapped), for the weights and for the masters
     ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
     model = build_from_hf_config(cfg, backbone_config(cfg, files(0)["module"]))
-    model.load_state_dict(load_run_state(files, ep_size, model))
-    load_float32_masters(files, ep_size, model)
+    try:
+        model.load_state_dict(load_run_state(files, ep_size, model))
+        load_float32_masters(files, ep_size, model)
+    except RuntimeError as e:  # an incomplete or mismatched checkpoint (reshard.join_ep_group, load_state_dict)
+        message = str(e).splitlines()[0]
+        raise ExportError(f"checkpoint {ckpt} cannot be exported ({message}): export another checkpoint") from None
     if merge and merge_mpoe(model):
         cfg.moe.kind = "switch"
     return save(model.eval(), cfg, out_dir)
