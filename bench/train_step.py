@@ -219,7 +219,7 @@ def run_device(
     compile: Optional[str] = None,
 ) -> dict:
     """The GPU row: dense, Switch and MPOE training steps taking turns (`interleaved_times`), bf16,
-    tokens/s and MFU against the device's peak (`mpoe.train.flops.device_peak`: datasheet for known GPUs).
+    tokens/s and MFU against the device's peak (`mpoe.train.metrics.flops.device_peak`: datasheet for known GPUs).
     With `compile` (a torch.compile backend: inductor from the command line), each model also runs with its
     blocks compiled (`trainer.compile`), in the same rotation."""
     from mpoe.models.accounting import count_params
@@ -228,7 +228,7 @@ def run_device(
     from mpoe.models.regional_compile import compile_blocks
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
-    from mpoe.train.flops import device_peak
+    from mpoe.train.metrics.flops import device_peak
 
     dev = torch.device(device)
     # DeepSpeed puts the model on the accelerator it chose at import, whatever `device` says: make that `device`.

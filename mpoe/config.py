@@ -35,7 +35,11 @@ EXPERT_IMPLS = ("auto", "loop", "grouped")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # trainer.lm_loss: chunked takes LM head and cross-entropy together over chunks (mpoe.models.lm_loss); hf is HF's
 LM_LOSSES = ("chunked", "hf")
-EMBEDDED_PARTS = ("all", "pydoc_topics", "docstrings")  # data=embedded: which of CPython's texts (mpoe.train.corpus)
+EMBEDDED_PARTS = (
+    "all",
+    "pydoc_topics",
+    "docstrings",
+)  # data=embedded: which of CPython's texts (mpoe.train.data.corpus)
 
 
 class ConfigError(ValueError):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mpoe.train.adam_state import TorchAdam, step_tensor
+from mpoe.train.checkpoint.adam_state import TorchAdam, step_tensor
 
 
 @pytest.mark.parametrize("fused,capturable", [(False, False), (True, False), (False, True)])

@@ -1,10 +1,10 @@
-"""Cache files built by several processes at once (`mpoe.train.cache_files.write_once`)."""
+"""Cache files built by several processes at once (`mpoe.train.data.cache_files.write_once`)."""
 
 import errno
 import os
 import threading
 
-from mpoe.train.cache_files import write_once
+from mpoe.train.data.cache_files import write_once
 
 
 def test_a_published_file_is_never_replaced(tmp_path):

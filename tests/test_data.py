@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mpoe.config import DataConfig
-from mpoe.train import corpus, data, documents
+from mpoe.train.data import corpus, documents
+from mpoe.train.data import sequences as data
 
 
 def test_corpus_is_deterministic_and_split_disjoint():

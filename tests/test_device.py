@@ -14,8 +14,8 @@ from mpoe.parallel import groups
 from mpoe.parallel.collectives import all_reduce_floats, comm_device
 from mpoe.parallel.groups import cuda_device_for_rank
 from mpoe.parallel.local_world import spawn_world
-from mpoe.train.data import eval_batches
-from mpoe.train.flops import Peak, datasheet_peak, device_peak, gemm_flops_per_s, raised_to_cover
+from mpoe.train.data.sequences import eval_batches
+from mpoe.train.metrics.flops import Peak, datasheet_peak, device_peak, gemm_flops_per_s, raised_to_cover
 
 
 def _bf16_router_and_tokens(n=8192, d=768, experts=8):
@@ -274,7 +274,7 @@ def test_the_cpu_benchmarks_on_a_gpu_machine_run_deepspeed_on_the_cpu(machine, m
 
 def test_model_flops_count_the_lm_head_once_tied_or_not():
     """An untied head is among the active parameters and is the head's matmul: counted once, as a tied one."""
-    from mpoe.train.flops import flops_per_token
+    from mpoe.train.metrics.flops import flops_per_token
 
     vocab, d, blocks = 10, 5, 1000
     tied = flops_per_token(blocks + vocab * d, vocab * d, vocab, d, attention_layers=0, seq_len=1)

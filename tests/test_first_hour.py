@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _cli import FAST, env, metrics, summary, train
 
-from mpoe.train import interrupt
+from mpoe.train.runtime import interrupt
 
 
 def _start(run_dir: Path, cache: str, *overrides: str) -> subprocess.Popen:
@@ -205,7 +205,7 @@ def _check_optimizer_stored_once(rank_file: Path) -> None:
     """Finding 15: at ZeRO 0 Adam's state is stored once (native, with names); the portable form is derived."""
     import torch
 
-    from mpoe.train import reshard
+    from mpoe.train.checkpoint import reshard
 
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     assert "portable_optimizer" not in state and "optimizer" in state
@@ -220,7 +220,7 @@ def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
     from omegaconf import OmegaConf
 
     from mpoe.config import TrainConfig
-    from mpoe.train import autoresume
+    from mpoe.train.checkpoint import autoresume
 
     def fake_run(name: str, lr: float, max_steps: int, seed: int = 0) -> Path:
         run = tmp_path / "outputs" / "day" / name
@@ -305,7 +305,7 @@ def test_unreadable_data_is_one_line_and_leaves_no_run_directory(tmp_path, mpoe_
 
 def test_unreadable_data_names_the_file_in_process(tmp_path):
     from mpoe.config import ConfigError, DataConfig
-    from mpoe.train import documents
+    from mpoe.train.data import documents
 
     for path, message in _bad_files(tmp_path).values():
         with pytest.raises(ConfigError) as e:
@@ -317,7 +317,7 @@ def test_text_and_json_files_can_be_mixed(tmp_path):
     """Finding 12: the README's data.paths=[a.txt,b.jsonl] works: datasets reads each kind, in the order given."""
     import json
 
-    from mpoe.train import documents
+    from mpoe.train.data import documents
 
     (tmp_path / "a.txt").write_text("alpha line one\nalpha line two\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta document"}) + "\n")
@@ -329,7 +329,7 @@ def test_text_and_json_files_can_be_mixed(tmp_path):
 @pytest.mark.slow
 def test_single_data_path_without_brackets_trains(tmp_path, mpoe_cache):
     """Finding 13: data.paths=FILE is the list [FILE]."""
-    from mpoe.train import corpus
+    from mpoe.train.data import corpus
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(corpus.pydoc_topics()[:150]))
@@ -415,7 +415,7 @@ def test_torch_threads_fit_the_cpus_of_this_process(monkeypatch):
     """Finding 17: the pool is lowered to the process's share of its CPUs, and the log line says so."""
     import torch
 
-    from mpoe.train import threads
+    from mpoe.train.runtime import threads
 
     assert threads.share(2, 2) == 1 and threads.share(16, 4) == 4 and threads.share(1, 8) == 1
     before = torch.get_num_threads()

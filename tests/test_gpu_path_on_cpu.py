@@ -158,7 +158,7 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind,
     MPOE gradient mask's draw in backward, the step's statistics added up for the next log line, and an
     evaluation forward."""
     from mpoe.models.grad_mask import GradientMask, select_masked_params
-    from mpoe.train.metrics import Interval
+    from mpoe.train.metrics.writer import Interval
 
     torch.manual_seed(0)
     model = _gpu_path(build_model(_train_model(kind, family, routing), 256, 0, 0, ExpertGroups())).train()

@@ -66,9 +66,9 @@ def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
     from mpoe.models.build import build_model
     from mpoe.parallel import engine as ds_engine
     from mpoe.parallel.groups import expert_groups, init_distributed
-    from mpoe.train.data import SequenceSampler
-    from mpoe.train.grad_norms import role_params
-    from mpoe.train.objectives import CausalLM
+    from mpoe.train.data.objectives import CausalLM
+    from mpoe.train.data.sequences import SequenceSampler
+    from mpoe.train.metrics.grad_norms import role_params
 
     if world == 1:
         init_distributed("gloo")
@@ -102,7 +102,7 @@ def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
 
 
 def _step(tr: loop.Training, step: int, log_now: bool = False) -> dict:
-    from mpoe.train.metrics import Interval
+    from mpoe.train.metrics.writer import Interval
 
     return loop._train_step(tr, step, Interval(tr.device), log_now)
 
@@ -256,7 +256,7 @@ def _check_step_gradient(
     """AdamW's first moment after one unclipped step is (1 - beta1) x the step's gradient (within rtol, and atol x
     the largest entry), and the logged per-role norms are that gradient's (within norm_rel). Collective (DeepSpeed's
     per-parameter reads of its partitions)."""
-    from mpoe.train import adam_state
+    from mpoe.train.checkpoint import adam_state
 
     adam = adam_state.holder(tr.engine)
     names = {id(p): name for name, p in tr.engine.module.named_parameters()}

@@ -50,7 +50,7 @@ def tiny_batch(family: str, cfg: TrainConfig, seed: int = 0) -> dict:
     if family == "gpt2":
         return {"input_ids": torch.randint(2, VOCAB, (4, 16), generator=g)}
     from mpoe.models.t5 import sentinel_ids
-    from mpoe.train.span_corruption import SpanCorruption
+    from mpoe.train.data.span_corruption import SpanCorruption
 
     sc = SpanCorruption.for_inputs_length(16, sentinel_ids(VOCAB), eos_id=0)
     return sc.batch(torch.randint(2, VOCAB, (4, sc.raw_length), generator=g))

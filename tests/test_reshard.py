@@ -83,7 +83,7 @@ def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_
 
 
 def _portable(checkpoint):
-    from mpoe.train.reshard import RankFiles, portable_forms
+    from mpoe.train.checkpoint.reshard import RankFiles, portable_forms
 
     files = RankFiles(checkpoint)
     return files(0)["module"], portable_forms(files, 1)[0]
@@ -125,7 +125,7 @@ def test_a_checkpoint_without_optimizer_state_by_name_is_refused_not_resumed_wit
 
     import torch
 
-    from mpoe.train.reshard import load_resharded
+    from mpoe.train.checkpoint.reshard import load_resharded
 
     torch.save({"portable_optimizer": {"step": 3, "params": {}}, "module": {}}, tmp_path / "rank_00000.pt")
     engine = types.SimpleNamespace(module=torch.nn.Linear(2, 2))
@@ -142,8 +142,9 @@ def _checkpoint_form_is_the_live_state(rank: int, root: str) -> None:
     import torch
     from test_low_precision_steps import _build, _cfg, _step
 
-    from mpoe.train import adam_state, checkpoint
-    from mpoe.train.reshard import RankFiles, portable_forms
+    from mpoe.train.checkpoint import adam_state
+    from mpoe.train.checkpoint import store as checkpoint
+    from mpoe.train.checkpoint.reshard import RankFiles, portable_forms
 
     for precision, zero in (("bf16", 1), ("fp32", 2)):  # DeepSpeed's BF16_Optimizer; its ZeRO optimizer
         tr = _build(_cfg(precision, zero, world=4, ep=2), world=4, rank=rank)
@@ -171,7 +172,7 @@ def test_joining_an_expert_parallel_groups_values():
     """Experts concatenated in rank order, a shared value is rank 0's, none saved is None, part saved is an error."""
     import torch
 
-    from mpoe.train.reshard import join_ep_group
+    from mpoe.train.checkpoint.reshard import join_ep_group
 
     a, b = torch.zeros(2, 3), torch.ones(1, 3)
     assert torch.equal(join_ep_group("w", [a, b], expert=True), torch.cat([a, b]))

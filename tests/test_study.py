@@ -14,13 +14,13 @@ from mpoe.config import ConfigError, DataConfig, TrainConfig, validate
 from mpoe.study import compare
 from mpoe.study.cli import main as study_main
 from mpoe.tools import report as base
-from mpoe.train import corpus
+from mpoe.train.data import corpus
 
 VARIANTS = ("dense", "switch", "mpoe", "mpoe_bond", "mpoe_mask")
 
 
 def test_embedded_part_selects_one_source(monkeypatch):
-    from mpoe.train.documents import load_documents
+    from mpoe.train.data.documents import load_documents
 
     topics = corpus.pydoc_topics()
     monkeypatch.setattr(corpus, "stdlib_docstrings", lambda **_: ["a docstring"])  # walking the stdlib is slow

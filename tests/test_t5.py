@@ -8,7 +8,7 @@ from transformers import T5Config
 from mpoe.models import t5
 from mpoe.models.build import build_model, moe_layers
 from mpoe.parallel.groups import ExpertGroups
-from mpoe.train.span_corruption import SpanCorruption, random_spans_helper
+from mpoe.train.data.span_corruption import SpanCorruption, random_spans_helper
 
 SENTINELS = t5.sentinel_ids(1000)
 
@@ -84,7 +84,7 @@ def test_span_corruption_invariants():
 @pytest.mark.parametrize("length", [40, 568])
 def test_the_noise_mask_is_its_runs_written_out(length):
     """Non-noise and noise runs alternate, non-noise first, with the lengths the generator draws."""
-    from mpoe.train.span_corruption import _lengths, _segment_lengths, noise_mask
+    from mpoe.train.data.span_corruption import _lengths, _segment_lengths, noise_mask
 
     _, _, num_noise, num_spans = _lengths(length, 0.15, 3.0)
     for seed in range(20):

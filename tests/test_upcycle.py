@@ -116,7 +116,8 @@ def test_wrong_checkpoint_is_a_one_line_config_error(tmp_path):
 def test_checkpoint_tokenizer_files_are_used(tmp_path):
     """data.tokenizer=<checkpoint dir>: tokenizer.json, or GPT-2's vocab.json + merges.txt; GPT-2 has no pad."""
     from mpoe.config import DataConfig
-    from mpoe.train import corpus, data
+    from mpoe.train.data import corpus
+    from mpoe.train.data import sequences as data
 
     tok = data.train_tokenizer(corpus.pydoc_topics()[:40], 400)
     gpt2_dir = tmp_path / "gpt2"
@@ -170,7 +171,7 @@ def test_cli_evaluates_upcycled_checkpoints_at_the_dense_val_loss(tmp_path, mpoe
 def test_t5_checkpoint_too_small_for_sentinels_is_a_config_error(tmp_path):
     from types import SimpleNamespace
 
-    from mpoe.train.span_corruption import SpanCorruption
+    from mpoe.train.data.span_corruption import SpanCorruption
 
     cfg = tiny_cfg("t5", "dense")
     cfg.trainer.seq_len = 32

@@ -6,7 +6,7 @@ their weights, how big they are, which parameters are embeddings, how a window
 of raw tokens becomes its inputs (the objective) and which special token ids it
 uses. `build.py`, accounting, export and the training loop ask the family and
 never test its name. The objective is named, not imported (models do not import
-`mpoe.train`): `mpoe.train.objectives` maps the name to the class.
+`mpoe.train`): `mpoe.train.data.objectives` maps the name to the class.
 
 A new family is one module, `mpoe/models/<name>.py`, defining a `Family` subclass
 and `FAMILY = ThatFamily()`, and its name added to `mpoe.config.MODEL_FAMILIES`
@@ -134,7 +134,7 @@ class Family(ABC):
 
     # -- training ------------------------------------------------------------------------------
 
-    objective: str  # how raw token windows become inputs: a name in mpoe.train.objectives.OBJECTIVES
+    objective: str  # how raw token windows become inputs: a name in mpoe.train.data.objectives.OBJECTIVES
 
     @abstractmethod
     def model_inputs(

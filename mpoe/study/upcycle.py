@@ -149,7 +149,7 @@ def export_pretrained(run_dir: Path, out_dir: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from mpoe.tools import export
-    from mpoe.train import data as data_lib
+    from mpoe.train.data import sequences as data_lib
 
     export.export(run_dir, out_dir)
     cfg = export.config_from_yaml(run_dir / ".hydra" / "config.yaml")

@@ -38,10 +38,10 @@ from mpoe.models import family as families
 if TYPE_CHECKING:
     from mpoe.models.build import LanguageModel
     from mpoe.parallel.groups import ExpertGroups
-    from mpoe.train.reshard import RankFiles
+    from mpoe.train.checkpoint.reshard import RankFiles
 
 FORMAT = "mpoe-export-1"
-BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.SPECIAL_TOKENS are the BPE's first ids
+BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.sequences.SPECIAL_TOKENS are the BPE's first ids
 
 
 def config_from_yaml(path: Union[str, Path]) -> TrainConfig:
@@ -58,7 +58,7 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 def find_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) for a run directory or a step_N directory."""
-    from mpoe.train import checkpoint
+    from mpoe.train.checkpoint import store as checkpoint
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -86,7 +86,7 @@ class ExportError(FileNotFoundError):
 
 
 def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
-    from mpoe.train import data as data_lib
+    from mpoe.train.data import sequences as data_lib
 
     if cfg.data.tokenizer and cfg.data.tokenizer != data_lib.TRAIN_BPE:
         return data_lib.special_ids(data_lib.get_tokenizer(cfg.data))
@@ -130,7 +130,7 @@ def load_run_state(files: RankFiles, ep_size: int, model: nn.Module) -> dict:
     state = dict(states[0])
     if ep_size > 1:
         from mpoe.models.param_tags import is_expert_param
-        from mpoe.train.reshard import join_ep_group
+        from mpoe.train.checkpoint.reshard import join_ep_group
 
         for name, p in model.named_parameters(remove_duplicate=False):
             if is_expert_param(p):
@@ -146,7 +146,7 @@ def load_float32_masters(files: RankFiles, ep_size: int, model: nn.Module) -> in
     (none stored), and so are frozen ones: those keep the module's weights.
     """
     from mpoe.models.param_tags import is_expert_param
-    from mpoe.train.reshard import join_ep_group, portable_forms
+    from mpoe.train.checkpoint.reshard import join_ep_group, portable_forms
 
     experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
     forms = portable_forms(files, ep_size, lambda rank, name: rank == 0 or name in experts)
@@ -248,7 +248,7 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
     run_dir, ckpt = find_checkpoint(src)
     cfg = config_from_yaml(run_dir / ".hydra" / "config.yaml")
     cfg.parallel.ep_size = 1  # the export holds every expert in one process
-    from mpoe.train.reshard import RankFiles
+    from mpoe.train.checkpoint.reshard import RankFiles
 
     files = RankFiles(ckpt)  # each rank file read once (memory-mapped), for the weights and for the masters
     ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))

@@ -28,12 +28,13 @@ from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce, host_barrier, host_broadcast
 from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
-from mpoe.train import checkpoint, faults, interrupt
-from mpoe.train import data as data_lib
-from mpoe.train.flops import Peak, device_peak, flops_per_token, raised_to_cover
-from mpoe.train.grad_norms import grad_norms, role_params, zero_role_norms
-from mpoe.train.metrics import Interval, MetricsLogger
-from mpoe.train.objectives import build_objective
+from mpoe.train.checkpoint import store as checkpoint
+from mpoe.train.data import sequences as data_lib
+from mpoe.train.data.objectives import build_objective
+from mpoe.train.metrics.flops import Peak, device_peak, flops_per_token, raised_to_cover
+from mpoe.train.metrics.grad_norms import grad_norms, role_params, zero_role_norms
+from mpoe.train.metrics.writer import Interval, MetricsLogger
+from mpoe.train.runtime import faults, interrupt
 
 log = logging.getLogger("mpoe.train")
 

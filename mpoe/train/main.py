@@ -145,8 +145,9 @@ def _task(dict_cfg) -> None:
 
     from mpoe.parallel.groups import init_distributed
     from mpoe.process import library_stdout_to_log
-    from mpoe.train import checkpoint, console, interrupt, threads
+    from mpoe.train.checkpoint import store as checkpoint
     from mpoe.train.loop import NonFiniteLossError, run
+    from mpoe.train.runtime import console, interrupt, threads
 
     log.info(threads.fit_threads())
     try:
@@ -207,8 +208,9 @@ def cli() -> None:
     sys.argv = [sys.argv[0], *args]
     multirun = any(a in ("-m", "--multirun") for a in args)
     runs = not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args)
-    from mpoe.train import autoresume, pretrained, sweep
-    from mpoe.train.checkpoint import CheckpointError
+    from mpoe.train import pretrained, sweep
+    from mpoe.train.checkpoint import autoresume
+    from mpoe.train.checkpoint.store import CheckpointError
 
     if multirun and runs:
         try:  # every job, before the first starts (Hydra would compose each only when its turn comes)

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostfile", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from mpoe.train import autoresume, pretrained
-    from mpoe.train.checkpoint import CheckpointError
+    from mpoe.train import pretrained
+    from mpoe.train.checkpoint import autoresume
+    from mpoe.train.checkpoint.store import CheckpointError
     from mpoe.train.main import compose_and_validate
 
     try:

@@ -28,7 +28,7 @@ def check(cfg: TrainConfig) -> None:
     if not path:
         return
     from mpoe.models.family import read_pretrained_config
-    from mpoe.train import data as data_lib
+    from mpoe.train.data import sequences as data_lib
 
     read_pretrained_config(path, cfg.model.family)  # config.json of the right family
     directory = Path(path).expanduser()

@@ -37,7 +37,8 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 def validate_sweep(overrides: list[str], world_size: int) -> int:
     """Every job of a sweep composed and validated before the first starts; returns the number of jobs."""
     from mpoe.parallel.engine import check_precision_supported
-    from mpoe.train import autoresume, pretrained
+    from mpoe.train import pretrained
+    from mpoe.train.checkpoint import autoresume
     from mpoe.train.main import check_added_keys, compose_and_validate, normalize_overrides
 
     overrides = normalize_overrides(overrides)

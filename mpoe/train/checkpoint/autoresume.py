@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from mpoe.config import TrainConfig
-from mpoe.train.checkpoint import complete_checkpoints
+from mpoe.train.checkpoint.store import complete_checkpoints
 from mpoe.train.run_keys import flatten, is_ignored
 
 IGNORED_FOR_RESUME = ("trainer.max_steps",)
@@ -79,7 +79,7 @@ def find_run(config: dict, root: Path) -> tuple[Optional[Path], int]:
 
 def check_resume_path(cfg: TrainConfig) -> None:
     """`trainer.resume=PATH`: a complete checkpoint of this model, checked before any setup (CheckpointError)."""
-    from mpoe.train import checkpoint
+    from mpoe.train.checkpoint import store as checkpoint
 
     resume = cfg.trainer.resume
     if resume is None or resume == "auto":

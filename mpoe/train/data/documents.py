@@ -4,7 +4,7 @@ Sources (`data=`): the embedded CPython corpus (`embedded`, a list: a few MB),
 local text/json/parquet files read through `datasets` (`text`), or a dataset on
 the hub when online (`hub`). Files and hub datasets stay `datasets` Arrow tables,
 memory-mapped from its cache, and are read a batch of documents at a time: no
-process holds a corpus as Python strings (`mpoe.train.data` tokenizes batch by
+process holds a corpus as Python strings (`mpoe.train.data.sequences` tokenizes batch by
 batch). Empty documents are skipped. The split is by a hash of each document
 (`corpus.is_validation`): stable under reordering and across runs.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Union
 
 from mpoe.config import ConfigError, DataConfig
-from mpoe.train import corpus
+from mpoe.train.data import corpus
 
 DATA_EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_DOCS = 4096  # documents per batch read (and per tokenizer call downstream)

@@ -36,9 +36,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mpoe.models.param_tags import is_expert_param
-from mpoe.train import adam_state
-from mpoe.train.adam_state import ADAM_KEYS
-from mpoe.train.rng import set_rng_state
+from mpoe.train.checkpoint import adam_state
+from mpoe.train.checkpoint.adam_state import ADAM_KEYS
+from mpoe.train.checkpoint.rng import set_rng_state
 
 
 def zero_groups(engine) -> list[list[int]]:

@@ -33,7 +33,7 @@ class CausalLM:
 
 def _span_corruption(cfg: TrainConfig, token_data):
     # Imported here: span_corruption.py imports transformers' T5 (the sentinel layout), which GPT-2 runs never use.
-    from mpoe.train.span_corruption import SpanCorruption
+    from mpoe.train.data.span_corruption import SpanCorruption
 
     return SpanCorruption.for_config(cfg, token_data)
 

@@ -24,7 +24,7 @@ import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
-from mpoe.train.cache_files import write_once
+from mpoe.train.data.cache_files import write_once
 
 # Folders of the standard library that hold tests, tools or vendored code rather than prose.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip", "venv"}

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from mpoe.parallel.collectives import host_barrier
 from mpoe.parallel.groups import rank_world
-from mpoe.train import faults, reshard
-from mpoe.train.rng import rng_state, set_rng_state
+from mpoe.train.checkpoint import reshard
+from mpoe.train.checkpoint.rng import rng_state, set_rng_state
+from mpoe.train.runtime import faults
 
 STEP_PREFIX = "step_"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mpoe.parallel.engine import zero_stage
-from mpoe.train.interrupt import Interrupted
+from mpoe.train.runtime.interrupt import Interrupted
 
 # Overrides that the printed commands set themselves.
 _REPLACED = ("hydra.run.dir=", "trainer.resume=")

@@ -1,6 +1,6 @@
 """Documents -> token ids -> fixed-length training sequences, the same on every process.
 
-The documents come from `mpoe.train.documents`, a batch at a time. The tokenizer
+The documents come from `mpoe.train.data.documents`, a batch at a time. The tokenizer
 is a byte-level BPE trained with `tokenizers` on the training split and cached
 under `data.cache_dir` keyed by the split's fingerprint, or a given
 `tokenizer.json`. The token streams are cached too, so later runs start at once:
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from mpoe.config import ConfigError, DataConfig
-from mpoe.train import corpus, documents
-from mpoe.train.cache_files import write_once
-from mpoe.train.documents import DocumentSource, cache_root
+from mpoe.train.data import corpus, documents
+from mpoe.train.data.cache_files import write_once
+from mpoe.train.data.documents import DocumentSource, cache_root
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen explicitly (as null does by default)

@@ -1,0 +1,1 @@
+"""Checkpoints: writing and reading them, resharding onto another layout, resuming."""

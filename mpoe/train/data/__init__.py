@@ -1,0 +1,1 @@
+"""Documents to batches: reading sources, tokenizing, caching, and the training objectives."""

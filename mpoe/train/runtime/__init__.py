@@ -1,0 +1,1 @@
+"""What a running process needs besides the model: threads, signals, fault injection, the console."""
