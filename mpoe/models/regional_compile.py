@@ -33,6 +33,9 @@ a compiled expert-parallel layer stops compiling once it has seen two routings).
 
 from __future__ import annotations
 
+import torch
+import torch._dynamo
+
 from mpoe.models import family as families
 from mpoe.models import lm_loss
 from mpoe.models.build import LanguageModel
@@ -41,9 +44,6 @@ from mpoe.models.build import LanguageModel
 def compile_blocks(model: LanguageModel, backend: str = "inductor", fullgraph: bool = False) -> int:
     """Compile every transformer block of `model` in place; returns how many. Compilation itself happens at the
     first forward of each distinct block."""
-    import torch
-    import torch._dynamo
-
     blocks = families.get(model.family).blocks(model.backbone)
     # No KV cache: compiled, a block would trace the cache's updates. The price, for GPT-2: without a cache HF checks
     # the position ids for packed sequences with one host read per forward (`gpt2.py`), one sync per micro-batch.
@@ -54,8 +54,7 @@ def compile_blocks(model: LanguageModel, backend: str = "inductor", fullgraph: b
     # past the default 8, beyond which Dynamo would silently run the other blocks eagerly. Two per block
     # covers any layout.
     config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, limit, max(getattr(config, limit), 2 * len(blocks)))
+    config.recompile_limit = max(config.recompile_limit, 2 * len(blocks))
     # trainer.activation_checkpointing: a MoE layer records its losses on itself in forward (LanguageModel reads
     # them); the recompute in backward need not record them again, and Dynamo traces a checkpointed block whole
     # only when told that it need not.

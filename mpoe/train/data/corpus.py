@@ -23,6 +23,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from mpoe.train.data.cache_files import write_once
 
@@ -32,8 +33,6 @@ _MIN_DOC_CHARS = 200
 
 
 def pydoc_topics() -> list[str]:
-    from pydoc_data.topics import topics
-
     return [topics[key].strip() for key in sorted(topics)]
 
 

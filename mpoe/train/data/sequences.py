@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
 from mpoe.config import ConfigError, DataConfig
 from mpoe.train.data import corpus, documents
@@ -41,8 +42,6 @@ TRAIN_BPE = "bpe"  # data.tokenizer=bpe: train a BPE on the corpus, chosen expli
 
 def train_tokenizer(docs: Iterable, vocab_size: int):
     """A byte-level BPE trained on `docs` (documents, or batches of them: tokenizers takes either)."""
-    from tokenizers import ByteLevelBPETokenizer
-
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
         docs, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
@@ -53,8 +52,6 @@ def train_tokenizer(docs: Iterable, vocab_size: int):
 def get_tokenizer(cfg: DataConfig, source: Optional[DocumentSource] = None, train_fingerprint: str = ""):
     """A `tokenizers.Tokenizer`: the given file, or a BPE trained on the source's training split and cached
     under its fingerprint (the source is needed only then)."""
-    from tokenizers import Tokenizer
-
     if cfg.tokenizer and cfg.tokenizer != TRAIN_BPE:
         path = Path(cfg.tokenizer).expanduser()
         if path.is_dir():  # a Hugging Face checkpoint directory (model.pretrained's): its tokenizer files
@@ -74,13 +71,9 @@ def get_tokenizer(cfg: DataConfig, source: Optional[DocumentSource] = None, trai
 
 def _checkpoint_tokenizer(path: Path):
     """tokenizer.json, or GPT-2's vocab.json + merges.txt, from a local checkpoint directory."""
-    from tokenizers import Tokenizer
-
     if (path / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(path / "tokenizer.json"))
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        from tokenizers import ByteLevelBPETokenizer
-
         return ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))._tokenizer
     raise ConfigError(
         f"data.tokenizer={str(path)!r} holds no tokenizer.json (nor vocab.json + merges.txt): "
@@ -198,8 +191,6 @@ def _encode_to_file(tokenizer, batches: Iterable[list[str]], path: Path) -> None
 
 def load_prepared(cfg: DataConfig, key: str) -> Optional[TokenData]:
     """The cached tokens and tokenizer that `prepare` wrote under `key`, or None where they are not all there."""
-    from tokenizers import Tokenizer
-
     files = _cache_files(cfg, key)
     if not all(f.exists() for f in files.values()):
         return None
