@@ -8,7 +8,7 @@ Runs, in this order, each module's own `main`/`run` (their printed detail first)
   bench.hf_switch   our Switch MoE layer vs HF SwitchTransformersSparseMLP
   bench.train_step  GPT-2-small-shaped MoE training step: model FLOPs utilisation
   bench.lm_loss     LM head + cross-entropy: mpoe's chunked loss vs HF's (time, peak memory)
-How long they take: the README's benchmark section, and --json's "seconds".
+How long they take: docs/benchmarks.md, and --json's "seconds".
 --device cuda passes the device to every benchmark (their GPU tables, bf16, keys gpu.*);
 the default, cpu, runs the CPU rows and keys as before.
 --json writes {"results": {name: value}, "load_average": {...}, "seconds": {...}}.
@@ -23,7 +23,7 @@ import math
 import os
 import time
 
-from bench import write_json
+from bench import json_path, write_json
 
 # name: (what it compares, how to read it, target or None)
 ROWS = {
@@ -133,15 +133,15 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (the README says how long they take)")
-    ap.add_argument("--json", help="write {'results': {...}} here")
+    ap.add_argument("--quick", action="store_true", help="small sizes (docs/benchmarks.md says how long they take)")
+    ap.add_argument("--json", type=json_path, help="write {'results': {...}} here")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="a subset of the benchmarks")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: passed to every benchmark")
     args = ap.parse_args(argv)
     # DeepSpeed picks its accelerator once per process, at first use: fix it to the asked device before a benchmark
     # imports DeepSpeed. Otherwise the CPU tables on a GPU machine run it on CUDA, and bench.train_step, which
     # builds its CPU engine on DeepSpeed's CPU accelerator, cannot start.
-    from mpoe.parallel.groups import configure_accelerator
+    from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
     configure_accelerator(args.device)
     load_start = os.getloadavg()[0]

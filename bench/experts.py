@@ -24,7 +24,7 @@ about bond / T_e (3% at 512 tokens per expert); the full-bond MPO already
 meets the parameter target (ratio ~0.20) but rebuilds W at ~1.5x the GEMM's
 cost. On a CPU the rebuild is memory-bound instead: writing W in forward and
 reading grad W twice in backward (once per half of the chain) cost more than
-the FLOPs say; `mpoe/models/grouped_linear.py` keeps grad W in one reused,
+the FLOPs say; `mpoe/models/experts/loop_ops.py` keeps grad W in one reused,
 cache-resident buffer, which is where most of the remaining gap was.
 On a machine shared with other jobs, `--threads 1` gives steadier numbers
 (OpenMP regions stall when a core is taken).
@@ -40,15 +40,15 @@ import time
 import torch
 from torch import nn
 
-from mpoe.parallel.groups import configure_accelerator  # noqa: E402
+from mpoe.parallel.deepspeed.accelerator import configure_accelerator  # noqa: E402
 
 configure_accelerator()  # as mpoe-train does: CPU accelerator for DeepSpeed, freed memory kept for reuse
 
-from bench import interleaved_times, write_json  # noqa: E402
+from bench import interleaved_times, json_path, write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
 from mpoe.models import mpo  # noqa: E402
 from mpoe.models.experts import DenseFFN, build_expert_bank  # noqa: E402
-from mpoe.parallel.groups import ExpertGroups  # noqa: E402
+from mpoe.parallel.expert_placement import ExpertPlacement  # noqa: E402
 
 D_MODEL, D_FF = 768, 3072
 
@@ -81,7 +81,7 @@ def median_times(runs: dict, x: torch.Tensor, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the ratios here")
+    ap.add_argument("--json", type=json_path, help="write the ratios here")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (the size stays: the whole run takes seconds)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens over all experts (default 4096: 512 per expert)")
     ap.add_argument("--experts", type=int, default=8)
@@ -108,13 +108,18 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     dense = DenseFFN.random(D_MODEL, D_FF)
-    groups = ExpertGroups()
+    placement = ExpertPlacement()
     impl = args.impl
     switch = build_expert_bank(
-        MoEConfig(kind="switch", num_experts=E, expert_impl=impl), D_MODEL, D_FF, "gelu_new", groups, dense
+        MoEConfig(kind="switch", num_experts=E, expert_impl=impl), D_MODEL, D_FF, "gelu_new", placement, dense
     )
     mpoe = build_expert_bank(
-        MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond, expert_impl=impl), D_MODEL, D_FF, "gelu_new", groups, dense
+        MoEConfig(kind="mpoe", num_experts=E, bond_dim=bond, expert_impl=impl),
+        D_MODEL,
+        D_FF,
+        "gelu_new",
+        placement,
+        dense,
     )
     ds = deepspeed_experts(dense, E)
     counts = [tokens // E] * E
@@ -205,7 +210,7 @@ def run_gpu(device: str, quick: bool, repeats, bond, scale: int = 1, dtype=None)
                 expert_impl="grouped",
                 recompute_mpo_weights=kind == "mpoe_recompute",
             )
-            bank = build_expert_bank(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), dense).to(dev, dtype)
+            bank = build_expert_bank(cfg, d_model, d_ff, "gelu_new", ExpertPlacement(), dense).to(dev, dtype)
             if kind == "mpoe_in_order":  # W rebuilt in order whatever the row count: what the layouts save
                 bank.grouped_weight = functools.partial(type(bank).grouped_weight, bank, layout="contract")
 

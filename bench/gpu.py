@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mpoe.models.experts_grouped import GROUPED_MM
+from mpoe.models.experts.grouped import GROUPED_MM
 
 # Ops that allocate without writing: no kernel runs. (Views are recognised by their schema: `OpOverload.is_view`.)
 _NO_KERNEL = {

@@ -19,15 +19,16 @@ import os
 
 import torch
 
-from mpoe.parallel.groups import configure_accelerator
+from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
 configure_accelerator()
 
-from bench import write_json  # noqa: E402
+from bench import json_path, write_json  # noqa: E402
 from bench.moe_layer import step_times  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
-from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
-from mpoe.parallel.groups import ExpertGroups  # noqa: E402
+from mpoe.models.experts import resolve_expert_backends  # noqa: E402
+from mpoe.models.moe_builder import build_moe_layer  # noqa: E402
+from mpoe.parallel.expert_placement import ExpertPlacement  # noqa: E402
 
 D_MODEL, D_FF, EXPERTS = 768, 3072, 8
 
@@ -43,7 +44,7 @@ def build_pair(seq_len: int, experts: int = EXPERTS):
         D_MODEL,
         D_FF,
         "gelu_new",
-        ExpertGroups(),
+        ExpertPlacement(),
         bias=False,
     )
     config = SwitchTransformersConfig(
@@ -93,6 +94,7 @@ def _run_gpu(ours, hf, batch: int, seq: int, repeats: int, device: torch.device)
     from bench.gpu import fwd_bwd_step, peer_stats
 
     ours, hf = ours.to(device, torch.bfloat16), hf.to(device, torch.bfloat16)
+    print(resolve_expert_backends(ours), flush=True)  # moe.expert_impl=auto, now for the GPU
     x = torch.randn(batch, seq, D_MODEL, device=device, dtype=torch.bfloat16)
     g = torch.randn_like(x)
     modules = {"ours": ours, "hf": hf}
@@ -109,7 +111,7 @@ def _run_gpu(ours, hf, batch: int, seq: int, repeats: int, device: torch.device)
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--json", type=json_path, help="write the result here")
     ap.add_argument("--quick", action="store_true", help="4 x 256 tokens instead of 8 x 512")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16)")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import interleaved_times, write_json
+from bench import interleaved_times, json_path, write_json
 from bench.gpu import peer_stats
 from mpoe.models.lm_loss import IGNORE_INDEX, linear_cross_entropy
 
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--tokens", type=int, help="tokens per step (default: 16384 on CUDA, 2048 on CPU, 1024 quick)")
     ap.add_argument("--repeats", type=int, help="timed repeats (default: 20 on CUDA, 3 on CPU)")
-    ap.add_argument("--json", help="write {'results': {...}, 'config': {...}} here")
+    ap.add_argument("--json", type=json_path, help="write {'results': {...}, 'config': {...}} here")
     ap.add_argument("--gpu-path", action="store_true", help=argparse.SUPPRESS)  # the CUDA code, dry-run on the CPU
     args = ap.parse_args(argv)
     on_gpu = args.device != "cpu"

@@ -48,15 +48,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpoe.parallel.groups import configure_accelerator
+from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
 configure_accelerator()  # before deepspeed is imported (by our layer or here)
 
-from bench import interleaved_times, write_json  # noqa: E402
+from bench import interleaved_times, json_path, write_json  # noqa: E402
 from mpoe.config import MoEConfig  # noqa: E402
-from mpoe.models.moe_layer import build_moe_layer  # noqa: E402
+from mpoe.models.moe_builder import build_moe_layer  # noqa: E402
 from mpoe.parallel.collectives import all_reduce, all_reduce_floats  # noqa: E402
-from mpoe.parallel.groups import ExpertGroups  # noqa: E402
+from mpoe.parallel.expert_placement import ExpertPlacement  # noqa: E402
 
 D_MODEL, D_FF = 512, 2048
 
@@ -161,10 +161,11 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
     """One row of the table. With ep > 1 every rank of the world calls this; `tokens` is the global count."""
     from deepspeed.moe.layer import MoE
 
-    from mpoe.parallel.groups import expert_groups, rank_world
+    from mpoe.parallel.expert_placement import expert_placement
+    from mpoe.parallel.process_groups import rank_world
 
     rank, world = rank_world()
-    groups = expert_groups(ep) if ep > 1 else ExpertGroups()
+    placement = expert_placement(ep) if ep > 1 else ExpertPlacement()
     capacity_factor = 1.0 if mode == "cf1" else None
     torch.manual_seed(0)  # the same router and global experts on every rank
     cfg = MoEConfig(
@@ -175,7 +176,7 @@ def run_case(tokens: int, num_experts: int, mode: str, repeats: int, ds_max_gb: 
         aux_loss_coef=0.01,
         z_loss_coef=0.0,
     )
-    ours = build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", groups)
+    ours = build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", placement)
     x = torch.randn(tokens, D_MODEL)
     if mode == "skewed":
         x = skew_tokens(x, ours.router.gate.weight.detach(), num_experts)
@@ -348,7 +349,7 @@ def gpu_case(row: tuple, device: torch.device, dtype: torch.dtype, repeats: int,
         z_loss_coef=0.0,
         expert_impl="grouped",
     )
-    ours = build_moe_layer(cfg, d_model, d_ff, "gelu_new", ExpertGroups(), bias=False).to(device, dtype)
+    ours = build_moe_layer(cfg, d_model, d_ff, "gelu_new", ExpertPlacement(), bias=False).to(device, dtype)
     ours.dispatcher.sync_free = True  # what CUDA gets by default; forced so that a CPU dry run takes the same path
     act = activation_fn("gelu_new")
     floor = nn.Sequential(  # the active FLOPs of a top-k layer: one FFN k times as wide
@@ -449,7 +450,7 @@ def run_gpu(device: str, quick: bool, repeats: Optional[int], ds_max_gb: float, 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the headline ratios here")
+    parser.add_argument("--json", type=json_path, help="write the headline ratios here")
     parser.add_argument("--device", default="cpu", help="cpu (the CPU table) or cuda (the GPU table, bf16)")
     parser.add_argument("--gpu-scale", type=int, default=1, help=argparse.SUPPRESS)  # dry run: GPU table / N
     parser.add_argument("--quick", action="store_true", help="small token counts (about 2 minutes on 2 cores)")

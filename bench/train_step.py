@@ -41,11 +41,11 @@ from typing import Optional
 
 import torch
 
-from mpoe.parallel.groups import configure_accelerator
+from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
 configure_accelerator()
 
-from bench import interleaved_times, write_json  # noqa: E402
+from bench import interleaved_times, json_path, write_json  # noqa: E402
 from bench.gpu import step_peak_mb  # noqa: E402
 from mpoe.config import ModelConfig, MoEConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
 
@@ -109,12 +109,14 @@ def measure(cfg: TrainConfig, repeats: int) -> dict:
     from mpoe.models.accounting import count_params
     from mpoe.models.build import build_model
     from mpoe.models.gpt2 import FAMILY as GPT2
-    from mpoe.parallel import engine as ds_engine
-    from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
+    from mpoe.parallel.deepspeed import engine as ds_engine
+    from mpoe.parallel.deepspeed.accelerator import configure_accelerator
+    from mpoe.parallel.expert_placement import expert_placement
+    from mpoe.parallel.process_groups import init_distributed
 
     configure_accelerator("cpu")  # the CPU rows, also on a GPU machine (see `run_device`)
     init_distributed()
-    model = build_model(cfg, cfg.model.vocab_size, 0, 0, expert_groups(1))
+    model = build_model(cfg, cfg.model.vocab_size, 0, 0, expert_placement(1))
     counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
     engine = ds_engine.initialize(model, cfg, 1)
     t = cfg.trainer
@@ -224,10 +226,13 @@ def run_device(
     blocks compiled (`trainer.compile`), in the same rotation."""
     from mpoe.models.accounting import count_params
     from mpoe.models.build import build_model
+    from mpoe.models.experts import resolve_expert_backends
     from mpoe.models.gpt2 import FAMILY as GPT2
     from mpoe.models.regional_compile import compile_blocks
-    from mpoe.parallel import engine as ds_engine
-    from mpoe.parallel.groups import configure_accelerator, expert_groups, init_distributed
+    from mpoe.parallel.deepspeed import engine as ds_engine
+    from mpoe.parallel.deepspeed.accelerator import configure_accelerator
+    from mpoe.parallel.expert_placement import expert_placement
+    from mpoe.parallel.process_groups import init_distributed
     from mpoe.train.metrics.flops import device_peak
 
     dev = torch.device(device)
@@ -250,12 +255,15 @@ def run_device(
     for kind, compiled in [(k, False) for k in kinds] + [(k, True) for k in kinds if compile]:
         cfg = make_config(kind, layers, seq, batch, bond_dim=bond_dim, vocab=vocab)
         cfg.trainer.precision = precision
-        model = build_model(cfg, vocab, 0, 0, expert_groups(1))
+        model = build_model(cfg, vocab, 0, 0, expert_placement(1))
         counts = count_params(model, GPT2.embedding_params(model.backbone), cfg.moe.top_k, 1)
         if compiled:
             compile_blocks(model, compile)
         engine = ds_engine.initialize(model, cfg, 1)
         row = f"{kind}+compile" if compiled else kind
+        experts = resolve_expert_backends(model, engine.device)  # moe.expert_impl=auto, now for the engine's device
+        if experts:
+            print(f"{row}: {experts}", flush=True)
         steps[row] = timed_step(engine, [b.to(engine.device) for b in batches], dev)
         rows[row] = {"params_total": counts["params_total"], "model_flops": model_flops_per_step(cfg)}
     failed = {}
@@ -349,7 +357,7 @@ def run_device(
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", type=json_path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="2 layers, 8 x 128 tokens")
     ap.add_argument(
         "--kinds", nargs="+", choices=["dense", "switch", "mpoe"], help="default: switch mpoe on cpu, all on cuda"

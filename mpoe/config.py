@@ -6,12 +6,15 @@ wrong key or type is caught by OmegaConf. A wrong *value* is caught when the
 object is built: each dataclass checks its fields in `__post_init__` (OmegaConf's
 `to_object`, tests and benchmarks all build them that way), `TrainConfig` checks
 what involves two sections, and `validate(cfg, world_size)` checks everything
-again plus what depends on the number of processes. Code that receives a config
-therefore need not check it again.
+again plus what depends on the number of processes, and makes the config
+read-only: what was checked is what runs. Code that receives a config therefore
+need not check it again, and derives what it needs into copies
+(`dataclasses.replace`) or its own variables, never into the config.
 
 Every check raises `ConfigError` whose message is one line: the key, the value
-and what would be valid. `mpoe.train.main` prints that line and exits before any
-process group or model is built.
+and what would be valid. `mpoe-train` composes and validates once
+(mpoe.train.compose), prints that line and exits before any process group or
+model is built.
 
 The defaults here are those of `conf/train.yaml` with its default options
 (gpt2_tiny, mpoe, embedded, single, adamw): tests/test_config.py checks that they agree.
@@ -19,7 +22,7 @@ The defaults here are those of `conf/train.yaml` with its default options
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import Any, Optional
 
 MOE_KINDS = ("dense", "switch", "mpoe")
@@ -31,6 +34,9 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DATA_SOURCES = ("embedded", "text", "hub")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
+# moe.router / moe.dispatcher: the names of mpoe.models.moe_builder.ROUTERS / DISPATCHERS
+MOE_ROUTERS = ("topk",)
+MOE_DISPATCHERS = ("alltoall",)
 # trainer.compile_backend: inductor generates fused kernels; aot_eager and eager trace without them (to debug)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # trainer.lm_loss: chunked takes LM head and cross-entropy together over chunks (mpoe.models.lm_loss); hf is HF's
@@ -50,8 +56,32 @@ def _fail(key: str, value: Any, valid: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 
 
+class _Section:
+    """The base of every config section: its fields can be set while a config is built (by OmegaConf's
+    `to_object`, a test, a benchmark); once `validate` has passed it is read-only, so what was checked is what
+    runs. A value derived from it (a checkpoint's own tokenizer, an export's single process) is a copy made
+    with `dataclasses.replace`, which checks the new section as it builds it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_read_only"):
+            raise FrozenInstanceError(
+                f"{type(self).__name__}.{name}: a validated config is read-only; derive a copy with dataclasses.replace"
+            )
+        object.__setattr__(self, name, value)
+
+
+def read_only(section: _Section) -> _Section:
+    """`section` and every section inside it made read-only (in place); returns it."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, _Section):
+            read_only(value)
+    object.__setattr__(section, "_read_only", True)
+    return section
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     family: str = "gpt2"  # gpt2 | t5
     name: str = "gpt2_tiny"  # the config-group option, for reports
     pretrained: Optional[str] = None  # a local HF checkpoint dir (read offline: local_files_only)
@@ -72,7 +102,7 @@ class ModelConfig:
 
 
 @dataclass
-class GradMaskConfig:
+class GradMaskConfig(_Section):
     enabled: bool = False
     keep_prob: float = 0.5
     target: str = "central"  # central | auxiliary | all
@@ -83,13 +113,15 @@ class GradMaskConfig:
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_Section):
     kind: str = "mpoe"  # dense | switch | mpoe
     num_experts: int = 4
     top_k: int = 1
     every: int = 2  # an MoE FFN every `every` layers (layers every-1, 2*every-1, ...)
     capacity_factor: Optional[float] = None  # training; None = dropless
     eval_capacity_factor: Optional[float] = None  # evaluation; None = dropless
+    router: str = "topk"  # which router class (mpoe.models.moe_builder.ROUTERS)
+    dispatcher: str = "alltoall"  # which dispatcher class (mpoe.models.moe_builder.DISPATCHERS)
     drop_policy: str = "probs"  # probs | position
     normalize_topk: Optional[bool] = None  # None = true when top_k >= 2
     pre_softmax: bool = True  # softmax over all experts, then top-k (Switch); false: top-k logits, then softmax
@@ -113,7 +145,7 @@ class MoEConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     name: str = "embedded"  # embedded | text | hub
     paths: list[str] = field(default_factory=list)  # data=text: local .txt/.json/.jsonl/.parquet
     hub_name: Optional[str] = None  # data=hub: a datasets hub name (online only)
@@ -130,7 +162,7 @@ class DataConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     ep_size: int = 1
     zero_stage: int = 0
     backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
@@ -140,7 +172,7 @@ class ParallelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     lr: float = 1e-3
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -155,7 +187,7 @@ class OptimConfig:
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig(_Section):
     mode: str = "offline"
     project: str = "mpoe"
     entity: Optional[str] = None
@@ -168,13 +200,13 @@ class WandbConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Section):
     max_steps: int = 500  # optimizer steps; 0 = evaluate only
     seed: int = 0
     micro_batch_size: int = 8  # sequences per process per micro step
@@ -206,7 +238,7 @@ class TrainerConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +281,8 @@ def check_moe(moe: MoEConfig) -> None:
         value = getattr(moe, key)
         if value is not None and value <= 0:
             _fail(f"moe.{key}", value, "must be > 0, or null for dropless routing")
+    _one_of("moe.router", moe.router, MOE_ROUTERS)
+    _one_of("moe.dispatcher", moe.dispatcher, MOE_DISPATCHERS)
     _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
     _one_of("moe.score_function", moe.score_function, SCORE_FUNCTIONS)
     _one_of("moe.expert_impl", moe.expert_impl, EXPERT_IMPLS)
@@ -359,7 +393,7 @@ def _check_all(cfg: TrainConfig) -> None:
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check every value again (fields may have been set since the objects were built) and those that depend
-    on the world size; raise ConfigError (one line) on the first bad one."""
+    on the world size; raise ConfigError (one line) on the first bad one. Returns `cfg`, now read-only."""
     _check_all(cfg)
     p, t = cfg.parallel, cfg.trainer
     if world_size % p.ep_size:
@@ -371,7 +405,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             t.global_batch_size,
             f"must be a multiple of trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}",
         )
-    return cfg
+    return read_only(cfg)
 
 
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:

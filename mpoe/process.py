@@ -56,7 +56,8 @@ def quiet_library_notices() -> None:
 
 def configure_process() -> None:
     """Called first by every entry point: DeepSpeed's accelerator, quiet library notices, thread count."""
-    from mpoe.parallel.groups import configure_accelerator
+    # Deferred: it imports torch, which importing this module (the library's quiet settings) need not.
+    from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
     configure_accelerator()
     quiet_library_notices()

@@ -22,7 +22,8 @@ FAST = [
 
 def env(cache: str) -> dict:
     """CPU runs, also on a GPU machine: CUDA stays visible, DeepSpeed runs on its CPU accelerator and the process
-    group follows it (gloo: `mpoe.parallel.groups.default_backend`), as a user's DS_ACCELERATOR=cpu run would."""
+    group follows it (gloo: `mpoe.parallel.process_groups.default_backend`), as a user's DS_ACCELERATOR=cpu run
+    would."""
     e = dict(os.environ, MPOE_CACHE=cache, DS_ACCELERATOR="cpu", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     e.pop("WANDB_MODE", None)
     return e

@@ -8,7 +8,8 @@ import torch
 
 from mpoe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models.build import build_model
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.experts import resolve_expert_backends
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 def _model(family: str, kind: str, checkpointing: bool, d_model=32, d_ff=64, seq_len=16):
@@ -19,7 +20,7 @@ def _model(family: str, kind: str, checkpointing: bool, d_model=32, d_ff=64, seq
     trainer = TrainerConfig(seq_len=seq_len, micro_batch_size=2, activation_checkpointing=checkpointing)
     cfg = TrainConfig(model=model, moe=MoEConfig(kind=kind, num_experts=4, top_k=2), trainer=trainer)
     torch.manual_seed(0)
-    return build_model(cfg, 256, 0, 0, ExpertGroups()).train()
+    return build_model(cfg, 256, 0, 0, ExpertPlacement()).train()
 
 
 def _batch(family: str, batch=2, seq_len=16) -> dict:
@@ -56,10 +57,11 @@ def test_checkpointed_blocks_around_recomputed_mpo_weights_give_the_same_numbers
     plain, both = _model("gpt2", "mpoe", False), _model("gpt2", "mpoe", True)
     for module in both.modules():
         if hasattr(module, "bank"):
-            module.bank.impl, module.bank.recompute_weights = "grouped", True
+            module.bank.use_impl("grouped")
+            module.bank.recompute_weights = True
     for module in plain.modules():
         if hasattr(module, "bank"):
-            module.bank.impl = "grouped"
+            module.bank.use_impl("grouped")
     batch = _batch("gpt2")
     (want, want_grads), (got, got_grads) = _step(plain, batch), _step(both, batch)
     assert torch.equal(got["loss"], want["loss"])
@@ -102,7 +104,8 @@ def test_compiled_checkpointed_gpt2_blocks_give_the_eager_numbers():
     eager = _model("gpt2", "mpoe", True).to(torch.bfloat16)
     for module in eager.modules():
         if hasattr(module, "bank"):
-            module.bank.impl, module.dispatcher.sync_free = "grouped", True
+            module.bank.use_impl("grouped")
+            module.dispatcher.sync_free = True
     compiled = copy.deepcopy(eager)
     compile_blocks(compiled, backend="aot_eager", fullgraph=True)
     batch = _batch("gpt2")
@@ -123,6 +126,7 @@ def test_gpu_checkpointed_blocks_lower_the_peak_and_keep_the_loss():
     peaks, losses = [], []
     for checkpointing in (False, True, False, True):  # the second round: the allocator and kernels warm
         model = _model("gpt2", "mpoe", checkpointing, **shape).to("cuda", torch.bfloat16)
+        resolve_expert_backends(model)  # moe.expert_impl=auto, now for the GPU
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -160,7 +164,7 @@ def test_checkpointed_blocks_on_the_cuda_path_read_the_host_only_where_hf_does(f
     model = _gpu_path(_model(family, "mpoe", True))
     for module in model.modules():
         if hasattr(module, "bank"):
-            module.bank.impl = "grouped"
+            module.bank.use_impl("grouped")
     batch = _batch(family)
     model(**batch).loss.backward()  # warm-up outside the guard: lazy initialisation may read once
     if family == "t5":

@@ -26,9 +26,9 @@ from torch._dynamo.utils import counters
 
 from mpoe.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models.build import build_model
-from mpoe.models.experts_grouped import GROUPED_MM
+from mpoe.models.experts.grouped import GROUPED_MM
 from mpoe.models.regional_compile import compile_blocks
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 def _model(kind: str, family: str, layers: int, dtype: torch.dtype, expert_impl: str = "grouped", recompute=False):
@@ -42,7 +42,7 @@ def _model(kind: str, family: str, layers: int, dtype: torch.dtype, expert_impl:
     )  # fmt: skip
     cfg = TrainConfig(model=model_cfg, moe=moe, trainer=TrainerConfig(seq_len=16, micro_batch_size=2))
     torch.manual_seed(0)
-    model = build_model(cfg, 256, 0, 0, ExpertGroups()).to(dtype)
+    model = build_model(cfg, 256, 0, 0, ExpertPlacement()).to(dtype)
     for module in model.modules():
         if hasattr(module, "dispatcher"):
             module.dispatcher.sync_free = True  # what CUDA runs at ep_size 1

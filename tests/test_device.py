@@ -3,19 +3,35 @@ tensors, which GPU a process takes, the MFU peak, SDPA attention, and a validati
 the number of processes."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from deepspeed.accelerator import real_accelerator
+from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
+import bench.__main__ as runner
 from mpoe.config import ConfigError, ModelConfig, MoEConfig
+from mpoe.models import gpt2, t5
 from mpoe.models.router import TopKRouter
-from mpoe.parallel import groups
+from mpoe.parallel import process_groups
 from mpoe.parallel.collectives import all_reduce_floats, comm_device
-from mpoe.parallel.groups import cuda_device_for_rank
+from mpoe.parallel.deepspeed import accelerator
 from mpoe.parallel.local_world import spawn_world
+from mpoe.parallel.process_groups import cuda_device_for_rank
 from mpoe.train.data.sequences import eval_batches
-from mpoe.train.metrics.flops import Peak, datasheet_peak, device_peak, gemm_flops_per_s, raised_to_cover
+from mpoe.train.metrics.flops import (
+    Peak,
+    datasheet_peak,
+    device_peak,
+    flops_per_token,
+    gemm_flops_per_s,
+    raised_to_cover,
+)
 
 
 def _bf16_router_and_tokens(n=8192, d=768, experts=8):
@@ -64,7 +80,7 @@ def test_a_process_takes_the_gpu_of_its_local_rank():
 
 
 class _Accelerator:
-    """What `groups` reads of DeepSpeed's chosen accelerator."""
+    """What `accelerator` reads of DeepSpeed's chosen accelerator."""
 
     def __init__(self, name: str):
         self.name = name
@@ -76,7 +92,6 @@ class _Accelerator:
 @pytest.fixture
 def machine(monkeypatch):
     """A machine: whether torch sees CUDA, DS_ACCELERATOR, and the accelerator DeepSpeed chose (None: not yet)."""
-    from deepspeed.accelerator import real_accelerator
 
     def setup(cuda: bool, ds_env=None, chosen=None):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -85,7 +100,7 @@ def machine(monkeypatch):
         else:
             monkeypatch.setenv("DS_ACCELERATOR", ds_env)
         monkeypatch.setattr(real_accelerator, "ds_accelerator", None if chosen is None else _Accelerator(chosen))
-        monkeypatch.setattr(groups, "keep_freed_cpu_memory", lambda: True)
+        monkeypatch.setattr(accelerator, "keep_freed_cpu_memory", lambda: True)
 
     return setup
 
@@ -104,34 +119,32 @@ def machine(monkeypatch):
 )
 def test_the_backend_follows_deepspeeds_accelerator(machine, cuda, ds_env, chosen, backend):
     machine(cuda, ds_env, chosen)
-    assert groups.default_backend() == backend
-    assert groups.accelerator_name() == ("cuda" if backend == "nccl" else "cpu")
+    assert process_groups.default_backend() == backend
+    assert accelerator.accelerator_name() == ("cuda" if backend == "nccl" else "cpu")
 
 
 def test_configure_accelerator_makes_deepspeed_use_the_device_asked_for(machine):
-    import os
-
     machine(cuda=True)
-    groups.configure_accelerator()  # a GPU machine, nothing asked: DeepSpeed's own choice, CUDA
-    assert "DS_ACCELERATOR" not in os.environ and groups.default_backend() == "nccl"
-    groups.configure_accelerator("cpu")
-    assert os.environ["DS_ACCELERATOR"] == "cpu" and groups.default_backend() == "gloo"
+    accelerator.configure_accelerator()  # a GPU machine, nothing asked: DeepSpeed's own choice, CUDA
+    assert "DS_ACCELERATOR" not in os.environ and process_groups.default_backend() == "nccl"
+    accelerator.configure_accelerator("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "cpu" and process_groups.default_backend() == "gloo"
     machine(cuda=False)
-    groups.configure_accelerator()
+    accelerator.configure_accelerator()
     assert os.environ["DS_ACCELERATOR"] == "cpu"
     machine(cuda=True, ds_env="cpu", chosen="cuda")
     with pytest.raises(RuntimeError, match="already runs on its cuda accelerator.*DS_ACCELERATOR=cpu"):
-        groups.configure_accelerator("cpu")
-    groups.configure_accelerator("cuda")  # what it already runs on: fine
+        accelerator.configure_accelerator("cpu")
+    accelerator.configure_accelerator("cuda")  # what it already runs on: fine
 
 
 def test_nccl_asked_for_with_deepspeed_on_the_cpu_is_one_line(machine):
     machine(cuda=True, ds_env="cpu")
-    assert groups.resolve_backend(None) == "gloo" and groups.resolve_backend("gloo") == "gloo"
+    assert process_groups.resolve_backend(None) == "gloo" and process_groups.resolve_backend("gloo") == "gloo"
     with pytest.raises(ConfigError, match="parallel.backend=nccl needs DeepSpeed's CUDA accelerator.*gloo"):
-        groups.resolve_backend("nccl")
+        process_groups.resolve_backend("nccl")
     machine(cuda=True, ds_env="cuda")
-    assert groups.resolve_backend("nccl") == "nccl" and groups.resolve_backend(None) == "nccl"
+    assert process_groups.resolve_backend("nccl") == "nccl" and process_groups.resolve_backend(None) == "nccl"
 
 
 def _collective_devices(rank: int, out_dir: str) -> None:
@@ -202,10 +215,6 @@ def test_a_validation_split_smaller_than_a_batch_is_evaluated_not_skipped():
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_sdpa_attention_gives_the_eager_results(family):
-    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
-
-    from mpoe.models import gpt2, t5
-
     torch.manual_seed(0)
     if family == "gpt2":
         cfg = ModelConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, vocab_size=100)
@@ -234,11 +243,6 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
 
     In its own process with DS_ACCELERATOR=cpu: on a GPU machine DeepSpeed in this pytest process runs on CUDA,
     and cannot be moved to the CPU once chosen."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import json; from bench.train_step import run_device; "
         "print(json.dumps(run_device('cpu', layers=2, seq=32, batch=2, repeats=1, precision='fp32', vocab=512))); "
@@ -263,19 +267,17 @@ def test_the_gpu_train_step_row_runs_through_on_the_cpu():
 def test_the_cpu_benchmarks_on_a_gpu_machine_run_deepspeed_on_the_cpu(machine, monkeypatch, tmp_path):
     """`python -m bench` (the CPU tables) on a GPU machine: DeepSpeed would pick CUDA at its first import, and the
     CPU train_step, which needs its CPU accelerator, could not start."""
-    import bench.__main__ as runner
-
     machine(cuda=True)
     seen = []
-    monkeypatch.setattr(runner, "run_bench", lambda name, quick, device: seen.append(groups.accelerator_name()) or {})
+    monkeypatch.setattr(
+        runner, "run_bench", lambda name, quick, device: seen.append(accelerator.accelerator_name()) or {}
+    )
     runner.main(["--only", "train_step", "--json", str(tmp_path / "out.json")])
     assert seen == ["cpu"]
 
 
 def test_model_flops_count_the_lm_head_once_tied_or_not():
     """An untied head is among the active parameters and is the head's matmul: counted once, as a tied one."""
-    from mpoe.train.metrics.flops import flops_per_token
-
     vocab, d, blocks = 10, 5, 1000
     tied = flops_per_token(blocks + vocab * d, vocab * d, vocab, d, attention_layers=0, seq_len=1)
     untied = flops_per_token(blocks + 2 * vocab * d, vocab * d, vocab, d, 0, 1, params_lm_head=vocab * d)

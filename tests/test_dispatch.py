@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpoe.config import MoEConfig
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.config import ConfigError, MoEConfig, ParallelConfig, TrainConfig
+from mpoe.parallel.expert_placement import ExpertPlacement
 from mpoe.parallel.local_world import spawn_world
 
 WORLD = 4
@@ -54,11 +54,11 @@ def make_cfg(name: str) -> MoEConfig:
     return MoEConfig(**CASES[name][0])
 
 
-def build(name: str, groups: ExpertGroups):
-    from mpoe.models.moe_layer import build_moe_layer
+def build(name: str, placement: ExpertPlacement):
+    from mpoe.models.moe_builder import build_moe_layer
 
     torch.manual_seed(SEED)
-    layer = build_moe_layer(make_cfg(name), D_MODEL, D_FF, "gelu_new", groups)
+    layer = build_moe_layer(make_cfg(name), D_MODEL, D_FF, "gelu_new", placement)
     if CASES[name][2]:  # every (positive) token prefers expert 0
         with torch.no_grad():
             layer.router.gate.weight.zero_()
@@ -98,8 +98,8 @@ def compiled_vs_eager(rank: int) -> dict:
     step (so new split sizes); the largest differences, and Dynamo's graph count after warm-up and at the end."""
     from torch._dynamo.utils import counters
 
-    from mpoe.models.moe_layer import build_moe_layer
-    from mpoe.parallel.groups import expert_groups
+    from mpoe.models.moe_builder import build_moe_layer
+    from mpoe.parallel.expert_placement import expert_placement
 
     torch._dynamo.reset()
     counters.clear()
@@ -107,7 +107,7 @@ def compiled_vs_eager(rank: int) -> dict:
     layers = []
     for _ in range(2):
         torch.manual_seed(SEED)
-        layers.append(build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", expert_groups(2)).to(torch.bfloat16))
+        layers.append(build_moe_layer(cfg, D_MODEL, D_FF, "gelu_new", expert_placement(2)).to(torch.bfloat16))
     eager, compiled = layers
     compiled.compile(backend="aot_eager")
     diffs, graphs = [], []
@@ -127,14 +127,14 @@ def compiled_vs_eager(rank: int) -> dict:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    from mpoe.parallel.groups import expert_groups
+    from mpoe.parallel.expert_placement import expert_placement
 
     results = {}
     for name, (_, ep_sizes, _) in CASES.items():
         for ep in ep_sizes:
-            groups = expert_groups(ep)
-            results[name, ep] = run_rank(build(name, groups), name, rank)
-            results[name, ep]["ep_rank"] = groups.ep_rank
+            placement = expert_placement(ep)
+            results[name, ep] = run_rank(build(name, placement), name, rank)
+            results[name, ep]["ep_rank"] = placement.ep_rank
     # ranks 0 and 1 form one ep group of 2 on their own (its groups exist already: DeepSpeed creates them once)
     results["compiled"] = compiled_vs_eager(rank) if rank < 2 else None
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -152,7 +152,7 @@ def reference():
     """ep_size=1 on this process: per case, the layer and each rank's results on its own tokens."""
     refs = {}
     for name in CASES:
-        layer = build(name, ExpertGroups())
+        layer = build(name, ExpertPlacement())
         per_rank = []
         for r in range(WORLD):
             layer.zero_grad()
@@ -251,7 +251,7 @@ def test_layer_equals_a_token_by_token_loop():
     from mpoe.models.experts import activation_fn
     from mpoe.models.moe_layer import MoELayer
 
-    layer = build("switch_top2_capacity", ExpertGroups())
+    layer = build("switch_top2_capacity", ExpertPlacement())
     assert isinstance(layer, deepspeed.moe.layer.MoE) and isinstance(layer, MoELayer)
     assert (layer.num_experts, layer.num_local_experts, layer.ep_size, layer.expert_group_name) == (
         8,
@@ -279,7 +279,7 @@ def test_layer_equals_a_token_by_token_loop():
 
 
 def test_expert_params_follow_deepspeed_convention():
-    layer = build("mpoe_top1_dropless", ExpertGroups())
+    layer = build("mpoe_top1_dropless", ExpertPlacement())
     for n, p in layer.named_parameters():
         is_expert = n.startswith("bank.auxiliary") or n.startswith("bank.b_")
         assert (getattr(p, "allreduce", True) is False) == is_expert, n
@@ -288,10 +288,9 @@ def test_expert_params_follow_deepspeed_convention():
         assert "expert" not in n  # DeepSpeed's MoE checkpointing would misparse such keys
 
 
-def test_ep_size_that_does_not_divide_experts_is_a_one_line_error():
-    from mpoe.parallel.dispatch import AllToAllDispatcher
-
-    with pytest.raises(ValueError) as err:
-        AllToAllDispatcher(6, ExpertGroups(ep_size=4, name="ep_size_4"))
+def test_ep_size_that_does_not_divide_experts_is_a_one_line_config_error():
+    """Checked once, where the config is built: the dispatcher and the layer rely on it."""
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(moe=MoEConfig(kind="switch", num_experts=6), parallel=ParallelConfig(ep_size=4))
     message = str(err.value)
     assert "parallel.ep_size=4" in message and "moe.num_experts=6" in message and "\n" not in message

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from mpoe.config import MoEConfig
-from mpoe.models.moe_layer import build_moe_layer
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.experts import resolve_expert_backends
+from mpoe.models.moe_builder import build_moe_layer
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 D_MODEL, D_FF = 16, 32
 
@@ -40,9 +41,10 @@ def _step(layer, x, w):
 @pytest.mark.parametrize("case", list(CASES))
 def test_sync_free_dispatch_equals_exact_dispatch(case, impl):
     torch.manual_seed(0)
-    exact = build_moe_layer(MoEConfig(**CASES[case], expert_impl="loop"), D_MODEL, D_FF, "gelu_new", ExpertGroups())
+    exact = build_moe_layer(MoEConfig(**CASES[case], expert_impl="loop"), D_MODEL, D_FF, "gelu_new", ExpertPlacement())
     free = copy.deepcopy(exact)
-    free.dispatcher.sync_free, free.bank.impl = True, impl
+    free.dispatcher.sync_free = True
+    free.bank.use_impl(impl)
     x, w = torch.randn(24, D_MODEL), torch.randn(24, D_MODEL)
     (out_e, gx_e, grads_e), (out_f, gx_f, grads_f) = _step(exact, x, w), _step(free, x, w)
     if "capacity" in case:
@@ -57,7 +59,7 @@ def test_sync_free_dispatch_rows_and_counts():
     """tokens * top_k rows; counts on the rows' device, summing to them; padding on the last expert only."""
     from mpoe.parallel.dispatch import AllToAllDispatcher
 
-    d = AllToAllDispatcher(3, ExpertGroups(), top_k=2, sync_free=True)
+    d = AllToAllDispatcher(3, ExpertPlacement(), top_k=2, sync_free=True)
     tokens = torch.arange(4.0).unsqueeze(1).repeat(1, 2)  # token i is [i, i]
     routing = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]).bool()  # 5 kept pairs of 8
     probs = routing * 0.5
@@ -74,7 +76,7 @@ def test_padding_rows_that_would_overflow_leave_no_nan():
     choose for it) overflows to inf here, and 0 * inf would put a NaN in token 0's output and the gradients."""
     from mpoe.parallel.dispatch import AllToAllDispatcher
 
-    d = AllToAllDispatcher(3, ExpertGroups(), top_k=1, sync_free=True)
+    d = AllToAllDispatcher(3, ExpertPlacement(), top_k=1, sync_free=True)
     tokens = torch.tensor([[1e10, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]], requires_grad=True)
     routing = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]]).bool()  # token 3 dropped: 1 padding row
     probs = (routing * 0.5).requires_grad_()
@@ -89,10 +91,10 @@ def test_padding_rows_that_would_overflow_leave_no_nan():
 
 
 def test_importing_dispatch_changes_no_warning_filter():
-    # Its imports first: what torch or groups.py do at import time is not dispatch.py's doing (torch._dynamo,
+    # Its imports first: what torch or expert_placement.py do at import time is not dispatch.py's doing (torch._dynamo,
     # which torch.compiler.disable imports, adds a filter for sympy's deprecation warnings).
     code = (
-        "import warnings, torch._dynamo, torch.distributed._functional_collectives, mpoe.parallel.groups; "
+        "import warnings, torch._dynamo, torch.distributed._functional_collectives, mpoe.parallel.expert_placement; "
         "before = list(warnings.filters); "
         "import mpoe.parallel.dispatch; assert warnings.filters == before, 'dispatch changed the warning filters'"
     )
@@ -107,7 +109,8 @@ def test_gpu_dispatch_bank_combine_run_without_host_sync(kind):
     router's losses, fwd+bwd, never syncs (its statistics stay on the device until the loop reads them)."""
     torch.manual_seed(0)
     cfg = MoEConfig(kind=kind, num_experts=8, top_k=2, capacity_factor=1.0)
-    layer = build_moe_layer(cfg, 64, 128, "gelu_new", ExpertGroups()).cuda().to(torch.bfloat16)
+    layer = build_moe_layer(cfg, 64, 128, "gelu_new", ExpertPlacement()).cuda().to(torch.bfloat16)
+    resolve_expert_backends(layer)  # moe.expert_impl=auto: grouped for bf16 from sm90
     x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step():
@@ -121,4 +124,4 @@ def test_gpu_dispatch_bank_combine_run_without_host_sync(kind):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert layer.bank.backend(x).name == "grouped"
+    assert layer.bank.backend.name == "grouped"

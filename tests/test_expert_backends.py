@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mpoe.config import MoEConfig
-from mpoe.models import experts_grouped
 from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
-from mpoe.models.experts_grouped import GROUPED_MM, grouped_mm_fits
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.experts import grouped as grouped_backend
+from mpoe.models.experts.grouped import GROUPED_MM, grouped_mm_fits
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 D_MODEL, D_FF = 16, 32  # row strides 16-byte aligned in float32 and bfloat16, as grouped_mm requires
 COUNTS = {
@@ -36,13 +36,13 @@ def _banks(kind: str, gated: bool, bias: bool, dtype=torch.float32, bond_dim=Non
         dense.b_out.normal_(std=0.3)
     activation = "gated-gelu" if gated else "gelu_new"
     cfg = MoEConfig(kind=kind, num_experts=4, bond_dim=bond_dim, aux_init_noise=0.3, expert_impl="loop")
-    loop = build_expert_bank(cfg, D_MODEL, D_FF, activation, ExpertGroups(), dense).to(dtype)
+    loop = build_expert_bank(cfg, D_MODEL, D_FF, activation, ExpertPlacement(), dense).to(dtype)
     if kind == "switch":  # distinct experts
         with torch.no_grad():
             for p in loop.parameters():
                 p.add_(0.1 * torch.randn_like(p))
     grouped = copy.deepcopy(loop)
-    grouped.impl = "grouped"
+    grouped.use_impl("grouped")
     return loop, grouped
 
 
@@ -84,8 +84,8 @@ def test_grouped_equals_loop(kind, gated, bias, counts, monkeypatch):
     c = COUNTS[counts]
     x = torch.randn(sum(c), D_MODEL)
     calls = []
-    monkeypatch.setattr(experts_grouped, "GROUPED_MM", lambda *a, **k: calls.append(1) or GROUPED_MM(*a, **k))
-    monkeypatch.setattr(experts_grouped, "grouped_linear", None)  # the fallback must not be taken here
+    monkeypatch.setattr(grouped_backend, "GROUPED_MM", lambda *a, **k: calls.append(1) or GROUPED_MM(*a, **k))
+    monkeypatch.setattr(grouped_backend, "per_expert_linear", None)  # the fallback must not be taken here
     result = _run(grouped, x, torch.tensor(c))
     assert len(calls) == (3 if gated else 2)  # one grouped GEMM per weight matrix
     _assert_same(_run(loop, x, c), result, rel=1e-5)
@@ -144,11 +144,11 @@ def test_on_a_gpu_whose_grouped_mm_gives_idle_experts_gradients_they_get_zero(ki
     loop, grouped = _banks(kind, gated=False, bias=True)
     c = COUNTS["first_idle_last_busy"]
     x = torch.randn(sum(c), D_MODEL)
-    monkeypatch.setattr(experts_grouped, "GROUPED_MM", lambda x, w, offs: _StrayGradients.apply(x, w, offs))
+    monkeypatch.setattr(grouped_backend, "GROUPED_MM", lambda x, w, offs: _StrayGradients.apply(x, w, offs))
     stray = _run(grouped, x, torch.tensor(c))
     with pytest.raises(AssertionError):  # the fake kernel does spoil the gradients
         _assert_same(_run(loop, x, c), stray, rel=1e-5)
-    monkeypatch.setattr(experts_grouped, "stray_gradients_for_idle_experts", lambda x: True)
+    monkeypatch.setattr(grouped_backend, "stray_gradients_for_idle_experts", lambda x: True)
     loop.zero_grad(set_to_none=True)
     grouped.zero_grad(set_to_none=True)
     _assert_same(_run(loop, x, c), _run(grouped, x, torch.tensor(c)), rel=1e-5)
@@ -207,11 +207,9 @@ def test_grouped_mpoe_central_gradient_is_summed_over_experts():
 
 def test_expert_impl_auto_is_loop_on_cpu_and_bad_impl_is_one_line():
     loop, _ = _banks("switch", gated=False, bias=True)
-    loop.impl = "auto"
-    assert loop.backend(torch.zeros(1, D_MODEL)).name == "loop"
-    loop.impl = "fused"
-    with pytest.raises(ValueError, match="moe.expert_impl='fused' is invalid"):
-        loop(torch.zeros(1, D_MODEL), [1, 0, 0, 0])
+    assert loop.use_impl("auto") == "loop, fp32, cpu" and loop.backend.name == "loop"
+    with pytest.raises(ValueError, match="moe.expert_impl='fused' is invalid: use one of auto, loop, grouped"):
+        loop.use_impl("fused")
 
 
 def test_grouped_rejects_counts_of_the_wrong_length():

@@ -11,6 +11,8 @@ def test_grouped_backend_training_logs_the_losses_of_loop(tmp_path, mpoe_cache, 
     runs = {impl: tmp_path / impl for impl in ("loop", "grouped")}
     for impl, run in runs.items():
         train(run, mpoe_cache, f"moe={kind}", f"moe.expert_impl={impl}", "logging.wandb.mode=disabled")
+    for impl, run in runs.items():  # chosen once, after DeepSpeed placed the model, and said once
+        assert (run / "main.log").read_text().count(f"experts: {impl}, fp32, cpu\n") == 1
     loop, grouped = metrics(runs["loop"]), metrics(runs["grouped"])
     assert len(loop) == len(grouped) > 0
     assert [r["loss"] for r in grouped] == pytest.approx([r["loss"] for r in loop], rel=1e-5)

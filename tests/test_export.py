@@ -11,14 +11,14 @@ from test_models import VOCAB, tiny_batch, tiny_cfg
 
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.experts import MPOEExperts, SwitchExperts
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 from mpoe.tools import export
 
 
 def _trained(family, kind, steps=3, **moe):
     """A model whose experts have diverged a little (so merging is not trivially the init)."""
     cfg = tiny_cfg(family, kind, **moe)
-    model = build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+    model = build_model(cfg, VOCAB, 0, 1, ExpertPlacement())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for s in range(steps):
         loss = model(**tiny_batch(family, cfg, seed=s)).loss
@@ -107,7 +107,7 @@ def test_the_export_model_tags_the_expert_parameters_as_training_does():
     from mpoe.models.param_tags import is_expert_param
 
     cfg = tiny_cfg("gpt2", "mpoe")
-    trained = build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+    trained = build_model(cfg, VOCAB, 0, 1, ExpertPlacement())
     rebuilt = export.build_from_hf_config(cfg, trained.backbone.config)
     tagged = lambda model: [name for name, p in model.named_parameters() if is_expert_param(p)]
     assert tagged(rebuilt) == tagged(trained) and len(tagged(trained)) > 0

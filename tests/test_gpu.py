@@ -108,8 +108,9 @@ def test_resume_on_the_gpu_continues_the_loss_curve(tmp_path, mpoe_cache):
 
 
 def test_a_checkpoint_resumes_on_the_gpu_at_another_zero_stage(tmp_path, mpoe_cache):
-    """Resharding writes Adam's state itself (`adam_state`): on CUDA torch's fused AdamW must find its step on
-    the GPU. bf16 ZeRO 1 (DeepSpeed's BF16_Optimizer) -> ZeRO 2 continues the loss curve; fp32 ZeRO 0 -> bf16."""
+    """Resharding writes Adam's state itself (`optimizer_state.adam_view`): on CUDA torch's fused AdamW must find its
+    step on the GPU. bf16 ZeRO 1 (DeepSpeed's BF16_Optimizer) -> ZeRO 2 continues the loss curve; fp32 ZeRO 0 ->
+    bf16."""
     common = ("moe=mpoe", "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=4")
     zero1, zero2, fp32, to_bf16 = (tmp_path / n for n in ("zero1", "zero2", "fp32", "to_bf16"))
     step = "checkpoints/step_00000002"

@@ -30,9 +30,9 @@ from bench.gpu import device_ops
 from mpoe.config import ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models import mpo
 from mpoe.models.build import build_model
-from mpoe.models.experts_grouped import GROUPED_MM
-from mpoe.models.moe_layer import build_moe_layer
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.experts.grouped import GROUPED_MM
+from mpoe.models.moe_builder import build_moe_layer
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 aten = torch.ops.aten
 # Ops that read device data on the host: their result is a host value or their output's size is the data's.
@@ -161,7 +161,7 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind,
     from mpoe.train.metrics.writer import Interval
 
     torch.manual_seed(0)
-    model = _gpu_path(build_model(_train_model(kind, family, routing), 256, 0, 0, ExpertGroups())).train()
+    model = _gpu_path(build_model(_train_model(kind, family, routing), 256, 0, 0, ExpertPlacement())).train()
     mask = GradientMask(select_masked_params(model, "central"), keep_prob=0.5) if kind != "switch" else None
     tokens = torch.randint(1, 250, (2, 16))
     batch = {"input_ids": tokens, **({"labels": tokens.roll(1, 1)} if family == "t5" else {})}
@@ -185,7 +185,7 @@ def test_a_training_forward_and_backward_reads_nothing_on_the_host(family, kind,
 @pytest.mark.parametrize("kind", ["switch", "mpoe", "mpoe+recompute"])
 def test_a_bf16_training_forward_and_backward_makes_no_tensor_off_the_models_device(family, kind):
     torch.manual_seed(0)
-    model = build_model(_train_model(kind, family), 256, 0, 0, ExpertGroups())
+    model = build_model(_train_model(kind, family), 256, 0, 0, ExpertPlacement())
     model = _gpu_path(model.to(device="meta", dtype=torch.bfloat16)).train()
     tokens = torch.randint(1, 250, (2, 16), device="meta")
     batch = {"input_ids": tokens, **({"labels": tokens} if family == "t5" else {})}
@@ -210,7 +210,7 @@ def _layer_step_ops(kind: str, impl: str, num_experts: int, routing: str) -> int
     kind, _, layout = kind.partition(":")
     torch.manual_seed(0)
     cfg = MoEConfig(kind=kind, num_experts=num_experts, expert_impl=impl, bond_dim=4, **ROUTINGS[routing])
-    layer = _gpu_path(build_moe_layer(cfg, 32, 64, "gelu_new", ExpertGroups(), bias=True)).train()
+    layer = _gpu_path(build_moe_layer(cfg, 32, 64, "gelu_new", ExpertPlacement(), bias=True)).train()
     x = torch.randn(256, 32, requires_grad=True)
 
     def step():

@@ -7,7 +7,7 @@ from torch import nn
 from mpoe.config import ConfigError, GradMaskConfig, MoEConfig
 from mpoe.models.experts import DenseFFN, build_expert_bank
 from mpoe.models.grad_mask import GradientMask, select_masked_params
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 def _masked_ones_grad(keep_prob, rescale=True, seed=0, step=0, shape=(200, 500)):
@@ -94,7 +94,7 @@ def test_stacked_expert_mask_does_not_depend_on_layout():
 def _mpoe_bank():
     torch.manual_seed(0)
     cfg = MoEConfig(kind="mpoe", num_experts=2, aux_init_noise=0.1)
-    return build_expert_bank(cfg, 12, 24, "relu", ExpertGroups(), DenseFFN.random(12, 24, std=0.3))
+    return build_expert_bank(cfg, 12, 24, "relu", ExpertPlacement(), DenseFFN.random(12, 24, std=0.3))
 
 
 def _grads(bank, target=None):
@@ -127,7 +127,7 @@ def test_select_masked_params():
     model = nn.Sequential(nn.Linear(2, 2), bank)
     assert select_masked_params(model, "central") == list(bank.central.values())
     assert len(select_masked_params([bank], "all")) == len(bank.central) + sum(len(a) for a in bank.auxiliary.values())
-    switch = build_expert_bank(MoEConfig(kind="switch", num_experts=2), 12, 24, "relu", ExpertGroups())
+    switch = build_expert_bank(MoEConfig(kind="switch", num_experts=2), 12, 24, "relu", ExpertPlacement())
     assert select_masked_params(switch, "all") == []
     with pytest.raises(ConfigError, match="moe.grad_mask.target"):  # the config refuses other targets
         GradMaskConfig(target="biases")

@@ -6,13 +6,13 @@ import torch
 from mpoe.config import MoEConfig
 from mpoe.models import param_tags
 from mpoe.models.interfaces import Dispatcher, ExpertBankLike, ParamRoles, Router
-from mpoe.models.moe_layer import build_moe_layer
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.moe_builder import build_moe_layer
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 @pytest.mark.parametrize("kind", ["switch", "mpoe"])
 def test_layer_parts_satisfy_their_protocols(kind):
-    layer = build_moe_layer(MoEConfig(kind=kind, num_experts=4), 16, 32, "gelu_new", ExpertGroups(name="g"))
+    layer = build_moe_layer(MoEConfig(kind=kind, num_experts=4), 16, 32, "gelu_new", ExpertPlacement(group_name="g"))
     assert isinstance(layer.router, Router)
     assert isinstance(layer.dispatcher, Dispatcher)
     assert isinstance(layer.bank, ExpertBankLike)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _cli import FAST, env, metrics
 
-from mpoe.parallel.groups import free_port
+from mpoe.parallel.process_groups import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["moe=switch", "parallel.ep_size=2", "logging.wandb.mode=disabled", *FAST]

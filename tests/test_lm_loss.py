@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mpoe.config import ConfigError, TrainerConfig
 from mpoe.models.build import build_model
 from mpoe.models.lm_loss import IGNORE_INDEX, chunk_math_fusable, linear_cross_entropy
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 from tests.test_models import VOCAB, tiny_batch, tiny_cfg
 
 
@@ -107,7 +107,7 @@ def test_model_loss_and_all_gradients_equal_hf_loss(family, kind, model):
     results = []
     for lm_loss in ("chunked", "hf"):
         cfg = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, lm_loss=lm_loss))
-        net = build_model(cfg, VOCAB, 0, 1, ExpertGroups()).double()
+        net = build_model(cfg, VOCAB, 0, 1, ExpertPlacement()).double()
         out = net(**batch, return_logits=True)
         out.loss.backward()
         results.append((out, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))

@@ -15,9 +15,36 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
+from _cli import metrics, train
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.fp16.loss_scaler import DELAYED_SHIFT
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import safe_get_full_fp32_param
 
-from mpoe.config import ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig, TrainerConfig
+from mpoe.config import (
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainerConfig,
+    grad_accum_steps,
+)
+from mpoe.models.build import build_model
+from mpoe.parallel.deepspeed import engine as ds_engine
+from mpoe.parallel.deepspeed import gradients as ds_gradients
+from mpoe.parallel.deepspeed.optimizer_state import adam_view
+from mpoe.parallel.expert_placement import expert_placement
+from mpoe.parallel.local_world import spawn_world
+from mpoe.parallel.process_groups import init_distributed
 from mpoe.train import loop
+from mpoe.train.data.objectives import CausalLM
+from mpoe.train.data.sequences import SequenceSampler
+from mpoe.train.metrics.grad_norms import role_params
+from mpoe.train.metrics.writer import Interval
+from mpoe.train.runtime import faults
 
 SEQ, BATCH, VOCAB = 16, 2, 64
 
@@ -52,8 +79,6 @@ def _cfg(
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
     """Let DeepSpeed's CPU accelerator take fp16 (it asks oneDNN for AVX512-FP16 kernels it does not use here)."""
-    from deepspeed.accelerator import get_accelerator
-
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         monkeypatch.setattr(type(accelerator), "is_fp16_supported", lambda self: True)
@@ -62,18 +87,10 @@ def fp16_on_cpu(monkeypatch):
 def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
     """What `loop._setup` builds, on random tokens: the model, the DeepSpeed engine, the sampler. With world > 1
     the process group must exist; otherwise this starts a world of one (conftest tears it down after the test)."""
-    from mpoe.config import grad_accum_steps
-    from mpoe.models.build import build_model
-    from mpoe.parallel import engine as ds_engine
-    from mpoe.parallel.groups import expert_groups, init_distributed
-    from mpoe.train.data.objectives import CausalLM
-    from mpoe.train.data.sequences import SequenceSampler
-    from mpoe.train.metrics.grad_norms import role_params
-
     if world == 1:
         init_distributed("gloo")
-    groups = expert_groups(cfg.parallel.ep_size)
-    model = build_model(cfg, VOCAB, 0, 0, groups)
+    placement = expert_placement(cfg.parallel.ep_size)
+    model = build_model(cfg, VOCAB, 0, 0, placement)
     engine = ds_engine.initialize(model, cfg, world)
     tokens = torch.randint(0, VOCAB, (64, SEQ), generator=torch.Generator().manual_seed(0))
     accum = grad_accum_steps(cfg, world)
@@ -84,7 +101,7 @@ def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
         sampler=SequenceSampler(tokens, BATCH, accum, world, rank, 0),
         val=[],
         logger=None,
-        groups=groups,
+        placement=placement,
         grad_mask=None,
         roles=role_params(model),
         accum=accum,
@@ -102,8 +119,7 @@ def _build(cfg: TrainConfig, world: int = 1, rank: int = 0) -> loop.Training:
 
 
 def _step(tr: loop.Training, step: int, log_now: bool = False) -> dict:
-    from mpoe.train.metrics.writer import Interval
-
+    tr.faults = faults.from_environment(tr.rank)  # as `loop._setup` does; the tests set MPOE_FAULT_* between steps
     return loop._train_step(tr, step, Interval(tr.device), log_now)
 
 
@@ -124,24 +140,16 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 def _no_own_check(monkeypatch):
     """Where DeepSpeed checks for overflow itself, the loop must not check (nor replace its step)."""
-    from mpoe.parallel import engine as ds_engine
 
     def refuse(engine):
         raise AssertionError("the loop checked the gradients itself where DeepSpeed's optimizer does")
 
-    monkeypatch.setattr(ds_engine, "gradients_finite", refuse)
+    monkeypatch.setattr(ds_gradients, "gradients_finite", refuse)
 
 
 def test_low_precision_runs_deepspeeds_zero_optimizer_from_a_clean_start(fp16_on_cpu):
     """bf16/fp16 at parallel.zero_stage=0 run ZeRO 1: no AdamW step before the first update (DeepSpeed's
     ZeRO-0 fp16/bf16 wrapper takes one with zero gradients when built), master weights equal the model's."""
-    import torch.distributed as dist
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    from mpoe.parallel import engine as ds_engine
-
     expected = {("fp32", 0): 0, ("bf16", 0): 1, ("fp16", 0): 1, ("bf16", 2): 2, ("fp32", 1): 1}
     for (precision, zero), stage in expected.items():
         cfg = _cfg(precision, zero)
@@ -162,8 +170,6 @@ def test_low_precision_runs_deepspeeds_zero_optimizer_from_a_clean_start(fp16_on
 
 def _hysteresis(tr: loop.Training) -> int:
     """Overflows in a row before DeepSpeed's dynamic loss scaler halves the scale (fp16.hysteresis, default 2)."""
-    from deepspeed.runtime.fp16.loss_scaler import DELAYED_SHIFT
-
     return tr.engine.dynamic_loss_scale_args()[DELAYED_SHIFT]
 
 
@@ -222,11 +228,7 @@ def _true_step_gradient(tr: loop.Training) -> dict[str, torch.Tensor]:
     """The step's gradient by plain autograd on a twin of the engine's half-precision module, outside DeepSpeed (whose
     gradient hooks sit on the module's parameters): each micro-batch's loss / accum (as `engine.backward` scales
     it), summed in float64, averaged over the ranks."""
-    import torch.distributed as dist
-
-    from mpoe.models.build import build_model
-
-    twin = build_model(tr.cfg, VOCAB, 0, 0, tr.groups).to(next(tr.engine.module.parameters()).dtype)
+    twin = build_model(tr.cfg, VOCAB, 0, 0, tr.placement).to(next(tr.engine.module.parameters()).dtype)
     twin.load_state_dict(tr.engine.module.state_dict())
     names, params = zip(*twin.named_parameters())
     truth = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
@@ -256,9 +258,7 @@ def _check_step_gradient(
     """AdamW's first moment after one unclipped step is (1 - beta1) x the step's gradient (within rtol, and atol x
     the largest entry), and the logged per-role norms are that gradient's (within norm_rel). Collective (DeepSpeed's
     per-parameter reads of its partitions)."""
-    from mpoe.train.checkpoint import adam_state
-
-    adam = adam_state.holder(tr.engine)
+    adam = adam_view(tr.engine)
     names = {id(p): name for name, p in tr.engine.module.named_parameters()}
     for name, p in tr.engine.module.named_parameters():
         given = adam.read(p)["exp_avg"].double() / (1 - tr.cfg.optim.beta1)
@@ -297,8 +297,6 @@ def test_bf16_gradients_accumulate_in_float32(zero):
 
 
 def _three_ranks_bf16_zero1(rank: int) -> None:
-    import torch.distributed as dist
-
     tr = _build(_cfg("bf16", 1, grad_clip=0.0, world=3), world=3, rank=rank)
     # The norms' check covers a parameter split between two ranks' partitions only if a role has one.
     mappings = [(p._hp_mapping, p.numel()) for ps in tr.roles.values() for p in ps]
@@ -317,8 +315,6 @@ def test_bf16_zero1_over_three_ranks_sums_in_float32_and_logs_each_gradient_entr
     gradient is the float32 mean of the ranks' bf16 gradients (bf16 would round it: ~1e-3 off), and the per-role
     norms count each entry once, on the rank whose partition owns it (a parameter split between partitions
     included)."""
-    from mpoe.parallel.local_world import spawn_world
-
     spawn_world(_three_ranks_bf16_zero1, 3)
 
 
@@ -336,12 +332,10 @@ def test_bf16_non_finite_step_is_skipped_by_deepspeed_and_counted(monkeypatch):
 
 
 def test_fp32_zero0_non_finite_step_is_skipped_by_the_loop_and_counted(monkeypatch):
-    from mpoe.parallel import engine as ds_engine
-
     tr = _build(_cfg("fp32"))
     checks = []
-    real = ds_engine.gradients_finite
-    monkeypatch.setattr(ds_engine, "gradients_finite", lambda engine: checks.append(1) or real(engine))
+    real = ds_gradients.gradients_finite
+    monkeypatch.setattr(ds_gradients, "gradients_finite", lambda engine: checks.append(1) or real(engine))
     _step(tr, 0)
     monkeypatch.setenv("MPOE_FAULT_NAN_AT_STEPS", "2")
     before = _weights(tr)
@@ -359,8 +353,6 @@ def test_fp32_zero0_non_finite_step_is_skipped_by_the_loop_and_counted(monkeypat
 def test_fp16_on_a_gpu_recovers_from_an_overflow_and_logs_unscaled_norms(tmp_path, mpoe_cache):
     """`mpoe-train trainer.precision=fp16` on CUDA (real fp16 kernels): a NaN step is skipped and counted, the
     run goes on, and the logged gradient norm of step 1 is fp32's, not 65536 times it."""
-    from _cli import metrics, train
-
     env = dict(os.environ, MPOE_CACHE=mpoe_cache, WANDB_MODE="disabled", WANDB_SILENT="true")
     env.pop("DS_ACCELERATOR", None)
     common = ("moe=mpoe", "trainer.max_steps=8", "trainer.eval_every=8", "logging.progress=false")
@@ -378,10 +370,8 @@ def test_fp16_on_a_gpu_recovers_from_an_overflow_and_logs_unscaled_norms(tmp_pat
 def test_on_cuda_deepspeed_steps_torchs_fused_adamw_and_it_updates_as_plain_adamw(monkeypatch, precision, zero):
     """The `fused` request travels through DeepSpeed's config into torch's AdamW (checked here on the CPU, where
     torch has a fused AdamW too, by making the engine believe it runs on CUDA); the CPU keeps the default."""
-    from mpoe.parallel import groups
-
     plain = _build(_cfg(precision, zero=zero)).engine
-    monkeypatch.setattr(groups, "accelerator_name", lambda: "cuda")
+    monkeypatch.setattr(ds_engine, "accelerator_name", lambda: "cuda")
     fused = _build(_cfg(precision, zero=zero)).engine
 
     def torch_adamw(engine):  # ZeRO 0 steps torch's optimizer itself; BF16_Optimizer wraps it

@@ -3,6 +3,7 @@
 Parameter counts equal published and hand-computed ones."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from mpoe.config import ModelConfig, MoEConfig, TrainConfig, TrainerConfig
 from mpoe.models.accounting import count_params, mpoe_vs_switch_ratio
 from mpoe.models.build import build_model, moe_layers
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 VOCAB = 96
 
@@ -66,7 +67,7 @@ def embedding_of(model) -> int:
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_loss_falls_on_a_fixed_batch(family, kind):
     cfg = tiny_cfg(family, kind)
-    model = build_model(cfg, VOCAB, eot_id=0, pad_id=1, groups=ExpertGroups())
+    model = build_model(cfg, VOCAB, eot_id=0, pad_id=1, placement=ExpertPlacement())
     assert len(moe_layers(model)) == (0 if kind == "dense" else (1 if family == "gpt2" else 2))
     batch = tiny_batch(family, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -84,13 +85,13 @@ def test_loss_falls_on_a_fixed_batch(family, kind):
 
 def _meta_count(cfg: TrainConfig, vocab: int) -> dict:
     """The dry-run path: shapes only (meta device, no SVDs)."""
-    cfg.trainer.dry_run = True
-    model = build_model(cfg, vocab, 0, 1, ExpertGroups())
+    cfg = replace(cfg, trainer=replace(cfg.trainer, dry_run=True))  # a validated config is read-only
+    model = build_model(cfg, vocab, 0, 1, ExpertPlacement())
     return count_params(model, embedding_of(model), cfg.moe.top_k, 1)
 
 
 def _from_yaml(name: str, *overrides: str) -> TrainConfig:
-    from mpoe.train.main import compose_and_validate
+    from mpoe.train.compose import compose_and_validate
 
     return compose_and_validate([f"model={name}", "moe=dense", *overrides], 1)
 
@@ -160,14 +161,14 @@ def test_gpt2_tiny_counts_by_hand():
     cfg = _from_yaml("gpt2_tiny")
     assert _meta_count(cfg, 4096)["params_total"] == dense_total
 
-    cfg.moe = MoEConfig(kind="switch", num_experts=E, top_k=1)
+    cfg = replace(cfg, moe=MoEConfig(kind="switch", num_experts=E, top_k=1))
     switch = _meta_count(cfg, 4096)
     assert switch["params_total"] == dense_total + 2 * ((E - 1) * _ffn(d, ff, True) + d * E)
     assert switch["params_router"] == 2 * d * E and switch["params_expert"] == 2 * E * _ffn(d, ff, True)
     assert switch["params_active"] == dense_total + 2 * d * E
 
     # 128 = 2*2*4*4*2 and 512 = 2*4*4*4*4 (mpo.factorize); W_in is 128x512, W_out 512x128
-    cfg.moe = MoEConfig(kind="mpoe", num_experts=E, top_k=1)
+    cfg = replace(cfg, moe=MoEConfig(kind="mpoe", num_experts=E, top_k=1))
     mpoe = _meta_count(cfg, 4096)
     sizes_in, sizes_out = _mpo_by_hand([2, 2, 4, 4, 2], [2, 4, 4, 4, 4]), _mpo_by_hand([2, 4, 4, 4, 4], [2, 2, 4, 4, 2])
     central = sizes_in[2] + sizes_out[2]
@@ -182,7 +183,7 @@ def test_gpt2_tiny_counts_by_hand():
     assert mpoe["params_active_compute"] == switch["params_active_compute"] == switch["params_active"]
     assert mpoe["switch_over_mpoe_params"] == round(switch["params_total"] / mpoe["params_total"], 3)
     assert mpoe["switch_over_mpoe_params"] > 1  # Switch is the larger one: the name says which way it divides
-    assert mpoe["mpoe_vs_switch_total_ratio"] == mpoe["switch_over_mpoe_params"]  # the old key, kept one release
+    assert "mpoe_vs_switch_total_ratio" not in mpoe  # the old name, whose direction read backwards, is gone
     ratio = mpoe_vs_switch_ratio(d, ff, 2, E, dense_total - 2 * _ffn(d, ff, True), bias=True)
     assert (ratio["switch_total"], ratio["mpoe_total"]) == (switch["params_total"], mpoe["params_total"])
 
@@ -191,12 +192,12 @@ def test_t5_moe_counts_by_hand():
     """T5 MoE layers sit in encoder and decoder blocks 1, 3, ...; T5 experts have no biases."""
     cfg = _from_yaml("t5_small")
     dense = _meta_count(cfg, 32000)["params_total"]
-    cfg.moe = MoEConfig(kind="switch", num_experts=8)
+    cfg = replace(cfg, moe=MoEConfig(kind="switch", num_experts=8))
     switch = _meta_count(cfg, 32000)
     n_moe = 2 * 3
     assert switch["params_total"] == dense + n_moe * (7 * _ffn(512, 2048, False) + 512 * 8)
     # 512 = 2*4*4*4*4, 2048 = 4*4*8*4*4 (the paper's); bond cap 64
-    cfg.moe = MoEConfig(kind="mpoe", num_experts=8, bond_dim=64)
+    cfg = replace(cfg, moe=MoEConfig(kind="mpoe", num_experts=8, bond_dim=64))
     mpoe = _meta_count(cfg, 32000)
     r = mpoe_vs_switch_ratio(512, 2048, n_moe, 8, dense - n_moe * _ffn(512, 2048, False), bond_dim=64)
     assert mpoe["params_total"] == r["mpoe_total"] and switch["params_total"] == r["switch_total"]

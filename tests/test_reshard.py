@@ -1,8 +1,19 @@
 """A checkpoint saved at one expert-parallel layout resumes at another: experts re-partitioned,
 optimizer state following them, outputs and the continued loss curve unchanged."""
 
+import types
+from pathlib import Path
+
 import pytest
+import torch
 from _cli import metrics, summary, train
+from test_low_precision_steps import _build, _cfg, _step
+
+from mpoe.parallel.deepspeed.optimizer_state import adam_view
+from mpoe.parallel.local_world import spawn_world
+from mpoe.train.checkpoint import store as checkpoint
+from mpoe.train.checkpoint.adam_state import portable_forms
+from mpoe.train.checkpoint.reshard import RankFiles, join_ep_group, load_resharded
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +93,13 @@ def test_ep1_checkpoint_continues_on_four_processes_at_ep4_zero2(tmp_path, mpoe_
     assert summary(four)["val_loss"] == pytest.approx(summary(base)["val_loss"], rel=1e-5)  # the same 32 sequences
 
 
-def _portable(checkpoint):
-    from mpoe.train.checkpoint.reshard import RankFiles, portable_forms
-
-    files = RankFiles(checkpoint)
+def _portable(path):
+    files = RankFiles(path)
     return files(0)["module"], portable_forms(files, 1)[0]
 
 
 def _assert_same_training_state(a, b):
     """Module weights, and per parameter Adam's moments and float32 master weight, bit for bit."""
-    import torch
-
     (module_a, adam_a), (module_b, adam_b) = _portable(a), _portable(b)
     assert module_a.keys() == module_b.keys()
     for name, tensor in module_a.items():
@@ -121,12 +128,6 @@ def test_bf16_training_state_crosses_zero_stages_exactly(tmp_path, mpoe_cache):
 
 def test_a_checkpoint_without_optimizer_state_by_name_is_refused_not_resumed_with_fresh_adam(tmp_path):
     """Older bf16/fp16 ZeRO-0 checkpoints stored an empty portable form: resharding must not start Adam afresh."""
-    import types
-
-    import torch
-
-    from mpoe.train.checkpoint.reshard import load_resharded
-
     torch.save({"portable_optimizer": {"step": 3, "params": {}}, "module": {}}, tmp_path / "rank_00000.pt")
     engine = types.SimpleNamespace(module=torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="holds no optimizer state by parameter name"):
@@ -137,20 +138,11 @@ def _checkpoint_form_is_the_live_state(rank: int, root: str) -> None:
     """On 4 ranks at ep_size 2 (expert parameters partitioned over expert-data-parallel pairs, shared ones over
     all 4): the Adam state derived from the checkpoint's ZeRO partitions equals what DeepSpeed's own per-parameter
     API (`safe_get_full_*`) reads from the live optimizer, for every parameter of the rank's first-replica twin."""
-    from pathlib import Path
-
-    import torch
-    from test_low_precision_steps import _build, _cfg, _step
-
-    from mpoe.train.checkpoint import adam_state
-    from mpoe.train.checkpoint import store as checkpoint
-    from mpoe.train.checkpoint.reshard import RankFiles, portable_forms
-
     for precision, zero in (("bf16", 1), ("fp32", 2)):  # DeepSpeed's BF16_Optimizer; its ZeRO optimizer
         tr = _build(_cfg(precision, zero, world=4, ep=2), world=4, rank=rank)
         for step in range(2):
             _step(tr, step)
-        live = adam_state.holder(tr.engine)  # collective reads: every rank takes part
+        live = adam_view(tr.engine)  # collective reads: every rank takes part
         truth = {name: live.read(p) for name, p in tr.engine.module.named_parameters()}
         saved = checkpoint.save(tr.engine, Path(root) / precision, 2, {"ep_size": 2}, keep_last=1)
         form = portable_forms(RankFiles(saved), 2)[rank % 2]
@@ -163,17 +155,11 @@ def _checkpoint_form_is_the_live_state(rank: int, root: str) -> None:
 
 
 def test_zero_checkpoints_store_adam_once_and_derive_the_per_parameter_state_exactly(tmp_path):
-    from mpoe.parallel.local_world import spawn_world
-
     spawn_world(_checkpoint_form_is_the_live_state, 4, str(tmp_path))
 
 
 def test_joining_an_expert_parallel_groups_values():
     """Experts concatenated in rank order, a shared value is rank 0's, none saved is None, part saved is an error."""
-    import torch
-
-    from mpoe.train.checkpoint.reshard import join_ep_group
-
     a, b = torch.zeros(2, 3), torch.ones(1, 3)
     assert torch.equal(join_ep_group("w", [a, b], expert=True), torch.cat([a, b]))
     assert join_ep_group("w", [a, b], expert=False) is a

@@ -7,7 +7,7 @@ from transformers import T5Config
 
 from mpoe.models import t5
 from mpoe.models.build import build_model, moe_layers
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 from mpoe.train.data.span_corruption import SpanCorruption, random_spans_helper
 
 SENTINELS = t5.sentinel_ids(1000)
@@ -22,7 +22,7 @@ def test_sentinel_vocabulary_is_t5s():
 def test_moe_layers_in_encoder_and_decoder():
     cfg = tiny_cfg("t5", "mpoe")
     cfg.model.num_layers, cfg.model.num_decoder_layers = 4, 2
-    model = build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+    model = build_model(cfg, VOCAB, 0, 1, ExpertPlacement())
     from mpoe.models.moe_layer import MoELayer
 
     kinds = lambda stack: [isinstance(b.layer[-1].DenseReluDense, MoELayer) for b in stack.block]

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 
 from mpoe.config import ConfigError
 from mpoe.models.build import build_model, moe_layers
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 def _save_gpt2(path, vocab=VOCAB, positions=32):
@@ -48,7 +48,7 @@ def _save_t5(path, gated=False):
 def _logits(family, path, kind, **moe):
     cfg = tiny_cfg(family, kind, **moe)
     cfg.model.pretrained = str(path)
-    model = build_model(cfg, VOCAB, 0, 1, ExpertGroups()).eval()
+    model = build_model(cfg, VOCAB, 0, 1, ExpertPlacement()).eval()
     with torch.no_grad():
         out = model(**tiny_batch(family, cfg), return_logits=True)
     return model, out
@@ -103,14 +103,14 @@ def test_wrong_checkpoint_is_a_one_line_config_error(tmp_path):
     cfg = tiny_cfg("t5", "dense")
     cfg.model.pretrained = str(_save_gpt2(tmp_path / "gpt2"))
     with pytest.raises(ConfigError, match="model.family='t5'"):
-        build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+        build_model(cfg, VOCAB, 0, 1, ExpertPlacement())
     cfg.model.pretrained = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="model.pretrained="):
-        build_model(cfg, VOCAB, 0, 1, ExpertGroups())
+        build_model(cfg, VOCAB, 0, 1, ExpertPlacement())
     cfg = tiny_cfg("gpt2", "dense")
     cfg.model.pretrained = str(tmp_path / "gpt2")
     with pytest.raises(ConfigError, match="token embeddings"):
-        build_model(cfg, VOCAB + 10, 0, 1, ExpertGroups())
+        build_model(cfg, VOCAB + 10, 0, 1, ExpertPlacement())
 
 
 def test_checkpoint_tokenizer_files_are_used(tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 from mpoe.config import ConfigError, MoEConfig
 from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
-from mpoe.models.experts_grouped import GROUPED_MM
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.experts.grouped import GROUPED_MM
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 pytestmark = pytest.mark.skipif(GROUPED_MM is None, reason="this torch has no grouped_mm")
 D_MODEL, D_FF = 16, 32
@@ -24,7 +24,7 @@ def _bank(gated: bool, bias: bool, dtype: torch.dtype, bond_dim=None, d_model=D_
         dense.b_out.normal_(std=0.3)
     cfg = MoEConfig(kind="mpoe", num_experts=4, bond_dim=bond_dim, aux_init_noise=0.3, expert_impl="grouped")
     activation = "gated-gelu" if gated else "gelu_new"
-    return build_expert_bank(cfg, d_model, d_ff, activation, ExpertGroups(), dense).to(dtype)
+    return build_expert_bank(cfg, d_model, d_ff, activation, ExpertPlacement(), dense).to(dtype)
 
 
 def _run(bank, x, counts):

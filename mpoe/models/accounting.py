@@ -17,9 +17,7 @@ the dense W it applies (rebuilt from its MPO tensors), not the MPO tensors.
 MPOE vs Switch: a model with MPOE layers also reports `params_switch_equivalent`,
 the total the same model would have with Switch experts (E dense FFNs per MoE
 layer), and `switch_over_mpoe_params` = that / params_total (Switch's total over
-MPOE's: 1.31 means the Switch model is 1.31x larger). `mpoe_vs_switch_total_ratio`
-is the same number under its old name, whose direction read backwards; it stays
-for one release so existing reports keep working, then goes.
+MPOE's: 1.31 means the Switch model is 1.31x larger).
 `mpoe_vs_switch_ratio(...)` gives the same by formula for any shape, for the
 paper's settings without building anything (`python -m mpoe.models.accounting`).
 """
@@ -86,7 +84,6 @@ def count_params(model: nn.Module, embedding: int, top_k: int, ep_size: int) -> 
     if mpoe_bank_params:
         out["params_switch_equivalent"] = total - mpoe_bank_params + switch_bank_params
         out["switch_over_mpoe_params"] = round(out["params_switch_equivalent"] / total, 3)
-        out["mpoe_vs_switch_total_ratio"] = out["switch_over_mpoe_params"]  # deprecated alias, one release
     return out
 
 
@@ -128,13 +125,9 @@ def mpoe_vs_switch_ratio(
     }
 
 
-DEPRECATED_KEYS = ("mpoe_vs_switch_total_ratio",)  # in summary.json for one release; not shown in the table
-
-
 def format_table(counts: dict) -> str:
-    shown = {k: v for k, v in counts.items() if k not in DEPRECATED_KEYS}
-    width = max(map(len, shown))
-    return "\n".join(f"  {k:<{width}}  {v:>14,}" for k, v in shown.items())
+    width = max(map(len, counts))
+    return "\n".join(f"  {k:<{width}}  {v:>14,}" for k, v in counts.items())
 
 
 # Shapes of the paper's base models: (d_model, d_ff, FFN layers, other params = published total minus FFNs).

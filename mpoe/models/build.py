@@ -20,8 +20,9 @@ from transformers.utils import ModelOutput
 from mpoe.config import ConfigError, TrainConfig
 from mpoe.models import family as families
 from mpoe.models.lm_loss import linear_cross_entropy
-from mpoe.models.moe_layer import MoELayer, build_moe_layer
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.models.moe_builder import build_moe_layer
+from mpoe.models.moe_layer import MoELayer
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 @dataclass
@@ -116,7 +117,9 @@ def build_backbone(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int) 
     return backbone
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, groups: ExpertGroups) -> LanguageModel:
+def build_model(
+    cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, placement: ExpertPlacement
+) -> LanguageModel:
     """The configured backbone; with moe != dense its FFNs every `moe.every` layers become MoE layers.
 
     With model.pretrained the FFNs are upcycled: every expert starts as the dense FFN it replaces.
@@ -127,14 +130,14 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
     with torch.device("meta") if shapes_only else contextlib.nullcontext():
         backbone = build_backbone(cfg, vocab_size, eot_id, pad_id)
         if cfg.moe.kind != "dense":
-            install_moe(backbone, cfg, groups, upcycle=bool(cfg.model.pretrained))
+            install_moe(backbone, cfg, placement, upcycle=bool(cfg.model.pretrained))
     pad_id = families.get(cfg.model.family).pad_id(backbone, pad_id)
     model = LanguageModel(backbone, cfg.model.family, pad_id, cfg.trainer.lm_loss)
     if cfg.trainer.activation_checkpointing:
         # Non-reentrant: the MoE layers' losses leave a block beside its output (LanguageModel reads them from
         # the layers), and only non-reentrant checkpointing sends their gradients back into the block.
         non_reentrant = {"use_reentrant": False}
-        if hasattr(backbone, "activation_checkpointing_enable"):  # newer transformers; older: only the old name
+        if hasattr(backbone, "activation_checkpointing_enable"):  # HF's current name; some releases have only the old
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
         else:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
@@ -142,7 +145,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int, pad_id: int, gro
     return model
 
 
-def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upcycle: bool) -> None:
+def install_moe(backbone: nn.Module, cfg: TrainConfig, placement: ExpertPlacement, upcycle: bool) -> None:
     """Replace the FFNs of layers every-1, 2*every-1, ... by MoE layers (upcycled from them if asked)."""
     family = families.get(cfg.model.family)
     shape = family.ffn_shape(backbone.config)
@@ -150,7 +153,7 @@ def install_moe(backbone: nn.Module, cfg: TrainConfig, groups: ExpertGroups, upc
     def make(ffn: nn.Module) -> nn.Module:
         dense = family.dense_ffn(ffn) if upcycle else None
         return build_moe_layer(
-            cfg.moe, shape.d_model, shape.d_ff, shape.activation, groups, dense=dense, bias=shape.bias
+            cfg.moe, shape.d_model, shape.d_ff, shape.activation, placement, dense=dense, bias=shape.bias
         )
 
     family.replace_ffns(backbone, lambda i: is_moe_layer(i, cfg.moe.every), make)

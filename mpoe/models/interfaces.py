@@ -5,11 +5,10 @@
                 expert rows (same order)              -> [N, d], each token's gate-weighted sum (combine)
     expert bank rows sorted by local expert, counts   -> rows in the same order
 
-A new router, dispatcher or expert bank is one class that satisfies its
-Protocol here plus one config option that picks it; the MoE layer and the
-training loop see only these methods. How a bank computes (per-expert loop on
-the CPU, one grouped GEMM on the GPU) is its `ExpertBackend`, picked by
-`moe.expert_impl`.
+A new router or dispatcher is one class that satisfies its Protocol here plus
+one line in its registry (`mpoe.models.moe_builder`) and its name among the
+config's choices; the MoE layer and the training loop see only these methods. How a bank computes (per-expert loop
+or one grouped GEMM) is its backend, chosen once by `moe.expert_impl` (`mpoe.models.experts`).
 
 Parameter roles are what the rest of the system needs to know about a bank's
 parameters: which are shared by all experts (MPOE central tensors: reduced over
@@ -22,12 +21,9 @@ matching attributes on the parameters themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Protocol, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from mpoe.models.router import RouterOutput
 
 # Per-local-expert row counts: a host list (CPU path) or a 1-D integer tensor on the rows' device (GPU path,
 # so that no device-to-host copy is needed between dispatch and the grouped GEMM).
@@ -58,24 +54,55 @@ class ParamRoles:
         return getattr(self, role)
 
 
+@dataclass
+class RouterOutput:
+    """What a router decided for N tokens over E experts."""
+
+    probs: Tensor  # [N, E] gate weight of each kept (token, expert) pair, 0 elsewhere
+    routing_map: Tensor  # [N, E] bool, the kept (token, expert) pairs
+    aux_loss: Tensor  # scalar with grad, load-balancing loss, its coefficient applied
+    z_loss: Tensor  # scalar with grad, router z-loss, its coefficient applied
+    tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
+    # Monitoring statistics stay tensors on the tokens' device: reading them here would stall the GPU
+    # once per layer and step; the training loop reads them once per logged step.
+    tokens_dropped: Tensor  # scalar long, (token, expert) pairs removed by a capacity limit
+    entropy: Tensor  # scalar float32, mean entropy (nats) of the full routing distribution
+    # Every token kept all the pairs it chose (no capacity limit): a dispatcher that lists rows without reading
+    # the kept count from the device then has no padding rows to provide for.
+    dropless: bool = False
+
+
 @runtime_checkable
 class Router(Protocol):
+    """An nn.Module (its parameters are the layer's); the layer builder makes it as cls(cfg: MoEConfig, d_model)."""
+
     def __call__(self, tokens: Tensor) -> RouterOutput: ...
 
 
 @runtime_checkable
 class Dispatcher(Protocol):
-    """Stateful between `dispatch` and `combine` of one forward."""
+    """Stateful between `dispatch` and `combine` of one forward; the layer builder makes it as
+    cls(num_experts, placement: ExpertPlacement, top_k=k)."""
 
-    def dispatch(self, tokens: Tensor, probs: Tensor, routing_map: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (rows for this rank's experts, sorted by local expert; counts [L] int64 on the rows' device)."""
+    num_experts: int
+    num_local_experts: int
+
+    def dispatch(
+        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """-> (rows for this rank's experts, sorted by local expert; counts [L] int64 on the rows' device);
+        dropless as `RouterOutput.dropless`."""
         ...
 
-    def combine(self, expert_output: Tensor) -> Tensor: ...
+    def combine(self, expert_output: Tensor) -> Tensor:
+        """Expert outputs in the order `dispatch` gave -> [N, d], each token's gate-weighted sum."""
+        ...
 
 
 @runtime_checkable
 class ExpertBankLike(Protocol):
+    """The local experts of one layer (an nn.Module): rows sorted by local expert in, rows in the same order out."""
+
     num_experts: int
     num_local_experts: int
     first_expert: int  # global id of local expert 0
@@ -83,40 +110,3 @@ class ExpertBankLike(Protocol):
     def __call__(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor: ...
 
     def param_roles(self) -> ParamRoles: ...
-
-
-@dataclass
-class GroupedWeight:
-    """One weight of every local expert as the grouped backend applies it: out = x[:, in_perm] @ matrix, whose
-    column r is the weight's column out_perm[r]. A Switch bank's is its stacked weight as it stands; an MPOE
-    bank may hand a matrix whose rows or columns its MPO chain builds in another order (`mpo.permuted_product`)."""
-
-    matrix: Tensor  # [L, I, J], possibly a transposed view
-    in_perm: Optional[Tensor] = None  # [I]: the input columns in the matrix's row order
-    out_perm: Optional[Tensor] = None  # [J]: the weight column each output column is
-
-
-class ExpertBackend(Protocol):
-    """How a bank's experts are computed: `loop` (per-expert GEMMs) or `grouped` (all experts in one op).
-
-    `linear` is the one seam: rows of local expert e (consecutive, counts[e] of them)
-    times the bank's weight `name` of expert e, plus its bias.
-    """
-
-    name: str
-
-    def counts(self, tokens: Tensor, tokens_per_expert: TokenCounts, num_local_experts: int) -> TokenCounts:
-        """tokens_per_expert in the form this backend wants (host list or device tensor)."""
-        ...
-
-    def forward(self, bank: nn.Module, tokens: Tensor, counts: TokenCounts) -> Tensor:
-        """The bank's FFN over all local experts' rows; `counts` as the dispatcher gives them (converted by
-        `counts`). A backend that reads counts on the host runs eagerly under torch.compile (see experts_loop)."""
-        ...
-
-    def linear(self, bank: nn.Module, x: Tensor, counts: TokenCounts, name: str) -> Tensor: ...
-
-
-def bias_of(bank: nn.Module, name: str) -> Optional[Tensor]:
-    """The stacked bias that goes with weight `name` (W_gate never has one)."""
-    return {"w_in": getattr(bank, "b_in", None), "w_out": getattr(bank, "b_out", None)}.get(name)

@@ -1,8 +1,10 @@
 """The MoE FFN block: route -> dispatch -> experts -> combine, as a drop-in for a dense FFN.
 
-It returns a plain tensor of the input's shape, because it replaces HF's
-`GPT2Block.mlp` and `T5LayerFF.DenseReluDense`, which expect one; the router losses
-and counts of the last forward are left in `self.stats` for the training loop.
+The layer assembles the parts it is given (a `Router`, a `Dispatcher` and an expert
+bank, `mpoe.models.interfaces`) and knows none of their classes; `mpoe.models.moe_builder`
+picks them from config. It returns a plain tensor of the input's shape, because it
+replaces HF's `GPT2Block.mlp` and `T5LayerFF.DenseReluDense`, which expect one; the
+router losses and counts of the last forward are left in `self.stats` for the training loop.
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ from typing import Optional
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from mpoe.config import MoEConfig, check_ep_divides_experts
-from mpoe.models.experts import ExpertBank, build_expert_bank
-from mpoe.models.router import TopKRouter
-from mpoe.parallel.dispatch import AllToAllDispatcher
-from mpoe.parallel.groups import ExpertGroups, expert_groups
+from mpoe.models.interfaces import Dispatcher, ExpertBankLike, Router
+from mpoe.parallel.expert_placement import ExpertPlacement, expert_placement
 
 
 @dataclass
@@ -32,55 +31,54 @@ class MoEStats:
 
 
 class MoELayer(MoE):
-    """Our MoE layer, dressed as a `deepspeed.moe.layer.MoE` for the engine.
+    """Router, dispatcher and expert bank as one FFN block.
 
-    Why subclass MoE without calling its __init__: DeepSpeed's engine finds MoE layers
-    with `isinstance(module, MoE)`; only then does it reduce parameters marked
-    `allreduce=False` over the expert-data-parallel group named `group_name` (rather
-    than averaging them with the dense parameters over the whole world), build the
-    ZeRO MoE parameter groups, and call `set_deepspeed_parallelism`. MoE.__init__ would
-    build DeepSpeed's own gate and padded einsum experts, so we set by hand only the
-    attributes the engine reads: num_experts, num_local_experts, ep_size,
-    expert_group_name, enable_expert_tensor_parallelism and use_residual.
+    DeepSpeed contract kept: the engine's `isinstance(module, MoE)`, with the attributes `_deepspeed_attributes` sets.
+
+    What that check buys: the engine then reduces the parameters tagged `allreduce=False`
+    (the bank's per-expert ones) over the expert-data-parallel group named
+    `expert_group_name` instead of averaging them over the whole world, splits them into
+    their own ZeRO / optimizer parameter groups, calls `set_deepspeed_parallelism`, and saves
+    and loads them per expert in its checkpoints. `MoE.__init__` is not called: it would build
+    DeepSpeed's own gate and padded einsum experts (parameters, and draws from the RNG) that
+    this layer does not use.
 
     The expert bank is registered as `bank`, not `experts`: the engine's MoE checkpoint
     code treats every state-dict key containing "expert" as a DeepSpeed
     `deepspeed_moe.experts.deepspeed_experts.<i>` parameter and fails on any other.
     """
 
-    def __init__(self, cfg: MoEConfig, d_model: int, experts: ExpertBank, groups: ExpertGroups):
+    def __init__(self, router: Router, dispatcher: Dispatcher, experts: ExpertBankLike, placement: ExpertPlacement):
         nn.Module.__init__(self)
-        check_ep_divides_experts(groups.ep_size, cfg.num_experts)
-        if experts.num_experts != cfg.num_experts or experts.num_local_experts != cfg.num_experts // groups.ep_size:
+        parts = (dispatcher.num_experts, dispatcher.num_local_experts)
+        if parts != (experts.num_experts, experts.num_local_experts):
             raise ValueError(
-                f"expert bank holds {experts.num_local_experts} of {experts.num_experts} experts; "
-                f"moe.num_experts={cfg.num_experts} over parallel.ep_size={groups.ep_size} needs "
-                f"{cfg.num_experts // groups.ep_size} of {cfg.num_experts}"
+                f"dispatcher routes to {parts[1]} local of {parts[0]} experts, the expert bank holds "
+                f"{experts.num_local_experts} of {experts.num_experts}: build both for the same moe.num_experts"
             )
-        self.num_experts = cfg.num_experts
-        self.num_local_experts = cfg.num_experts // groups.ep_size
-        self.ep_size = groups.ep_size
-        self.expert_group_name = groups.name
-        self.enable_expert_tensor_parallelism = False
-        self.use_residual = False
-
-        self.groups = groups
-        self.router = TopKRouter(cfg, d_model)
+        self.router = router  # registered before the bank: the parameters' order is the optimizer's layout
         self.bank = experts
-        self.bank.mark_expert_params(groups.name)
-        self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups, top_k=cfg.top_k)
+        self.dispatcher = dispatcher
+        self._deepspeed_attributes(experts, placement)
         self.stats: Optional[MoEStats] = None
 
+    def _deepspeed_attributes(self, experts: ExpertBankLike, placement: ExpertPlacement) -> None:
+        """What DeepSpeed's engine reads of an MoE module, in place of what MoE.__init__ would set."""
+        self.num_experts = experts.num_experts  # engine init: counts the experts of each MoE layer
+        self.num_local_experts = experts.num_local_experts  # MoE checkpoints: experts this rank saves and loads
+        self.expert_group_name = placement.group_name  # MoE checkpoints: whose expert-parallel rank names the files
+        self.ep_size = placement.ep_size  # set_deepspeed_parallelism: the groups to make sure of
+
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the engine at init: the groups must exist; the dispatcher already holds them."""
-        expert_groups(self.ep_size)
+        """Called by the engine at init (MoE's would reach for DeepSpeed's gate): make sure DeepSpeed's expert
+        groups for ep_size exist, since the engine reduces expert gradients over them."""
+        expert_placement(self.ep_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
         tokens = hidden.reshape(-1, hidden.shape[-1])
         routed = self.router(tokens)
-        dropless = self.router.capacity_factor() is None
         expert_input, tokens_per_local_expert = self.dispatcher.dispatch(
-            tokens, routed.probs, routed.routing_map, dropless=dropless
+            tokens, routed.probs, routed.routing_map, dropless=routed.dropless
         )
         expert_output = self.bank(expert_input, tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output)
@@ -89,20 +87,3 @@ class MoELayer(MoE):
             routed.aux_loss, routed.z_loss, routed.tokens_per_expert, routed.tokens_dropped, routed.entropy
         )
         return output.view(hidden.shape)
-
-
-def build_moe_layer(
-    cfg: MoEConfig,
-    d_model: int,
-    d_ff: int,
-    activation: str,
-    groups: ExpertGroups,
-    dense: Optional[nn.Module] = None,
-    bias: bool = True,
-) -> MoELayer:
-    """An MoE layer with the expert bank cfg.kind asks for ('switch' or 'mpoe'), upcycled from `dense` if given.
-
-    `bias=False` builds experts without biases (T5's FFNs have none)."""
-    return MoELayer(
-        cfg, d_model, build_expert_bank(cfg, d_model, d_ff, activation, groups, dense=dense, bias=bias), groups
-    )

@@ -231,7 +231,7 @@ def split_halves(
 
     Returns (left (..., a, b, d), right (..., d, c, e), perm). The matrix
     M[(c, a), (b, e)] = sum_d left[a, b, d] * right[d, c, e], built as c products
-    of (a*b, d) @ (d, e) written side by side (`grouped_linear.mpo_grouped_linear`
+    of (a*b, d) @ (d, e) written side by side (`experts.loop_ops.per_expert_mpo_linear`
     does so expert by expert), needs no pass that reorders it:
       transposed=False: a, b, c, e = i_L, j_L, i_R, j_R; M is W with row r = W's row perm[r],
                         so x @ W = x[:, perm] @ M.
@@ -350,7 +350,7 @@ def matmul_flops(n_tokens: int, shapes: Sequence[Sequence[int]]) -> tuple[int, i
 
 
 # One element written to memory costs about as much time as this many FLOPs on a CPU (a
-# default for `mpo_matmul`; the expert banks' loop backend sets its own, `experts_loop.POLICY`).
+# default for `mpo_matmul`; the expert banks' loop backend sets its own, `experts.loop.POLICY`).
 # Pure FLOP counts favour the chain path, whose every step rewrites a tokens-sized state.
 MEMORY_COST = 100
 
@@ -362,7 +362,7 @@ def matmul_costs(
 
     weight_passes: full-size writes of W the dense path pays per step: 3 for `mpo_matmul`
     (W, its reordering pass, and grad W under autograd), 1 for the expert banks'
-    `grouped_linear.mpo_grouped_linear` (W once; grad W stays in a reused buffer).
+    `experts.loop_ops.per_expert_mpo_linear` (W once; grad W stays in a reused buffer).
     memory_cost: FLOP-equivalents per element written (machine-dependent; see MEMORY_COST).
     """
     dense_flops, chain_flops = matmul_flops(n_tokens, shapes)

@@ -6,7 +6,7 @@ One module writes and reads them, so that the hidden protocol has one owner:
   them over the whole world). `is_expert_param` is true for exactly these.
 - `first_expert`: the global id of slice 0 of a parameter stacked on a leading
   local-expert axis; the gradient mask seeds each slice by its global expert id.
-Readers: grad_mask, accounting, train.reshard, train.grad_norms, export.
+Readers: grad_mask, accounting, train.checkpoint.reshard, train.metrics.grad_norms, tools.export.
 """
 
 from __future__ import annotations

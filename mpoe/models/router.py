@@ -6,7 +6,7 @@ each because Megatron's CPU path would be wrong or degenerate for us:
 
 - drop_policy='position' keeps the *first* `capacity` tokens of each expert by a
   cumulative count. Megatron picks them with `torch.topk` over a 0/1 map, whose
-  choice among ties is not positional on CPU (measured: it keeps other tokens).
+  choice among ties is not positional on CPU (it may keep tokens other than the first).
 - drop_policy='probs' ranks an expert's tokens by the router's full-softmax score
   for that expert, not by the gate weight: with top-1 and softmax after top-k the
   gate weight is 1 for every token, and ranking ties would be arbitrary.
@@ -16,12 +16,14 @@ default): the aux loss and the capacity of a rank depend only on its own tokens,
 a rank's routing is the same whatever the expert-parallel size, which is what makes
 ep_size=P reproduce ep_size=1 exactly. Each rank's aux loss is its own micro-batch's
 Switch loss; data parallelism averages them like the LM loss.
+
+`TopKRouter` is the router `moe.router=topk` picks (`mpoe.models.moe_builder`); what
+any router returns is `RouterOutput` (`mpoe.models.interfaces`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,26 +31,14 @@ from megatron.core.transformer.moe import moe_utils
 from torch import Tensor, nn
 
 from mpoe.config import MoEConfig
-
-
-@dataclass
-class RouterOutput:
-    probs: Tensor  # [N, E] gate weight of each kept (token, expert) pair, 0 elsewhere
-    routing_map: Tensor  # [N, E] bool, the kept (token, expert) pairs
-    aux_loss: Tensor  # scalar, Switch load-balancing loss times aux_loss_coef
-    z_loss: Tensor  # scalar, router z-loss times z_loss_coef
-    tokens_per_expert: Tensor  # [E] long, local tokens routed to each expert before dropping
-    # Monitoring statistics stay tensors on the tokens' device: reading them here would stall the GPU
-    # once per layer and step; the training loop reads them once per logged step.
-    tokens_dropped: Tensor  # scalar long, (token, expert) pairs removed by the capacity limit
-    entropy: Tensor  # scalar float32, mean entropy (nats) of the full routing distribution
+from mpoe.models.interfaces import RouterOutput
 
 
 class _GateLogitsInFloat32(torch.autograd.Function):
     """tokens @ weight^T in float32, keeping tokens and weight in their own dtypes for backward.
 
-    Megatron-Core's `RouterGatingLinearFunction`, the same arithmetic (0.16's `router_gating_linear` needs
-    Transformer Engine to run). Autograd through `F.linear(tokens.float(), weight.float())` computes the same
+    Megatron-Core's `RouterGatingLinearFunction`, the same arithmetic (Megatron's own needs Transformer Engine
+    to run). Autograd through `F.linear(tokens.float(), weight.float())` computes the same
     values and gradients but keeps the float32 copy of the tokens: twice a bf16 layer input, per MoE layer.
     """
 
@@ -69,6 +59,8 @@ class _GateLogitsInFloat32(torch.autograd.Function):
 
 
 class TopKRouter(nn.Module):
+    """Softmax or sigmoid scores over a linear gate, top-k experts per token, optional capacity dropping."""
+
     def __init__(self, cfg: MoEConfig, d_model: int):
         super().__init__()
         self.cfg = cfg
@@ -118,7 +110,16 @@ class TopKRouter(nn.Module):
         )
         p = scores.detach()
         entropy = torch.special.entr(p).sum(dim=-1).mean() if p.shape[0] else p.new_zeros(())
-        return RouterOutput(probs * kept, kept, aux_loss, z_loss, tokens_per_expert.long(), tokens_dropped, entropy)
+        return RouterOutput(
+            probs * kept,
+            kept,
+            aux_loss,
+            z_loss,
+            tokens_per_expert.long(),
+            tokens_dropped,
+            entropy,
+            dropless=self.capacity_factor() is None,
+        )
 
     def gate_logits(self, tokens: Tensor) -> Tensor:
         """[N, E] router logits computed in float32 whatever the training dtype.
@@ -131,7 +132,7 @@ class TopKRouter(nn.Module):
         """
         device = tokens.device.type
         # No autocast to switch off on devices without one (meta: shape-only runs). CUDA and CPU are named first
-        # because torch.compile in torch 2.11 cannot trace is_autocast_available (2.13 can): a graph break per block.
+        # so that torch.compile need not trace is_autocast_available, which not every torch can (a graph break).
         has_autocast = device in ("cuda", "cpu") or torch.amp.is_autocast_available(device)
         off = torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext()
         with off:

@@ -38,7 +38,8 @@ _host: Optional[tuple] = None  # (the world group, its gloo twin)
 
 
 def start_host_group(timeout: timedelta) -> None:
-    """Collective, on every rank once, right after the world starts (`groups.init_distributed`), with its timeout."""
+    """Collective, on every rank once, right after the world starts (`process_groups.init_distributed`), with its
+    timeout."""
     global _host
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch's, private: absent, wait long
     group = dist.new_group(backend="gloo", timeout=timeout if set_timeout else HOST_WAIT)

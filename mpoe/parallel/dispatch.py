@@ -42,9 +42,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from mpoe.config import check_ep_divides_experts
 from mpoe.parallel.combine import gate_weighted_sum
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 
 @dataclass
@@ -53,7 +52,6 @@ class CommStats:
 
     routed: Union[int, Tensor] = 0  # kept (token, expert) pairs; a device tensor until read, so reading is lazy
     bytes_sent: int = 0  # token payload handed to the all-to-all, dispatch + combine (0 when ep_size=1)
-    bytes_to_peers: int = 0  # the part of bytes_sent that left this rank
 
     @property
     def routed_tokens(self) -> int:
@@ -76,7 +74,8 @@ def _sort_chunks(x: Tensor, sizes: list[int], order: list[int]) -> Tensor:
 
 
 class AllToAllDispatcher:
-    """Stateful between `dispatch` and `combine` of one forward (like Megatron's dispatchers).
+    """The `Dispatcher` that `moe.dispatcher=alltoall` picks; stateful between `dispatch` and `combine` of one
+    forward (like Megatron's dispatchers). moe.num_experts is a multiple of ep_size (mpoe.config checks it).
 
     top_k: the router's k, which bounds the kept pairs by tokens * k and so lets
     ep_size 1 on CUDA dispatch without reading anything back (None: read the count).
@@ -84,13 +83,16 @@ class AllToAllDispatcher:
     """
 
     def __init__(
-        self, num_experts: int, groups: ExpertGroups, top_k: Optional[int] = None, sync_free: Optional[bool] = None
+        self,
+        num_experts: int,
+        placement: ExpertPlacement,
+        top_k: Optional[int] = None,
+        sync_free: Optional[bool] = None,
     ):
-        check_ep_divides_experts(groups.ep_size, num_experts)
         self.num_experts = num_experts
-        self.groups = groups
-        self.ep_size = groups.ep_size
-        self.num_local_experts = num_experts // groups.ep_size
+        self.placement = placement
+        self.ep_size = placement.ep_size
+        self.num_local_experts = num_experts // placement.ep_size
         self.top_k, self.sync_free = top_k, sync_free
         self.stats = CommStats()
         self._saved: Optional[dict] = None
@@ -112,7 +114,7 @@ class AllToAllDispatcher:
         all top_k pairs of every token (no capacity), so the sync-free path has no padding rows to provide for."""
         tokens_per_expert = routing_map.sum(dim=0)
         self.stats = CommStats(routed=tokens_per_expert.sum())
-        if self.groups.ep_group is None or self.ep_size == 1:
+        if self.placement.ep_group is None or self.ep_size == 1:
             return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert, dropless)
         return self._dispatch_all_to_all(tokens, probs, routing_map, tokens_per_expert)
 
@@ -144,7 +146,7 @@ class AllToAllDispatcher:
 
     @torch.compiler.disable
     def _dispatch_all_to_all(self, tokens, probs, routing_map, tokens_per_expert) -> tuple[Tensor, Tensor]:
-        P, L, group = self.ep_size, self.num_local_experts, self.groups.ep_group
+        P, L, group = self.ep_size, self.num_local_experts, self.placement.ep_group
         sent_counts = tokens_per_expert.view(P, L)  # [destination rank, its local expert]
         received_counts = torch.empty_like(sent_counts)  # [source rank, my local expert]
         dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)
@@ -165,10 +167,9 @@ class AllToAllDispatcher:
             restore_order=[e * P + r for r in range(P) for e in range(L)],
         )
         row_bytes = tokens.shape[-1] * tokens.element_size()
-        me, sent_rows, recv_rows = self.groups.ep_rank, sum(input_splits), sum(output_splits)
+        sent_rows, recv_rows = sum(input_splits), sum(output_splits)
         self.stats.routed = sent_rows
         self.stats.bytes_sent = (sent_rows + recv_rows) * row_bytes
-        self.stats.bytes_to_peers = (sent_rows - input_splits[me] + recv_rows - output_splits[me]) * row_bytes
         rows = _sort_chunks(received_rows, by_source, by_expert)
         return rows, received_counts.sum(dim=0)
 
@@ -176,7 +177,7 @@ class AllToAllDispatcher:
     def _return_all_to_all(self, expert_output: Tensor, saved: dict) -> Tensor:
         """Expert outputs back to the ranks their tokens came from, in the order those sent them."""
         by_source = _sort_chunks(expert_output, saved["resorted_sizes"], saved["restore_order"])
-        return _all_to_all(by_source, saved["input_splits"], saved["output_splits"], self.groups.ep_group)
+        return _all_to_all(by_source, saved["input_splits"], saved["output_splits"], self.placement.ep_group)
 
     def _save(self, tokens: Tensor, probs: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> None:
         # Each row's gate weight, 0 for padding rows, which add their (finite) output times 0 to token 0;

@@ -1,10 +1,10 @@
 """Spawn a real gloo world of processes on 127.0.0.1 (multi-process tests and benchmarks).
 
 Each worker gets the usual launcher environment (RANK, WORLD_SIZE, MASTER_*),
-initialises through `mpoe.parallel.groups.init_distributed` as training does, runs
+initialises through `mpoe.parallel.process_groups.init_distributed` as training does, runs
 `fn(rank, *args)` and tears the group down. Workers report results by writing files
 (torch.save) into a directory the test passes them; a failing worker makes
-`spawn_world` raise with its traceback. Spawning costs seconds per process (imports),
+`spawn_world` raise with its traceback. Spawning is slow (each process imports the stack),
 so tests reuse one world for several checks.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mpoe.parallel.groups import free_port, init_distributed
+from mpoe.parallel.process_groups import free_port, init_distributed
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, timeout_s: float) -> None:

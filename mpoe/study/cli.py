@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from mpoe.parallel.groups import configure_accelerator
+    from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
     args = parser().parse_args(argv)
     configure_accelerator()

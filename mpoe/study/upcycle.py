@@ -68,7 +68,7 @@ class Plan:
 def check_plan(plan: Plan) -> None:
     """Every option and every stage's composed config, before anything runs (StudyError, one line)."""
     from mpoe.config import ConfigError
-    from mpoe.train.main import compose_and_validate
+    from mpoe.train.compose import compose_and_validate
 
     if plan.seeds < 1:
         raise StudyError(f"--seeds={plan.seeds} is invalid: give at least 1")

@@ -26,18 +26,19 @@ import copy
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
 
-from mpoe.config import TrainConfig
+from mpoe.config import MoEConfig, TrainConfig, read_only
 from mpoe.models import family as families
 
 if TYPE_CHECKING:
     from mpoe.models.build import LanguageModel
-    from mpoe.parallel.groups import ExpertGroups
+    from mpoe.parallel.expert_placement import ExpertPlacement
     from mpoe.train.checkpoint.reshard import RankFiles
 
 FORMAT = "mpoe-export-1"
@@ -45,9 +46,10 @@ BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.sequences.SPECIAL_TOKENS are th
 
 
 def config_from_yaml(path: Union[str, Path]) -> TrainConfig:
+    """A run's config as it trained (read-only: what the export changes goes into copies)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
+    return read_only(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -105,20 +107,20 @@ def backbone_config(cfg: TrainConfig, state: dict):
     return family.hf_config(cfg.model, rows, eot, pad)
 
 
-def build_from_hf_config(cfg: TrainConfig, hf_config, groups: Optional[ExpertGroups] = None) -> LanguageModel:
+def build_from_hf_config(cfg: TrainConfig, hf_config, placement: Optional[ExpertPlacement] = None) -> LanguageModel:
     """The model's structure (weights to be loaded): backbone from hf_config, MoE layers from cfg.moe."""
     # Imported here, not at the top: `python -m mpoe.tools.export` configures the process (quiet library
     # notices) in its __main__ block, which runs after the module's own imports.
     from mpoe.models.build import LanguageModel, install_moe, moe_layers
     from mpoe.models.param_tags import to_empty_keeping_tags
-    from mpoe.parallel.groups import ExpertGroups
+    from mpoe.parallel.expert_placement import ExpertPlacement
 
-    groups = groups or ExpertGroups()
+    placement = placement or ExpertPlacement()
     family = families.get(cfg.model.family)
     backbone = family.from_config(copy.deepcopy(hf_config))
     if cfg.moe.kind != "dense":
         with torch.device("meta"):  # no init (nor SVDs: see mpo.decompose); the state dict brings the values
-            install_moe(backbone, cfg, groups, upcycle=False)
+            install_moe(backbone, cfg, placement, upcycle=False)
         for layer in moe_layers(backbone):
             to_empty_keeping_tags(layer, "cpu")  # expert parameters stay tagged: the rank files are joined by them
     return LanguageModel(backbone, cfg.model.family, family.pad_id(backbone, BPE_PAD_ID))
@@ -146,7 +148,8 @@ def load_float32_masters(files: RankFiles, ep_size: int, model: nn.Module) -> in
     (none stored), and so are frozen ones: those keep the module's weights.
     """
     from mpoe.models.param_tags import is_expert_param
-    from mpoe.train.checkpoint.reshard import join_ep_group, portable_forms
+    from mpoe.train.checkpoint.adam_state import portable_forms
+    from mpoe.train.checkpoint.reshard import join_ep_group
 
     experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
     forms = portable_forms(files, ep_size, lambda rank, name: rank == 0 or name in experts)
@@ -246,8 +249,8 @@ def load(out_dir: Union[str, Path]) -> tuple[LanguageModel, TrainConfig]:
 def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False) -> Path:
     """A run (or one of its checkpoints) -> OUT_DIR (see the module docstring)."""
     run_dir, ckpt = find_checkpoint(src)
-    cfg = config_from_yaml(run_dir / ".hydra" / "config.yaml")
-    cfg.parallel.ep_size = 1  # the export holds every expert in one process
+    trained = config_from_yaml(run_dir / ".hydra" / "config.yaml")
+    cfg = replace(trained, parallel=replace(trained.parallel, ep_size=1))  # the export holds every expert
     from mpoe.train.checkpoint.reshard import RankFiles
 
     files = RankFiles(ckpt)  # each rank file read once (memory-mapped), for the weights and for the masters
@@ -260,8 +263,14 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
         message = str(e).splitlines()[0]
         raise ExportError(f"checkpoint {ckpt} cannot be exported ({message}): export another checkpoint") from None
     if merge and merge_mpoe(model):
-        cfg.moe.kind = "switch"
+        cfg = replace(cfg, moe=merged_moe_config(cfg.moe))
     return save(model.eval(), cfg, out_dir)
+
+
+def merged_moe_config(moe: MoEConfig) -> MoEConfig:
+    """The MoE config of a model whose MPOE banks `merge_mpoe` made Switch banks: without the settings that act on
+    MPO tensors (gradient mask, weight recompute), which a Switch config refuses."""
+    return replace(moe, kind="switch", grad_mask=replace(moe.grad_mask, enabled=False), recompute_mpo_weights=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

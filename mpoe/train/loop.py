@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -24,17 +24,21 @@ from mpoe.config import ConfigError, TrainConfig, eval_sequences, global_batch_s
 from mpoe.models import family as families
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
+from mpoe.models.experts import resolve_expert_backends
 from mpoe.models.regional_compile import compile_blocks
-from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce, host_barrier, host_broadcast
-from mpoe.parallel.groups import ExpertGroups, accelerator_name, expert_groups, rank_world
+from mpoe.parallel.deepspeed import engine as ds_engine
+from mpoe.parallel.deepspeed import gradients as ds_gradients
+from mpoe.parallel.deepspeed.accelerator import accelerator_name
+from mpoe.parallel.expert_placement import ExpertPlacement, expert_placement
+from mpoe.parallel.process_groups import rank_world
 from mpoe.train.checkpoint import store as checkpoint
 from mpoe.train.data import sequences as data_lib
 from mpoe.train.data.objectives import build_objective
 from mpoe.train.metrics.flops import Peak, device_peak, flops_per_token, raised_to_cover
 from mpoe.train.metrics.grad_norms import grad_norms, role_params, zero_role_norms
 from mpoe.train.metrics.writer import Interval, MetricsLogger
-from mpoe.train.runtime import faults, interrupt
+from mpoe.train.runtime import console, faults, interrupt
 
 log = logging.getLogger("mpoe.train")
 
@@ -53,7 +57,7 @@ class Training:
     sampler: data_lib.SequenceSampler
     val: list[tuple[torch.Tensor, int]]
     logger: MetricsLogger
-    groups: ExpertGroups
+    placement: ExpertPlacement
     grad_mask: Optional[object]
     roles: dict
     accum: int
@@ -73,6 +77,8 @@ class Training:
     val_loss: Optional[float] = None
     val_tokens: int = 0
     last: dict = field(default_factory=dict)  # the last logged record
+    faults: faults.Faults = faults.NONE  # injected by tests through the environment (runtime/faults.py)
+    wall_before: float = 0.0  # seconds the run's earlier parts took, as the checkpoint it resumed from says
 
     @property
     def device(self) -> torch.device:
@@ -102,15 +108,13 @@ def run(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict] = None) -> d
             progress.update(1)
         save_every = cfg.trainer.save_every
         if save_every and done % save_every == 0 and done != cfg.trainer.max_steps:
-            checkpoint.save(tr.engine, tr.ckpt_dir, done, tr.identity, cfg.trainer.keep_last)
+            _save(tr, done, t0)
     if progress is not None:
         progress.close()
     if interrupt.stopped():  # checkpoint the `step` steps done; main.py says where it is and how to resume
         tr.logger.close()
         t = cfg.trainer
-        saved = (
-            checkpoint.save(tr.engine, tr.ckpt_dir, step, tr.identity, t.keep_last) if step > tr.start_step else None
-        )
+        saved = _save(tr, step, t0) if step > tr.start_step else None
         raise interrupt.Interrupted(interrupt.requested(), step, t.max_steps, saved or tr.resumed_from)
     return _finish(tr, t0, time.perf_counter() - train_start)
 
@@ -119,14 +123,14 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
     """Data, model, engine, samplers, resume. A dry run returns its parameter counts instead."""
     rank, world = rank_world()
     t = cfg.trainer
-    groups = expert_groups(cfg.parallel.ep_size)
+    placement = expert_placement(cfg.parallel.ep_size)
     if t.dry_run:
         token_data = None
         vocab, eot, pad = cfg.model.vocab_size, 0, 1
     else:
         token_data = _prepare_data(cfg, rank)
         vocab, eot, pad = token_data.vocab_size, token_data.eot_id, token_data.pad_id
-    model = build_model(cfg, vocab, eot, pad, groups)
+    model = build_model(cfg, vocab, eot, pad, placement)
     embedding = families.get(model.family).embedding_params(model.backbone)
     counts = count_params(model, embedding, cfg.moe.top_k, cfg.parallel.ep_size)
     logger = MetricsLogger(run_dir, rank == 0, None if t.dry_run else cfg.logging.wandb, run_config)
@@ -150,6 +154,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
                     "runs eagerly between compiled parts; compile is meant for CUDA"
                 )
     engine = ds_engine.initialize(model, cfg, world)
+    experts = resolve_expert_backends(model, engine.device)  # the engine placed the model: choose for its device
+    if rank == 0 and experts:
+        log.info(experts)
     grad_mask = _grad_mask(cfg, model)
     objective = build_objective(cfg, token_data)
     raw_len = objective.raw_length
@@ -169,7 +176,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         "moe": cfg.moe.kind,
         "num_experts": cfg.moe.num_experts,
     }
-    start_step, resumed_from = _resume(cfg, engine, ckpt_dir, identity, groups, rank)
+    start_step, resumed_from = _resume(cfg, engine, ckpt_dir, identity, placement, rank)
     per_token, peak = _flops_reference(cfg, model, counts, raw_len, engine.device)
     return Training(
         cfg=cfg,
@@ -178,7 +185,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         sampler=sampler,
         val=val,
         logger=logger,
-        groups=groups,
+        placement=placement,
         grad_mask=grad_mask,
         roles=role_params(model),
         accum=accum,
@@ -192,11 +199,13 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         flops_per_token=per_token,
         peak=peak,
         counts=counts,
+        faults=faults.from_environment(rank),
+        wall_before=checkpoint.read_meta(resumed_from).get("wall_s", 0.0) if resumed_from is not None else 0.0,
     )
 
 
 def _resume(
-    cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, groups: ExpertGroups, rank: int
+    cfg: TrainConfig, engine, ckpt_dir: Path, identity: dict, placement: ExpertPlacement, rank: int
 ) -> tuple[int, Optional[Path]]:
     """The step to start from and the checkpoint it comes from: (0, None), or the resumed checkpoint's.
 
@@ -215,7 +224,7 @@ def _resume(
         resume_from,
         {k: identity[k] for k in layout_keys},
         {k: v for k, v in identity.items() if k not in layout_keys},
-        groups,
+        placement,
         cfg.moe.num_experts,
     )
     if rank == 0:
@@ -249,7 +258,7 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
     """One optimizer step over `accum` micro-batches; returns the per-role gradient norms when logging."""
     engine, cfg = tr.engine, tr.cfg
     done = step + 1
-    faults.maybe_kill_at_step(done)
+    tr.faults.step_begins(done)
     if tr.grad_mask is not None:
         tr.grad_mask.set_step(step)
     norms: dict = {}
@@ -258,17 +267,16 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
     for micro in range(tr.accum):
         batch = _to_device(tr.objective.batch(tr.sampler.batch(step, micro)), tr.device)
         out = engine(**batch)
-        if faults.nan_at(done):
-            out.loss = out.loss * float("nan")
+        out.loss = tr.faults.loss(done, out.loss)
         engine.backward(out.loss)
         skip = False
         if micro == tr.accum - 1:  # the step's gradients are complete: engine.step() applies them
             if engine.zero_optimization_stage() == 0:
-                norms = grad_norms(engine.module, tr.roles, tr.groups.ep_group) if log_now else {}
-                skip = not ds_engine.gradients_finite(engine)
+                norms = grad_norms(engine.module, tr.roles, tr.placement.ep_group) if log_now else {}
+                skip = not ds_gradients.gradients_finite(engine)
             elif log_now:
                 norms = zero_role_norms(engine, tr.roles)
-        with ds_engine.skipped_step(engine.optimizer) if skip else contextlib.nullcontext():
+        with ds_gradients.skipped_step(engine) if skip else contextlib.nullcontext():
             engine.step()
         interval.add(out, cfg.trainer.micro_batch_size * tr.objective.raw_length)
     if engine.skipped_steps > skipped_before:  # DeepSpeed applied no update: non-finite gradients
@@ -288,7 +296,7 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
 def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now: bool, progress) -> None:
     """One metrics record: the interval's statistics, gradient norms, MFU, and validation when due."""
     # At ZeRO 0 the loop's own norms (a 0.0 one too); ZeRO 1/2 keep no p.grad: DeepSpeed's norm
-    grad_norm = norms.pop("grad_norm") if "grad_norm" in norms else ds_engine.global_grad_norm(tr.engine)
+    grad_norm = norms.pop("grad_norm") if "grad_norm" in norms else ds_gradients.global_grad_norm(tr.engine)
     rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
@@ -307,6 +315,13 @@ def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now:
         progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **shown)
 
 
+def _save(tr: Training, step: int, t0: float) -> Path:
+    """A checkpoint after `step` steps; its meta.json records the run's time so far, which a resumed run goes on
+    counting from (steps redone after a crash count once)."""
+    meta = {**tr.identity, "wall_s": tr.wall_before + time.perf_counter() - t0}
+    return checkpoint.save(tr.engine, tr.ckpt_dir, step, meta, tr.cfg.trainer.keep_last, tr.faults)
+
+
 def _finish(tr: Training, t0: float, train_s: float) -> dict:
     """Final evaluation if none ran, the last checkpoint, summary.json."""
     t, cfg = tr.cfg.trainer, tr.cfg
@@ -314,7 +329,7 @@ def _finish(tr: Training, t0: float, train_s: float) -> dict:
         tr.val_loss, tr.val_tokens = evaluate(tr.engine, tr.val, tr.objective)
     final_step = max(tr.start_step, t.max_steps)
     if t.max_steps > 0:
-        checkpoint.save(tr.engine, tr.ckpt_dir, final_step, tr.identity, t.keep_last)
+        _save(tr, final_step, t0)
     steps_run = max(t.max_steps - tr.start_step, 0)
     summary = {
         **tr.counts,
@@ -324,7 +339,7 @@ def _finish(tr: Training, t0: float, train_s: float) -> dict:
         "val_tokens": tr.val_tokens,
         "tokens_seen": final_step * tr.tokens_per_step,
         "steps": final_step,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": tr.wall_before + time.perf_counter() - t0,  # all parts of the run, not only this one
         "tokens_per_s": steps_run * tr.tokens_per_step / train_s if steps_run else None,
         "model": cfg.model.name,
         "moe": cfg.moe.kind,
@@ -369,17 +384,18 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     (they are the same on every node: same documents, same tokenizer), so that a node's other processes never
     hold the documents; they read them only if those files are missing there. On a shared cache directory each
     node's first process writes the same files at the same time (atomically), no slower than rank 0 alone."""
-    if cfg.model.pretrained and not cfg.data.tokenizer:  # a checkpoint's own tokenizer, when it ships one
-        cfg.data.tokenizer = data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained)
+    data = cfg.data  # the config is read-only: a checkpoint's own tokenizer, when it ships one, goes into a copy
+    if cfg.model.pretrained and not data.tokenizer:
+        data = replace(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
     first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
-    token_data = data_lib.prepare(cfg.data) if first_on_node else None
+    token_data = data_lib.prepare(data) if first_on_node else None
     if not dist.is_initialized():
         return token_data
     # Over the host group, whose timeout allows for tokenizing a large corpus (the world's would abort the wait).
     host_barrier()  # every node's first process has written its cache
     key = [token_data.key if rank == 0 else None]
     host_broadcast(key)
-    return token_data or data_lib.load_prepared(cfg.data, key[0]) or data_lib.prepare(cfg.data)
+    return token_data or data_lib.load_prepared(data, key[0]) or data_lib.prepare(data)
 
 
 def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device: torch.device) -> tuple[float, Peak]:
@@ -410,6 +426,4 @@ def _grad_mask(cfg: TrainConfig, model):
 def _progress(cfg: TrainConfig, rank: int, start: int):
     if rank != 0 or not cfg.logging.progress or cfg.trainer.max_steps <= start:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.trainer.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return console.progress(cfg.trainer.max_steps, start)

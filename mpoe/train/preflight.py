@@ -13,7 +13,12 @@ import re
 import sys
 from pathlib import Path
 
-from mpoe.config import ConfigError
+from mpoe.config import ConfigError, TrainConfig
+from mpoe.parallel.deepspeed.accelerator import check_precision_supported
+from mpoe.train import pretrained
+from mpoe.train.checkpoint import autoresume
+from mpoe.train.checkpoint.store import CheckpointError
+from mpoe.train.compose import compose_and_validate
 
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
@@ -39,24 +44,28 @@ def hostfile_slots(path: str) -> dict[str, int]:
     return slots
 
 
+def check_before_start(cfg: TrainConfig, on_this_machine: bool = True) -> None:
+    """What a validated config needs from the files it names (a pretrained checkpoint, a checkpoint to resume)
+    and, `on_this_machine`, from the hardware (its precision); ConfigError or CheckpointError in one line.
+    A launching node checks the files only: it may not be one of the machines that train."""
+    if on_this_machine:
+        check_precision_supported(cfg.trainer.precision)
+    pretrained.check(cfg)
+    autoresume.check_resume_path(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpoe.train.preflight")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--hostfile", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from mpoe.train import pretrained
-    from mpoe.train.checkpoint import autoresume
-    from mpoe.train.checkpoint.store import CheckpointError
-    from mpoe.train.main import compose_and_validate
-
     try:
         world = args.world_size
         if args.hostfile:
             world = sum(hostfile_slots(args.hostfile).values())
-        cfg = compose_and_validate(args.overrides, world or 1)
-        pretrained.check(cfg)  # on the launching node, before any process starts: one line instead of one per rank
-        autoresume.check_resume_path(cfg)
+        # on the launching node, before any process starts: one line instead of one per rank
+        check_before_start(compose_and_validate(args.overrides, world or 1), on_this_machine=False)
     except (ConfigError, CheckpointError) as e:
         print(f"mpoe-train: error: {e}", file=sys.stderr)
         return 2

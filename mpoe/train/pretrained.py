@@ -27,6 +27,7 @@ def check(cfg: TrainConfig) -> None:
     path = cfg.model.pretrained
     if not path:
         return
+    # Deferred: these import transformers and tokenizers (seconds), which a run without a checkpoint never needs.
     from mpoe.models.family import read_pretrained_config
     from mpoe.train.data import sequences as data_lib
 

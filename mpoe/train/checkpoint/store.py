@@ -22,17 +22,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from mpoe.parallel.collectives import host_barrier
-from mpoe.parallel.groups import rank_world
+from mpoe.parallel.deepspeed.optimizer_state import load_native_state
+from mpoe.parallel.process_groups import rank_world
 from mpoe.train.checkpoint import reshard
 from mpoe.train.checkpoint.rng import rng_state, set_rng_state
-from mpoe.train.runtime import faults
+from mpoe.train.runtime.faults import NONE as NO_FAULTS
+from mpoe.train.runtime.faults import Faults
 
 STEP_PREFIX = "step_"
 
@@ -56,12 +58,12 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
+def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int, faults: Faults = NO_FAULTS) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
     rank, world = rank_world()
     final = ckpt_dir / f"{STEP_PREFIX}{step:08d}"
-    if (final / "meta.json").is_file():  # already saved (e.g. a resumed run that was finished): never overwrite
-        return final
+    if (final / "meta.json").is_file() and unreadable(final) is None:
+        return final  # already saved (e.g. a resumed run that was finished): never overwrite a good checkpoint
     tmp = ckpt_dir / f".tmp-{final.name}"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +83,9 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     os.replace(part, tmp / f"rank_{rank:05d}.pt")
     host_barrier()
     if rank == 0:
-        faults.maybe_kill_in_save(step)
+        faults.saving(step)
         _fsync_write(tmp / "meta.json", json.dumps({**meta, "step": step, "world_size": world}, indent=1).encode())
+        shutil.rmtree(final, ignore_errors=True)  # one that cannot be read (a rank file cut short): replaced
         os.replace(tmp, final)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -90,13 +93,55 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     return final
 
 
+def unreadable(path: Path) -> Optional[str]:
+    """Why checkpoint `path` cannot be loaded (its meta.json, or a rank file missing or cut short), or None.
+
+    Reads meta.json and each rank file's zip directory (torch's file format), not the tensors: a file cut
+    short, by a full disk or a copy that stopped, has lost the directory at its end."""
+    try:
+        world = int(json.loads((path / "meta.json").read_text()).get("world_size") or 1)
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        return f"meta.json cannot be read ({type(e).__name__})"
+    for rank in range(world):
+        file = path / f"rank_{rank:05d}.pt"
+        try:
+            size = file.stat().st_size
+            with zipfile.ZipFile(file) as z:
+                end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+        except FileNotFoundError:
+            return f"{file.name} is missing"
+        except (OSError, zipfile.BadZipFile):
+            return f"{file.name} is cut short or corrupt (not a complete torch file)"
+        if end > size:
+            return f"{file.name} is cut short ({size} of at least {end} bytes)"
+    return None
+
+
+def newest_readable(ckpt_dir: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """(the newest complete checkpoint that can be read or None, the newer ones that cannot, newest first)."""
+    skipped = []
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        reason = unreadable(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
 def resolve(resume: Optional[str], ckpt_dir: Path) -> Optional[Path]:
-    """`auto`: the newest complete checkpoint in this run (None if there is none); a path: that checkpoint."""
+    """`auto`: the newest checkpoint in this run that can be read (None if the run has none; CheckpointError if
+    it has some and none can be read); a path: that checkpoint."""
     if resume is None:
         return None
     if resume == "auto":
-        found = complete_checkpoints(ckpt_dir)
-        return found[-1] if found else None
+        found, skipped = newest_readable(ckpt_dir)
+        if found is None and skipped:
+            newest, reason = skipped[0]
+            raise CheckpointError(
+                f"trainer.resume=auto: none of the {len(skipped)} checkpoint(s) in {ckpt_dir} can be read (the "
+                f"newest, {newest.name}: {reason}): give a new hydra.run.dir to start again"
+            )
+        return found
     path = Path(resume).expanduser()
     if path.is_dir() and not (path / "meta.json").is_file():  # a run dir or its checkpoints/ dir
         found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
@@ -117,7 +162,7 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e}): pick another checkpoint") from None
 
 
-def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_experts: int = 0) -> dict:
+def load(engine, path: Path, layout: dict, must_match: dict, placement=None, num_experts: int = 0) -> dict:
     """Collective: restore this rank's state; returns the checkpoint's meta.
 
     `must_match` (model, moe kind, experts) must equal the checkpoint's; a different
@@ -134,7 +179,7 @@ def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_ex
     if any(meta.get(key) != value for key, value in layout.items()):
         try:
             return reshard.load_resharded(
-                engine, path, meta, groups.ep_rank, num_experts // groups.ep_size, num_experts, rank
+                engine, path, meta, placement.ep_rank, num_experts // placement.ep_size, num_experts, rank
             )
         except (OSError, RuntimeError, KeyError) as e:
             raise CheckpointError(
@@ -150,17 +195,21 @@ def load(engine, path: Path, layout: dict, must_match: dict, groups=None, num_ex
         raise CheckpointError(
             f"checkpoint file {file} cannot be read ({type(e).__name__}): pick an earlier checkpoint"
         ) from None
-    engine.module.load_state_dict(state["module"])
-    optimizer = engine.optimizer
-    if engine.zero_optimization_stage() > 0:
-        # ZeRO 1/2: a list indexed by data-parallel rank; with the same world only our own entry is read.
-        parts = [None] * world
-        parts[dist.get_rank(group=optimizer.dp_process_group) if world > 1 else 0] = state["optimizer"]
-        optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    try:
+        engine.module.load_state_dict(state["module"])
+    except RuntimeError as e:  # torch lists every tensor whose shape differs, over many lines
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _first(e))
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({first[:300]}): resume with the model settings it was "
+            "saved with"
+        ) from None
+    load_native_state(engine, state["optimizer"], world)
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     engine.global_steps = state["global_steps"]
     set_rng_state(state["rng"])
     return meta
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -109,7 +109,7 @@ def gemm_flops_per_s(
     calls: its clocks and kernels start cold). Sizes are tried in turn because the fastest is not always the
     largest (a CPU's caches), and a size is skipped once one call of it would take over `call_budget_s` at the
     best rate so far: a CPU without bf16/fp16 units multiplies those dtypes so slowly that 1024^3 calls would
-    spend seconds of every run's start (the README's GPU section says what the probe reads on the CI machine)."""
+    spend seconds of every run's start (docs/metrics.md says what the probe reads on a 2-vCPU machine)."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream stays untouched (exact resume)
     cuda = device.type == "cuda"

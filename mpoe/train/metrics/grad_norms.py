@@ -17,8 +17,8 @@ import torch
 
 from mpoe.models.build import moe_layers
 from mpoe.models.param_tags import is_expert_param
-from mpoe.parallel import engine as ds_engine
 from mpoe.parallel.collectives import all_reduce
+from mpoe.parallel.deepspeed.gradients import local_grad_fragment, loss_scale
 
 
 def role_params(model) -> dict[str, list]:
@@ -52,8 +52,8 @@ def grad_norms(model, roles: dict[str, list], ep_group) -> dict[str, float]:
     """{'grad_norm', 'grad_norm_central', ...} from param.grad (ZeRO stage 0), read to the host once."""
     device = next(model.parameters()).device
     names = ["grad_norm"] + [f"grad_norm_{role}" for role, params in roles.items() if params]
-    groups = [list(model.parameters())] + [params for params in roles.values() if params]
-    squares = torch.stack([_sq(params, ep_group, device) for params in groups])
+    param_sets = [list(model.parameters())] + [params for params in roles.values() if params]
+    squares = torch.stack([_sq(params, ep_group, device) for params in param_sets])
     return dict(zip(names, squares.sqrt().tolist()))
 
 
@@ -68,9 +68,9 @@ def zero_role_norms(engine, roles: dict[str, list]) -> dict[str, float]:
     for params in (params for params in roles.values() if params):
         sq = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
-            fragment = ds_engine.local_grad_fragment(p)
+            fragment = local_grad_fragment(p)
             if fragment is not None:
                 sq += fragment.double().pow(2).sum()
         squares.append(sq)
-    norms = all_reduce(torch.stack(squares)).sqrt() / ds_engine.loss_scale(engine)
+    norms = all_reduce(torch.stack(squares)).sqrt() / loss_scale(engine)
     return dict(zip(names, norms.tolist()))

@@ -2,7 +2,10 @@
 
 Only rank 0 writes. `metrics.jsonl` is the source of truth (the report reads it,
 nothing needs a W&B account); W&B gets the same names, offline by default, with
-the Hydra config as the run config.
+the Hydra config as the run config. `summary.json`'s `wall_s` is the run's whole
+time in seconds, over all its parts: a resumed run adds its own time to what the
+checkpoint it resumed from recorded (steps redone after a crash count once);
+its `tokens_per_s` is the last part's throughput.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Expert banks: the E feed-forward experts of an MoE layer behind one interface.
+"""Expert banks: the E feed-forward experts of an MoE layer, as weights, behind one interface.
 
 Routing and dispatch see only `ExpertBank.forward(tokens, tokens_per_expert)`:
 tokens arrive sorted by local expert and leave in the same order, so a Switch
 bank (independent dense experts) and an MPOE bank (experts sharing one MPO
-central tensor per weight matrix) are interchangeable.
+central tensor per weight matrix) are interchangeable. A bank holds and builds
+its weights; its backend (`backend.py`, chosen from `registry.py`) computes.
 
 Choices, and why:
 - Weights are in the ``x @ W`` layout (GPT-2 Conv1D's) and per-expert weights
@@ -21,30 +22,30 @@ Choices, and why:
   from a dense FFN, every expert starts as that FFN (exactly, at full bonds).
   `aux_init_noise` adds Gaussian noise scaled by each auxiliary tensor's RMS,
   seeded per global expert, to break the experts' symmetry if wanted.
-- How the experts compute is the bank's backend, `moe.expert_impl`:
-  `experts_loop.py` (per-expert GEMMs over host counts, the CPU's) or
-  `experts_grouped.py` (one grouped GEMM per weight, counts on the device, the
-  GPU's); `auto` picks by the rows' device at each call. Both give every
-  parameter a (zero) gradient when no rows come.
+- The backend (`moe.expert_impl`) is chosen for a device and a dtype, once: a
+  new bank for where its parameters are, a placed model by
+  `resolve_expert_backends`. Every backend gives every parameter a (zero)
+  gradient when no rows come.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from mpoe.models import mpo
-from mpoe.models.interfaces import ExpertBackend, GroupedWeight, ParamRoles, TokenCounts, bias_of
+from mpoe.models.experts.backend import ExpertBackend, GroupedWeight, Linear
+from mpoe.models.experts.registry import backend_for, choose_impl, describe
+from mpoe.models.interfaces import ParamRoles, TokenCounts
 from mpoe.models.param_tags import tag_expert_params, tag_first_expert
 
 
 def activation_fn(activation: str) -> nn.Module:
-    from transformers.activations import ACT2FN
-
     name = activation.removeprefix("gated-")
     if activation.startswith("gated-") and name == "gelu":
         name = "gelu_new"
@@ -118,12 +119,13 @@ class DenseFFN:
 
 
 class ExpertBank(nn.Module):
-    """The local experts of one MoE layer; subclasses hold the weights, a backend (`expert_impl`) computes.
+    """The local experts of one MoE layer; subclasses hold the weights, `backend` computes.
 
-    Backends (`experts_loop.LoopBackend`, `experts_grouped.GroupedBackend`) see a bank
-    through `stacked_weight(name)` / `bias(name)` (all local experts' W and bias for
-    one weight matrix) and, for the loop backend's MPO paths, the MPOE bank's chains.
+    A backend reads the bank only through the methods here (`backend.BankWeights`)
+    and, for the MPOE bank's loop backend, its MPO chains (`backend.MPOBankWeights`).
     """
+
+    kind: str  # the registry's bank kind: switch | mpoe
 
     def __init__(
         self, num_experts: int, local_experts: range, d_model: int, activation: str, gated: bool, impl: str = "auto"
@@ -135,27 +137,42 @@ class ExpertBank(nn.Module):
         self.d_model = d_model
         self.activation, self.gated = activation, gated
         self.act = activation_fn(activation)
-        self.impl = impl
+        self._impl = impl
+        self.backend: Optional[type[ExpertBackend]] = None  # `resolve_backend`, once the weights exist
         # Grouped backend: rebuild the weights in backward rather than keep them from forward (an MPOE bank's W is
         # rebuilt from its MPO tensors; a Switch bank's is a parameter, kept anyway).
         self.recompute_weights = False
 
-    def backend(self, tokens: Tensor) -> ExpertBackend:
-        """`moe.expert_impl`: auto is decided per call from the tokens' device, so a bank moved to CUDA
-        after it was built (DeepSpeed moves the module) picks the grouped GEMM."""
-        from mpoe.models.experts_grouped import GROUPED
-        from mpoe.models.experts_loop import LOOP
+    @property
+    def impl(self) -> str:
+        """`moe.expert_impl` as asked (auto | loop | grouped); `backend` is what it resolved to."""
+        return self._impl
 
-        if self.impl == "auto":
-            return GROUPED if tokens.is_cuda else LOOP
-        if self.impl not in ("loop", "grouped"):
-            raise ValueError(f"moe.expert_impl={self.impl!r} is invalid: use one of auto, loop, grouped")
-        return GROUPED if self.impl == "grouped" else LOOP
+    def use_impl(self, impl: str) -> str:
+        """Ask for `impl` from now on, resolved at once for where the parameters are."""
+        self._impl = impl
+        return self.resolve_backend()
+
+    def resolve_backend(
+        self, device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None
+    ) -> str:
+        """Choose the backend for computing on `device` in `dtype` (default: the parameters' device and dtype);
+        returns what was chosen, as 'grouped, bf16, sm90'."""
+        param = next(self.parameters())
+        device = param.device if device is None else torch.device(device)
+        dtype = param.dtype if dtype is None else dtype
+        impl = choose_impl(self._impl, device, dtype)
+        self.backend = backend_for(self.kind, impl)
+        return describe(impl, device, dtype)
 
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
-        return self.backend(tokens).forward(self, tokens, tokens_per_expert)
+        return self.backend.forward(self, tokens, tokens_per_expert)
 
-    def ffn(self, x: Tensor, linear) -> Tensor:
+    def linear(self, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
+        """Rows of local expert e (consecutive, counts[e] of them) times expert e's weight `name` (+ its bias)."""
+        return self.backend.linear(self, x, counts, name)
+
+    def ffn(self, x: Tensor, linear: Linear) -> Tensor:
         """act(x W_in + b_in) W_out + b_out, gated: act(x W_gate) * (x W_in); the activation runs once over all rows.
 
         linear(x, name): every local expert's rows times its weight `name` (+ bias)."""
@@ -163,12 +180,12 @@ class ExpertBank(nn.Module):
         h = self.act(linear(x, "w_gate")) * h if self.gated else self.act(h)
         return linear(h, "w_out")
 
-    def linear(self, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
-        """Rows of local expert e (consecutive, counts[e] of them) times expert e's weight `name` (+ its bias)."""
-        return self.backend(x).linear(self, x, counts, name)
+    def weight_names(self) -> tuple[str, ...]:
+        return ("w_in", "w_out", "w_gate") if self.gated else ("w_in", "w_out")
 
     def bias(self, name: str) -> Optional[Tensor]:
-        return bias_of(self, name)
+        """The stacked bias [L, J] that goes with weight `name` (W_gate never has one)."""
+        return {"w_in": self.b_in, "w_out": self.b_out}.get(name)
 
     def stacked_weight(self, name: str) -> Tensor:
         """All local experts' weight `name`, [L, I, J] (x @ W layout)."""
@@ -203,6 +220,8 @@ def _stack(tensors: Sequence[Optional[Tensor]]) -> Optional[nn.Parameter]:
 class SwitchExperts(ExpertBank):
     """Independent dense experts, weights stacked [L, ...]."""
 
+    kind = "switch"
+
     def __init__(
         self, num_experts: int, local_experts: range, denses: Sequence[DenseFFN], activation: str, impl: str = "auto"
     ):
@@ -215,6 +234,7 @@ class SwitchExperts(ExpertBank):
         self.b_out = _stack([d.b_out for d in denses])
         self.w_gate = _stack([d.w_gate for d in denses])
         self._tag_stacked()
+        self.resolve_backend()
 
     def stacked_weight(self, name: str) -> Tensor:
         return getattr(self, name)
@@ -231,6 +251,8 @@ class MPOEExperts(ExpertBank):
     `method` ('auto' | 'dense' | 'chain') is the loop backend's choice between
     rebuilding W and pushing tokens through the chain; the grouped backend always rebuilds.
     """
+
+    kind = "mpoe"
 
     def __init__(
         self,
@@ -255,8 +277,7 @@ class MPOEExperts(ExpertBank):
         self.central = nn.ParameterDict()
         self.auxiliary = nn.ModuleDict()
         L, c = self.num_local_experts, self.central_index
-        names = ["w_in", "w_out"] + (["w_gate"] if self.gated else [])
-        for name in names:
+        for name in self.weight_names():
             tensors = mpo.decompose(getattr(dense, name), *self.factors[name], bond_dim=bond_dim)
             self.central[name] = nn.Parameter(tensors[c])
             aux = []
@@ -274,6 +295,7 @@ class MPOEExperts(ExpertBank):
         self.b_in = _stack([dense.b_in] * L)
         self.b_out = _stack([dense.b_out] * L)
         self._tag_stacked()
+        self.resolve_backend()
 
     def expert_chains(self, name: str) -> list[list[Tensor]]:
         """Per local expert, its n local tensors for weight `name` (auxiliaries around the shared central)."""
@@ -332,16 +354,16 @@ class MPOEExperts(ExpertBank):
 
 
 def build_expert_bank(
-    cfg, d_model: int, d_ff: int, activation: str, groups, dense: Optional[DenseFFN] = None, bias: bool = True
+    cfg, d_model: int, d_ff: int, activation: str, placement, dense: Optional[DenseFFN] = None, bias: bool = True
 ) -> ExpertBank:
-    """cfg: MoEConfig (kind 'switch' | 'mpoe'); groups: ExpertGroups; dense: upcycle from this FFN if given.
+    """cfg: MoEConfig (kind 'switch' | 'mpoe'); placement: ExpertPlacement; dense: upcycle from this FFN if given.
 
     `bias` only matters when initialising from scratch (T5 FFNs have none).
     """
     gated = dense.w_gate is not None if dense is not None else activation.startswith("gated-")
     if dense is not None and (dense.d_model, dense.d_ff) != (d_model, d_ff):
         raise ValueError(f"dense FFN is {dense.d_model}x{dense.d_ff}, expected d_model={d_model}, d_ff={d_ff}")
-    local = groups.local_experts(cfg.num_experts)
+    local = placement.local_experts(cfg.num_experts)
     impl = cfg.expert_impl
     # The same on every rank: the global RNG is seeded alike (build.py).
     base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
@@ -371,5 +393,16 @@ def build_expert_bank(
         )
     else:
         raise ValueError(f"moe.kind={cfg.kind!r} has no expert bank: use 'switch' or 'mpoe'")
-    bank.mark_expert_params(groups.name)
+    # DeepSpeed reduces the per-expert parameters over the expert-data-parallel group this tag names.
+    bank.mark_expert_params(placement.group_name)
     return bank
+
+
+def resolve_expert_backends(
+    model: nn.Module, device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None
+) -> Optional[str]:
+    """Every expert bank's backend chosen for computing on `device` in `dtype` (default: where each bank's parameters
+    are), after the model was placed there. Returns the line to log, 'experts: grouped, bf16, sm90', or None
+    for a model without experts."""
+    chosen = {m.resolve_backend(device, dtype) for m in model.modules() if isinstance(m, ExpertBank)}
+    return f"experts: {'; '.join(sorted(chosen))}" if chosen else None

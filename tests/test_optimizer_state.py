@@ -1,9 +1,10 @@
-"""Adam's state written by `adam_state` (when a checkpoint is resharded) sits where torch's optimizer puts it."""
+"""Adam's state written through `optimizer_state` (when a checkpoint is resharded) sits where torch's optimizer puts
+it."""
 
 import pytest
 import torch
 
-from mpoe.train.checkpoint.adam_state import TorchAdam, step_tensor
+from mpoe.parallel.deepspeed.optimizer_state import TorchAdam, step_tensor
 
 
 @pytest.mark.parametrize("fused,capturable", [(False, False), (True, False), (False, True)])

@@ -13,7 +13,7 @@ stops there (`early_stop`): it rebuilds W (and permutes the rows' columns, in a
 permuted layout) and does not run the GEMM again. The columns put back in order
 and the bias are outside the region. Values and gradients are the same, bit for
 bit. The price is one more rebuild per matrix and step, about
-bond / (rows per expert) of the matrix's GEMM (the grouped backend's module doc).
+bond / (rows per expert) of the matrix's GEMM (see `grouped.py`).
 It applies where grouped_mm takes the rows (`grouped_mm_takes_rows`: under
 torch.compile, bf16 only); the loop fallback keeps its weights as before.
 """

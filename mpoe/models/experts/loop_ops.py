@@ -1,11 +1,11 @@
-"""The loop backend's grouped linear ops: consecutive row groups (one per local expert) times that expert's weight.
+"""The loop backend's ops: consecutive rows of each local expert times that expert's weight, one GEMM per expert.
 
-Tokens arrive sorted by local expert, counts[k] rows for expert k. Both ops
-write every expert's rows into one output with per-expert GEMMs (no split /
-cat) and return gradients for all experts in stacked buffers.
+Tokens arrive sorted by local expert, counts[k] rows for expert k, counts on the
+host. Both ops write every expert's rows into one output (no split / cat) and
+return gradients for all experts in stacked buffers.
 
-- `grouped_linear`: the weights are given, stacked [L, I, J] (the Switch bank's parameters).
-- `mpo_grouped_linear`: each expert's W_k is the product of the two halves of
+- `per_expert_linear`: the weights are given, stacked [L, I, J] (a Switch bank's parameters).
+- `per_expert_mpo_linear`: each expert's W_k is the product of the two halves of
   its MPO chain (`mpo.split_halves`), built inside the op. Why an op of its own
   rather than contracting W for all experts and handing it to autograd:
   autograd's backward of that contraction first writes grad W for every expert
@@ -13,10 +13,8 @@ cat) and return gradients for all experts in stacked buffers.
   product of left and right materialises as a fresh [L, I, J] tensor, and both
   passes stream through memory. Here the weight gradient of expert k lands in
   one scratch buffer that is reused for every expert (it stays in cache) and is
-  contracted with the two halves right away; only the halves' gradients (~1/16
-  of W at bond 16) leave the op (`python -m bench.experts` measures what it buys).
-Counts are host ints and every expert is its own GEMM: the CPU path
-(`experts_loop.py`); the GPU path is `experts_grouped.py`.
+  contracted with the two halves right away; only the halves' gradients leave
+  the op (`python -m bench.experts` measures what it buys).
 """
 
 from __future__ import annotations
@@ -43,8 +41,8 @@ def _linear_into(out: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> N
         torch.addmm(bias, x, w, out=out)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """Consecutive row groups times stacked per-expert weights [L, I, J], written into one output (no split / cat).
+class _PerExpertLinear(torch.autograd.Function):
+    """Each expert's consecutive rows times its per-expert weights [L, I, J], written into one output (no split / cat).
 
     Backward writes each expert's weight gradient straight into one stacked buffer.
     """
@@ -84,12 +82,12 @@ class _GroupedLinear(torch.autograd.Function):
         return gx, None, gb, gstacked
 
 
-def grouped_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Tensor) -> Tensor:
+def per_expert_linear(x: Tensor, counts: list[int], bias: Optional[Tensor], stacked: Tensor) -> Tensor:
     """x rows of expert k (consecutive, counts[k]) @ stacked[k] + bias[k]; stacked is [L, I, J]."""
-    return _GroupedLinear.apply(x, counts, bias, stacked)
+    return _PerExpertLinear.apply(x, counts, bias, stacked)
 
 
-class _MPOGroupedLinear(torch.autograd.Function):
+class _PerExpertMPOLinear(torch.autograd.Function):
     """Rows of expert k times M_k (or M_k^T), M_k[(c, a), (b, e)] = sum_d left[k, a, b, d] * right[k, d, c, e].
 
     Forward builds each M_k with one batched product over c (no reordering pass)
@@ -155,7 +153,7 @@ class _MPOGroupedLinear(torch.autograd.Function):
         return gx, None, None, gb, g_left.view(L, a, b, d), g_right.transpose(1, 2), None
 
 
-def mpo_grouped_linear(
+def per_expert_mpo_linear(
     x: Tensor,
     counts: list[int],
     bias: Optional[Tensor],
@@ -171,4 +169,4 @@ def mpo_grouped_linear(
     M_k is (c*a, b*e) with rows in (c, a) order: see `mpo.split_halves` for how
     that relates to the expert's W.
     """
-    return _MPOGroupedLinear.apply(x, counts, transposed, bias, left, right, accumulate_max_blocks)
+    return _PerExpertMPOLinear.apply(x, counts, transposed, bias, left, right, accumulate_max_blocks)

@@ -1,30 +1,30 @@
-"""The `grouped` expert backend: all local experts at once, one grouped GEMM per weight matrix, no host sync.
+"""The `grouped` backend: all local experts at once, one grouped GEMM per weight matrix, no host sync.
 
-`moe.expert_impl=grouped` (and `auto` on CUDA). Tokens arrive sorted by local
-expert with their per-expert counts as a device tensor; the group offsets are
-their int32 cumulative sum, computed on the device, and each weight matrix is
-applied to all rows by one `torch.nn.functional.grouped_mm` (`torch._grouped_mm`
-where only that exists) over the stacked weights [L, I, J]: as torchtitan's MoE
-does, and as Megatron-Core's GroupedMLP does with grouped_gemm's `gmm`
-(megablocks' kernel). Autograd through grouped_mm gives grad x and the stacked
-grad W; experts with no rows get zero gradients. Biases are added per row as
-one_hot(row's expert) @ bias, the one-hot built by comparing row numbers with the
-offsets (`add_bias`): no sync, and a GEMM rather than atomics in backward.
+Tokens arrive sorted by local expert with their per-expert counts as a device
+tensor; the offsets of each expert's rows are their int32 cumulative sum,
+computed on the device, and each weight matrix is applied to all rows by one
+`torch.nn.functional.grouped_mm` (`torch._grouped_mm` where only that exists) over
+the stacked weights [L, I, J], as torchtitan's MoE does and as Megatron-Core's
+GroupedMLP does with grouped_gemm's `gmm`. Autograd through grouped_mm gives grad x
+and the stacked grad W; experts with no rows get zero gradients. Biases are added
+per row as one_hot(row's expert) @ bias, the one-hot built by comparing row numbers
+with the offsets (`add_bias`): no sync, and a GEMM rather than atomics in backward.
 
-What grouped_mm takes (torch 2.13), and what happens otherwise:
-- CUDA: the CUTLASS kernel runs for bf16 on sm90/sm100 (H100, B200). Other dtypes
-  or GPUs go to torch's own fallback, which copies the offsets to the host and
-  loops over groups: correct, but one sync per call, like the loop backend.
+What grouped_mm takes, and what happens otherwise:
+- CUDA: a fused kernel for bf16 on compute capability 9.0 and up (`fast_path`).
+  Other dtypes or GPUs go to torch's own fallback, which copies the offsets to the
+  host and loops over groups: correct, but one sync per call, like the loop backend;
+  `moe.expert_impl=auto` therefore takes this backend only on the fast path.
 - CPU: float32 / bfloat16 / float16 (a loop inside the op), not float64.
 - Both: every row stride 16-byte aligned (d_model and d_ff * element size
   multiples of 16), and at least one row.
 Where it cannot run (float64, unaligned sizes) this backend hands the call to
-the loop backend's op (`grouped_linear`, counts read to the host): a padded
-`bmm` would need the largest count on the host too, so it would sync as well
-and move more bytes. Zero rows: a plain matmul with the experts' summed weight,
-which gives every parameter its (zero) gradient without a grouped op.
+the loop backend's op (`loop_ops.per_expert_linear`, counts read to the host): a
+padded `bmm` would need the largest count on the host too, so it would sync as
+well and move more bytes. Zero rows: a plain matmul with the experts' summed
+weight, which gives every parameter its (zero) gradient without a grouped op.
 
-MPOE: `MPOEExperts.grouped_weight` rebuilds every local expert's W from its MPO
+MPOE: the bank's `grouped_weight` rebuilds every local expert's W from its MPO
 chain in one batched product per weight matrix (auxiliaries [L, ...] around the
 shared central tensor, which broadcasts), in the parameters' dtype; the grouped
 GEMM then runs as for a Switch bank. Autograd sums the central tensor's gradient
@@ -43,8 +43,8 @@ a gather and a scatter of N x width, each the other's backward).
   stay MPO-sized. `moe.recompute_mpo_weights` keeps none of it from forward and
   rebuilds W in backward instead (`weight_recompute.py`).
 - Time: the rebuild is ~2*L*I*J*bond FLOPs per matrix against 2*N*I*J for the
-  GEMM over N rows, so it costs about bond / (rows per expert) of the GEMM (3% at
-  bond 16 and 512 rows per expert) plus writing W once.
+  GEMM over N rows, so it costs about bond / (rows per expert) of the GEMM, plus
+  writing W once.
 - Pushing tokens through the chain instead (`mpo.apply_chain`, the loop backend's
   'chain' path) costs about N * sum_k (width of step k) and never forms W: it
   wins only when an expert has fewer rows than about the bond dimension (decoding
@@ -60,9 +60,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mpoe.models.grouped_linear import grouped_linear
-from mpoe.models.interfaces import GroupedWeight, TokenCounts
-from mpoe.models.weight_recompute import with_weights_recomputed
+from mpoe.models.experts.backend import BankWeights, GroupedWeight
+from mpoe.models.experts.loop_ops import per_expert_linear
+from mpoe.models.experts.weight_recompute import with_weights_recomputed
+from mpoe.models.interfaces import TokenCounts
 
 GROUPED_MM: Optional[Callable] = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -70,6 +71,17 @@ _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # only, whatever the device's kernel takes; other dtypes take the fallback below, a graph break.
 _COMPILED_GROUPED_MM_DTYPES = (torch.bfloat16,)
 _ALIGN_BYTES = 16
+_FAST_PATH_CAPABILITY = (9, 0)  # the first compute capability with grouped_mm's fused bf16 kernel
+
+
+def fast_path(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs its fused kernel on `device` in `dtype`, rather than a fallback that syncs per call."""
+    return (
+        GROUPED_MM is not None
+        and device.type == "cuda"
+        and dtype == torch.bfloat16
+        and tuple(torch.cuda.get_device_capability(device)) >= _FAST_PATH_CAPABILITY
+    )
 
 
 def _aligned(t: Tensor, *sizes: int) -> bool:
@@ -107,8 +119,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class Groups:
-    """Per-local-expert row counts on the device, and what the grouped ops derive from them (once per forward)."""
+class RowSpans:
+    """Each local expert's span of consecutive rows, as counts on the device, and what the grouped ops derive from
+    them (once per forward)."""
 
     def __init__(self, counts: Tensor, num_rows: int):
         self.counts, self.num_rows = counts, num_rows
@@ -124,10 +137,10 @@ class Groups:
         return self._one_hot[dtype]
 
 
-def add_bias(out: Tensor, groups: Groups, bias: Tensor) -> Tensor:
+def add_bias(out: Tensor, spans: RowSpans, bias: Tensor) -> Tensor:
     """out + bias[expert of row]. As one_hot @ bias (one addmm) rather than an index: its backward is the
     GEMM one_hot^T @ grad instead of an index_add whose atomics all rows of an expert aim at one bias row."""
-    return torch.addmm(out, groups.one_hot(out.dtype), bias)
+    return torch.addmm(out, spans.one_hot(out.dtype), bias)
 
 
 class _PermuteColumns(torch.autograd.Function):
@@ -150,40 +163,35 @@ def _permute_columns(x: Tensor, order: Tensor, scatter: bool) -> Tensor:
     return torch.empty_like(x).index_copy_(1, order, x) if scatter else x.index_select(1, order)
 
 
-def grouped_linear_device(x: Tensor, groups: Groups, weight: GroupedWeight, bias: Optional[Tensor]) -> Tensor:
-    """Rows of expert e (consecutive, counts[e]) @ weight e + bias[e]; counts stay on the device."""
-    return _in_order_plus_bias(*_matmul_in_layout(x, groups, weight), groups, bias)
-
-
-def _matmul_in_layout(x: Tensor, groups: Groups, weight: GroupedWeight) -> tuple[Tensor, Optional[Tensor]]:
+def _matmul_in_layout(x: Tensor, spans: RowSpans, weight: GroupedWeight) -> tuple[Tensor, Optional[Tensor]]:
     """The grouped GEMM in the weight's layout: its output, and the order its columns are to be put in."""
     if weight.in_perm is not None:
         x = _PermuteColumns.apply(x, weight.in_perm, False)
-    return _grouped_matmul(x, groups, weight.matrix.to(x.dtype)), weight.out_perm  # .to: e.g. fp32 masters, autocast
+    return _grouped_matmul(x, spans, weight.matrix.to(x.dtype)), weight.out_perm  # .to: e.g. fp32 masters, autocast
 
 
-def _in_order_plus_bias(out: Tensor, out_perm: Optional[Tensor], groups: Groups, bias: Optional[Tensor]) -> Tensor:
+def _in_order_plus_bias(out: Tensor, out_perm: Optional[Tensor], spans: RowSpans, bias: Optional[Tensor]) -> Tensor:
     if out_perm is not None:
         out = _PermuteColumns.apply(out, out_perm, True)
     if bias is None:
         return out
     bias = bias.to(out.dtype)
-    return out + bias.sum(0) if out.shape[0] == 0 else add_bias(out, groups, bias)
+    return out + bias.sum(0) if out.shape[0] == 0 else add_bias(out, spans, bias)
 
 
-def _grouped_matmul(x: Tensor, groups: Groups, weight: Tensor) -> Tensor:
+def _grouped_matmul(x: Tensor, spans: RowSpans, weight: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return x @ weight.sum(0)  # no rows: every weight still gets a (zero) gradient, as in the loop backend
     if not grouped_mm_fits(x, weight):
-        return _loop_fallback(x, groups.counts, weight)  # float64 / odd sizes: see module doc
+        return _loop_fallback(x, spans.counts, weight)  # float64 / odd sizes: see module doc
     if stray_gradients_for_idle_experts(x):
-        weight = _IdleExpertsGetZeroGrad.apply(weight, groups.counts)
-    return _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=groups.offsets))
+        weight = _IdleExpertsGetZeroGrad.apply(weight, spans.counts)
+    return _ContiguousGrad.apply(GROUPED_MM(x, weight, offs=spans.offsets))
 
 
 def stray_gradients_for_idle_experts(x: Tensor) -> bool:
     """Whether grouped_mm on x's device gives groups without rows nonzero weight gradients: reported on Blackwell
-    (sm100 and later; pytorch#172439, open), where Hopper's kernel gives zeros."""
+    (compute capability 10 and later; pytorch#172439), where Hopper's kernel gives zeros."""
     return x.device.type == "cuda" and _blackwell_or_later(x.get_device())
 
 
@@ -209,43 +217,45 @@ class _IdleExpertsGetZeroGrad(torch.autograd.Function):
 
 @torch.compiler.disable  # eager under torch.compile: traced, every new list of host counts would recompile
 def _loop_fallback(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
-    return grouped_linear(x, counts.tolist(), None, stacked=weight)
+    return per_expert_linear(x, counts.tolist(), None, stacked=weight)
+
+
+def device_counts(tokens: Tensor, tokens_per_expert: TokenCounts, num_local_experts: int) -> Tensor:
+    """Counts as an integer tensor on the tokens' device. Only the length is checked: checking the sum
+    against the rows would read the counts to the host (the dispatcher builds them from the same rows)."""
+    counts = torch.as_tensor(tokens_per_expert, device=tokens.device)
+    if counts.dim() != 1 or counts.shape[0] != num_local_experts or counts.is_floating_point():
+        raise ValueError(
+            f"tokens_per_expert must be {num_local_experts} integer counts (one per local expert), "
+            f"got shape {tuple(counts.shape)} {counts.dtype}"
+        )
+    return counts
 
 
 class GroupedBackend:
+    """Every bank kind: the bank hands each weight as a `GroupedWeight`, one grouped GEMM applies it."""
+
     name = "grouped"
 
-    def counts(self, tokens: Tensor, tokens_per_expert: TokenCounts, num_local_experts: int) -> Tensor:
-        """Counts as an integer tensor on the tokens' device. Only the length is checked: checking the sum
-        against the rows would read the counts to the host (the dispatcher builds them from the same rows)."""
-        counts = torch.as_tensor(tokens_per_expert, device=tokens.device)
-        if counts.dim() != 1 or counts.shape[0] != num_local_experts or counts.is_floating_point():
-            raise ValueError(
-                f"tokens_per_expert must be {num_local_experts} integer counts (one per local expert), "
-                f"got shape {tuple(counts.shape)} {counts.dtype}"
-            )
-        return counts
-
-    def forward(self, bank, tokens: Tensor, counts: TokenCounts) -> Tensor:
-        groups = Groups(self.counts(tokens, counts, bank.num_local_experts), tokens.shape[0])
-        return bank.ffn(tokens, lambda x, name: self._linear(bank, x, groups, name))
-
-    def linear(self, bank, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
-        return self._linear(bank, x, Groups(self.counts(x, counts, bank.num_local_experts), x.shape[0]), name)
+    @staticmethod
+    def forward(bank: BankWeights, tokens: Tensor, counts: TokenCounts) -> Tensor:
+        spans = RowSpans(device_counts(tokens, counts, bank.num_local_experts), tokens.shape[0])
+        return bank.ffn(tokens, lambda x, name: _linear(bank, x, spans, name))
 
     @staticmethod
-    def _linear(bank, x: Tensor, groups: Groups, name: str) -> Tensor:
-        # The loop fallback (see the module doc) keeps its weights anyway, and recomputed it would run its GEMMs
-        # twice: only grouped_mm's rows recompute the weights.
-        if bank.recompute_weights and grouped_mm_takes_rows(x):
-            out, out_perm = with_weights_recomputed(_matmul_rebuilding_weight, bank, x, groups, name)
-        else:
-            out, out_perm = _matmul_rebuilding_weight(bank, x, groups, name)
-        return _in_order_plus_bias(out, out_perm, groups, bank.bias(name))
+    def linear(bank: BankWeights, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
+        return _linear(bank, x, RowSpans(device_counts(x, counts, bank.num_local_experts), x.shape[0]), name)
 
 
-def _matmul_rebuilding_weight(bank, x: Tensor, groups: Groups, name: str) -> tuple[Tensor, Optional[Tensor]]:
-    return _matmul_in_layout(x, groups, bank.grouped_weight(name, x.shape[0]))
+def _linear(bank: BankWeights, x: Tensor, spans: RowSpans, name: str) -> Tensor:
+    # The loop fallback (see the module doc) keeps its weights anyway, and recomputed it would run its GEMMs
+    # twice: only grouped_mm's rows recompute the weights.
+    if bank.recompute_weights and grouped_mm_takes_rows(x):
+        out, out_perm = with_weights_recomputed(_matmul_rebuilding_weight, bank, x, spans, name)
+    else:
+        out, out_perm = _matmul_rebuilding_weight(bank, x, spans, name)
+    return _in_order_plus_bias(out, out_perm, spans, bank.bias(name))
 
 
-GROUPED = GroupedBackend()
+def _matmul_rebuilding_weight(bank: BankWeights, x: Tensor, spans: RowSpans, name: str):
+    return _matmul_in_layout(x, spans, bank.grouped_weight(name, x.shape[0]))

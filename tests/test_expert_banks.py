@@ -11,7 +11,7 @@ from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActD
 from mpoe.config import MoEConfig
 from mpoe.models import mpo
 from mpoe.models.experts import DenseFFN, MPOEExperts, build_expert_bank
-from mpoe.parallel.groups import ExpertGroups
+from mpoe.parallel.expert_placement import ExpertPlacement
 
 D_MODEL, D_FF, COUNTS = 12, 24, [3, 0, 5, 2]
 
@@ -35,7 +35,7 @@ def _t5_ff(gated: bool):
 
 def _bank(kind, dense, activation, **moe):
     return build_expert_bank(
-        MoEConfig(kind=kind, num_experts=4, **moe), D_MODEL, D_FF, activation, ExpertGroups(name="g"), dense
+        MoEConfig(kind=kind, num_experts=4, **moe), D_MODEL, D_FF, activation, ExpertPlacement(group_name="g"), dense
     )
 
 
@@ -141,9 +141,9 @@ def test_no_tokens_still_gives_gradients(kind):
 def test_random_init_does_not_depend_on_expert_layout(kind):
     cfg = MoEConfig(kind=kind, num_experts=4, aux_init_noise=0.2)
     torch.manual_seed(5)
-    whole = build_expert_bank(cfg, D_MODEL, D_FF, "relu", ExpertGroups())
+    whole = build_expert_bank(cfg, D_MODEL, D_FF, "relu", ExpertPlacement())
     torch.manual_seed(5)
-    half = build_expert_bank(cfg, D_MODEL, D_FF, "relu", ExpertGroups(ep_size=2, ep_rank=1, name="ep_size_2"))
+    half = build_expert_bank(cfg, D_MODEL, D_FF, "relu", ExpertPlacement(ep_size=2, ep_rank=1, group_name="ep_size_2"))
     assert (half.num_local_experts, half.first_expert, half.num_experts) == (2, 2, 4)
     for (name, a), (_, b) in zip(whole.named_parameters(), half.named_parameters()):
         if name.startswith("central."):
