@@ -7,6 +7,9 @@
 # Arguments are Hydra overrides for mpoe-train. Give every node the same hydra.run.dir on a shared
 # file system (checkpoints are written there by every rank). gloo on CPU, nccl on GPUs (automatic).
 # RDZV_TIMEOUT (s, default 300): how long a node waits for the others before it gives up with one line.
+# MAX_RESTARTS (default 0): how often torchrun restarts the workers after one fails. A restarted worker continues
+# the run from its last complete checkpoint, as trainer.resume=auto does, and says so in one line; a trainer.resume
+# given on the command line is kept (trainer.resume=null starts over).
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (s, default here 300; torchrun's own is 30): after Ctrl-C or SIGTERM, how long
 # torchrun lets the workers finish their step and save a checkpoint before it SIGKILLs them (torch releases
 # without --shutdown-timeout ignore it and wait 30 s: the script then says so).

@@ -1,5 +1,7 @@
 """The benchmarks run end to end at toy sizes (their numbers are only meaningful at full size)."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from bench import experts, lm_loss, moe_layer
 
 
 def test_experts_bench_reports_its_ratios(tmp_path):
-    results = experts.main(["--tokens", "64", "--repeats", "1", "--json", str(tmp_path / "e.json")])
+    """--json's folders are made (issue 31: a benchmark's results were lost at its end for want of one)."""
+    results = experts.main(["--tokens", "64", "--repeats", "1", "--json", str(tmp_path / "new" / "e.json")])
     assert set(results) == {
         "experts.mpoe_vs_switch_time",
         "experts.mpoe_vs_switch_params",
@@ -15,7 +18,21 @@ def test_experts_bench_reports_its_ratios(tmp_path):
         "experts.mpoe_vs_switch_time_quarter_tokens",
     }
     assert results["experts.mpoe_vs_switch_params"] < 0.25  # bond 16: a fact of the shapes, not of timing
-    assert (tmp_path / "e.json").exists()
+    assert json.loads((tmp_path / "new" / "e.json").read_text())["results"] == results
+
+
+def test_an_unwritable_json_path_stops_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    """Issue 31: in one line, before the benchmark's minutes are spent."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ran = []
+    monkeypatch.setattr(experts, "interleaved_times", lambda *a, **k: ran.append(1))  # what times the banks
+    with pytest.raises(SystemExit) as stop:
+        experts.main(["--tokens", "64", "--repeats", "1", "--json", str(blocker / "e.json")])
+    assert stop.value.code == 2 and not ran
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bench: error: --json {blocker / 'e.json'}: cannot write there")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # nothing else written
 
 
 @pytest.mark.slow
@@ -74,13 +91,13 @@ def test_grouped_reference_moe_equals_our_layer():
     from bench.gpu import GroupedRefMoE
     from mpoe.config import MoEConfig
     from mpoe.models.experts import activation_fn
-    from mpoe.models.moe_layer import build_moe_layer
-    from mpoe.parallel.groups import ExpertGroups
+    from mpoe.models.moe_builder import build_moe_layer
+    from mpoe.parallel.expert_placement import ExpertPlacement
 
     torch.manual_seed(0)
     for top_k in (1, 2):
         cfg = MoEConfig(kind="switch", num_experts=4, top_k=top_k, expert_impl="grouped")
-        ours = build_moe_layer(cfg, 16, 32, "gelu_new", ExpertGroups(), bias=False)
+        ours = build_moe_layer(cfg, 16, 32, "gelu_new", ExpertPlacement(), bias=False)
         b = ours.bank
         ref = GroupedRefMoE(ours.router.gate.weight, b.w_in, b.w_out, top_k, activation_fn("gelu_new"))
         x = torch.randn(40, 16)

@@ -205,11 +205,11 @@ def _check_optimizer_stored_once(rank_file: Path) -> None:
     """Finding 15: at ZeRO 0 Adam's state is stored once (native, with names); the portable form is derived."""
     import torch
 
-    from mpoe.train.checkpoint import reshard
+    from mpoe.train.checkpoint import adam_state, reshard
 
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     assert "portable_optimizer" not in state and "optimizer" in state
-    (portable,) = reshard.portable_forms(reshard.RankFiles(rank_file.parent), 1)
+    (portable,) = adam_state.portable_forms(reshard.RankFiles(rank_file.parent), 1)
     assert portable["step"] == 4
     assert portable["params"] and set(portable["params"]) <= set(state["optimizer_param_names"])
     for name, adam in portable["params"].items():  # a shifted name <-> index mapping would mismatch shapes
@@ -220,6 +220,7 @@ def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
     from omegaconf import OmegaConf
 
     from mpoe.config import TrainConfig
+    from mpoe.train import run_keys
     from mpoe.train.checkpoint import autoresume
 
     def fake_run(name: str, lr: float, max_steps: int, seed: int = 0) -> Path:
@@ -241,8 +242,52 @@ def test_resume_auto_matches_only_runs_of_the_same_config(tmp_path):
     assert autoresume.find_run(want, tmp_path / "outputs") == (None, 3)
     want["trainer"]["seed"] = 1
     assert autoresume.find_run(want, tmp_path / "outputs") == (other_seed, 3)
+    want["trainer"]["seed"], want["trainer"]["eval_every"] = 0, 7  # how it is measured: the same run (issue 31)
+    (same / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")
+    assert autoresume.find_run(want, tmp_path / "outputs") == (same, 3)
+    want["optim"]["lr"] = 5e-4
+    survey = autoresume.survey(want, tmp_path / "outputs")
+    assert survey.found is None and survey.other == same  # the newest checkpoint of another identity
+    assert autoresume.changes(survey.other_config, want, run_keys.in_resume_identity) == ["optim.lr: 0.001 -> 0.0005"]
     assert other.exists()
     assert autoresume.outputs_root("outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}") == Path("outputs").absolute()
+
+
+def test_a_restarted_worker_continues_unless_trainer_resume_is_given(capsys):
+    """Issue 31: TORCHELASTIC_RESTART_COUNT / SLURM_RESTART_COUNT > 0 and no trainer.resume on the command line:
+    resume as `auto` does, in one line (rank 0 only); trainer.resume=null given: start over, and say so."""
+    from mpoe.config import TrainConfig
+    from mpoe.train.checkpoint import autoresume
+
+    cfg = TrainConfig()
+    assert autoresume.on_restart(cfg, [], {"TORCHELASTIC_RESTART_COUNT": "0"}) is cfg  # a first start
+    restarted = autoresume.on_restart(cfg, ["moe=switch"], {"TORCHELASTIC_RESTART_COUNT": "2"})
+    assert restarted.trainer.resume == "auto" and cfg.trainer.resume is None
+    assert restarted.trainer.max_steps == cfg.trainer.max_steps
+    assert capsys.readouterr().out == (
+        "mpoe-train: restart 2 (TORCHELASTIC_RESTART_COUNT=2): continuing from the run's last complete checkpoint "
+        "(trainer.resume=auto; give trainer.resume=null to start over)\n"
+    )
+    requeued = autoresume.on_restart(cfg, [], {"SLURM_RESTART_COUNT": "1", "RANK": "3"})
+    assert requeued.trainer.resume == "auto" and capsys.readouterr().out == ""  # rank 3 says nothing
+    assert autoresume.on_restart(cfg, ["trainer.resume=null"], {"SLURM_RESTART_COUNT": "1"}) is cfg
+    assert capsys.readouterr().out == (
+        "mpoe-train: restart 1 (SLURM_RESTART_COUNT=1) with trainer.resume=null: starting over from step 0, as asked\n"
+    )
+
+
+def test_fault_injection_is_read_once_into_the_hook_the_step_calls(monkeypatch):
+    """Issue 30: the environment is read when the run is set up, not inside the training step."""
+    import torch
+
+    from mpoe.train.runtime import faults
+
+    environ = {"MPOE_FAULT_NAN_AT_STEPS": "2,3", "MPOE_FAULT_KILL_AT_STEP": "5", "MPOE_FAULT_RANK": "1"}
+    on_rank0, on_rank1 = faults.from_environment(0, environ), faults.from_environment(1, environ)
+    assert (on_rank0.kill_at_step, on_rank1.kill_at_step, on_rank0.nan_at_steps) == (None, 5, {2, 3})
+    monkeypatch.setenv("MPOE_FAULT_NAN_AT_STEPS", "4")  # read once: a later change is not seen
+    assert torch.isnan(on_rank0.loss(3, torch.tensor(1.0))) and on_rank0.loss(4, torch.tensor(1.0)) == 1.0
+    assert faults.from_environment(0, {}) == faults.NONE
 
 
 @pytest.mark.slow
@@ -252,6 +297,94 @@ def test_resume_auto_says_when_it_finds_nothing(tmp_path, mpoe_cache):
     root = tmp_path / "outputs"
     line = f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {root} (0 run(s) looked at)"
     assert line in proc.stdout
+    given = tmp_path / "given"  # issue 31: with hydra.run.dir it said nothing (the README said it reports that)
+    proc = _in(tmp_path, mpoe_cache, "trainer.resume=auto", "trainer.dry_run=true", f"hydra.run.dir={given}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"mpoe-train: trainer.resume=auto: no checkpoint in {given / 'checkpoints'}: starting from step 0\n" in (
+        proc.stdout
+    )
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_a_run_measured_otherwise_but_not_one_trained_otherwise(tmp_path, mpoe_cache):
+    """Issue 31: changing how often a run is evaluated made resume=auto start it over at step 0; now it continues
+    and names what changed. A changed learning rate is another run, and the line says which key made it one.
+    Also: with its output captured (not a terminal) the progress bar is one plain line per logged step."""
+    first = _in(tmp_path, mpoe_cache, "trainer.max_steps=2", "logging.progress=true")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    captured = first.stdout + first.stderr
+    assert "\r" not in captured
+    steps = [line.split(" - ", 1)[1] for line in captured.splitlines() if " - train step " in line]
+    assert [s.split(":")[0] for s in steps] == ["train step 1/2", "train step 2/2"]
+    rows = metrics(run)
+    assert steps[0] == f"train step 1/2: loss {rows[0]['loss']:.3f}, tokens/s {rows[0]['tokens_per_s']:.0f}"
+
+    again = _in(tmp_path, mpoe_cache, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"mpoe-train: trainer.resume=auto: continuing {run} with logging.progress: true -> false; "
+        "trainer.eval_every: 4 -> 2\n"
+    ) in again.stdout
+    assert list((tmp_path / "outputs").glob("*/*")) == [run]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(run) if "val_loss" in r] == [2, 4]
+
+    other = _in(tmp_path, mpoe_cache, "optim.lr=0.002", "trainer.resume=auto", "trainer.dry_run=true")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (
+        f"mpoe-train: trainer.resume=auto: no run of this config with a checkpoint under {tmp_path / 'outputs'} "
+        f"(1 run(s) looked at; the newest other, {run}, differs in optim.lr: 0.001 -> 0.002): starting a new run\n"
+    ) in other.stdout
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 2
+
+
+def _files(run: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_shapes_or_cut_short_is_refused_before_anything_is_written(tmp_path, mpoe_cache):
+    """Issue 31: model.d_model changed under resume=auto or a checkpoint path was a 91-line traceback (and the path
+    form left a run folder); a rank file cut in half stopped resume=auto although the checkpoint before it was
+    intact. Now: one line and no file written or changed; `auto` falls back to the newest readable checkpoint."""
+    from mpoe.train.checkpoint import store
+
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    train(run, mpoe_cache, "trainer.save_every=2", "logging.wandb.mode=disabled")
+    step2, step4 = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000004"
+    before = _files(run)
+
+    proc = train(run, mpoe_cache, "model.d_model=256", "trainer.resume=auto", check=False, timeout=120)
+    _one_error_line(
+        proc,
+        f"mpoe-train: error: trainer.resume=auto: the checkpoints of {run} were trained with model.d_model=128, "
+        "this run has model.d_model=256, a shape they fix: resume with model.d_model=128",
+    )
+    assert _files(run) == before
+    proc = train(elsewhere, mpoe_cache, "model.d_model=256", f"trainer.resume={step4}", check=False, timeout=120)
+    _one_error_line(proc, f"mpoe-train: error: trainer.resume={str(step4)!r}: the checkpoints of {run} were trained")
+    assert not elsewhere.exists()
+
+    rank_file = step4 / "rank_00000.pt"
+    os.truncate(rank_file, rank_file.stat().st_size // 2)
+    before = _files(run)
+    proc = train(elsewhere, mpoe_cache, f"trainer.resume={step4}", check=False, timeout=120)
+    _one_error_line(
+        proc,
+        f"mpoe-train: error: trainer.resume={str(step4)!r}: checkpoint {step4} cannot be read: rank_00000.pt is cut "
+        f"short or corrupt (not a complete torch file): give an earlier one ({step2})",
+    )
+    assert not elsewhere.exists() and _files(run) == before
+
+    proc = train(run, mpoe_cache, "trainer.save_every=2", "trainer.max_steps=6", "trainer.resume=auto")
+    assert (
+        "mpoe-train: trainer.resume=auto: step_00000004: rank_00000.pt is cut short or corrupt (not a complete torch "
+        "file): continuing from step_00000002, the newest checkpoint that can be read\n"
+    ) in proc.stdout
+    assert f"resumed from {step2} at step 2" in proc.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert store.unreadable(step4) is None  # saved again, whole
 
 
 @pytest.mark.slow
@@ -274,7 +407,8 @@ def test_bad_resume_path_stops_before_any_setup(tmp_path, mpoe_cache):
 
 
 def _bad_files(tmp_path: Path) -> dict:
-    """The three files of finding 5: an empty .txt, a binary file named .txt, a JSONL with one bad line."""
+    """The three files of finding 5: an empty .txt, a binary file named .txt, a JSONL with one bad line; and issue
+    31's: a .txt of whitespace, a JSONL whose text values are numbers, one with a null text value."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     binary = tmp_path / "image.txt"
@@ -283,7 +417,16 @@ def _bad_files(tmp_path: Path) -> dict:
     lines = [f'{{"text": "document number {i} with some words in it"}}' for i in range(2500)]
     lines[1999] = '{"text": "a quote never closed}'
     jsonl.write_text("\n".join(lines) + "\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n\t \n")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(f'{{"text": {i}}}\n' for i in range(100)))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "words in a document"}\n{"text": null}\n')
     return {
+        "blank": (blank, f"data.paths entry {str(blank)!r} has no usable text (only whitespace)"),
+        "numbers": (numbers, f"data.paths entry {str(numbers)!r} line 1: 'text' is a number (0), not text"),
+        "null": (mixed, f"data.paths entry {str(mixed)!r} line 2: 'text' is null, not text"),
         "empty": (empty, f"data.paths entry {str(empty)!r} is empty"),
         "binary": (binary, f"data.paths entry {str(binary)!r} cannot be read as text: line 2 is not UTF-8 text"),
         "jsonl": (jsonl, f"data.paths entry {str(jsonl)!r} cannot be read as json: line 2000 is not JSON"),
@@ -291,7 +434,7 @@ def _bad_files(tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["empty", "binary", "jsonl"])
+@pytest.mark.parametrize("case", ["empty", "binary", "jsonl", "blank", "numbers"])
 def test_unreadable_data_is_one_line_and_leaves_no_run_directory(tmp_path, mpoe_cache, case):
     """Findings 5 (one line naming the file and line), 13 (data.paths=FILE without brackets), 14 (no half-made
     run directory for mpoe-report to list)."""
@@ -393,7 +536,7 @@ def test_sweep_validates_every_job_before_the_first_starts(tmp_path, mpoe_cache)
 
 def test_unknown_added_key_is_refused_in_a_single_run_too():
     from mpoe.config import ConfigError
-    from mpoe.train.main import check_added_keys
+    from mpoe.train.compose import check_added_keys
 
     check_added_keys(["+trainer.max_steps=3", "+experiment=switch_vs_mpoe", "+hydra.job.name=x"])  # real keys
     with pytest.raises(ConfigError, match=r"^\+trainer.max_step=3: trainer.max_step is not a config key"):

@@ -100,6 +100,45 @@ def test_mean_std_over_seeds(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_folder_given_gets_its_report_in_one_subfolder_and_the_command_says_what_it_read(tmp_path, capsys):
+    """Issue 31: a report of a folder went loose into it (report.md beside 18 PNGs of unrelated runs)."""
+    make_run(tmp_path / "runs" / "a0", "switch", 0, 2.0)
+    make_run(tmp_path / "runs" / "b0", "mpoe", 0, 5.0)
+    (tmp_path / "runs" / "notes.txt").write_text("not a run")
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert report.main([str(tmp_path / "runs")]) == 0
+    out = tmp_path / "runs" / "report"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([*before, "report"])
+    written = sorted(p.name for p in out.iterdir())
+    plots = [n for n in written if n.endswith(".png")]
+    assert "report.md" in written and len(plots) == len(written) - 1 >= 2
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"mpoe-report: read 2 run(s) from {tmp_path / 'runs'} (0 skipped); wrote report.md and {len(plots)} plot(s) "
+        f"to {out}"
+    ]
+    assert report.main([str(tmp_path / "runs")]) == 0  # again: the report folder is not read as a run
+    assert "(0 skipped)" in capsys.readouterr().out
+
+
+def test_report_rows_count_how_a_run_was_measured_but_not_its_seed(tmp_path):
+    """Issue 31: two identities. Runs evaluated at other steps are other rows of a report (mpoe-report groups by
+    what a run trains and how it is measured), while resume=auto continues such a run (run_keys)."""
+    from mpoe.train import run_keys
+
+    runs = [make_run(tmp_path / name, "switch", seed, 3.0) for name, seed in (("a0", 0), ("a1", 1), ("b0", 0))]
+    for run, eval_every in zip(runs, (4, 4, 2)):
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        config["trainer"]["eval_every"] = eval_every
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    groups = report.group_runs(report.collect([tmp_path], lambda line: pytest.fail(line)))
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert [g.label for g in groups] == ["trainer.eval_every=4", "trainer.eval_every=2"]
+    assert run_keys.in_report_grouping("trainer.eval_every") and not run_keys.in_resume_identity("trainer.eval_every")
+    assert run_keys.in_resume_identity("trainer.seed") and not run_keys.in_report_grouping("trainer.seed")
+    assert run_keys.in_resume_identity("optim.lr") and run_keys.in_report_grouping("optim.lr")
+    assert not run_keys.in_resume_identity("trainer.max_steps") and run_keys.in_report_grouping("trainer.max_steps")
+
+
 def test_broken_run_dirs_are_skipped_in_one_line(tmp_path, capsys):
     good = make_run(tmp_path / "good", "dense", 0, 3.0)
     corrupt = make_run(tmp_path / "corrupt", "dense", 1, 3.0)

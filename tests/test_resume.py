@@ -35,9 +35,22 @@ def _killed(run, cache, *overrides, **fault):
     assert proc.returncode != 0, "the fault did not fire"
 
 
-def test_killed_run_resumes_the_exact_loss_curve_and_a_finished_run_only_evaluates(tmp_path, mpoe_cache):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(whole, mpoe_cache, *COMMON)
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, mpoe_cache):
+    """The uninterrupted run of COMMON, which the runs killed and resumed are compared with."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    train(run, mpoe_cache, *COMMON)
+    return run
+
+
+def _step_seconds(rows: dict, step: int) -> float:
+    """How long `step` took, from its own log row (log_every=1): its tokens over its tokens per second."""
+    tokens = rows[step]["tokens_seen"] - (rows[step - 1]["tokens_seen"] if step > 1 else 0)
+    return tokens / rows[step]["tokens_per_s"]
+
+
+def test_killed_run_resumes_the_exact_loss_curve_and_a_finished_run_only_evaluates(tmp_path, mpoe_cache, whole):
+    resumed = tmp_path / "resumed"
     _killed(resumed, mpoe_cache, MPOE_FAULT_KILL_AT_STEP="6")
     saved = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert saved == ["step_00000002", "step_00000004"]
@@ -48,6 +61,11 @@ def test_killed_run_resumes_the_exact_loss_curve_and_a_finished_run_only_evaluat
         assert b[step]["loss"] == a[step]["loss"], step
         assert b[step]["lr"] == a[step]["lr"], step
     assert summary(resumed)["val_loss"] == summary(whole)["val_loss"]
+
+    # Issue 31: wall_s counts the run's whole time, the part before the kill (up to the checkpoint resumed) too.
+    meta = json.loads((resumed / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["wall_s"] >= sum(_step_seconds(b, s) for s in (1, 2, 3, 4))
+    assert summary(resumed)["wall_s"] >= meta["wall_s"] + _step_seconds(b, 5) + _step_seconds(b, 6)
 
     # Resuming the finished run evaluates it again and rewrites its summary; nothing is trained twice.
     rows = len(metrics(resumed))
@@ -163,3 +181,41 @@ def test_data_parallel_zero1_checkpoints_store_replicated_state_once_and_survive
     c = _by_step(metrics(crashed))
     assert [c[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]
     assert summary(crashed)["val_loss"] == summary(whole)["val_loss"]
+
+
+def test_a_restarted_worker_continues_the_run_without_a_resume_key(tmp_path, mpoe_cache, whole):
+    """Issue 31: `MAX_RESTARTS=1 launch/torchrun.sh` (torchrun --max-restarts 1), the worker SIGKILLed at step 5
+    (after the checkpoint of step 4), no trainer.resume given: the restart continues from step 4 (it used to be
+    refused, the run directory holding checkpoints, until the restarts were spent), says so, and logs the
+    uninterrupted run's losses."""
+    import subprocess
+    from pathlib import Path
+
+    from _cli import FAST, env
+
+    from mpoe.parallel.process_groups import free_port
+
+    crashed = tmp_path / "crashed"
+    e = {
+        **env(mpoe_cache),
+        "MAX_RESTARTS": "1",
+        "MASTER_PORT": str(free_port()),
+        "MPOE_FAULT_KILL_AT_STEP": "5",
+        "MPOE_FAULT_ONCE": str(tmp_path / "fired"),
+    }
+    script = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
+    cmd = ["bash", str(script), f"hydra.run.dir={crashed}", *FAST, *COMMON]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "fired").exists(), "the fault did not fire"
+    said = [line for line in proc.stdout.splitlines() if line.startswith("mpoe-train: restart")]
+    assert said == [
+        "mpoe-train: restart 1 (TORCHELASTIC_RESTART_COUNT=1): continuing from the run's last complete checkpoint "
+        "(trainer.resume=auto; give trainer.resume=null to start over)"
+    ]
+    assert f"resumed from {crashed / 'checkpoints' / 'step_00000004'} at step 4" in proc.stdout
+    a, c = _by_step(metrics(whole)), _by_step(metrics(crashed))
+    assert sorted(c) == sorted(a) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert c[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
+    assert summary(crashed)["val_loss"] == pytest.approx(summary(whole)["val_loss"], abs=1e-6)

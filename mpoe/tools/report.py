@@ -5,8 +5,11 @@ Reads only what a run directory holds (`.hydra/config.yaml`, `summary.json`,
 Hydra multirun directory): every directory below it holding `.hydra/` or
 `summary.json` is a run. Runs are grouped by their composed config minus the
 seed (and minus keys that cannot change the numbers: logging, checkpointing,
-resume, cache paths), so each row of the table is one configuration, its
-validation loss and perplexity given as mean +- sample std over its seeds.
+resume, cache paths: `run_keys.in_report_grouping`), so each row of the table is
+one configuration, its validation loss and perplexity given as mean +- sample
+std over its seeds. Everything goes into one folder: `--out`, by default
+`report/` inside the one folder given (else `./report`); the command prints that
+folder and how many runs it read from where.
 
 A run that cannot be read (no or corrupt summary.json, unreadable
 metrics.jsonl, no config), or whose validation covered no tokens (its
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mpoe.train.run_keys import flatten, is_ignored
+from mpoe.train.run_keys import flatten, in_report_grouping
 
 _SKIP_DIRS = {"checkpoints", "wandb", ".hydra", "__pycache__"}
 
@@ -52,7 +55,7 @@ class Run:
     @property
     def key(self) -> tuple:
         return tuple(
-            sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items() if not is_ignored(k))
+            sorted((k, json.dumps(v, sort_keys=True)) for k, v in flatten(self.config).items() if in_report_grouping(k))
         )
 
 
@@ -526,6 +529,11 @@ def plot_expert_load(group: Group, path: Path) -> bool:
 
 
 def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
+    return write_report_and_plots(runs, out, skipped)[0]
+
+
+def write_report_and_plots(runs: list[Run], out: Path, skipped: list[str]) -> tuple[Path, list[str]]:
+    """report.md and its plots in `out`: (the report, the plots' file names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,7 +576,7 @@ def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
         parts += ["", "## Skipped", ""] + [f"- {line}" for line in skipped]
     report = out / "report.md"
     _atomic_write(report, ("\n".join(parts) + "\n").encode())
-    return report
+    return report, [name for _, name in plots]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -577,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders above them (a multirun dir)"
     )
     ap.add_argument(
-        "--out", help="where report.md and the plots go (default: the RUN_DIR when one is given, else ./report)"
+        "--out", help="the folder for report.md and the plots (default: RUN_DIR/report for one RUN_DIR, else ./report)"
     )
     args = ap.parse_args(argv)
     paths = [Path(p) for p in args.run_dirs]
@@ -594,14 +602,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("report"))
+    out = default_out(paths) if args.out is None else Path(args.out)
     try:
-        report = write_report(runs, out, skipped)
+        report, plots = write_report_and_plots(runs, out, skipped)
     except OSError as e:
         print(f"mpoe-report: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"mpoe-report: {len(runs)} run(s) -> {report}")
+    print(
+        f"mpoe-report: read {len(runs)} run(s) from {', '.join(map(str, paths))} ({len(skipped)} skipped); "
+        f"wrote {report.name} and {len(plots)} plot(s) to {out}"
+    )
     return 0
+
+
+def default_out(paths: list[Path]) -> Path:
+    """`report/` inside the one folder given, so that the report never lies loose among other files."""
+    return paths[0] / "report" if len(paths) == 1 and paths[0].is_dir() else Path("report")
 
 
 def cli() -> None:

@@ -8,7 +8,8 @@ process holds a corpus as Python strings (`mpoe.train.data.sequences` tokenizes 
 batch). Empty documents are skipped. The split is by a hash of each document
 (`corpus.is_validation`): stable under reordering and across runs.
 
-A file that cannot be read (empty, not UTF-8, a malformed JSON line) stops with
+A file that cannot be read (empty, not UTF-8, a malformed JSON line, a text
+value that is not a string) or that holds no text (only whitespace) stops with
 one line naming the file and the line (`ConfigError`).
 """
 
@@ -128,7 +129,91 @@ def _load_kind(kind: str, files: list[Path], field: str):
             f"data.text_field={field!r} is not a column of {', '.join(map(str, files))}: "
             f"use one of {table.column_names}"
         )
+    _check_text(kind, files, field, table)
     return table
+
+
+def _check_text(kind: str, files: list[Path], field: str, table) -> None:
+    """Every text value is a string and every file has some text: a number or null where the text should be
+    would be dropped without a word, and a file of whitespace would leave nothing to train on."""
+    dtype = getattr(table.features[field], "dtype", None)
+    if dtype not in ("string", "large_string") or table.data.column(field).null_count:
+        for p in files:
+            where = _first_non_string(kind, p, field)
+            if where:
+                raise ConfigError(f"data.paths entry {str(p)!r} {where}: give every record a string {field!r}")
+        raise ConfigError(
+            f"data.paths {', '.join(map(str, files))}: data.text_field={field!r} holds {table.features[field]} "
+            "values, not strings"
+        )
+    for p in files:
+        if not _has_text(kind, p, field):
+            only = "whitespace" if kind == "text" else f"empty or whitespace {field!r} values"
+            raise ConfigError(
+                f"data.paths entry {str(p)!r} has no usable text (only {only}): "
+                "remove it from data.paths or give it text"
+            )
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of a .json or JSON Lines file: `line N`, or `record N` of a JSON array."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix.lower() == ".json" and f.read(4096).lstrip()[:1] == "[":  # one JSON array: read whole
+            f.seek(0)
+            with contextlib.suppress(ValueError):
+                yield from ((f"record {n}", record) for n, record in enumerate(json.load(f), 1))
+                return
+        f.seek(0)
+        for number, line in enumerate(f, 1):  # JSON Lines: a line at a time, as far as the caller reads
+            if line.strip():
+                with contextlib.suppress(ValueError):
+                    yield f"line {number}", json.loads(line)
+
+
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _first_non_string(kind: str, path: Path, field: str) -> str | None:
+    if kind == "parquet":
+        return _parquet_non_string(path, field)
+    if kind != "json":
+        return None
+    for where, record in _json_records(path):
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(record, dict) and not isinstance(value, str):
+            shown = "null" if value is None else f"{_JSON_KINDS.get(type(value), 'a value')} ({json.dumps(value)[:40]})"
+            return f"{where}: {field!r} is {shown}, not text"
+    return None
+
+
+def _parquet_non_string(path: Path, field: str) -> str | None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if field not in pq.read_schema(path).names:
+        return None
+    column = pq.read_table(path, columns=[field]).column(field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return f"column {field!r} is {column.type}, not text"
+    if column.null_count:
+        return f"row {pc.index(column.is_null(), True).as_py() + 1}: {field!r} is null, not text"
+    return None
+
+
+def _has_text(kind: str, path: Path, field: str) -> bool:
+    """Some non-whitespace text, found by reading the file only as far as the first of it."""
+    if kind == "parquet":
+        return True  # a column of strings (checked above); parquet files are written by programs, not by hand
+    if kind == "json":
+        return any(
+            isinstance(r, dict) and isinstance(r.get(field), str) and r[field].strip() for _, r in _json_records(path)
+        )
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.decode("utf-8", "ignore").strip():
+                return True
+    return False
 
 
 @contextlib.contextmanager

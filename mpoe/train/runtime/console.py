@@ -1,4 +1,5 @@
-"""What the terminal says when a run ends: the numbers, where the run is, and the next commands.
+"""What the terminal says while a run goes (a progress bar, or one line per logged step where the output is not a
+terminal) and when it ends: the numbers, where the run is, and the next commands.
 
 A run used to end in silence (the numbers only in summary.json); an interrupted
 one in a traceback. Rank 0 prints one short block instead, built from the
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
-from mpoe.parallel.engine import zero_stage
+from tqdm.auto import tqdm
+
+from mpoe.parallel.deepspeed.engine import zero_stage
 from mpoe.train.runtime.interrupt import Interrupted
 
 # Overrides that the printed commands set themselves.
@@ -105,3 +109,37 @@ def interrupted_line(stop: Interrupted, run_dir: Path, overrides: list[str]) -> 
     where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else "no checkpoint (no step had finished)"
     how = f"; resume with: {resume_command(run_dir, overrides)}" if stop.checkpoint is not None else ""
     return f"mpoe-train: stopped after step {stop.step} of {stop.max_steps}: {where}{how}"
+
+
+_LABELS = {"tok_s": "tokens/s", "val_ppl": "val ppl"}  # the bar's short names, spelled out in a log line
+
+
+class StepLines:
+    """The progress bar's stand-in where its output is not a terminal (a log file, a pipe, a scheduler's
+    capture): there each redraw of a bar is a carriage return, hundreds of kB for a short run. This logs one
+    plain line per logged step instead (the bar's `set_postfix` marks a logged step, `update` finishes it)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.n = total, initial
+        self._postfix: Optional[dict] = None
+
+    def set_postfix(self, **values) -> None:
+        self._postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._postfix is not None:
+            shown = ", ".join(f"{_LABELS.get(k, k)} {v}" for k, v in self._postfix.items())
+            logging.getLogger("mpoe.train").info(f"train step {self.n}/{self.total}: {shown}")
+            self._postfix = None
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int, stream=None):
+    """A tqdm progress bar on a terminal, else `StepLines` (tqdm draws on stderr)."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return StepLines(total, initial)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=stream)
