@@ -9,7 +9,8 @@
 # RDZV_TIMEOUT (s, default 300): how long a node waits for the others before it gives up with one line.
 # MAX_RESTARTS (default 0): how often torchrun restarts the workers after one fails. A restarted worker continues
 # the run from its last complete checkpoint, as trainer.resume=auto does, and says so in one line; a trainer.resume
-# given on the command line is kept (trainer.resume=null starts over).
+# given on the command line is kept (trainer.resume=null does not resume, and is refused where the run
+# directory holds checkpoints).
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (s, default here 300; torchrun's own is 30): after Ctrl-C or SIGTERM, how long
 # torchrun lets the workers finish their step and save a checkpoint before it SIGKILLs them (torch releases
 # without --shutdown-timeout ignore it and wait 30 s: the script then says so).

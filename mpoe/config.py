@@ -22,7 +22,7 @@ The defaults here are those of `conf/train.yaml` with its default options
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError, dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from typing import Any, Optional
 
 MOE_KINDS = ("dense", "switch", "mpoe")
@@ -78,6 +78,13 @@ def read_only(section: _Section) -> _Section:
             read_only(value)
     object.__setattr__(section, "_read_only", True)
     return section
+
+
+def derive(section: _Section, **changes: Any) -> _Section:
+    """A copy of `section` with `changes` (checked as it is built, as `dataclasses.replace` builds it), read-only
+    where `section` was: a value derived from a validated config is as fixed as the config."""
+    copy = replace(section, **changes)
+    return read_only(copy) if section.__dict__.get("_read_only") else copy
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Libraries' import-time notices that cannot matter to a user of this package
 (Megatron's "Transformer Engine and Apex are not installed", its "Detected
-Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder) used to
+Megatron Core" lines, the gcc test compiles of DeepSpeed's op builder) would
 fill the first lines of every run and land inside the progress bar. They are filtered here, by category and
 module, and only for processes started through an entry point: importing
 `mpoe` as a library changes no global state. What remains goes through

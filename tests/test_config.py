@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _cli import train
 
-from mpoe.config import ConfigError, GradMaskConfig, MoEConfig, ParallelConfig, TrainConfig, TrainerConfig
+from mpoe.config import ConfigError, GradMaskConfig, MoEConfig, ParallelConfig, TrainConfig, TrainerConfig, derive
 from mpoe.train.compose import compose_and_validate
 
 
@@ -93,6 +93,11 @@ def test_a_validated_config_is_read_only_and_derived_values_are_checked_copies()
     assert copy.moe.num_experts == 8 and cfg.moe.num_experts == 4  # the validated one is as it was
     with pytest.raises(ConfigError, match="moe.top_k=9"):  # a copy is checked as it is built
         dataclasses.replace(cfg.moe, top_k=9)
+    derived = derive(cfg, trainer=derive(cfg.trainer, resume="auto"))  # what a restarted worker trains
+    assert derived.trainer.resume == "auto" and cfg.trainer.resume is None
+    for section, key in ((derived.trainer, "max_steps"), (derived.optim, "lr")):  # as fixed as what it came from
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, key, 1)
 
 
 def test_an_export_merged_to_switch_keeps_a_config_that_loads():
@@ -169,17 +174,23 @@ def _files(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_refused_resume_leaves_every_file_of_the_run_as_it_was(tmp_path, mpoe_cache):
-    """resume=auto into a run saved with 4 experts, asking for 8: one line, and not one byte of the run changes
-    (.hydra/config.yaml used to say 8 afterwards)."""
+    """Into a run saved with 4 experts: resume=auto asking for 8, and resume=null (which would train over its
+    checkpoints), each stop in one line, and not one byte of the run changes (.hydra/config.yaml used to say 8
+    afterwards; resume=null rewrote .hydra/ and main.log before the loop refused it)."""
     run = tmp_path / "run"
     train(run, mpoe_cache, "trainer.max_steps=2", "trainer.eval_every=2")
     before = _files(run)
     assert ".hydra/config.yaml" in before and "main.log" in before
-    proc = train(run, mpoe_cache, "trainer.max_steps=4", "trainer.resume=auto", "moe.num_experts=8", check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mpoe-train: error: ") and "num_experts" in lines[0], lines
-    assert _files(run) == before
+    refused = {
+        "num_experts": ["trainer.resume=auto", "moe.num_experts=8"],
+        "already holds checkpoints": ["trainer.resume=null", "moe.num_experts=8"],
+    }
+    for says, overrides in refused.items():
+        proc = train(run, mpoe_cache, "trainer.max_steps=4", *overrides, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mpoe-train: error: ") and says in lines[0], lines
+        assert _files(run) == before, overrides
 
 
 @pytest.mark.slow
@@ -210,3 +221,21 @@ def test_a_sweep_override_may_interpolate_each_jobs_own_choice(tmp_path):
         _, jobs = sweep.compose_jobs(hydra, config_name, overrides, 1, lambda cfg: None)
     assert [job.cfg.logging.wandb.name for job in jobs] == ["v-dense", "v-switch"]
     assert [job.cfg.moe.kind for job in jobs] == ["dense", "switch"]
+
+
+def _no_check(cfg):
+    pass
+
+
+def test_a_sweep_expands_globs_and_refuses_plugins_it_would_ignore(tmp_path):
+    """`moe=glob(*)` is every option of the group, as in Hydra's own sweeper; a launcher other than the basic one
+    would be ignored by mpoe-train's sweep, so it stops in one line naming it."""
+    from mpoe.train import sweep
+    from mpoe.train.compose import hydra_app
+
+    with hydra_app() as (hydra, config_name):
+        _, jobs = sweep.compose_jobs(hydra, config_name, ["moe=glob(*)", f"hydra.sweep.dir={tmp_path}"], 1, _no_check)
+        assert sorted(job.cfg.moe.kind for job in jobs) == ["dense", "mpoe", "switch"]
+        plugin = "hydra.launcher._target_=hydra_plugins.joblib.JoblibLauncher"
+        with pytest.raises(ConfigError, match=r"^hydra/launcher=hydra_plugins.joblib.JoblibLauncher: .*basic launcher"):
+            sweep.compose_jobs(hydra, config_name, ["moe=dense,switch", plugin], 1, _no_check)

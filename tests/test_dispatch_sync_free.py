@@ -90,6 +90,24 @@ def test_padding_rows_that_would_overflow_leave_no_nan():
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("impl, sync_free", [("loop", False), ("grouped", True)])
+def test_the_dispatcher_reads_the_host_only_where_the_expert_backend_does(impl, sync_free, monkeypatch):
+    """The path follows the backend chosen when the bank was placed, not the rows' device: the grouped backend
+    takes its counts on the device, so dispatch does too (here on the CPU); the loop backend reads them anyway."""
+    torch.manual_seed(0)
+    layer = build_moe_layer(
+        MoEConfig(kind="mpoe", num_experts=4, expert_impl=impl), D_MODEL, D_FF, "gelu_new", ExpertPlacement()
+    )
+    counted = []
+    original = type(layer.dispatcher)._dispatch_local_counted
+    monkeypatch.setattr(
+        type(layer.dispatcher), "_dispatch_local_counted", lambda d, *a: counted.append(1) or original(d, *a)
+    )
+    layer(torch.randn(24, D_MODEL))
+    assert layer.bank.counts_on_device is sync_free
+    assert counted == ([] if sync_free else [1])
+
+
 def test_importing_dispatch_changes_no_warning_filter():
     # Its imports first: what torch or expert_placement.py do at import time is not dispatch.py's doing (torch._dynamo,
     # which torch.compiler.disable imports, adds a filter for sympy's deprecation warnings).
@@ -103,6 +121,10 @@ def test_importing_dispatch_changes_no_warning_filter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+    reason="moe.expert_impl=auto is the grouped backend from sm90 (below, torch's grouped GEMM reads the host)",
+)
 @pytest.mark.parametrize("kind", ["switch", "mpoe"])
 def test_gpu_dispatch_bank_combine_run_without_host_sync(kind):
     """ep_size 1 on CUDA, bf16, capacity dropping: router -> dispatch -> grouped bank -> combine, with the

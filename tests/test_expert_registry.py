@@ -126,3 +126,18 @@ def test_a_forward_uses_the_resolved_backend_whatever_its_tokens_device(monkeypa
     out = model[0](x, torch.tensor([5, 0, 9, 2]))
     assert out.shape == x.shape and out.dtype == torch.bfloat16
     assert grouped_calls == ["cpu"] and loop_calls == []
+
+
+@pytest.mark.parametrize("kind", ["switch", "mpoe"])
+def test_moving_a_bank_chooses_its_backend_again_for_where_it_now_is(monkeypatch, kind):
+    """`.to()` (a user's, or DeepSpeed's placement) re-resolves: bf16 where grouped_mm has its fused kernel is
+    grouped, and back to float32 it is loop again. The fused kernel's presence is faked for the CPU here."""
+    from mpoe.models.experts import registry
+
+    model = _model(kind, "auto")
+    assert all(bank.backend is LOOP[kind] for bank in model)
+    monkeypatch.setattr(registry, "fast_path", lambda device, dtype: dtype == torch.bfloat16)
+    model.to(torch.bfloat16)
+    assert all(bank.backend is GroupedBackend for bank in model)
+    model.to(torch.float32)
+    assert all(bank.backend is LOOP[kind] for bank in model)

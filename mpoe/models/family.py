@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import torch
+from transformers.activations import NewGELUActivation
+
 from mpoe.config import MODEL_FAMILIES, ConfigError
+from mpoe.models.experts import activation_fn
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from mpoe.config import ModelConfig
@@ -80,10 +83,8 @@ class Family(ABC):
     def build(self, cfg: ModelConfig, tokenizer_vocab: int, eot_id: int, pad_id: int) -> nn.Module:
         """From scratch with our shape, or model.pretrained's shape and weights (a local directory only)."""
         if cfg.pretrained:
-            import torch
-
             self.check_pretrained(cfg.pretrained)
-            # float32 whatever dtype the checkpoint was saved in (transformers 5 loads it as saved): DeepSpeed casts
+            # float32 whatever dtype the checkpoint was saved in (transformers loads it as saved): DeepSpeed casts
             # the model for bf16/fp16 and keeps float32 masters, but an fp32 run would train a bf16 file's weights
             # in bf16, with no masters, and the MPO upcycling would decompose bf16 weights.
             backbone = self.model_class.from_pretrained(
@@ -169,10 +170,6 @@ def fuse_tanh_gelu(backbone: nn.Module) -> None:
     with their intermediates kept for backward; the one kernel is as exact (both are within float rounding of
     the float64 formula). The HF config keeps its `gelu_new`, so exported models are unchanged.
     """
-    from transformers.activations import NewGELUActivation
-
-    from mpoe.models.experts import activation_fn
-
     for module in backbone.modules():
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:

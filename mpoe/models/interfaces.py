@@ -88,10 +88,11 @@ class Dispatcher(Protocol):
     num_local_experts: int
 
     def dispatch(
-        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False
+        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False, counts_on_device: bool = False
     ) -> tuple[Tensor, Tensor]:
         """-> (rows for this rank's experts, sorted by local expert; counts [L] int64 on the rows' device);
-        dropless as `RouterOutput.dropless`."""
+        dropless as `RouterOutput.dropless`; counts_on_device: the expert bank reads no count on the host, so the
+        dispatcher need not either (`ExpertBankLike.counts_on_device`)."""
         ...
 
     def combine(self, expert_output: Tensor) -> Tensor:
@@ -106,6 +107,7 @@ class ExpertBankLike(Protocol):
     num_experts: int
     num_local_experts: int
     first_expert: int  # global id of local expert 0
+    counts_on_device: bool  # its backend, chosen once it is placed, takes the counts as a device tensor
 
     def __call__(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor: ...
 

@@ -78,7 +78,11 @@ class MoELayer(MoE):
         tokens = hidden.reshape(-1, hidden.shape[-1])
         routed = self.router(tokens)
         expert_input, tokens_per_local_expert = self.dispatcher.dispatch(
-            tokens, routed.probs, routed.routing_map, dropless=routed.dropless
+            tokens,
+            routed.probs,
+            routed.routing_map,
+            dropless=routed.dropless,
+            counts_on_device=self.bank.counts_on_device,
         )
         expert_output = self.bank(expert_input, tokens_per_local_expert)
         output = self.dispatcher.combine(expert_output)

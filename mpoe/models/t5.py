@@ -138,7 +138,7 @@ class T5Family(Family):
         hidden = backbone.decoder(
             input_ids=decoder_input_ids, encoder_hidden_states=encoded, **use_cache
         ).last_hidden_state
-        # transformers 5 names the rule `scale_decoder_outputs`; before, a tied head implied it
+        # HF's rule: the config's `scale_decoder_outputs` where it has one, else a tied head implies the scaling
         if getattr(backbone.config, "scale_decoder_outputs", backbone.config.tie_word_embeddings):
             hidden = hidden * backbone.model_dim**-0.5
         return hidden, labels

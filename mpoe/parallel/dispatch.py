@@ -79,7 +79,8 @@ class AllToAllDispatcher:
 
     top_k: the router's k, which bounds the kept pairs by tokens * k and so lets
     ep_size 1 on CUDA dispatch without reading anything back (None: read the count).
-    sync_free: force that path on (tests run it on the CPU) or off; None = on CUDA only.
+    sync_free: force that path on (tests run it on the CPU) or off; None = where the expert bank takes its counts
+    on the device (`dispatch`'s counts_on_device: the grouped backend, which `auto` picks for bf16 on sm90+).
     """
 
     def __init__(
@@ -106,20 +107,23 @@ class AllToAllDispatcher:
         return token, torch.where(kept, expert, self.num_experts - 1), kept
 
     def dispatch(
-        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False
+        self, tokens: Tensor, probs: Tensor, routing_map: Tensor, dropless: bool = False, counts_on_device: bool = False
     ) -> tuple[Tensor, Tensor]:
         """tokens [N, d], routing_map [N, E] -> (rows for this rank's experts sorted by local expert, counts [L]).
 
         counts is an int64 tensor on the rows' device (summing to the rows given). dropless: the router kept
-        all top_k pairs of every token (no capacity), so the sync-free path has no padding rows to provide for."""
+        all top_k pairs of every token (no capacity), so the sync-free path has no padding rows to provide for.
+        counts_on_device: the expert bank reads no count on the host, so at ep_size 1 neither does this."""
         tokens_per_expert = routing_map.sum(dim=0)
         self.stats = CommStats(routed=tokens_per_expert.sum())
         if self.placement.ep_group is None or self.ep_size == 1:
-            return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert, dropless)
+            sync_free = self.sync_free if self.sync_free is not None else counts_on_device
+            return self._dispatch_local(tokens, probs, routing_map, tokens_per_expert, dropless, sync_free)
         return self._dispatch_all_to_all(tokens, probs, routing_map, tokens_per_expert)
 
-    def _dispatch_local(self, tokens, probs, routing_map, tokens_per_expert, dropless) -> tuple[Tensor, Tensor]:
-        sync_free = self.sync_free if self.sync_free is not None else tokens.is_cuda
+    def _dispatch_local(
+        self, tokens, probs, routing_map, tokens_per_expert, dropless: bool, sync_free: bool
+    ) -> tuple[Tensor, Tensor]:
         if sync_free and self.top_k is not None:
             num_rows = tokens.shape[0] * self.top_k
             return self._permute_local(tokens, probs, routing_map, tokens_per_expert, num_rows, padded=not dropless)

@@ -45,9 +45,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    # Deferred: it imports torch, which --help and a bad option never need.
     from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
-    args = parser().parse_args(argv)
     configure_accelerator()
     plan = Plan(
         seeds=args.seeds,

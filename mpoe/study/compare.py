@@ -110,6 +110,7 @@ def plot_curves_with_band(
 ) -> bool:
     """Mean validation loss over seeds with a min-max band per variant, from the step-0 evaluation when
     there is one (and the pre-training curve apart)."""
+    # Deferred: matplotlib (numpy with it) is slow to import and only the plots need it.
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -159,6 +160,7 @@ def imbalance_series(run: base.Run) -> list[tuple[int, float]]:
 
 
 def plot_load_balance(groups: dict[str, list], labels: dict[str, str], path: Path) -> bool:
+    # Deferred: matplotlib is slow to import and only the plots need it.
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -221,6 +223,7 @@ def variant_table(groups: dict[str, list], labels: dict[str, str], step0: dict[s
 
 def write_study_report(out: Path, plan) -> Path:
     """OUT/report/{report.md, study.md} and their plots; returns study.md's path."""
+    # Deferred: matplotlib is slow to import and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")

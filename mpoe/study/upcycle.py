@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from mpoe.config import ConfigError
+from mpoe.train.compose import compose_and_validate
+
 GROUP = "upcycle_study"
 VARIANT_GROUP = "upcycle_variant"  # conf/upcycle_variant/<name>.yaml: what each variant changes
 VARIANT_NAMES = ("dense", "switch", "mpoe", "mpoe_bond", "mpoe_mask")
@@ -67,9 +70,6 @@ class Plan:
 
 def check_plan(plan: Plan) -> None:
     """Every option and every stage's composed config, before anything runs (StudyError, one line)."""
-    from mpoe.config import ConfigError
-    from mpoe.train.compose import compose_and_validate
-
     if plan.seeds < 1:
         raise StudyError(f"--seeds={plan.seeds} is invalid: give at least 1")
     for key, value in (("--pretrain-steps", plan.pretrain_steps), ("--steps", plan.steps)):
@@ -146,6 +146,7 @@ def export_pretrained(run_dir: Path, out_dir: Path) -> Path:
     hf = out_dir / "hf"
     if (hf / "config.json").is_file() and (hf / "tokenizer.json").is_file():
         return hf
+    # Deferred: transformers and the export (torch) are slow to import; only this stage needs them, not --help.
     from transformers import PreTrainedTokenizerFast
 
     from mpoe.tools import export
@@ -215,6 +216,7 @@ def run_study(out: Path, plan: Plan, report_only: bool = False) -> Path:
     """All stages (each skipped when already done), then the report; returns OUT/report/study.md.
 
     report_only: run nothing, report the finished runs in OUT (e.g. a study stopped at its deadline)."""
+    # Deferred: compare imports this module (step0_variant), so importing it at the top would be a cycle.
     from mpoe.study.compare import write_study_report
 
     out = out.resolve()

@@ -26,20 +26,26 @@ import copy
 import json
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+from transformers import AutoConfig
 
-from mpoe.config import MoEConfig, TrainConfig, read_only
+from mpoe.config import MoEConfig, TrainConfig, derive, read_only
 from mpoe.models import family as families
+from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts
+from mpoe.models.param_tags import is_expert_param, to_empty_keeping_tags
+from mpoe.parallel.expert_placement import ExpertPlacement
+from mpoe.train.checkpoint import store as checkpoint
+from mpoe.train.checkpoint.adam_state import portable_forms
+from mpoe.train.checkpoint.reshard import RankFiles, join_ep_group
+from mpoe.train.data import sequences as data_lib
 
 if TYPE_CHECKING:
     from mpoe.models.build import LanguageModel
-    from mpoe.parallel.expert_placement import ExpertPlacement
-    from mpoe.train.checkpoint.reshard import RankFiles
 
 FORMAT = "mpoe-export-1"
 BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.sequences.SPECIAL_TOKENS are the BPE's first ids
@@ -47,21 +53,15 @@ BPE_EOT_ID, BPE_PAD_ID = 0, 1  # mpoe.train.data.sequences.SPECIAL_TOKENS are th
 
 def config_from_yaml(path: Union[str, Path]) -> TrainConfig:
     """A run's config as it trained (read-only: what the export changes goes into copies)."""
-    from omegaconf import OmegaConf
-
     return read_only(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def find_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) for a run directory or a step_N directory."""
-    from mpoe.train.checkpoint import store as checkpoint
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ExportError(f"{path} does not exist or is not a directory: give a run directory or its step_N checkpoint")
@@ -88,8 +88,6 @@ class ExportError(FileNotFoundError):
 
 
 def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
-    from mpoe.train.data import sequences as data_lib
-
     if cfg.data.tokenizer and cfg.data.tokenizer != data_lib.TRAIN_BPE:
         return data_lib.special_ids(data_lib.get_tokenizer(cfg.data))
     return BPE_EOT_ID, BPE_PAD_ID
@@ -98,8 +96,6 @@ def _special_ids(cfg: TrainConfig) -> tuple[int, int]:
 def backbone_config(cfg: TrainConfig, state: dict):
     """The HF config of the trained backbone: the pretrained checkpoint's, else ours with the trained vocabulary."""
     if cfg.model.pretrained and (Path(cfg.model.pretrained) / "config.json").is_file():
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
     eot, pad = _special_ids(cfg)
     family = families.get(cfg.model.family)
@@ -109,11 +105,8 @@ def backbone_config(cfg: TrainConfig, state: dict):
 
 def build_from_hf_config(cfg: TrainConfig, hf_config, placement: Optional[ExpertPlacement] = None) -> LanguageModel:
     """The model's structure (weights to be loaded): backbone from hf_config, MoE layers from cfg.moe."""
-    # Imported here, not at the top: `python -m mpoe.tools.export` configures the process (quiet library
-    # notices) in its __main__ block, which runs after the module's own imports.
+    # Deferred: build imports DeepSpeed and Megatron, which `__main__`'s configure_process must precede.
     from mpoe.models.build import LanguageModel, install_moe, moe_layers
-    from mpoe.models.param_tags import to_empty_keeping_tags
-    from mpoe.parallel.expert_placement import ExpertPlacement
 
     placement = placement or ExpertPlacement()
     family = families.get(cfg.model.family)
@@ -131,9 +124,6 @@ def load_run_state(files: RankFiles, ep_size: int, model: nn.Module) -> dict:
     states = [files(r)["module"] for r in range(ep_size)]
     state = dict(states[0])
     if ep_size > 1:
-        from mpoe.models.param_tags import is_expert_param
-        from mpoe.train.checkpoint.reshard import join_ep_group
-
         for name, p in model.named_parameters(remove_duplicate=False):
             if is_expert_param(p):
                 state[name] = join_ep_group(name, [s.get(name) for s in states], expert=True)
@@ -147,10 +137,6 @@ def load_float32_masters(files: RankFiles, ep_size: int, model: nn.Module) -> in
     `zero_to_fp32` recovers the same from its own checkpoints). A float32 run's weights are their own masters
     (none stored), and so are frozen ones: those keep the module's weights.
     """
-    from mpoe.models.param_tags import is_expert_param
-    from mpoe.train.checkpoint.adam_state import portable_forms
-    from mpoe.train.checkpoint.reshard import join_ep_group
-
     experts = {name for name, p in model.named_parameters() if is_expert_param(p)}
     forms = portable_forms(files, ep_size, lambda rank, name: rank == 0 or name in experts)
     if any(form is None for form in forms):  # an older checkpoint with no optimizer state by name
@@ -168,8 +154,8 @@ def load_float32_masters(files: RankFiles, ep_size: int, model: nn.Module) -> in
 
 def merge_mpoe(model: nn.Module) -> int:
     """Replace every MPOE expert bank by a SwitchExperts bank with the contracted weights; returns how many."""
+    # Deferred: build imports DeepSpeed and Megatron, which `__main__`'s configure_process must precede.
     from mpoe.models.build import moe_layers
-    from mpoe.models.experts import DenseFFN, MPOEExperts, SwitchExperts
 
     merged = 0
     for layer in moe_layers(model):
@@ -193,8 +179,6 @@ def merge_mpoe(model: nn.Module) -> int:
 def save(model: LanguageModel, cfg: TrainConfig, out_dir: Union[str, Path]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from omegaconf import OmegaConf
-
     cfg_dict = config_to_dict(cfg)
     torch.save(
         {
@@ -233,8 +217,6 @@ def save(model: LanguageModel, cfg: TrainConfig, out_dir: Union[str, Path]) -> P
 
 def load(out_dir: Union[str, Path]) -> tuple[LanguageModel, TrainConfig]:
     """A model exported by `save`, rebuilt and loaded (strict)."""
-    from omegaconf import OmegaConf
-
     blob = torch.load(Path(out_dir) / "model.pt", map_location="cpu", weights_only=False)
     if blob.get("format") != FORMAT:
         raise ValueError(f"{out_dir}/model.pt is not an {FORMAT} export")
@@ -250,9 +232,7 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
     """A run (or one of its checkpoints) -> OUT_DIR (see the module docstring)."""
     run_dir, ckpt = find_checkpoint(src)
     trained = config_from_yaml(run_dir / ".hydra" / "config.yaml")
-    cfg = replace(trained, parallel=replace(trained.parallel, ep_size=1))  # the export holds every expert
-    from mpoe.train.checkpoint.reshard import RankFiles
-
+    cfg = derive(trained, parallel=derive(trained.parallel, ep_size=1))  # the export holds every expert
     files = RankFiles(ckpt)  # each rank file read once (memory-mapped), for the weights and for the masters
     ep_size = int(json.loads((ckpt / "meta.json").read_text()).get("ep_size", 1))
     model = build_from_hf_config(cfg, backbone_config(cfg, files(0)["module"]))
@@ -263,14 +243,14 @@ def export(src: Union[str, Path], out_dir: Union[str, Path], merge: bool = False
         message = str(e).splitlines()[0]
         raise ExportError(f"checkpoint {ckpt} cannot be exported ({message}): export another checkpoint") from None
     if merge and merge_mpoe(model):
-        cfg = replace(cfg, moe=merged_moe_config(cfg.moe))
+        cfg = derive(cfg, moe=merged_moe_config(cfg.moe))
     return save(model.eval(), cfg, out_dir)
 
 
 def merged_moe_config(moe: MoEConfig) -> MoEConfig:
     """The MoE config of a model whose MPOE banks `merge_mpoe` made Switch banks: without the settings that act on
     MPO tensors (gradient mask, weight recompute), which a Switch config refuses."""
-    return replace(moe, kind="switch", grad_mask=replace(moe.grad_mask, enabled=False), recompute_mpo_weights=False)
+    return derive(moe, kind="switch", grad_mask=derive(moe.grad_mask, enabled=False), recompute_mpo_weights=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

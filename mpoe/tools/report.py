@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
+from mpoe.process import quiet_library_notices
 from mpoe.train.run_keys import flatten, in_report_grouping
 
 _SKIP_DIRS = {"checkpoints", "wandb", ".hydra", "__pycache__"}
@@ -93,8 +96,6 @@ def _job_order(path: Path) -> tuple:
 
 
 def load_run(path: Path) -> Run:
-    import yaml
-
     cfg_file = path / ".hydra" / "config.yaml"
     if not cfg_file.is_file():
         raise RunError("no .hydra/config.yaml (not a mpoe-train run directory)")
@@ -378,6 +379,7 @@ def _slug(text: str) -> str:
 def val_curves_figure(groups: list[Group]):
     """Validation loss (markers) and training loss (thin dashed) per seed, one colour per configuration;
     None when no run logged a validation loss."""
+    # Deferred: matplotlib is slow to import and only the plots need it, not mpoe-report --help.
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -421,6 +423,7 @@ def plot_val_curves(groups: list[Group], path: Path) -> bool:
 
 def _write_figure(fig, path: Path) -> bool:
     """Save and close `fig`; False when there was nothing to plot (fig is None)."""
+    # Deferred: matplotlib is slow to import and only the plots need it, not mpoe-report --help.
     import matplotlib.pyplot as plt
 
     if fig is None:
@@ -442,6 +445,7 @@ def _dodge(xs: list[float], spread: float = 0.04) -> list[float]:
 
 
 def params_vs_loss_figure(rows: list[dict]):
+    # Deferred: matplotlib is slow to import and only the plots need it, not mpoe-report --help.
     import matplotlib.pyplot as plt
 
     pts = [r for r in rows if r["params_total"] and r["val_loss"][0] is not None]
@@ -495,6 +499,7 @@ def expert_load_series(group: Group) -> tuple[Any, dict[int, list]]:
 
 def plot_expert_load(group: Group, path: Path) -> bool:
     """Heatmap per MoE layer: experts (rows) x logged steps (columns), the fraction of routed tokens, one seed."""
+    # Deferred: matplotlib (numpy with it) is slow to import and only the plots need it, not mpoe-report --help.
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -534,6 +539,7 @@ def write_report(runs: list[Run], out: Path, skipped: list[str]) -> Path:
 
 def write_report_and_plots(runs: list[Run], out: Path, skipped: list[str]) -> tuple[Path, list[str]]:
     """report.md and its plots in `out`: (the report, the plots' file names)."""
+    # Deferred: matplotlib is slow to import and only the plots need it, not mpoe-report --help.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -621,8 +627,6 @@ def default_out(paths: list[Path]) -> Path:
 
 
 def cli() -> None:
-    from mpoe.process import quiet_library_notices
-
     quiet_library_notices()  # no DeepSpeed or torch here: only the library notices (matplotlib's among them)
     sys.exit(main())
 

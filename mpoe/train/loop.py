@@ -13,18 +13,19 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from mpoe.config import ConfigError, TrainConfig, eval_sequences, global_batch_size, grad_accum_steps
+from mpoe.config import TrainConfig, derive, eval_sequences, global_batch_size, grad_accum_steps
 from mpoe.models import family as families
 from mpoe.models.accounting import count_params, format_table
 from mpoe.models.build import build_model, moe_layers
 from mpoe.models.experts import resolve_expert_backends
+from mpoe.models.grad_mask import GradientMask, select_masked_params
 from mpoe.models.regional_compile import compile_blocks
 from mpoe.parallel.collectives import all_reduce, host_barrier, host_broadcast
 from mpoe.parallel.deepspeed import engine as ds_engine
@@ -32,6 +33,7 @@ from mpoe.parallel.deepspeed import gradients as ds_gradients
 from mpoe.parallel.deepspeed.accelerator import accelerator_name
 from mpoe.parallel.expert_placement import ExpertPlacement, expert_placement
 from mpoe.parallel.process_groups import rank_world
+from mpoe.train.checkpoint import autoresume
 from mpoe.train.checkpoint import store as checkpoint
 from mpoe.train.data import sequences as data_lib
 from mpoe.train.data.objectives import build_objective
@@ -234,15 +236,8 @@ def _resume(
 
 def _resume_source(resume: Optional[str], ckpt_dir: Path) -> tuple[Optional[Path], Optional[Exception]]:
     """(the checkpoint to resume from or None, or the error that stops the run) for trainer.resume."""
-    if resume is None:
-        existing = checkpoint.complete_checkpoints(ckpt_dir)
-        if existing:  # a requeued job, the same command again: never train over them
-            return None, ConfigError(
-                f"{ckpt_dir} already holds checkpoints (the newest: {existing[-1].name}) and trainer.resume=null "
-                "would start again from step 0 beside them: continue with trainer.resume=auto, or give a new "
-                "hydra.run.dir"
-            )
-        return None, None
+    if resume is None:  # main.py refuses this before Hydra writes; a run dir from a pattern is known only here
+        return None, autoresume.start_over_refusal(ckpt_dir)
     try:
         return checkpoint.resolve(resume, ckpt_dir), None
     except checkpoint.CheckpointError as e:
@@ -386,7 +381,7 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     node's first process writes the same files at the same time (atomically), no slower than rank 0 alone."""
     data = cfg.data  # the config is read-only: a checkpoint's own tokenizer, when it ships one, goes into a copy
     if cfg.model.pretrained and not data.tokenizer:
-        data = replace(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
+        data = derive(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
     first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
     token_data = data_lib.prepare(data) if first_on_node else None
     if not dist.is_initialized():
@@ -417,8 +412,6 @@ def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device
 def _grad_mask(cfg: TrainConfig, model):
     if not cfg.moe.grad_mask.enabled:
         return None
-    from mpoe.models.grad_mask import GradientMask, select_masked_params
-
     gm = cfg.moe.grad_mask
     return GradientMask(select_masked_params(model, gm.target), gm.keep_prob, gm.rescale, cfg.trainer.seed)
 

@@ -169,6 +169,7 @@ def _decide_resume(cfg: TrainConfig, composed: DictConfig, overrides: list[str])
     gets the run it continues, with it the run's checkpoint is checked (mpoe.train.checkpoint.autoresume)."""
     if _rank() > 0:
         return  # rank 0 decides; the loop broadcasts what it resumes
+    autoresume.check_start_over(cfg, overrides)
     found = autoresume.auto_resume_run_dir(cfg, overrides)
     if found:  # the override `hydra.run.dir=RUN` that points Hydra at the run to continue
         with read_write(composed.hydra.run):

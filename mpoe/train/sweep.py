@@ -1,7 +1,7 @@
 """`mpoe-train -m ...`: every job of a sweep composed and validated before the first one starts, then each run.
 
 Hydra's BasicSweeper composes a job's config only when its turn comes, so a bad
-value in job 1 used to surface after job 0 had trained to the end. Here the jobs
+value in job 1 would surface only after job 0 had trained to the end. Here the jobs
 are expanded as BasicSweeper expands them (the config's `hydra.sweeper.params`, an
 experiment's sweep, first; the command line's after), each is composed as
 BasicLauncher composes it and validated once, and only then are they run, one
@@ -38,14 +38,14 @@ class Job:
     cfg: TrainConfig
 
 
-def expand(master: DictConfig) -> list[list[str]]:
+def expand(master: DictConfig, config_loader=None) -> list[list[str]]:
     """The overrides of every job, in BasicSweeper's order."""
     # Unresolved, as Hydra's sweeper reads them: an override may interpolate what each job resolves for itself
     # (`${hydra:runtime.choices.X}`), which the sweep's own config cannot.
     params = master.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if params else {}
     task = OmegaConf.to_container(master.hydra.overrides.task, resolve=False)
-    parser = OverridesParser.create()
+    parser = OverridesParser.create(config_loader=config_loader)  # with it, glob(*) lists a group's options
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
     return [list(job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
 
@@ -57,14 +57,27 @@ def compose_jobs(
     job that fails."""
     check_added_keys(overrides)  # wrong for every job: said once, without a job number
     master = compose(hydra, config_name, overrides, RunMode.MULTIRUN)
+    _check_basic_plugins(master)
     try:
         # Resolved now, so that every job copies this timestamp (load_sweep_config copies the resolver cache).
         str(master.hydra.sweep.dir)
-        expanded = expand(master)
+        expanded = expand(master, hydra.config_loader)
     except Exception as e:  # Hydra's parser raises many kinds; all are bad input here
         raise ConfigError(one_line_error(e)) from None
     jobs = [_compose_job(hydra, master, n, job, len(expanded), world_size, check) for n, job in enumerate(expanded)]
     return master, jobs
+
+
+def _check_basic_plugins(master: DictConfig) -> None:
+    """The jobs are expanded and run here as Hydra's basic sweeper and launcher would; another plugin (joblib,
+    submitit, optuna) would be ignored, so it is refused."""
+    for kind, basic in (("sweeper", "BasicSweeper"), ("launcher", "BasicLauncher")):
+        target = str(master.hydra[kind].get("_target_", ""))
+        if not target.endswith(basic):
+            raise ConfigError(
+                f"hydra/{kind}={target}: mpoe-train -m runs a sweep with Hydra's basic {kind} only (validating "
+                f"every job first); drop the hydra/{kind} override, or launch the jobs one by one"
+            )
 
 
 def _compose_job(hydra, master, number: int, overrides: list[str], of: int, world_size: int, check) -> Job:

@@ -79,6 +79,9 @@ class ExpertBackend(Protocol):
     `name` of expert e, plus its bias; `forward` is the whole FFN over all local experts' rows."""
 
     name: str
+    # Whether the backend takes the per-expert counts as a device tensor (no host read): the dispatcher then
+    # takes its sync-free path too, so that nothing between the router and the combine waits for the device.
+    counts_on_device: bool
 
     @staticmethod
     def forward(bank: BankWeights, tokens: Tensor, counts: TokenCounts) -> Tensor: ...

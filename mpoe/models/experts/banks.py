@@ -165,8 +165,21 @@ class ExpertBank(nn.Module):
         self.backend = backend_for(self.kind, impl)
         return describe(impl, device, dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()`, `.bfloat16()` and DeepSpeed's placement all come here: the weights moved or changed
+        dtype, so the backend is chosen again for where they now are (once per placement, never per forward)."""
+        moved = super()._apply(fn, recurse)
+        if self.backend is not None:
+            self.resolve_backend()
+        return moved
+
     def forward(self, tokens: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
         return self.backend.forward(self, tokens, tokens_per_expert)
+
+    @property
+    def counts_on_device(self) -> bool:
+        """Whether the chosen backend takes the per-expert counts as a device tensor (no host read)."""
+        return self.backend.counts_on_device
 
     def linear(self, x: Tensor, counts: TokenCounts, name: str) -> Tensor:
         """Rows of local expert e (consecutive, counts[e] of them) times expert e's weight `name` (+ its bias)."""

@@ -236,6 +236,7 @@ class GroupedBackend:
     """Every bank kind: the bank hands each weight as a `GroupedWeight`, one grouped GEMM applies it."""
 
     name = "grouped"
+    counts_on_device = True
 
     @staticmethod
     def forward(bank: BankWeights, tokens: Tensor, counts: TokenCounts) -> Tensor:

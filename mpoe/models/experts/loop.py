@@ -61,6 +61,7 @@ class SwitchLoopBackend:
     """Independent stacked weights: one GEMM per expert and weight."""
 
     name = "loop"
+    counts_on_device = False
 
     @staticmethod
     @torch.compiler.disable  # eager under torch.compile: see the module doc
@@ -83,6 +84,7 @@ class MPOELoopBackend:
     when every expert with rows rebuilds W."""
 
     name = "loop"
+    counts_on_device = False
 
     @staticmethod
     @torch.compiler.disable  # eager under torch.compile: see the module doc

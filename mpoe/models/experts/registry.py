@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from mpoe.config import EXPERT_IMPLS
 from mpoe.models.experts.backend import ExpertBackend
 from mpoe.models.experts.grouped import GroupedBackend, fast_path
 from mpoe.models.experts.loop import MPOELoopBackend, SwitchLoopBackend
@@ -24,14 +25,13 @@ BACKENDS: dict[str, dict[str, type[ExpertBackend]]] = {
     "switch": {"loop": SwitchLoopBackend, "grouped": GroupedBackend},
     "mpoe": {"loop": MPOELoopBackend, "grouped": GroupedBackend},
 }
-IMPLS = ("auto", "loop", "grouped")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """`moe.expert_impl` made concrete for computing on `device` in `dtype`."""
-    if impl not in IMPLS:
-        raise ValueError(f"moe.expert_impl={impl!r} is invalid: use one of {', '.join(IMPLS)}")
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"moe.expert_impl={impl!r} is invalid: use one of {', '.join(EXPERT_IMPLS)}")
     if impl == "auto":
         return "grouped" if fast_path(device, dtype) else "loop"
     return impl

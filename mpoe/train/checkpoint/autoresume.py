@@ -9,8 +9,8 @@ Restarts: torchrun (`--max-restarts`) sets TORCHELASTIC_RESTART_COUNT, SLURM
 sets SLURM_RESTART_COUNT on a requeue; > 0 means this worker runs the same
 command again after a failure. Without `trainer.resume` on the command line such
 a restart continues from the run's last complete checkpoint, as
-`trainer.resume=auto` does (it used to be refused: the run directory already
-held checkpoints). An explicit `trainer.resume=null` starts over, and says so.
+`trainer.resume=auto` does (rather than refusing to start because the run
+directory already holds checkpoints). An explicit `trainer.resume=null` starts over, and says so.
 
 `trainer.resume=auto` without `hydra.run.dir`: Hydra gives every run a new
 timestamped directory, so `find_run` looks under the outputs root (the part of
@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
 
-from mpoe.config import TrainConfig
+from mpoe.config import ConfigError, TrainConfig, derive
 from mpoe.train.checkpoint import store as checkpoint
 from mpoe.train.compose import CONF_DIR
 from mpoe.train.run_keys import flatten, in_resume_identity
@@ -81,10 +81,38 @@ def restart(environ: Mapping[str, str] = os.environ) -> Optional[tuple[str, int]
     return None
 
 
-def resume_given(args: list[str]) -> Optional[str]:
-    """The value of `trainer.resume` on the command line (the last one), or None when it is not there."""
-    given = [a.split("=", 1)[1] for a in args if a.lstrip("+~").startswith("trainer.resume=")]
+def override_value(args: list[str], key: str) -> Optional[str]:
+    """The value the command line gives `key` (the last one wins, as in Hydra), or None when it is not there."""
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+~").startswith(f"{key}=")]
     return given[-1] if given else None
+
+
+def resume_given(args: list[str]) -> Optional[str]:
+    """The value of `trainer.resume` on the command line, or None when it is not there."""
+    return override_value(args, "trainer.resume")
+
+
+def start_over_refusal(ckpt_dir: Path) -> Optional[ConfigError]:
+    """trainer.resume=null into a run directory that holds checkpoints (a requeued job, the same command again):
+    never train over them. The error, or None where there is nothing to protect."""
+    existing = checkpoint.complete_checkpoints(ckpt_dir)
+    if not existing:
+        return None
+    return ConfigError(
+        f"{ckpt_dir} already holds checkpoints (the newest: {existing[-1].name}) and trainer.resume=null "
+        "would start again from step 0 beside them: continue with trainer.resume=auto, or give a new hydra.run.dir"
+    )
+
+
+def check_start_over(cfg: TrainConfig, args: list[str]) -> None:
+    """trainer.resume=null with a `hydra.run.dir` that holds checkpoints stops here (rank 0, before Hydra writes
+    anything), so the refused run's files stay as they were."""
+    given = _run_dir_given(args)
+    if cfg.trainer.resume is not None or given is None or "${" in given:
+        return
+    refusal = start_over_refusal(Path(given).expanduser().absolute() / "checkpoints")
+    if refusal is not None:
+        raise refusal
 
 
 def on_restart(cfg: TrainConfig, args: list[str], environ: Mapping[str, str] = os.environ) -> TrainConfig:
@@ -102,9 +130,12 @@ def on_restart(cfg: TrainConfig, args: list[str], environ: Mapping[str, str] = o
                 f"restart {count} ({name}={count}): continuing from the run's last complete checkpoint "
                 "(trainer.resume=auto; give trainer.resume=null to start over)"
             )
-        return replace(cfg, trainer=replace(cfg.trainer, resume="auto"))
+        return derive(cfg, trainer=derive(cfg.trainer, resume="auto"))
     if cfg.trainer.resume is None and speak:
-        _say(f"restart {count} ({name}={count}) with trainer.resume=null: starting over from step 0, as asked")
+        _say(
+            f"restart {count} ({name}={count}) with trainer.resume=null: not resuming, as asked (refused where the "
+            "run directory holds checkpoints)"
+        )
     return cfg
 
 
@@ -241,8 +272,7 @@ def check_resume_path(cfg: TrainConfig) -> None:
 
 
 def _run_dir_given(args: list[str]) -> Optional[str]:
-    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
-    return given[-1] if given else None
+    return override_value(args, "hydra.run.dir")
 
 
 def _continue_in(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:

@@ -74,6 +74,7 @@ def document_source(cfg: DataConfig) -> DocumentSource:
         return DocumentSource([corpus.embedded_documents(cfg.embedded_part, cache_root(cfg))])
     if cfg.name == "text":
         return local_source([Path(p).expanduser() for p in cfg.paths], cfg.text_field)
+    # Deferred: datasets is slow to import and only file and hub sources need it (not the embedded corpus).
     import datasets
 
     table = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split="train")
@@ -117,6 +118,7 @@ def local_source(paths: list[Path], text_field: str) -> DocumentSource:
 
 
 def _load_kind(kind: str, files: list[Path], field: str):
+    # Deferred: datasets is slow to import and only file and hub sources need it (not the embedded corpus).
     import datasets
 
     try:
@@ -187,6 +189,7 @@ def _first_non_string(kind: str, path: Path, field: str) -> str | None:
 
 
 def _parquet_non_string(path: Path, field: str) -> str | None:
+    # Deferred: pyarrow (a dependency of datasets) is needed only to check parquet files.
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -242,6 +245,7 @@ def _unreadable(kind: str, files: list[Path], error: Exception) -> str:
 
 def _first_bad_line(kind: str, path: Path) -> str | None:
     if kind == "parquet":
+        # Deferred: pyarrow (a dependency of datasets) is needed only to check parquet files.
         import pyarrow.parquet as pq
 
         try:

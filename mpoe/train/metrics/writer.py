@@ -54,6 +54,7 @@ class MetricsLogger:
 
     def _start_wandb(self, cfg, run_config: dict):
         os.environ.setdefault("WANDB_SILENT", "true")
+        # Deferred: wandb is slow to import, reads WANDB_SILENT when imported, and a run without W&B never needs it.
         import wandb
 
         return wandb.init(
@@ -73,6 +74,7 @@ class MetricsLogger:
         """The same W&B run across resumes of the same run directory."""
         path = self.run_dir / ".wandb_id"
         if not path.exists():
+            # Deferred: wandb is slow to import, and a run without W&B never needs it.
             import wandb
 
             path.write_text(wandb.sdk.lib.runid.generate_id())

@@ -1,8 +1,8 @@
 """What the terminal says while a run goes (a progress bar, or one line per logged step where the output is not a
 terminal) and when it ends: the numbers, where the run is, and the next commands.
 
-A run used to end in silence (the numbers only in summary.json); an interrupted
-one in a traceback. Rank 0 prints one short block instead, built from the
+Without it a run would end in silence (the numbers only in summary.json), an
+interrupted one in a traceback. Rank 0 prints one short block instead, built from the
 run's summary, its directory and the overrides it was started with, so every
 command shown works when pasted.
 """

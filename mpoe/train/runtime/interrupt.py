@@ -1,8 +1,8 @@
 """SIGINT/SIGTERM stop a run cleanly: the current step finishes, a checkpoint is saved, the run says how to resume.
 
-Why: Ctrl-C used to raise KeyboardInterrupt wherever the process was (a
+Why: by default Ctrl-C raises KeyboardInterrupt wherever the process is (a
 traceback per process, no checkpoint with the default `save_every=0`), and a
-cluster scheduler's SIGTERM before preemption killed the run the same way.
+cluster scheduler's SIGTERM before preemption kills the run the same way.
 
 `stop_on_signals()` (the entry point wraps the run in it) installs handlers that
 only set a flag; the step loop asks `stop_agreed()` once per step, which agrees
@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+
+from mpoe.parallel.collectives import all_reduce_floats, host_group
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -103,8 +105,6 @@ def stop_on_signals():
 def stop_agreed() -> bool:
     """Collective, once per step on every rank: has any rank been asked to stop? (sticky once true)"""
     if not _state.agreed:
-        from mpoe.parallel.collectives import all_reduce_floats, host_group
-
         # Over the host group (gloo, a CPU number): on the NCCL world it would wait for the step's GPU work.
         signum = all_reduce_floats([_state.signum or 0], op="max", group=host_group())[0]
         if signum:

@@ -2,8 +2,8 @@
 
 torch sizes its intra-op pool from the machine's cores, not from the CPUs a
 process may run on (`taskset`, a container's cpuset) nor from how many
-processes share them: two ranks on 2 cores each ran 2 threads, and their
-threads displaced each other at every step. When the pool
+processes share them: two ranks on 2 cores each run 2 threads, and their
+threads displace each other at every step. When the pool
 is larger than this process's share, it is lowered to the share and the log
 says so. OMP_NUM_THREADS set by the user is their choice and is kept.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 from typing import Optional
+
+import torch
 
 
 def cpus_available() -> int:
@@ -33,8 +35,6 @@ def share(cpus: int, local_world: int) -> int:
 
 def fit_threads() -> Optional[str]:
     """Lower torch's thread count to this process's share of CPUs; return the log line saying what was done."""
-    import torch
-
     cpus, local_world = cpus_available(), local_world_size()
     threads, fitted = torch.get_num_threads(), share(cpus, local_world)
     where = f"{cpus} CPU(s) in this process's affinity, {local_world} process(es) on this node"
