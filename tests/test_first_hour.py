@@ -266,13 +266,14 @@ def test_a_restarted_worker_continues_unless_trainer_resume_is_given(capsys):
     assert restarted.trainer.max_steps == cfg.trainer.max_steps
     assert capsys.readouterr().out == (
         "mpoe-train: restart 2 (TORCHELASTIC_RESTART_COUNT=2): continuing from the run's last complete checkpoint "
-        "(trainer.resume=auto; give trainer.resume=null to start over)\n"
+        "(as trainer.resume=auto does)\n"
     )
     requeued = autoresume.on_restart(cfg, [], {"SLURM_RESTART_COUNT": "1", "RANK": "3"})
     assert requeued.trainer.resume == "auto" and capsys.readouterr().out == ""  # rank 3 says nothing
     assert autoresume.on_restart(cfg, ["trainer.resume=null"], {"SLURM_RESTART_COUNT": "1"}) is cfg
     assert capsys.readouterr().out == (
-        "mpoe-train: restart 1 (SLURM_RESTART_COUNT=1) with trainer.resume=null: starting over from step 0, as asked\n"
+        "mpoe-train: restart 1 (SLURM_RESTART_COUNT=1) with trainer.resume=null: not resuming, as asked (refused "
+        "where the run directory holds checkpoints)\n"
     )
 
 

@@ -211,7 +211,7 @@ def test_a_restarted_worker_continues_the_run_without_a_resume_key(tmp_path, mpo
     said = [line for line in proc.stdout.splitlines() if line.startswith("mpoe-train: restart")]
     assert said == [
         "mpoe-train: restart 1 (TORCHELASTIC_RESTART_COUNT=1): continuing from the run's last complete checkpoint "
-        "(trainer.resume=auto; give trainer.resume=null to start over)"
+        "(as trainer.resume=auto does)"
     ]
     assert f"resumed from {crashed / 'checkpoints' / 'step_00000004'} at step 4" in proc.stdout
     a, c = _by_step(metrics(whole)), _by_step(metrics(crashed))

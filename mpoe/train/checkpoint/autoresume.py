@@ -128,7 +128,7 @@ def on_restart(cfg: TrainConfig, args: list[str], environ: Mapping[str, str] = o
         if speak:
             _say(
                 f"restart {count} ({name}={count}): continuing from the run's last complete checkpoint "
-                "(trainer.resume=auto; give trainer.resume=null to start over)"
+                "(as trainer.resume=auto does)"
             )
         return derive(cfg, trainer=derive(cfg.trainer, resume="auto"))
     if cfg.trainer.resume is None and speak:
