@@ -32,11 +32,14 @@ WANDB_MODES = ("offline", "online", "disabled")
 GRAD_MASK_TARGETS = ("central", "auxiliary", "all")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-DATA_SOURCES = ("embedded", "text", "hub")
+DATA_SOURCES = ("embedded", "text", "hub", "task")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
 # moe.router / moe.dispatcher: the names of mpoe.models.moe_builder.ROUTERS / DISPATCHERS
 MOE_ROUTERS = ("topk",)
 MOE_DISPATCHERS = ("alltoall",)
+# moe.gate_scale: prob multiplies each expert output by its gate weight; straight_through (top-1 only) by
+# p / stop_gradient(p): 1 in the forward pass, the gate weight's gradient in backward (the MPOE authors' code)
+GATE_SCALES = ("prob", "straight_through")
 # trainer.compile_backend: inductor generates fused kernels; aot_eager and eager trace without them (to debug)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # trainer.lm_loss: chunked takes LM head and cross-entropy together over chunks (mpoe.models.lm_loss); hf is HF's
@@ -128,6 +131,7 @@ class MoEConfig(_Section):
     capacity_factor: Optional[float] = None  # training; None = dropless
     eval_capacity_factor: Optional[float] = None  # evaluation; None = dropless
     router: str = "topk"  # which router class (mpoe.models.moe_builder.ROUTERS)
+    gate_scale: str = "prob"  # prob | straight_through (top-1: output x p / stop_gradient(p))
     dispatcher: str = "alltoall"  # which dispatcher class (mpoe.models.moe_builder.DISPATCHERS)
     drop_policy: str = "probs"  # probs | position
     normalize_topk: Optional[bool] = None  # None = true when top_k >= 2
@@ -163,6 +167,13 @@ class DataConfig(_Section):
     vocab_size: int = 4096
     cache_dir: Optional[str] = None  # None = ~/.cache/mpoe
     embedded_part: str = "all"  # data=embedded: all | pydoc_topics | docstrings (e.g. a domain shift between runs)
+    # data=task: a classification task (mpoe.train.data.tasks): an embedded task's name, a local directory with
+    # train.* and validation.* files (csv, jsonl, parquet), or a `datasets` name (with task_config, e.g. glue/sst2)
+    task: Optional[str] = None
+    task_config: Optional[str] = None
+    task_text_fields: list[str] = field(default_factory=list)  # empty: GLUE's column names
+    task_label_field: str = "label"
+    task_label_words: list[str] = field(default_factory=list)  # empty: the task's own (label i -> word i)
 
     def __post_init__(self) -> None:
         check_data(self)
@@ -188,6 +199,7 @@ class OptimConfig(_Section):
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    central_lr_scale: float = 1.0  # MPOE central tensors' learning rate = lr x this (0 freezes them)
 
     def __post_init__(self) -> None:
         check_optim(self)
@@ -304,6 +316,9 @@ def check_moe(moe: MoEConfig) -> None:
         _fail("moe.recompute_mpo_weights", True, "recomputes the weights MPOE rebuilds: use moe=mpoe or disable it")
     if moe.recompute_mpo_weights and moe.expert_impl == "loop":
         _fail("moe.recompute_mpo_weights", True, "acts in the grouped backend: use moe.expert_impl=grouped or auto")
+    _one_of("moe.gate_scale", moe.gate_scale, GATE_SCALES)
+    if moe.gate_scale == "straight_through" and moe.top_k != 1:
+        _fail("moe.gate_scale", "straight_through", f"scales one expert's output: use moe.top_k=1 (not {moe.top_k})")
     if moe.grad_mask.enabled and moe.kind != "mpoe":
         _fail("moe.grad_mask.enabled", True, "the gradient mask acts on MPO tensors: use moe=mpoe or disable it")
 
@@ -321,6 +336,10 @@ def check_data(d: DataConfig) -> None:
     _one_of("data.embedded_part", d.embedded_part, EMBEDDED_PARTS)
     if d.embedded_part != "all" and d.name != "embedded":
         _fail("data.embedded_part", d.embedded_part, "selects part of data=embedded only: use all here")
+    if d.name == "task" and not d.task:
+        _fail("data.task", d.task, "data=task needs a task: an embedded task's name, a directory or a datasets name")
+    if d.task and d.name != "task":
+        _fail("data.task", d.task, "is read by data=task only: add data=task")
 
 
 def check_parallel(p: ParallelConfig) -> None:
@@ -339,6 +358,7 @@ def check_optim(o: OptimConfig) -> None:
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.central_lr_scale", o.central_lr_scale, allow_zero=True)
 
 
 def check_wandb(w: WandbConfig) -> None:
