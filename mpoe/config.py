@@ -390,6 +390,12 @@ def check_train(cfg: TrainConfig) -> None:
     m, t = cfg.model, cfg.trainer
     if cfg.moe.kind != "dense":
         check_ep_divides_experts(cfg.parallel.ep_size, cfg.moe.num_experts)
+    if cfg.moe.grad_mask.enabled and cfg.moe.grad_mask.target != "auxiliary" and cfg.optim.central_lr_scale == 0:
+        _fail(
+            "moe.grad_mask.target",
+            cfg.moe.grad_mask.target,
+            "optim.central_lr_scale=0 freezes the central tensors: use target=auxiliary or moe.grad_mask.enabled=false",
+        )
     if cfg.data.name == "text" and not cfg.data.paths:
         _fail("data.paths", cfg.data.paths, "data=text needs data.paths=[file.txt,...] (txt, json, jsonl or parquet)")
     if cfg.data.name == "hub" and not cfg.data.hub_name:

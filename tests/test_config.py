@@ -138,10 +138,13 @@ def test_help_lists_the_groups_added_with_a_plus_apart(tmp_path):
     proc = _mpoe_train("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "moe: dense, mpoe, switch" in lines and "experiment: switch_vs_mpoe, switch_vs_mpoe_mask, " in proc.stdout
+    assert "moe: dense, mpoe, switch" in lines
+    (experiments,) = [line for line in lines if line.startswith("experiment: ")]
+    assert "switch_vs_mpoe, switch_vs_mpoe_mask, " in experiments
     (added,) = [line for line in lines if "upcycle_variant" in line]
     assert added.startswith("+upcycle_variant: dense, mpoe, ")
-    header = lines[lines.index(added) - 1]
+    assert lines[lines.index(added) - 1].startswith("+finetune_variant: dense, mpoe, mpoe_central_frozen, ")
+    header = lines[lines.index(added) - 2]  # +finetune_variant comes first
     assert "+group=option" in header
     assert not list(tmp_path.iterdir())  # --help writes nothing
 

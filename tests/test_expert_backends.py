@@ -201,8 +201,8 @@ def test_grouped_mpoe_central_gradient_is_summed_over_experts():
         bank(xe, torch.tensor(only)).pow(2).sum().backward()
         for n, p in bank.central.items():
             per_expert[n] += p.grad
-    for n in total:
-        torch.testing.assert_close(total[n], per_expert[n], rtol=1e-4, atol=1e-6)
+    for n in total:  # float32 sums in another order: an entry near 0 may differ by a few 1e-6
+        torch.testing.assert_close(total[n], per_expert[n], rtol=1e-4, atol=1e-5)
 
 
 def test_expert_impl_auto_is_loop_on_cpu_and_bad_impl_is_one_line():

@@ -46,20 +46,38 @@ def _fake_runs(losses):
     return [base.Run(Path(f"r{i}"), {"trainer": {"seed": i}}, {"val_loss": v}, []) for i, v in enumerate(losses)]
 
 
-def test_comparison_sentence_says_whether_the_difference_exceeds_the_spread():
-    # means 2.0 and 2.5, stds 0.1 each: spread 0.2 < 0.5 -> larger; A is lower
+def test_comparison_sentence_gives_the_paired_interval_and_its_verdict():
+    # per-seed differences all -0.5: every resample's mean is -0.5, so the interval is that point; lower loss wins
     apart = compare.compare_sentence("A", _fake_runs([1.9, 2.0, 2.1]), "B", _fake_runs([2.4, 2.5, 2.6]), "Q?")
-    assert "difference -0.5000, larger than the seeds' spread (0.2000" in apart and "A is lower" in apart
-    # means 2.0 and 2.05, stds 0.1 each: 0.05 < 0.2 -> not larger
-    close = compare.compare_sentence("A", _fake_runs([1.9, 2.0, 2.1]), "B", _fake_runs([1.95, 2.05, 2.15]), "Q?")
-    assert "not larger than the seeds' spread" in close and "no difference is shown" in close
-    # the same seed's losses move together (data order): the unpaired spread hides what pairing shows;
-    # per-seed differences 0.01, 0.02, 0.03: mean 0.02 > std 0.01 -> larger when paired
+    assert "A 2.0000 vs B 2.5000 validation loss" in apart
+    assert (
+        "A - B = -0.5000, 95% interval [-0.5000, -0.5000] (over 3 seeds, bootstrap): A is ahead (lower loss)" in apart
+    )
+    # per-seed differences 0.01, 0.02, 0.03: the unpaired spread (std 0.5 each) hides what pairing shows; a
+    # resample is all seed 0 (or all seed 2) with probability 1/27 > 2.5%, so the interval is [0.01, 0.03]
     paired = compare.compare_sentence("A", _fake_runs([2.01, 2.52, 3.03]), "B", _fake_runs([2.0, 2.5, 3.0]), "Q?")
-    assert "not larger than the seeds' spread" in paired
-    assert "paired by seed (same data order), the difference is +0.0200 ± 0.0100 over 3 seeds, larger" in paired
+    assert "A - B = +0.0200, 95% interval [+0.0100, +0.0300] (over 3 seeds, bootstrap): A is behind" in paired
+    # per-seed differences -0.05, +0.1, -0.05: the interval [-0.05, +0.1] holds 0
+    close = compare.compare_sentence("A", _fake_runs([2.0, 2.1, 1.9]), "B", _fake_runs([2.05, 2.0, 1.95]), "Q?")
+    assert "95% interval [-0.0500, +0.1000] (over 3 seeds, bootstrap): not separated." in close
     single = compare.compare_sentence("A", _fake_runs([1.0]), "B", _fake_runs([2.0]), "Q?")
-    assert "single seed" in single
+    assert "one seed: no interval" in single and single.endswith("not separated.")
+    assert "spread" not in apart + paired + close  # the old rule (sum of the stds) is gone
+
+
+def test_paper_claim_line_judges_mpoe_against_switch_on_loss():
+    def runs(losses, params):
+        return [
+            base.Run(Path(f"r{i}"), {"trainer": {"seed": i}}, {"val_loss": v, "params_total": params}, [])
+            for i, v in enumerate(losses)
+        ]
+
+    # MPOE's loss is 0.01 higher in every seed: behind, so the claim is contradicted; it has fewer parameters
+    groups = {"mpoe": runs([2.01, 2.51, 3.01], 2_969_408), "switch": runs([2.0, 2.5, 3.0], 4_392_192)}
+    line = compare.paper_claim_line(groups)
+    assert "**contradicted**: MPOE is behind Switch on validation loss" in line
+    assert "[+0.0100, +0.0100] over 3 seeds" in line and "32% fewer" in line
+    assert compare.paper_claim_line({"mpoe": groups["mpoe"]}) is None
 
 
 @pytest.mark.parametrize(
@@ -158,6 +176,8 @@ def test_toy_study_end_to_end(tmp_path, mpoe_cache):
 
     study = (out / "report" / "study.md").read_text()
     assert study.count("**Does") + study.count("**What") == len(compare.COMPARISONS)
+    assert study.count("95% interval") == len(compare.COMPARISONS) + 1  # and the paper-claim line
+    assert "Paper's claim (MPOE at least matches Switch with fewer parameters): **" in study
     assert (out / "report" / "study_val_loss.png").is_file() and (out / "report" / "study_load_balance.png").is_file()
     assert base.main([str(out / "continue"), "--out", str(tmp_path / "rep")]) == 0  # mpoe-report reads them
     assert len(base.collect([out / "continue"], warn=print)) == len(VARIANTS)

@@ -74,9 +74,12 @@ class LanguageModel(nn.Module):
         labels: Optional[torch.Tensor] = None,
         decoder_input_ids: Optional[torch.Tensor] = None,
         return_logits: bool = False,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> LMOutput:
         family = families.get(self.family)
         inputs = family.model_inputs(input_ids, labels, decoder_input_ids)
+        if attention_mask is not None:  # padded inputs (data=task): 1 = a real token
+            inputs["attention_mask"] = attention_mask
         if self.kv_cache is not None:
             inputs["use_cache"] = self.kv_cache
         if self.lm_loss == "hf":

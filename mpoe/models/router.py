@@ -110,8 +110,9 @@ class TopKRouter(nn.Module):
         )
         p = scores.detach()
         entropy = torch.special.entr(p).sum(dim=-1).mean() if p.shape[0] else p.new_zeros(())
+        gate = self._straight_through(scores, kept) if cfg.gate_scale == "straight_through" else probs * kept
         return RouterOutput(
-            probs * kept,
+            gate,
             kept,
             aux_loss,
             z_loss,
@@ -151,6 +152,20 @@ class TopKRouter(nn.Module):
             raw = torch.sigmoid(logits) * routing_map
             return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-20) if normalize else raw
         return probs
+
+    @staticmethod
+    def _straight_through(scores: Tensor, kept: Tensor) -> Tensor:
+        """moe.gate_scale=straight_through: p / stop_gradient(p) for each kept pair, 0 elsewhere.
+
+        Exactly 1 in the forward pass (x / x is 1 in floating point), so the expert's output goes through
+        unscaled; in backward the gradient of p scaled by 1/p, so the router learns from the loss from the first
+        step even when all experts are the same function (upcycled), where a gate-weighted sum whose weights add
+        up to 1 gives it none. p is the chosen expert's probability under the full distribution (`scores`), as in
+        the MPOE authors' code, not the gate weight: with pre_softmax=false (or moe.normalize_topk=true) top-1's
+        gate weight is the constant 1 and would carry no gradient.
+        """
+        chosen = scores * kept
+        return chosen / torch.where(kept, scores.detach(), torch.ones_like(scores))
 
     def _apply_capacity(self, routing_map: Tensor, scores: Tensor) -> Tensor:
         """The routing map with each expert's tokens beyond its capacity removed (dropless: unchanged)."""

@@ -136,7 +136,10 @@ class T5Family(Family):
         if decoder_input_ids is None:
             decoder_input_ids = backbone._shift_right(labels)
         hidden = backbone.decoder(
-            input_ids=decoder_input_ids, encoder_hidden_states=encoded, **use_cache
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=encoded,
+            encoder_attention_mask=inputs.get("attention_mask"),
+            **use_cache,
         ).last_hidden_state
         # HF's rule: the config's `scale_decoder_outputs` where it has one, else a tied head implies the scaling
         if getattr(backbone.config, "scale_decoder_outputs", backbone.config.tie_word_embeddings):

@@ -1,7 +1,9 @@
-"""`mpoe-study upcycle [--out DIR] [options]` (= `python -m mpoe.study upcycle`).
+"""`mpoe-study upcycle|finetune [--out DIR] [options]` (= `python -m mpoe.study ...`).
 
-Runs the upcycling study (mpoe.study.upcycle) offline and writes OUT/report/study.md.
-Bad options stop in one line with exit code 2 before anything runs.
+Runs a study offline and writes OUT/report/study.md: `upcycle` (mpoe.study.upcycle) measures continued
+pre-training loss after upcycling; `finetune` (mpoe.study.finetune) fine-tunes the upcycled models on a
+classification task and scores them, as the MPOE paper does. Bad options stop in one line with exit code 2
+before anything runs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,29 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mpoe.study.upcycle import VARIANT_NAMES, Plan, StudyError, run_study
+from mpoe.study import finetune, upcycle
+from mpoe.study.stages import StudyError
+
+
+def _common(sub: argparse.ArgumentParser, name: str, variants: tuple, pretrain_default: str, steps_default: str):
+    sub.add_argument("--out", default=f"studies/{name}", help=f"study directory (default: studies/{name})")
+    sub.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    sub.add_argument("--pretrain-steps", type=int, help=f"pre-training steps (default: {pretrain_default})")
+    sub.add_argument("--steps", type=int, help=f"steps of each variant's run (default: {steps_default})")
+    sub.add_argument("--variants", default=",".join(variants), help=f"comma-separated subset of {','.join(variants)}")
+    sub.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an mpoe-train override for every stage (repeatable), e.g. --set trainer.seq_len=64",
+    )
+    sub.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write OUT/report from the runs already finished in OUT (its recorded plan)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,27 +45,44 @@ def parser() -> argparse.ArgumentParser:
         "upcycle",
         help="pre-train dense GPT-2, export it (HF + tokenizer), continue as dense / Switch / MPOE, report",
     )
-    up.add_argument("--out", default="studies/upcycle", help="study directory (default: studies/upcycle)")
-    up.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
-    up.add_argument("--pretrain-steps", type=int, help="pre-training steps (default: experiment=upcycle_pretrain's)")
-    up.add_argument("--steps", type=int, help="continued-training steps (default: experiment=upcycle_continue's)")
-    up.add_argument(
-        "--variants", default=",".join(VARIANT_NAMES), help=f"comma-separated subset of {','.join(VARIANT_NAMES)}"
+    _common(up, "upcycle", upcycle.VARIANT_NAMES, "experiment=upcycle_pretrain's", "experiment=upcycle_continue's")
+    ft = sub.add_parser(
+        "finetune",
+        help="pre-train (or take) a dense model, upcycle it, fine-tune every variant on a task, score, report",
     )
-    up.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an mpoe-train override for every stage (repeatable), e.g. --set trainer.seq_len=64",
+    _common(ft, "finetune", finetune.VARIANT_NAMES, "experiment=upcycle_pretrain's", "experiment=finetune's")
+    ft.add_argument("--family", default="gpt2", choices=sorted(finetune.FAMILY_MODELS), help="model family")
+    ft.add_argument(
+        "--task",
+        default="topic",
+        help="an embedded task (topic, acceptability, next_sentence), a directory with train.* and validation.* files, "
+        "or a datasets name (with --set data.task_config=CONFIG)",
     )
-    up.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing: write OUT/report from the runs already finished in OUT (its recorded plan)",
+    ft.add_argument("--pretrained", help="a Hugging Face checkpoint directory to start from (no pre-training stage)")
+    ft.add_argument(
+        "--lr-grid",
+        default=",".join(format(lr, "g") for lr in finetune.LR_GRID),
+        help="learning rates of the seed-0 pilot (default %(default)s)",
     )
     return ap
+
+
+def _plan(args: argparse.Namespace):
+    common = dict(
+        seeds=args.seeds,
+        pretrain_steps=args.pretrain_steps,
+        steps=args.steps,
+        variants=[v for v in args.variants.split(",") if v],
+        overrides=list(args.overrides),
+    )
+    if args.study == "upcycle":
+        return upcycle, upcycle.Plan(**common)
+    try:
+        grid = [float(x) for x in args.lr_grid.split(",") if x]
+    except ValueError:
+        raise StudyError(f"--lr-grid={args.lr_grid} is invalid: give comma-separated numbers, e.g. 3e-4,1e-3") from None
+    plan = finetune.Plan(family=args.family, task=args.task, lr_grid=grid, pretrained=args.pretrained, **common)
+    return finetune, plan
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -50,15 +91,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from mpoe.parallel.deepspeed.accelerator import configure_accelerator
 
     configure_accelerator()
-    plan = Plan(
-        seeds=args.seeds,
-        pretrain_steps=args.pretrain_steps,
-        steps=args.steps,
-        variants=[v for v in args.variants.split(",") if v],
-        overrides=list(args.overrides),
-    )
     try:
-        run_study(Path(args.out), plan, report_only=args.report_only)
+        study, plan = _plan(args)
+        study.run_study(Path(args.out), plan, report_only=args.report_only)
     except StudyError as e:
         print(f"mpoe-study: error: {e}", file=sys.stderr)
         return 2

@@ -6,10 +6,10 @@ and `study.md`, which adds
 - the pre-training run (its validation curve and final loss) and each variant's step-0 loss;
 - a table per variant: validation loss/perplexity as mean +- sample std over seeds, parameters
   (total, active, expert, MPOE central/auxiliary), tokens/s;
-- one sentence per comparison saying whether the difference of the means is larger than the seeds'
-  spread, taken as the sum of the two sample standard deviations: "larger" means the two
-  mean +- std intervals do not overlap; and the same paired by seed (a seed is the same data order
-  in every variant): the per-seed differences' mean against their sample std;
+- one sentence per comparison by the studies' rule (mpoe.study.stats): the paired difference of
+  validation loss per seed (a seed is the same data order in every variant), its 95% bootstrap
+  interval over seeds, and a verdict: ahead / behind where the interval excludes 0 (lower loss is
+  better), else "not separated"; and one line on the paper's claim for MPOE vs Switch by that rule;
 - plots: validation curves with the seed band, and expert load balance (max/mean load over experts,
   worst MoE layer) over training steps.
 """
@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
+from mpoe.study.stats import paired_bootstrap, paper_claim, verdict
 from mpoe.study.upcycle import step0_variant
 from mpoe.tools import report as base
 
@@ -67,41 +68,51 @@ def stats(runs: list[base.Run], key: str) -> tuple[Optional[float], Optional[flo
 
 
 def compare_sentence(name_a: str, runs_a: list, name_b: str, runs_b: list, question: str) -> str:
-    """One sentence: the two means, their difference, and whether it exceeds the seeds' spread."""
-    (ma, sa), (mb, sb) = stats(runs_a, "val_loss"), stats(runs_b, "val_loss")
-    diff = ma - mb
-    if sa is None or sb is None:
-        verdict = "with a single seed the spread is unknown, so this says nothing about noise"
-    else:
-        spread = sa + sb
-        larger = abs(diff) > spread
-        better = name_a if diff < 0 else name_b
-        verdict = f"{'larger' if larger else 'not larger'} than the seeds' spread ({spread:.4f} = sum of the stds)" + (
-            f": {better} is lower" if larger else ": no difference is shown"
-        )
+    """One sentence: the two means, and the per-seed paired difference a - b with its interval and verdict."""
+    (ma, _), (mb, _) = stats(runs_a, "val_loss"), stats(runs_b, "val_loss")
+    a, b = paired_losses(runs_a, runs_b)
+    head = f"**{question}** {name_a} {ma:.4f} vs {name_b} {mb:.4f} validation loss (means over seeds)"
+    if not a:
+        return f"{head}; no seed ran in both, so there is no paired comparison."
+    interval = paired_bootstrap(a, b)
+    side = verdict(interval, higher_is_better=False)
+    seeds = (
+        f"over {len(a)} seeds" if len(a) > 1 else "one seed: no interval, a single difference says nothing about noise"
+    )
+    said = {
+        "ahead": f"{name_a} is ahead (lower loss)",
+        "behind": f"{name_a} is behind (higher loss)",
+        "not separated": "not separated",
+    }[side]
     return (
-        f"**{question}** {name_a} {ma:.4f} vs {name_b} {mb:.4f} validation loss: "
-        f"difference {diff:+.4f}, {verdict}{paired_clause(runs_a, runs_b)}."
+        f"{head}; paired by seed (the same data order in every variant), {name_a} - {name_b} = "
+        f"{interval.text()} ({seeds}, bootstrap): {said}."
     )
 
 
-def paired_diffs(runs_a: list, runs_b: list) -> list[float]:
-    """Per-seed differences a - b over the seeds both ran: a seed is the same data order in every variant,
-    so pairing removes the part of the spread that the data order causes alike in both."""
+def paired_losses(runs_a: list, runs_b: list) -> tuple[list[float], list[float]]:
+    """The validation losses of the seeds both ran, in seed order: a seed is the same data order in every
+    variant, so pairing removes the part of the spread that the data order causes alike in both."""
     a = {json.dumps(r.seed): r.summary.get("val_loss") for r in runs_a}
     b = {json.dumps(r.seed): r.summary.get("val_loss") for r in runs_b}
-    return [a[s] - b[s] for s in sorted(set(a) & set(b)) if base._finite(a[s]) and base._finite(b[s])]
+    seeds = [s for s in sorted(set(a) & set(b)) if base._finite(a[s]) and base._finite(b[s])]
+    return [a[s] for s in seeds], [b[s] for s in seeds]
 
 
-def paired_clause(runs_a: list, runs_b: list) -> str:
-    diffs = paired_diffs(runs_a, runs_b)
-    if len(diffs) < 2:
-        return ""
-    mean, std = base.mean_std(diffs)
-    larger = abs(mean) > std
-    return (
-        f"; paired by seed (same data order), the difference is {mean:+.4f} ± {std:.4f} over {len(diffs)} seeds, "
-        f"{'larger' if larger else 'not larger'} than its spread"
+def paper_claim_line(groups: dict[str, list]) -> Optional[str]:
+    """The paper's claim (MPOE at least matches Switch with fewer parameters) judged on validation loss;
+    None without both variants or a seed they share."""
+    if "mpoe" not in groups or "switch" not in groups:
+        return None
+    a, b = paired_losses(groups["mpoe"], groups["switch"])
+    if not a:
+        return None
+    return paper_claim(
+        paired_bootstrap(a, b),
+        groups["mpoe"][0].summary.get("params_total"),
+        groups["switch"][0].summary.get("params_total"),
+        higher_is_better=False,
+        measure="validation loss of continued pre-training (a proxy: the paper measures task scores)",
     )
 
 
@@ -247,11 +258,17 @@ def write_study_report(out: Path, plan) -> Path:
         "",
         "## Comparisons",
         "",
+        "Each comparison pairs the variants by seed (the same data order in both): the difference of validation "
+        "loss per seed, its mean, and a 95% bootstrap interval over seeds (seeds resampled with replacement, "
+        "percentiles of the mean). Lower loss is better: a variant is ahead or behind where the interval excludes "
+        "0, else the two are not separated.",
+        "",
     ]
     for a, b, question in COMPARISONS:
         if a in groups and b in groups:
             parts.append("- " + compare_sentence(labels[a], groups[a], labels[b], groups[b], question))
-    parts.append("")
+    claim = paper_claim_line(groups)
+    parts += ["", claim, ""] if claim else [""]
     plots = []
     if plot_curves_with_band(groups, labels, report_dir / "study_val_loss.png", pretrain, step0):
         plots.append(("Validation loss (mean over seeds, band = min..max)", "study_val_loss.png"))

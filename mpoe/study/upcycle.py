@@ -22,15 +22,13 @@ stops with one line instead of mixing two studies in one report.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from mpoe.config import ConfigError
+from mpoe.study.stages import StudyError, export_pretrained, finished, mpoe_train, record_plan, set_aside
 from mpoe.train.compose import compose_and_validate
 
 GROUP = "upcycle_study"
@@ -38,10 +36,6 @@ VARIANT_GROUP = "upcycle_variant"  # conf/upcycle_variant/<name>.yaml: what each
 VARIANT_NAMES = ("dense", "switch", "mpoe", "mpoe_bond", "mpoe_mask")
 # Run names and directories follow the variant chosen in the sweep.
 _VARIANT = "${hydra:runtime.choices.upcycle_variant}"
-
-
-class StudyError(ValueError):
-    """Bad study input; the message is one line naming the option and the fix."""
 
 
 @dataclass
@@ -87,80 +81,12 @@ def check_plan(plan: Plan) -> None:
             raise StudyError(f"stage {stage}: {e}") from None
 
 
-def record_plan(out: Path, plan: Plan) -> None:
-    """Write OUT/plan.json, or check that the study already in OUT has the same plan."""
-    path = out / "plan.json"
-    mine = asdict(plan)
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        if theirs != mine:
-            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise StudyError(
-                f"--out={out} holds a study with another plan (differs in {', '.join(differ)}): "
-                "give a new --out, or the same options to continue it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1))
-
-
-def _train_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("WANDB_SILENT", "true")
-    return env
-
-
-def _mpoe_train(args: list[str], stage: str) -> None:
-    cmd = [sys.executable, "-m", "mpoe.train", *args]
-    print(f"[study] {stage}: {' '.join(cmd[1:])}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=_train_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); its output is above")
-    print(f"[study] {stage}: done in {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
-def set_aside(run_dir: Path) -> None:
-    """A run directory without summary.json (an interrupted run): moved aside, never overwritten."""
-    if run_dir.exists() and not finished(run_dir):
-        n = 1
-        while run_dir.with_name(f"{run_dir.name}.incomplete-{n}").exists():
-            n += 1
-        run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{n}"))
-
-
 def pretrain(out: Path, plan: Plan) -> Path:
     run_dir = out / "pretrain"
     if not finished(run_dir):
         set_aside(run_dir)
-        _mpoe_train([*plan.pretrain_overrides(), f"hydra.run.dir={run_dir}"], "pretrain")
+        mpoe_train([*plan.pretrain_overrides(), f"hydra.run.dir={run_dir}"], "pretrain")
     return run_dir
-
-
-def export_pretrained(run_dir: Path, out_dir: Path) -> Path:
-    """The pre-trained run as a Hugging Face checkpoint with its tokenizer: OUT_DIR/hf."""
-    hf = out_dir / "hf"
-    if (hf / "config.json").is_file() and (hf / "tokenizer.json").is_file():
-        return hf
-    # Deferred: transformers and the export (torch) are slow to import; only this stage needs them, not --help.
-    from transformers import PreTrainedTokenizerFast
-
-    from mpoe.tools import export
-    from mpoe.train.data import sequences as data_lib
-
-    export.export(run_dir, out_dir)
-    cfg = export.config_from_yaml(run_dir / ".hydra" / "config.yaml")
-    tokenizer = data_lib.prepare(cfg.data).tokenizer  # the run's own (cached) tokenizer
-    eot, pad = data_lib.SPECIAL_TOKENS
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=pad
-    ).save_pretrained(hf)
-    print(f"[study] export: {hf}", flush=True)
-    return hf
 
 
 def step0_variant(variant: str) -> str:
@@ -185,7 +111,7 @@ def step0(out: Path, plan: Plan, hf: Path) -> None:
         f"hydra.sweep.dir={out / 'step0'}",
         f"hydra.sweep.subdir={_VARIANT}",
     ]
-    _mpoe_train(args, "step0")
+    mpoe_train(args, "step0")
 
 
 def continue_runs(out: Path, plan: Plan, hf: Path) -> None:
@@ -209,7 +135,7 @@ def continue_runs(out: Path, plan: Plan, hf: Path) -> None:
             f"hydra.sweep.dir={out / 'continue'}",
             f"hydra.sweep.subdir={_VARIANT}/seed${{trainer.seed}}",
         ]
-        _mpoe_train(args, f"continue {','.join(variants)} x seeds {','.join(map(str, seeds))}")
+        mpoe_train(args, f"continue {','.join(variants)} x seeds {','.join(map(str, seeds))}")
 
 
 def run_study(out: Path, plan: Plan, report_only: bool = False) -> Path:

@@ -36,11 +36,14 @@ from mpoe.parallel.process_groups import rank_world
 from mpoe.train.checkpoint import autoresume
 from mpoe.train.checkpoint import store as checkpoint
 from mpoe.train.data import sequences as data_lib
+from mpoe.train.data import task_data
 from mpoe.train.data.objectives import build_objective
+from mpoe.train.metrics.experts import CentralUpdate, expert_divergence
 from mpoe.train.metrics.flops import Peak, device_peak, flops_per_token, raised_to_cover
 from mpoe.train.metrics.grad_norms import grad_norms, role_params, zero_role_norms
 from mpoe.train.metrics.writer import Interval, MetricsLogger
 from mpoe.train.runtime import console, faults, interrupt
+from mpoe.train.task_scores import score as score_task
 
 log = logging.getLogger("mpoe.train")
 
@@ -81,6 +84,8 @@ class Training:
     last: dict = field(default_factory=dict)  # the last logged record
     faults: faults.Faults = faults.NONE  # injected by tests through the environment (runtime/faults.py)
     wall_before: float = 0.0  # seconds the run's earlier parts took, as the checkpoint it resumed from says
+    task_data: Optional[object] = None  # data=task: the task's rows, scored at the end (task_scores.py)
+    central_update: Optional[CentralUpdate] = None  # MPOE: how far each layer's central tensors move in a step
 
     @property
     def device(self) -> torch.device:
@@ -164,9 +169,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
     raw_len = objective.raw_length
     accum = grad_accum_steps(cfg, world)
     sampler = data_lib.SequenceSampler(
-        data_lib.pack(token_data.train, raw_len), t.micro_batch_size, accum, world, rank, t.seed
+        token_data.windows("train", raw_len), t.micro_batch_size, accum, world, rank, t.seed
     )
-    val_sequences = data_lib.pack(token_data.val, raw_len)
+    val_sequences = token_data.windows("val", raw_len)
     val = data_lib.eval_batches(val_sequences, t.micro_batch_size, eval_sequences(cfg), world, rank)
 
     ckpt_dir = run_dir / "checkpoints"
@@ -177,6 +182,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         "model": cfg.model.name,
         "moe": cfg.moe.kind,
         "num_experts": cfg.moe.num_experts,
+        "central_tensors": _central_layout(cfg.optim.central_lr_scale),  # the optimizer's parameter sets differ
     }
     start_step, resumed_from = _resume(cfg, engine, ckpt_dir, identity, placement, rank)
     per_token, peak = _flops_reference(cfg, model, counts, raw_len, engine.device)
@@ -203,6 +209,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         counts=counts,
         faults=faults.from_environment(rank),
         wall_before=checkpoint.read_meta(resumed_from).get("wall_s", 0.0) if resumed_from is not None else 0.0,
+        task_data=token_data if cfg.data.name == "task" else None,
+        central_update=CentralUpdate(engine.module) if cfg.moe.kind == "mpoe" else None,
     )
 
 
@@ -271,8 +279,12 @@ def _train_step(tr: Training, step: int, interval: Interval, log_now: bool) -> d
                 skip = not ds_gradients.gradients_finite(engine)
             elif log_now:
                 norms = zero_role_norms(engine, tr.roles)
+            if log_now and tr.central_update is not None:
+                tr.central_update.snapshot()
         with ds_gradients.skipped_step(engine) if skip else contextlib.nullcontext():
             engine.step()
+        if micro == tr.accum - 1 and log_now and tr.central_update is not None:
+            norms["central_update_norm"] = tr.central_update.norms()
         interval.add(out, cfg.trainer.micro_batch_size * tr.objective.raw_length)
     if engine.skipped_steps > skipped_before:  # DeepSpeed applied no update: non-finite gradients
         tr.skipped_total += 1
@@ -295,6 +307,8 @@ def _log(tr: Training, done: int, interval: Interval, norms: dict, evaluate_now:
     rec = interval.record(done, tr.lr_used, grad_norm)
     rec.update(norms)
     rec["steps_skipped"] = tr.skipped_total
+    if tr.cfg.moe.kind != "dense":  # how far apart the experts have moved (0 = still the upcycled copies)
+        rec["expert_divergence"] = expert_divergence(tr.engine.module, tr.placement.ep_group)
     achieved = rec["tokens_per_s"] * tr.flops_per_token / tr.world  # model FLOP/s per rank
     tr.peak = raised_to_cover(tr.peak, achieved)
     rec["mfu"] = achieved / tr.peak.flops_per_s
@@ -343,6 +357,10 @@ def _finish(tr: Training, t0: float, train_s: float) -> dict:
         "mfu_peak_tflops": tr.peak.flops_per_s / 1e12,
         "mfu_peak_source": tr.peak.source,
     }
+    if tr.task_data is not None:
+        summary.update(
+            score_task(tr.engine, tr.task_data, tr.objective, t.micro_batch_size, tr.logger.run_dir, tr.rank == 0)
+        )
     tr.logger.summary(summary)
     tr.logger.close()
     return summary
@@ -358,9 +376,9 @@ def evaluate(engine, batches: list[tuple[torch.Tensor, int]], objective) -> tupl
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss x tokens, tokens
     for raw, counted in batches:
-        batch = _to_device(objective.batch(raw), engine.device)
-        target = batch.get("labels", batch["input_ids"])
-        tokens = counted * (target.shape[1] - (0 if "labels" in batch else 1))  # causal LM: no target for token 0
+        batch = objective.batch(raw)
+        tokens = objective.target_tokens(batch, counted)
+        batch = _to_device(batch, engine.device)
         if tokens:
             loss = engine(**batch).lm_loss
             sums += torch.stack([loss.double() * tokens, loss.new_tensor(tokens, dtype=torch.float64)])
@@ -382,6 +400,8 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     data = cfg.data  # the config is read-only: a checkpoint's own tokenizer, when it ships one, goes into a copy
     if cfg.model.pretrained and not data.tokenizer:
         data = derive(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
+    if data.name == "task":  # a task is small and read the same way everywhere: every process encodes it
+        return task_data.prepare(derive(cfg, data=data))
     first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
     token_data = data_lib.prepare(data) if first_on_node else None
     if not dist.is_initialized():
@@ -407,6 +427,14 @@ def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device
         counts["params_lm_head"],
     )
     return per_token, device_peak(cfg.trainer.precision, device)
+
+
+def _central_layout(central_lr_scale: float) -> Optional[str]:
+    """How the optimizer holds the MPOE central tensors (parallel/deepspeed/engine.py): None = with the other
+    parameters (what checkpoints saved before optim.central_lr_scale existed hold), else apart or frozen."""
+    if central_lr_scale == 1.0:
+        return None
+    return "frozen" if central_lr_scale == 0.0 else "own learning rate"
 
 
 def _grad_mask(cfg: TrainConfig, model):

@@ -45,13 +45,18 @@ def hostfile_slots(path: str) -> dict[str, int]:
 
 
 def check_before_start(cfg: TrainConfig, on_this_machine: bool = True) -> None:
-    """What a validated config needs from the files it names (a pretrained checkpoint, a checkpoint to resume)
-    and, `on_this_machine`, from the hardware (its precision); ConfigError or CheckpointError in one line.
-    A launching node checks the files only: it may not be one of the machines that train."""
+    """What a validated config needs from the files it names (a pretrained checkpoint, a checkpoint to resume,
+    a task's files) and, `on_this_machine`, from the hardware (its precision); ConfigError or CheckpointError in one
+    line. A launching node checks the files only: it may not be one of the machines that train."""
     if on_this_machine:
         check_precision_supported(cfg.trainer.precision)
     pretrained.check(cfg)
     autoresume.check_resume_path(cfg)
+    if cfg.data.name == "task":  # a bad task file: one line here, not one traceback per rank after the start
+        # Deferred: reading local task files imports datasets/pyarrow, which other runs never need.
+        from mpoe.train.data.tasks import load_task
+
+        load_task(cfg.data)
 
 
 def main(argv: list[str] | None = None) -> int:

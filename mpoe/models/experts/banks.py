@@ -208,6 +208,15 @@ class ExpertBank(nn.Module):
         """Weight `name` of all local experts as the grouped backend applies it to `num_rows` rows."""
         return GroupedWeight(self.stacked_weight(name))
 
+    def effective_weights(self) -> list[Tensor]:
+        """Every local expert's weight matrices as the forward multiplies by them, one [L, I, J] per name of
+        `weight_names()` (biases are not matrices and are left out); detached, on the parameters' device.
+
+        A Switch bank's are its parameters themselves (not copies: do not write into them); an MPOE bank's
+        are rebuilt from its MPO tensors by `stacked_weight`, the rebuild its backends use."""
+        with torch.no_grad():
+            return [self.stacked_weight(name).detach() for name in self.weight_names()]
+
     def param_roles(self) -> ParamRoles:
         raise NotImplementedError
 

@@ -5,14 +5,18 @@ it off DeepSpeed's own FusedAdam, an op built at run time with nvcc), the warmup
 gradient clipping and accumulation, ZeRO, and precision. Because our MoE layers
 are `deepspeed.moe.layer.MoE` instances, the engine also splits expert
 parameters into their own optimizer parameter sets and reduces their gradients over the
-expert-data-parallel process group only.
+expert-data-parallel process group only. The MPOE central tensors get sets of their own when
+optim.central_lr_scale gives them another learning rate (`optimizer_param_sets`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn as nn
 
-from mpoe.config import TrainConfig, global_batch_size, grad_accum_steps
+from mpoe.config import OptimConfig, TrainConfig, global_batch_size, grad_accum_steps
+from mpoe.models.interfaces import ExpertBankLike
 from mpoe.parallel.deepspeed.accelerator import accelerator_name
 from mpoe.process import library_stdout_to_log
 
@@ -93,27 +97,64 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu"
     return config
 
 
-def weight_decay_sets(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The optimizer's parameter sets (torch's `param_groups`): decay matrices, not biases, norms or 1-d tensors
-    (the usual GPT recipe)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    sets = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+def weight_decay_sets(
+    params: list[nn.Parameter], weight_decay: float, name: str = "", lr: Optional[float] = None
+) -> list[dict]:
+    """The optimizer's parameter sets (torch's `param_groups`) for `params`: decay matrices, not biases, norms or
+    1-d tensors (the usual GPT recipe). Named `decay` and `no_decay`, or `name` and `name_no_decay`; with `lr`,
+    the sets' own learning rate (the schedule scales each set's own)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    own_lr = {} if lr is None else {"lr": lr}
+    sets = [{"params": decay, "weight_decay": weight_decay, "name": name or "decay", **own_lr}]
     if no_decay:
-        sets.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        no_decay_name = f"{name}_no_decay" if name else "no_decay"
+        sets.append({"params": no_decay, "weight_decay": 0.0, "name": no_decay_name, **own_lr})
     return sets
 
 
+def central_params(model: nn.Module) -> list[nn.Parameter]:
+    """The MPOE central tensors of every expert bank in `model` (none in a dense or Switch model)."""
+    return [p for m in model.modules() if isinstance(m, ExpertBankLike) for p in m.param_roles().central]
+
+
+def optimizer_param_sets(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """The trainable parameters' optimizer sets: `decay` and `no_decay`, and the MPOE central tensors in sets of
+    their own at lr x optim.central_lr_scale (`central`, `central_no_decay`).
+
+    At scale 1 the central tensors stay in `decay`: the sets, the training and the checkpoints' optimizer layout
+    are those of runs before the key existed (their checkpoints resume). Frozen ones (scale 0,
+    `freeze_central`) are in no set.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scale = optim.central_lr_scale
+    own = {id(p) for p in central_params(model)} if scale != 1.0 else set()
+    sets = weight_decay_sets([p for p in trainable if id(p) not in own], optim.weight_decay)
+    central = [p for p in trainable if id(p) in own]
+    if central:
+        sets += weight_decay_sets(central, optim.weight_decay, "central", optim.lr * scale)
+    return sets
+
+
+def freeze_central(model: nn.Module, central_lr_scale: float) -> None:
+    """optim.central_lr_scale=0: the central tensors need no gradient, so autograd computes none, the optimizer
+    holds no state for them and they keep their initial (upcycled) values bit for bit. Before the engine is
+    built: DeepSpeed gives every parameter that requires a gradient a place in its reductions and partitions."""
+    if central_lr_scale == 0:
+        for p in central_params(model):
+            p.requires_grad_(False)
+
+
 def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
-    """The DeepSpeed engine around `model` (the process group must exist), its schedule at the first update."""
+    """The DeepSpeed engine around `model` (the process group must exist), its schedule at the first update.
+    optim.central_lr_scale=0 freezes the model's MPOE central tensors first (`freeze_central`)."""
     import deepspeed  # deferred: importing DeepSpeed fixes the accelerator (see accelerator.py)
 
+    freeze_central(model, cfg.optim.central_lr_scale)
     with library_stdout_to_log():  # BF16_Optimizer prints memory usage
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=weight_decay_sets(model, cfg.optim.weight_decay),
+            model_parameters=optimizer_param_sets(model, cfg.optim),
             config=deepspeed_config(cfg, world_size, accelerator_name()),
             dist_init_required=False,
         )
@@ -135,7 +176,8 @@ def start_schedule(engine) -> None:
 
 
 def load_schedule(engine, saved: dict) -> None:
-    """Restore the LR schedule from its `state_dict` and write its LR into the optimizer now.
+    """Restore the LR schedule from its `state_dict` and write each parameter set's LR into the optimizer now
+    (the schedule scales each set's own initial LR: the central sets' keep their optim.central_lr_scale).
 
     The schedule writes the LR only when it steps; a checkpoint loaded into the
     optimizer's own `load_state_dict` brings the LR in its saved parameter sets, but

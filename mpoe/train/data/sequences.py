@@ -126,6 +126,10 @@ class TokenData:
     pad_id: int
     key: str  # names the cache files: `load_prepared(cfg, key)` maps them without reading any document
 
+    def windows(self, split: str, length: int) -> torch.Tensor:
+        """The split ("train" or "val") cut into windows of `length` tokens (`pack`)."""
+        return pack(getattr(self, split), length)
+
 
 def _cache_files(cfg: DataConfig, key: str) -> dict[str, Path]:
     root = cache_root(cfg)

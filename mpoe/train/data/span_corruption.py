@@ -163,6 +163,9 @@ class SpanCorruption:
             targets.append(t)
         return {"input_ids": torch.stack(inputs), "labels": torch.stack(targets)}
 
+    def target_tokens(self, batch: dict, counted: int) -> int:
+        return counted * batch["labels"].shape[1]
+
 
 def _token_ids(tokenizer, tokens: list[str]) -> Optional[list[int]]:
     """The ids of all `tokens` in the tokenizer, or None if any is missing (or there is no tokenizer)."""

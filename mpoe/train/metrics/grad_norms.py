@@ -9,6 +9,9 @@ At ZeRO stage 1/2 the reduced gradients live in the optimizer's partitions,
 not in `param.grad`: `zero_role_norms` sums the squares of each rank's own
 fragments per role and adds them up over the world in one all-reduce (the
 overall norm is DeepSpeed's own, the one it clips with).
+
+A frozen parameter (the central tensors at optim.central_lr_scale=0) has no gradient
+and no fragment: it adds nothing, so a role that is all frozen logs a norm of 0.
 """
 
 from __future__ import annotations

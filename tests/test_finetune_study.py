@@ -1,0 +1,112 @@
+"""mpoe-study finetune and `mpoe-train data=task`: the fine-tuning runs, their scores, the study end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import _cli
+import pytest
+
+from mpoe.tools import report as base
+
+VARIANTS = ("dense", "switch", "mpoe", "mpoe_mask", "mpoe_central_frozen")
+# A toy size for 2 CPU cores: short rows, few steps, one validation batch.
+TOY = ("trainer.seq_len=48", "trainer.eval_batches=1", "trainer.log_every=1", "trainer.micro_batch_size=8")
+
+
+def _study(out: Path, cache: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mpoe.study", "finetune", "--out", str(out), *args]
+    return subprocess.run(cmd, env=_cli.env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_task_run_scores_every_example_of_both_splits(tmp_path, mpoe_cache):
+    """A fine-tuning run from scratch: summary accuracies agree with predictions.json, which lists every
+    validation and test example in the task's order."""
+    from mpoe.config import DataConfig
+    from mpoe.train.data.tasks import load_task
+
+    run = tmp_path / "run"
+    _cli.train(run, mpoe_cache, "data=task", "data.task=acceptability", "moe=switch", "trainer.global_batch_size=8")
+    summary = json.loads((run / "summary.json").read_text())
+    predictions = json.loads((run / "predictions.json").read_text())
+    task = load_task(DataConfig(name="task", task="acceptability", val_fraction=0.1))
+    for split in ("val", "test"):
+        labels = [e.label for e in task.splits[split]]
+        assert predictions[split]["label"] == labels
+        predicted = predictions[split]["predicted"]
+        assert len(predicted) == len(labels) and set(predicted) <= {0, 1}
+        accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
+        assert summary[f"{split}_accuracy"] == pytest.approx(accuracy)
+        assert summary[f"{split}_examples"] == len(labels)
+    assert summary["task"] == "acceptability" and summary["label_words"] == list(task.label_words)
+    records = _metrics(run)
+    assert all(len(r["router_entropy"]) == 2 and len(r["expert_divergence"]) == 2 for r in records)
+    assert "central_update_norm" not in records[-1]  # Switch has no central tensors
+
+
+def test_bad_task_directory_is_one_line_and_writes_nothing(tmp_path, mpoe_cache):
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "train.csv").write_text("sentence,label\na good one,1\nanother good one,1\n")
+    (task / "validation.csv").write_text("sentence,label\nfine,1\n")
+    out = tmp_path / "study"
+    proc = _study(out, mpoe_cache, "--task", str(task), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.csv" in lines[0] and "class" in lines[0], proc.stderr
+    assert not out.exists()
+    run = tmp_path / "run"
+    proc = _cli.train(run, mpoe_cache, "data=task", f"data.task={task}", check=False)
+    assert proc.returncode == 2 and "train.csv" in proc.stderr.strip().splitlines()[-1]
+    assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
+    """Pre-train, export, the lr pilot, the seeds at the chosen rate, the report; a rerun repeats nothing."""
+    out = tmp_path / "study"
+    toy = [a for o in TOY for a in ("--set", o)]
+    args = ["--family", family, "--seeds", "2", "--pretrain-steps", "3", "--steps", "3", "--lr-grid", "1e-3,3e-3"]
+    proc = _study(out, mpoe_cache, *args, *toy)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    choice = json.loads((out / "pilot" / "choice.json").read_text())
+    assert set(choice) == set(VARIANTS)
+    for variant, picked in choice.items():
+        scores = {float(lr): acc for lr, acc in picked["val_accuracy"].items()}
+        best = max(scores.values())
+        assert picked["lr"] == min(lr for lr, acc in scores.items() if acc == best)  # best, ties to the smaller
+        seed0 = base.load_run(out / "pilot" / variant / f"lr{format(picked['lr'], 'g')}")
+        seed1 = base.load_run(out / "finetune" / variant / "seed1")
+        assert seed1.config["optim"]["lr"] == picked["lr"] and seed1.config["trainer"]["seed"] == 1
+        assert seed0.config["trainer"]["seed"] == 0
+        for run in (seed0, seed1):
+            assert run.config["model"]["family"] == family and run.config["data"]["name"] == "task"
+            assert run.config["moe"]["top_k"] == 1 and run.config["moe"]["gate_scale"] == "straight_through"
+            assert 0.0 <= run.summary["test_accuracy"] <= 1.0 and (run.path / "predictions.json").is_file()
+            records = _metrics(run.path)
+            if variant != "dense":
+                assert all("router_entropy" in r and "expert_divergence" in r for r in records)
+            if variant.startswith("mpoe"):
+                assert all("central_update_norm" in r for r in records)
+    frozen = _metrics(out / "finetune" / "mpoe_central_frozen" / "seed1")
+    assert all(n == 0.0 for r in frozen for n in r["central_update_norm"])  # frozen: the central tensors never move
+    moving = _metrics(out / "finetune" / "mpoe" / "seed1")
+    assert any(n > 0.0 for r in moving for n in r["central_update_norm"])
+
+    study = (out / "report" / "study.md").read_text()
+    assert "test accuracy" in study.lower() and "95%" in study
+    assert any(v in study for v in ("ahead", "behind", "not separated"))
+    assert "Paper's claim" in study
+    assert base.main([str(out / "finetune"), "--out", str(tmp_path / "rep")]) == 0  # mpoe-report reads the runs
+
+    again = _study(out, mpoe_cache, *args, *toy)  # everything is done: nothing runs again
+    assert again.returncode == 0 and "[study] pilot" not in again.stdout and "[study] finetune" not in again.stdout
