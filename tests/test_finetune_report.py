@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from mpoe.study.finetune import lr_name
 from mpoe.study.finetune_report import write_finetune_report
 
 TEST_EXAMPLES = 40
@@ -132,7 +133,7 @@ def write_study(out: Path, variants=VARIANTS) -> None:
     for variant in variants:
         for lr, val_accuracy in PILOT[variant].items():
             correct = CORRECT[variant][0] if lr == CHOSEN[variant] else 0
-            write_run(out / "pilot" / variant / f"lr{format(lr, 'g')}", variant, 0, lr, val_accuracy, correct)
+            write_run(out / "pilot" / variant / lr_name(lr), variant, 0, lr, val_accuracy, correct)
         for seed, correct in enumerate(CORRECT[variant][1:], start=1):
             write_run(out / "finetune" / variant / f"seed{seed}", variant, seed, CHOSEN[variant], 0.5, correct)
 
@@ -213,7 +214,11 @@ def test_the_paper_claim_line(study):
 
 def test_the_measured_mask_ratio(study):
     _, text = study
-    assert "measured ratio: **0.750** (range 0.500 to 1.000 over 3 seeds; seed 0: 0.750, seed 1: 0.500" in text
+    # pairs at the same seed and lr, the pilot's other rate included: 0.75, 0.5, 1.0 at 3e-4, 0.75 at 1e-3
+    assert (
+        "measured ratio: **0.750** (range 0.500 to 1.000 over 4 pairs of runs; seed 0 at lr 0.0003: 0.750, "
+        "seed 1 at lr 0.0003: 0.500, seed 2 at lr 0.0003: 1.000, seed 0 at lr 0.001: 0.750)" in text
+    )
     assert "AdamW update of the central tensors with the mask (keep_prob 0.5 on the central tensor" in text
 
 
@@ -237,3 +242,17 @@ def test_missing_runs_are_reported_with_what_exists(tmp_path):
     # seed 1 of the mask has no predictions: the comparison pairs seeds 0 and 2
     mask = next(line for line in text.splitlines() if "gradient mask help" in line)
     assert "paired over 2 seeds x 40 test examples" in mask
+
+
+def test_runs_scored_on_different_test_labels_are_not_paired(tmp_path):
+    write_study(tmp_path)
+    path = tmp_path / "finetune" / "switch" / "seed1" / "predictions.json"
+    predictions = json.loads(path.read_text())
+    predictions["test"]["label"] = [1 - y for y in predictions["test"]["label"]]  # another version of the task
+    path.write_text(json.dumps(predictions))
+    text = write_finetune_report(tmp_path, _plan()).read_text()
+    line = next(line for line in text.splitlines() if "match Switch" in line)
+    assert line.endswith(
+        "not compared: their predictions.json hold different test labels (another task or another "
+        "version of its files)."
+    )

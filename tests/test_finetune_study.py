@@ -10,6 +10,7 @@ from pathlib import Path
 import _cli
 import pytest
 
+from mpoe.study.finetune import lr_name
 from mpoe.tools import report as base
 
 VARIANTS = ("dense", "switch", "mpoe", "mpoe_mask", "mpoe_central_frozen")
@@ -33,10 +34,10 @@ def test_task_run_scores_every_example_of_both_splits(tmp_path, mpoe_cache):
     from mpoe.train.data.tasks import load_task
 
     run = tmp_path / "run"
-    _cli.train(run, mpoe_cache, "data=task", "data.task=acceptability", "moe=switch", "trainer.global_batch_size=8")
+    _cli.train(run, mpoe_cache, "data=task", "data.task=topic", "moe=switch", "trainer.global_batch_size=8")
     summary = json.loads((run / "summary.json").read_text())
     predictions = json.loads((run / "predictions.json").read_text())
-    task = load_task(DataConfig(name="task", task="acceptability", val_fraction=0.1))
+    task = load_task(DataConfig(name="task", task="topic", val_fraction=0.1))
     for split in ("val", "test"):
         labels = [e.label for e in task.splits[split]]
         assert predictions[split]["label"] == labels
@@ -45,7 +46,7 @@ def test_task_run_scores_every_example_of_both_splits(tmp_path, mpoe_cache):
         accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
         assert summary[f"{split}_accuracy"] == pytest.approx(accuracy)
         assert summary[f"{split}_examples"] == len(labels)
-    assert summary["task"] == "acceptability" and summary["label_words"] == list(task.label_words)
+    assert summary["task"] == "topic" and summary["label_words"] == list(task.label_words)
     records = _metrics(run)
     assert all(len(r["router_entropy"]) == 2 and len(r["expert_divergence"]) == 2 for r in records)
     assert "central_update_norm" not in records[-1]  # Switch has no central tensors
@@ -84,7 +85,7 @@ def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
         scores = {float(lr): acc for lr, acc in picked["val_accuracy"].items()}
         best = max(scores.values())
         assert picked["lr"] == min(lr for lr, acc in scores.items() if acc == best)  # best, ties to the smaller
-        seed0 = base.load_run(out / "pilot" / variant / f"lr{format(picked['lr'], 'g')}")
+        seed0 = base.load_run(out / "pilot" / variant / lr_name(picked["lr"]))
         seed1 = base.load_run(out / "finetune" / variant / "seed1")
         assert seed1.config["optim"]["lr"] == picked["lr"] and seed1.config["trainer"]["seed"] == 1
         assert seed0.config["trainer"]["seed"] == 0
@@ -103,9 +104,17 @@ def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
     assert any(n > 0.0 for r in moving for n in r["central_update_norm"])
 
     study = (out / "report" / "study.md").read_text()
-    assert "test accuracy" in study.lower() and "95%" in study
-    assert any(v in study for v in ("ahead", "behind", "not separated"))
-    assert "Paper's claim" in study
+    lines = study.splitlines()
+    comparisons = [line for line in lines if line.startswith("- **")]
+    assert len(comparisons) == 5
+    for line in comparisons:  # each with its interval over 2 seeds x every test example, and a verdict
+        assert "paired over 2 seeds x 266 test examples" in line and "95% interval [" in line, line
+        assert line.endswith(("is ahead.", "is behind.", "not separated.")), line
+    (claim,) = [line for line in lines if line.startswith("Paper's claim")]
+    assert any(f"**{word}**" in claim for word in ("supported", "contradicted", "inconclusive")), claim
+    rows = [line for line in lines if line.startswith("| ") and " | 2 (0,1) | " in line]
+    assert len(rows) == len(VARIANTS) and all(" ± " in row for row in rows), rows  # test accuracy over 2 seeds
+    assert "measured ratio: **" in study  # the gradient mask's, from central_update_norm
     assert base.main([str(out / "finetune"), "--out", str(tmp_path / "rep")]) == 0  # mpoe-report reads the runs
 
     again = _study(out, mpoe_cache, *args, *toy)  # everything is done: nothing runs again

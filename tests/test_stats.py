@@ -107,7 +107,7 @@ def test_paper_claim_lines():
     loss = paper_claim(_interval(0.01, 0.03), 2, 3, higher_is_better=False, measure="validation loss")
     assert "**contradicted**: MPOE is behind Switch on validation loss" in loss
     premise = paper_claim(_interval(0.01, 0.03), 5_000_000, 4_392_192)
-    assert "**supported**" in premise
+    assert "**inconclusive**: MPOE is ahead of Switch" in premise  # ahead, but not with fewer parameters
     assert "MPOE does not have fewer parameters (5,000,000 vs 4,392,192): the claim's premise fails" in premise
     assert "unchecked" in paper_claim(_interval(0.01, 0.03), None, 4_392_192)
     assert "\n" not in supported + contradicted + inconclusive + premise

@@ -108,9 +108,11 @@ def test_a_study_with_another_plan_is_not_mixed_in(tmp_path, capsys):
 
 def test_the_readme_gives_the_study_command_and_its_options():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## The upcycling study") :]
-    assert "mpoe-study upcycle --out" in section
+    section = readme[readme.index("## Studies") : readme.index("## Code map")]
+    assert "mpoe-study upcycle --out" in section and "mpoe-study finetune --out" in section
     for option in ("--seeds", "--pretrain-steps", "--steps", "--variants", "--set", "--report-only"):
+        assert option in section, option
+    for option in ("--family", "--task", "--pretrained", "--lr-grid"):  # the fine-tuning study's own
         assert option in section, option
 
 

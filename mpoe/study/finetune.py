@@ -18,6 +18,7 @@ A finished stage is not run again, an unfinished run directory is kept aside, an
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ class Plan:
 
 
 def lr_name(lr: float) -> str:
-    return f"lr{format(lr, 'g')}"
+    """A pilot run's directory: what Hydra writes for `lr${optim.lr}` (Python's repr of the float)."""
+    return f"lr{lr!r}"
 
 
 def check_plan(plan: Plan) -> None:
@@ -88,12 +90,14 @@ def check_plan(plan: Plan) -> None:
     unknown = [v for v in plan.variants if v not in VARIANT_NAMES]
     if unknown or not plan.variants:
         raise StudyError(f"--variants={','.join(plan.variants)} is invalid: use some of {','.join(VARIANT_NAMES)}")
-    if not plan.lr_grid or any(lr <= 0 for lr in plan.lr_grid) or len(set(plan.lr_grid)) != len(plan.lr_grid):
+    grid = plan.lr_grid
+    if not grid or not all(math.isfinite(lr) and lr > 0 for lr in grid) or len(set(grid)) != len(grid):
         raise StudyError(f"--lr-grid={','.join(map(str, plan.lr_grid))} is invalid: give distinct rates > 0")
     if plan.pretrained is not None:
         _check_pretrained(plan)
     stages = [] if plan.pretrained else [("pretrain", plan.pretrain_overrides())]
-    stages += [(v, plan.finetune_overrides(Path("pretrained/hf"), [v], plan.lr_grid[:1])) for v in plan.variants]
+    hf = Path(plan.pretrained or "pretrained/hf")  # the study's own export does not exist yet: its files unchecked
+    stages += [(v, plan.finetune_overrides(hf, [v], plan.lr_grid[:1])) for v in plan.variants]
     for stage, overrides in stages:
         try:
             cfg = compose_and_validate(overrides, world_size=1)
@@ -114,10 +118,10 @@ def _check_pretrained(plan: Plan) -> None:
 
 def _check_task(cfg) -> None:
     """The task's files: a bad file stops here in one line, before OUT is written."""
-    from mpoe.train.data.tasks import load_task  # deferred: datasets and pyarrow are slow to import
+    from mpoe.train.data import task_data  # deferred: datasets and pyarrow are slow to import
 
     try:
-        load_task(cfg.data)
+        task_data.check(cfg)
     except ConfigError as e:
         raise StudyError(f"--task={cfg.data.task}: {e}") from None
 
@@ -159,7 +163,11 @@ def pilot(out: Path, plan: Plan, hf: Path) -> dict[str, float]:
     choice = {}
     for variant in plan.variants:
         scores = {lr: _summary(out / "pilot" / variant / lr_name(lr))["val_accuracy"] for lr in plan.lr_grid}
-        choice[variant] = {"val_accuracy": {format(lr, "g"): s for lr, s in scores.items()}, "lr": choose_lr(scores)}
+        try:
+            chosen = choose_lr(scores)
+        except ValueError as e:
+            raise StudyError(f"the pilot of {variant}: {e}") from None
+        choice[variant] = {"val_accuracy": {format(lr, "g"): s for lr, s in scores.items()}, "lr": chosen}
     (out / "pilot" / "choice.json").write_text(json.dumps(choice, indent=1))
     return {v: c["lr"] for v, c in choice.items()}
 

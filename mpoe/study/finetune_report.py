@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from mpoe.study.finetune import lr_name
 from mpoe.study.stats import choose_lr, paired_bootstrap, paper_claim, verdict
 from mpoe.tools import report as base
 
@@ -70,10 +71,6 @@ class Variant:
         return LABELS.get(self.name, self.name)
 
 
-def lr_dir(lr: float) -> str:
-    return f"lr{format(lr, 'g')}"
-
-
 def _one_run(path: Path) -> Optional[base.Run]:
     try:
         return base.load_run(path)
@@ -91,7 +88,7 @@ def _seed_dirs(folder: Path) -> list[Path]:
 
 
 def load_variant(out: Path, plan, name: str) -> Variant:
-    pilot = {float(lr): _one_run(out / "pilot" / name / lr_dir(lr)) for lr in plan.lr_grid}
+    pilot = {float(lr): _one_run(out / "pilot" / name / lr_name(lr)) for lr in plan.lr_grid}
     scores = {lr: run.summary.get("val_accuracy") for lr, run in pilot.items() if run is not None}
     try:
         lr = choose_lr(scores)
@@ -149,8 +146,8 @@ def results_table(variants: list[Variant]) -> str:
 # ---------------------------------------------------------------- comparisons
 
 
-def correct_on_test(run: base.Run) -> Optional[np.ndarray]:
-    """1/0 per test example (predicted == label) from the run's predictions.json; None when unreadable."""
+def test_predictions(run: base.Run) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(label, predicted) per test example from the run's predictions.json; None when unreadable."""
     try:
         test = json.loads((run.path / "predictions.json").read_text())["test"]
         label, predicted = np.asarray(test["label"]), np.asarray(test["predicted"])
@@ -158,7 +155,13 @@ def correct_on_test(run: base.Run) -> Optional[np.ndarray]:
         return None
     if label.ndim != 1 or label.shape != predicted.shape or not label.size:
         return None
-    return (label == predicted).astype(np.float64)
+    return label, predicted
+
+
+def correct_on_test(run: base.Run) -> Optional[np.ndarray]:
+    """1/0 per test example (predicted == label); None when unreadable."""
+    read = test_predictions(run)
+    return None if read is None else (read[0] == read[1]).astype(np.float64)
 
 
 def paired_correct(runs_a: list[base.Run], runs_b: list[base.Run]) -> tuple[np.ndarray, np.ndarray] | str:
@@ -173,6 +176,10 @@ def paired_correct(runs_a: list[base.Run], runs_b: list[base.Run]) -> tuple[np.n
         return "no common seed has a readable predictions.json in both"
     if len({x.shape for pair in rows for x in pair}) != 1:
         return "their predictions.json cover different numbers of test examples"
+    read = [test_predictions(r) for r in runs_a + runs_b if json.dumps(r.seed) in seeds]
+    labels = [r[0] for r in read if r is not None]
+    if any(not np.array_equal(labels[0], other) for other in labels[1:]):
+        return "their predictions.json hold different test labels (another task or another version of its files)"
     return np.stack([x for x, _ in rows]), np.stack([y for _, y in rows])
 
 
@@ -229,37 +236,49 @@ def _layer_mean(value) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
-def mask_ratios(masked: list[base.Run], plain: list[base.Run]) -> dict[str, float]:
-    """Per seed both ran: mean central update norm with the mask / without it."""
-    without = {json.dumps(r.seed): mean_central_update(r) for r in plain}
+def _seed_and_lr(run: base.Run) -> tuple:
+    return run.seed, run.config.get("optim", {}).get("lr")
+
+
+def all_runs(variant: Variant) -> list[base.Run]:
+    """The variant's runs at its chosen lr and its pilot runs at the other rates."""
+    return variant.runs + [r for r in variant.pilot.values() if r is not None and r not in variant.runs]
+
+
+def mask_ratios(masked: list[base.Run], plain: list[base.Run]) -> dict[tuple, float]:
+    """Per (seed, lr) both ran: mean central update norm with the mask / without it. Only runs at the same
+    learning rate are paired: the update's size follows the rate, and each variant's pilot may choose another."""
+    without = {_seed_and_lr(r): mean_central_update(r) for r in plain}
     ratios = {}
     for run in masked:
-        seed, num, den = json.dumps(run.seed), mean_central_update(run), without.get(json.dumps(run.seed))
+        key = _seed_and_lr(run)
+        num, den = mean_central_update(run), without.get(key)
         if num is not None and den:
-            ratios[seed] = num / den
-    return dict(sorted(ratios.items(), key=lambda kv: (len(kv[0]), kv[0])))
+            ratios[key] = num / den
+    return dict(sorted(ratios.items(), key=lambda kv: (kv[0][1], json.dumps(kv[0][0]))))
 
 
 def mask_ratio_lines(by_name: dict[str, Variant]) -> list[str]:
     masked, plain = by_name.get("mpoe_mask"), by_name.get("mpoe")
     if masked is None or plain is None:
         return []
-    ratios = mask_ratios(masked.runs, plain.runs)
+    ratios = mask_ratios(all_runs(masked), all_runs(plain))
     if not ratios:
         return [
             "The gradient mask's measured ratio: no seed has central_update_norm logged in both mpoe_mask and mpoe.",
             "",
         ]
     values = list(ratios.values())
-    mask = masked.runs[0].config.get("moe", {}).get("grad_mask", {})
-    per_seed = ", ".join(f"seed {s}: {r:.3f}" for s, r in ratios.items())
+    mask = all_runs(masked)[0].config.get("moe", {}).get("grad_mask", {})
+    per_seed = ", ".join(f"seed {s} at lr {format(lr, 'g')}: {r:.3f}" for (s, lr), r in ratios.items())
     return [
         f"The gradient mask's measured ratio: **{statistics.fmean(values):.3f}** (range {min(values):.3f} to "
-        f"{max(values):.3f} over {len(values)} seed{'s' if len(values) != 1 else ''}; {per_seed}).",
+        f"{max(values):.3f} over {len(values)} pair{'s' if len(values) != 1 else ''} of runs; {per_seed}).",
         "",
-        "Per seed, the mean over logged steps of `central_update_norm` (the L2 norm of the change one optimizer "
+        "Per pair, the mean over logged steps of `central_update_norm` (the L2 norm of the change one optimizer "
         "step makes to the MPOE central tensors, averaged over MPOE layers) in mpoe_mask, divided by the same in "
-        "mpoe at the same seed (same data order and router init). It measures the AdamW update of the central "
+        "mpoe at the same seed and learning rate (same data order, router init and schedule; the pilot's runs at "
+        "every rate count). It measures the AdamW update of the central "
         f"tensors with the mask (keep_prob {mask.get('keep_prob')} on the {mask.get('target')} tensor, "
         f"rescale {mask.get('rescale')}) against without: AdamW normalises each entry's step by its own gradient "
         "history, so dropping gradient entries need not shrink the update in proportion.",

@@ -101,6 +101,9 @@ def paper_claim(
     """
     side = verdict(interval_mpoe_vs_switch, higher_is_better)
     word = {"ahead": "supported", "behind": "contradicted", "not separated": "inconclusive"}[side]
+    fewer = _finite(params_mpoe) and _finite(params_switch) and params_mpoe < params_switch
+    if word == "supported" and not fewer:  # ahead, but the claim is about doing so with fewer parameters
+        word = "inconclusive"
     where = {
         "ahead": "MPOE is ahead of Switch",
         "behind": "MPOE is behind Switch",

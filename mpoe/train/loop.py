@@ -36,14 +36,15 @@ from mpoe.parallel.process_groups import rank_world
 from mpoe.train.checkpoint import autoresume
 from mpoe.train.checkpoint import store as checkpoint
 from mpoe.train.data import sequences as data_lib
-from mpoe.train.data import task_data
 from mpoe.train.data.objectives import build_objective
+from mpoe.train.data.task_data import TaskData
+from mpoe.train.data.task_data import prepare as prepare_task
 from mpoe.train.metrics.experts import CentralUpdate, expert_divergence
 from mpoe.train.metrics.flops import Peak, device_peak, flops_per_token, raised_to_cover
 from mpoe.train.metrics.grad_norms import grad_norms, role_params, zero_role_norms
+from mpoe.train.metrics.task_scores import score as score_task
 from mpoe.train.metrics.writer import Interval, MetricsLogger
 from mpoe.train.runtime import console, faults, interrupt
-from mpoe.train.task_scores import score as score_task
 
 log = logging.getLogger("mpoe.train")
 
@@ -84,7 +85,7 @@ class Training:
     last: dict = field(default_factory=dict)  # the last logged record
     faults: faults.Faults = faults.NONE  # injected by tests through the environment (runtime/faults.py)
     wall_before: float = 0.0  # seconds the run's earlier parts took, as the checkpoint it resumed from says
-    task_data: Optional[object] = None  # data=task: the task's rows, scored at the end (task_scores.py)
+    task_data: Optional[TaskData] = None  # data=task: the task's rows, scored at the end (metrics/task_scores.py)
     central_update: Optional[CentralUpdate] = None  # MPOE: how far each layer's central tensors move in a step
 
     @property
@@ -182,7 +183,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, run_config: Optional[dict]):
         "model": cfg.model.name,
         "moe": cfg.moe.kind,
         "num_experts": cfg.moe.num_experts,
-        "central_tensors": _central_layout(cfg.optim.central_lr_scale),  # the optimizer's parameter sets differ
+        "central_tensors": ds_engine.central_layout(cfg.optim.central_lr_scale),  # the optimizer's sets differ
     }
     start_step, resumed_from = _resume(cfg, engine, ckpt_dir, identity, placement, rank)
     per_token, peak = _flops_reference(cfg, model, counts, raw_len, engine.device)
@@ -401,7 +402,7 @@ def _prepare_data(cfg: TrainConfig, rank: int) -> data_lib.TokenData:
     if cfg.model.pretrained and not data.tokenizer:
         data = derive(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
     if data.name == "task":  # a task is small and read the same way everywhere: every process encodes it
-        return task_data.prepare(derive(cfg, data=data))
+        return prepare_task(derive(cfg, data=data))
     first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
     token_data = data_lib.prepare(data) if first_on_node else None
     if not dist.is_initialized():
@@ -427,14 +428,6 @@ def _flops_reference(cfg: TrainConfig, model, counts: dict, seq_len: int, device
         counts["params_lm_head"],
     )
     return per_token, device_peak(cfg.trainer.precision, device)
-
-
-def _central_layout(central_lr_scale: float) -> Optional[str]:
-    """How the optimizer holds the MPOE central tensors (parallel/deepspeed/engine.py): None = with the other
-    parameters (what checkpoints saved before optim.central_lr_scale existed hold), else apart or frozen."""
-    if central_lr_scale == 1.0:
-        return None
-    return "frozen" if central_lr_scale == 0.0 else "own learning rate"
 
 
 def _grad_mask(cfg: TrainConfig, model):

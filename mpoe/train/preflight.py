@@ -54,9 +54,9 @@ def check_before_start(cfg: TrainConfig, on_this_machine: bool = True) -> None:
     autoresume.check_resume_path(cfg)
     if cfg.data.name == "task":  # a bad task file: one line here, not one traceback per rank after the start
         # Deferred: reading local task files imports datasets/pyarrow, which other runs never need.
-        from mpoe.train.data.tasks import load_task
+        from mpoe.train.data import task_data
 
-        load_task(cfg.data)
+        task_data.check(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

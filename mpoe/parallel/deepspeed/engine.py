@@ -145,6 +145,14 @@ def freeze_central(model: nn.Module, central_lr_scale: float) -> None:
             p.requires_grad_(False)
 
 
+def central_layout(central_lr_scale: float) -> Optional[str]:
+    """How `optimizer_param_sets` holds the MPOE central tensors, for a checkpoint to record: None = with the other
+    parameters (what checkpoints saved before optim.central_lr_scale existed hold), else apart or frozen."""
+    if central_lr_scale == 1.0:
+        return None
+    return "frozen" if central_lr_scale == 0.0 else "own learning rate"
+
+
 def initialize(model: nn.Module, cfg: TrainConfig, world_size: int):
     """The DeepSpeed engine around `model` (the process group must exist), its schedule at the first update.
     optim.central_lr_scale=0 freezes the model's MPOE central tensors first (`freeze_central`)."""

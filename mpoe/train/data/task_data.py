@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpoe.config import ConfigError, TrainConfig
+from mpoe.config import ConfigError, TrainConfig, derive
 from mpoe.models import family as families
 from mpoe.train.data import sequences as data_lib
 from mpoe.train.data.tasks import Example, Task, load_task
@@ -44,8 +44,22 @@ class TaskData:
     pad_id: int
 
     def windows(self, split: str, length: int) -> torch.Tensor:
-        """The split's rows (already cut to `length` tokens when they were encoded)."""
-        return self.rows[split]
+        """The split's rows, encoded at `length` tokens (trainer.seq_len)."""
+        rows = self.rows[split]
+        if rows.shape[-1] != length:
+            raise ValueError(f"the task's rows have {rows.shape[-1]} tokens, the objective expects {length}")
+        return rows
+
+
+def check(cfg: TrainConfig) -> None:
+    """Before any process starts: the task's files, and its label words where the tokenizer is known without
+    training one (data.tokenizer, or model.pretrained's); one-line ConfigError."""
+    task = load_task(cfg.data)
+    data = cfg.data
+    if cfg.model.pretrained and not data.tokenizer:
+        data = derive(data, tokenizer=data_lib.checkpoint_tokenizer_dir(cfg.model.pretrained))
+    if data.tokenizer and data.tokenizer != data_lib.TRAIN_BPE:
+        _label_ids(data_lib.get_tokenizer(data), task)
 
 
 def prepare(cfg: TrainConfig) -> TaskData:
@@ -54,9 +68,7 @@ def prepare(cfg: TrainConfig) -> TaskData:
     layout = LAYOUTS[families.get(cfg.model.family).objective]
     tokenizer = _tokenizer(cfg, task)
     eot, pad = data_lib.special_ids(tokenizer)
-    label_ids = [_one_token(tokenizer, word, cfg) for word in task.label_words]
-    if len(set(label_ids)) != len(label_ids):
-        raise ConfigError(f"data.task_label_words={list(task.label_words)} map to the same token: give distinct words")
+    label_ids = _label_ids(tokenizer, task)
     encode = _prompt_row if layout == "prompt" else _text_to_text_row
     rows = {}
     for split in SPLITS:
@@ -78,7 +90,14 @@ def _tokenizer(cfg: TrainConfig, task: Task):
         return data_lib.train_tokenizer(texts, cfg.data.vocab_size)._tokenizer
 
 
-def _one_token(tokenizer, word: str, cfg: TrainConfig) -> int:
+def _label_ids(tokenizer, task: Task) -> list[int]:
+    ids = [_one_token(tokenizer, word) for word in task.label_words]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"data.task_label_words={list(task.label_words)} map to the same token: give distinct words")
+    return ids
+
+
+def _one_token(tokenizer, word: str) -> int:
     """The id of ` word` (as it follows a space in the prompt), which must be a single token."""
     ids = tokenizer.encode(f" {word}", add_special_tokens=False).ids
     if len(ids) != 1:
