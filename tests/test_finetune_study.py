@@ -119,3 +119,22 @@ def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
 
     again = _study(out, mpoe_cache, *args, *toy)  # everything is done: nothing runs again
     assert again.returncode == 0 and "[study] pilot" not in again.stdout and "[study] finetune" not in again.stdout
+
+
+def test_a_glue_layout_directory_fine_tunes_offline(tmp_path, mpoe_cache):
+    """GLUE's SST-2 as downloaded (train/dev/test.tsv, its test labels hidden): a tenth of train selects, dev scores."""
+    task = tmp_path / "sst2"
+    task.mkdir()
+    good = ["a fine and moving film", "warm, funny and true", "the best of the year", "a joy to watch"]
+    bad = ["a dull and tired film", "flat, slow and empty", "the worst of the year", "a chore to sit through"]
+    train = [(s, 1) for s in good] * 5 + [(s, 0) for s in bad] * 5
+    (task / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in train))
+    (task / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in train[::3]))
+    (task / "test.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t-1\n" for s, _ in train[:4]))
+    run = tmp_path / "run"
+    _cli.train(run, mpoe_cache, "data=task", f"data.task={task}", "moe=mpoe", "trainer.global_batch_size=8")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_examples"] == len(train[::3])  # dev.tsv is scored as the test split
+    assert summary["val_examples"] + summary["test_examples"] < len(train) + len(train[::3])
+    assert summary["label_words"] == ["false", "true"]
+    assert all("central_update_norm" in r for r in _metrics(run))

@@ -3,8 +3,8 @@
 `load_task(cfg.data)` reads `data.task`:
 - an embedded task's name (EMBEDDED_TASKS: built offline from CPython's help topics, see
   mpoe.train.data.embedded_tasks);
-- a local directory with train.* and validation.* files, test.* optional, each .csv, .tsv, .jsonl, .json
-  (JSON Lines or one array of objects) or .parquet; the directory's name names the task;
+- a local directory with train.* and validation.* (or GLUE's dev.*) files, test.* optional, each .csv, .tsv,
+  .jsonl, .json (JSON Lines or one array of objects) or .parquet; the directory's name names the task;
 - otherwise a `datasets` name, with `data.task_config` (glue + sst2 is GLUE's SST-2, named "glue/sst2"): needs
   a network or the datasets cache.
 
@@ -102,7 +102,8 @@ def _embedded_task(cfg: DataConfig) -> Task:
 
 
 def _local_task(cfg: DataConfig, directory: Path) -> Task:
-    files = {stem: _split_file(directory, stem, required=stem != "test") for stem in ("train", "validation", "test")}
+    files = {stem: _split_file(directory, stem, required=stem != "test") for stem in ("train", "test")}
+    files["validation"] = _split_file(directory, _validation_stem(directory), required=True)
     raw = {stem: _read_file(path, cfg.task_label_field) for stem, path in files.items() if path is not None}
     return _task_of(cfg, directory.resolve().name, raw, {stem: path.name for stem, path in files.items() if path})
 
@@ -159,6 +160,12 @@ def _task_of(cfg: DataConfig, name: str, raw: dict[str, _Split], shown: dict[str
         f"test = {shown['validation']} ({why})"
     )
     return Task(name, words, {"train": train, "val": val, "test": examples["validation"]}, selection)
+
+
+def _validation_stem(directory: Path) -> str:
+    """validation.*, or dev.* where there is no validation file (GLUE's own download names it dev.tsv)."""
+    stems = {p.name.split(".", 1)[0] for p in directory.iterdir() if p.is_file()}
+    return "dev" if "validation" not in stems and "dev" in stems else "validation"
 
 
 def _split_file(directory: Path, stem: str, required: bool) -> Optional[Path]:
