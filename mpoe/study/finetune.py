@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Optional
 
 from mpoe.config import ConfigError
-from mpoe.study.stages import StudyError, export_pretrained, finished, mpoe_train, record_plan, set_aside
+from mpoe.study.stages import (
+    StudyError,
+    check_common_options,
+    export_pretrained,
+    finished,
+    mpoe_train,
+    record_plan,
+    set_aside,
+)
 from mpoe.study.stats import choose_lr
 from mpoe.train.compose import compose_and_validate
 
@@ -82,14 +90,7 @@ def check_plan(plan: Plan) -> None:
     """Every option, the task's files and every stage's composed config, before anything runs (one line)."""
     if plan.family not in FAMILY_MODELS:
         raise StudyError(f"--family={plan.family} is invalid: use one of {', '.join(FAMILY_MODELS)}")
-    if plan.seeds < 1:
-        raise StudyError(f"--seeds={plan.seeds} is invalid: give at least 1")
-    for key, value in (("--pretrain-steps", plan.pretrain_steps), ("--steps", plan.steps)):
-        if value is not None and value < 1:
-            raise StudyError(f"{key}={value} is invalid: give at least 1 step")
-    unknown = [v for v in plan.variants if v not in VARIANT_NAMES]
-    if unknown or not plan.variants:
-        raise StudyError(f"--variants={','.join(plan.variants)} is invalid: use some of {','.join(VARIANT_NAMES)}")
+    check_common_options(plan, VARIANT_NAMES)
     grid = plan.lr_grid
     if not grid or not all(math.isfinite(lr) and lr > 0 for lr in grid) or len(set(grid)) != len(grid):
         raise StudyError(f"--lr-grid={','.join(map(str, plan.lr_grid))} is invalid: give distinct rates > 0")

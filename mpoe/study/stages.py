@@ -22,6 +22,18 @@ class StudyError(ValueError):
     """Bad study input; the message is one line naming the option and the fix."""
 
 
+def check_common_options(plan, variant_names: tuple[str, ...]) -> None:
+    """--seeds, --pretrain-steps, --steps and --variants, which every study has (StudyError, one line)."""
+    if plan.seeds < 1:
+        raise StudyError(f"--seeds={plan.seeds} is invalid: give at least 1")
+    for key, value in (("--pretrain-steps", plan.pretrain_steps), ("--steps", plan.steps)):
+        if value is not None and value < 1:
+            raise StudyError(f"{key}={value} is invalid: give at least 1 step")
+    unknown = [v for v in plan.variants if v not in variant_names]
+    if unknown or not plan.variants:
+        raise StudyError(f"--variants={','.join(plan.variants)} is invalid: use some of {','.join(variant_names)}")
+
+
 def record_plan(out: Path, plan) -> None:
     """Write OUT/plan.json, or check that the study already in OUT has the same plan."""
     path = out / "plan.json"

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Optional
 
 from mpoe.config import ConfigError
-from mpoe.study.stages import StudyError, export_pretrained, finished, mpoe_train, record_plan, set_aside
+from mpoe.study.stages import (
+    StudyError,
+    check_common_options,
+    export_pretrained,
+    finished,
+    mpoe_train,
+    record_plan,
+    set_aside,
+)
 from mpoe.train.compose import compose_and_validate
 
 GROUP = "upcycle_study"
@@ -64,14 +72,7 @@ class Plan:
 
 def check_plan(plan: Plan) -> None:
     """Every option and every stage's composed config, before anything runs (StudyError, one line)."""
-    if plan.seeds < 1:
-        raise StudyError(f"--seeds={plan.seeds} is invalid: give at least 1")
-    for key, value in (("--pretrain-steps", plan.pretrain_steps), ("--steps", plan.steps)):
-        if value is not None and value < 1:
-            raise StudyError(f"{key}={value} is invalid: give at least 1 step")
-    unknown = [v for v in plan.variants if v not in VARIANT_NAMES]
-    if unknown or not plan.variants:
-        raise StudyError(f"--variants={','.join(plan.variants)} is invalid: use some of {','.join(VARIANT_NAMES)}")
+    check_common_options(plan, VARIANT_NAMES)
     stages = [("pretrain", plan.pretrain_overrides())]
     stages += [(v, plan.continue_overrides(Path("pretrained/hf"), [v])) for v in plan.variants]
     for stage, overrides in stages:
