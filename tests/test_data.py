@@ -58,7 +58,7 @@ def test_bpe_training_is_deterministic():
 def test_prepare_caches_and_reproduces(tmp_path):
     cfg = DataConfig(name="text", paths=[], cache_dir=str(tmp_path))
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    path.write_text("\n".join(corpus.pydoc_topics()[:60]))
     cfg.paths = [str(path)]
     cfg.vocab_size = 500
     first = data.prepare(cfg)
@@ -82,7 +82,7 @@ def test_token_cache_is_memory_mapped_and_packing_copies_nothing(tmp_path, monke
     """Every process maps the cached int32 tokens (one copy per node, in the page cache); sequences are views
     of the map, and only a drawn batch becomes int64."""
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    path.write_text("\n".join(corpus.pydoc_topics()[:60]))
     cfg = DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path), vocab_size=500)
     first = data.prepare(cfg)
     monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("the cached tokens were encoded again"))
@@ -102,7 +102,7 @@ def test_token_cache_is_memory_mapped_and_packing_copies_nothing(tmp_path, monke
 
 def test_an_interrupted_tokenization_leaves_no_partial_cache(tmp_path, monkeypatch):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    path.write_text("\n".join(corpus.pydoc_topics()[:60]))
     cfg = DataConfig(name="text", paths=[str(path)], cache_dir=str(tmp_path / "cache"), vocab_size=500)
     monkeypatch.setattr(documents, "BATCH_DOCS", 16)
     real_encode, calls = data.encode, []
@@ -201,7 +201,7 @@ def test_a_nodes_other_processes_map_its_cache_without_reading_documents(tmp_pat
     from mpoe.parallel.local_world import spawn_world
 
     path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(corpus.pydoc_topics()[:200]))
+    path.write_text("\n".join(corpus.pydoc_topics()[:60]))
     spawn_world(_prepare_on_two_nodes_or_one, 2, str(path), str(tmp_path))
     results = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
     reference = results[0]["same_node"]

@@ -76,11 +76,14 @@ def test_bad_task_directory_is_one_line_and_writes_nothing(tmp_path, mpoe_cache)
     assert not (run / "metrics.jsonl").exists()
 
 
-# GPT-2: every variant over a two-rate grid; T5 (the same code but for the rows' layout): three variants, one rate.
+# Every variant runs in one family or the other, three per family (suite time). GPT-2 has the two-rate grid and
+# the mask (comparisons: MPOE-Switch, mask-none); T5, the same code but for the rows' layout, one rate and the
+# frozen central tensors (comparisons: MPOE-dense, frozen-trained).
 TOY_PLANS = {
-    "gpt2": (VARIANTS, "1e-3,3e-3", 5),
-    "t5": (("switch", "mpoe", "mpoe_central_frozen"), "1e-3", 2),  # comparisons: MPOE-Switch, frozen-MPOE
+    "gpt2": (("switch", "mpoe", "mpoe_mask"), "1e-3,3e-3", 2),
+    "t5": (("dense", "mpoe", "mpoe_central_frozen"), "1e-3", 2),
 }
+assert {v for variants, _, _ in TOY_PLANS.values() for v in variants} == set(VARIANTS)
 
 
 @pytest.mark.slow
@@ -114,8 +117,9 @@ def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
                 assert all("router_entropy" in r and "expert_divergence" in r for r in records)
             if variant.startswith("mpoe"):
                 assert all("central_update_norm" in r for r in records)
-    frozen = _metrics(out / "finetune" / "mpoe_central_frozen" / "seed1")
-    assert all(n == 0.0 for r in frozen for n in r["central_update_norm"])  # frozen: the central tensors never move
+    if "mpoe_central_frozen" in variants:  # frozen: the central tensors never move
+        frozen = _metrics(out / "finetune" / "mpoe_central_frozen" / "seed1")
+        assert all(n == 0.0 for r in frozen for n in r["central_update_norm"])
     moving = _metrics(out / "finetune" / "mpoe" / "seed1")
     assert any(n > 0.0 for r in moving for n in r["central_update_norm"])
 
@@ -127,7 +131,10 @@ def test_toy_finetune_study_end_to_end(tmp_path, mpoe_cache, family):
         assert "paired over 2 seeds x 266 test examples" in line and "95% interval [" in line, line
         assert line.endswith(("is ahead.", "is behind.", "not separated.")), line
     (claim,) = [line for line in lines if line.startswith("Paper's claim")]
-    assert any(f"**{word}**" in claim for word in ("supported", "contradicted", "inconclusive")), claim
+    if "switch" in variants:
+        assert any(f"**{word}**" in claim for word in ("supported", "contradicted", "inconclusive")), claim
+    else:  # no Switch runs: the claim is not judged, and the line says why
+        assert "not judged: it needs runs of both" in claim, claim
     rows = [line for line in lines if line.startswith("| ") and " | 2 (0,1) | " in line]
     assert len(rows) == len(variants) and all(" ± " in row for row in rows), rows  # test accuracy over 2 seeds
     if "mpoe_mask" in variants:  # the gradient mask's ratio, from central_update_norm
